@@ -16,8 +16,13 @@ from __future__ import annotations
 
 import datetime
 import platform
+import warnings
 
 import torch
+
+# Libraries that import `tqdm.auto` inside a notebook kernel without ipywidgets warn on stderr
+# ("IProgress not found"); the notebooks show no progress bars, so that warning is noise.
+warnings.filterwarnings("ignore", message="IProgress not found")
 
 
 def pick_device() -> torch.device:
@@ -25,8 +30,14 @@ def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def provenance() -> dict:
-    """Print and return the GPU, torch version and date this notebook ran with."""
+def provenance() -> None:
+    """Print the date, torch version and device this notebook ran with (see `provenance_info`)."""
+    for key, value in provenance_info().items():
+        print(f"{key:>7}: {value}")
+
+
+def provenance_info() -> dict:
+    """The date, torch and Python versions, and the device (the GPU's name) of this run."""
     info = {
         "date": datetime.date.today().isoformat(),
         "torch": torch.__version__,
@@ -34,8 +45,6 @@ def provenance() -> dict:
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU (no CUDA GPU)",
         "cuda": torch.version.cuda if torch.cuda.is_available() else None,
     }
-    for key, value in info.items():
-        print(f"{key:>7}: {value}")
     return info
 
 

@@ -1,0 +1,278 @@
+r"""
+---
+title: Benchmark of KV-cached decoding
+summary: Tokens per second of uncached, cached eager and cached compiled decoding of a TinyLlama-shaped model against the memory-bandwidth bound and Hugging Face's generate, measured in the same run.
+---
+
+# Benchmark of KV-cached decoding
+
+A TinyLlama-shaped `llama_decoder` (embed 2048, 22 layers, 32 heads, 4 key/value heads,
+intermediate 5632, vocabulary 32000) with seeded random weights, bfloat16, batch 1, on a GPU; a
+tiny model on the CPU or with `quick`.
+
+**Generation** (`case` "p128+256"): `generate` from a prompt of 128 tokens for 256 new tokens,
+greedy, timed as one call after a warm-up call (which also compiles), `ms` per new token:
+
+* **ours uncached**: every step reruns the whole sequence;
+* **ours cached eager**: prefill, then one token per step through the cache, eagerly;
+* **ours cached compiled**: the same steps through the compiled static-cache step (CUDA graphs);
+* **HF default cache** and **HF static cache + compile**: `LlamaForCausalLM` of the same shape
+  and `generate`, the second with `cache_implementation="static"`, with which `generate` compiles
+  the forward pass (`mode="reduce-overhead"`) on a GPU. A failure there is recorded in the row's
+  `extra` and the row's time is NaN; the suite goes on.
+
+**Against the context** (`case` "context c"): the cost of one new token after `c` positions:
+uncached, one forward pass over `c` tokens; cached, 16 consecutive steps from slot `c`, eager and
+compiled, timed together and divided by 16.
+
+`bytes_moved` is the least a token must read: every weight once (one row of the embedding) and the
+cache up to the context (the mean context for generation), `decode_cost` of
+`annotated_src.kv_cache`. The table divides it by the copy bandwidth measured in the same run: that
+fraction *is* the fraction of the bandwidth bound. `extra` holds tokens per second and the bound.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import time
+import warnings
+
+import torch
+
+from annotated_src.bench.core import Result, ceilings, time_ms
+from annotated_src.kv_cache import (_step, compiled_decode_one_token, decode_cost, decode_one_token, generate,
+                                    llama_decoder)
+from annotated_src.notebook_utils import randint
+
+SUITE = "kv_cache"
+
+TINYLLAMA = dict(vocab_size=32000, num_layers=22, num_heads=32, num_kv_heads=4, embed_dim=2048, intermediate_dim=5632)
+TINY = dict(vocab_size=512, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=64, intermediate_dim=192)
+STEPS_PER_TIMING = 16
+
+
+def sizes(device: torch.device, quick: bool = False) -> dict:
+    """The model and lengths of the suite on `device`."""
+    if device.type == "cuda" and not quick:
+        return dict(config=TINYLLAMA, dtype=torch.bfloat16, prompt_len=128, new_tokens=256,
+                    contexts=(128, 256, 512, 1024), max_seq_len=2048)
+    return dict(config=TINY, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32, prompt_len=16,
+                new_tokens=16, contexts=(16, 64), max_seq_len=256)
+
+
+def build_model(s: dict, device: torch.device, seed: int = 0):
+    """Our decoder with seeded random weights, built directly on `device`."""
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = llama_decoder(**s["config"], max_seq_len=s["max_seq_len"])
+    return model.to(s["dtype"]).eval()
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _wall_ms(fn, device: torch.device) -> float:
+    """Wall time of one call that runs many kernels and synchronises on its own (a whole generation)."""
+    _sync(device)
+    t = time.perf_counter()
+    fn()
+    _sync(device)
+    return (time.perf_counter() - t) * 1e3
+
+
+def _result(name: str, case: str, ms_per_token: float, bytes_per_token: float, copy_gbps: float,
+            baseline: str | None = None, **extra) -> Result:
+    bound = copy_gbps * 1e9 / bytes_per_token
+    tok_s = 1e3 / ms_per_token if ms_per_token > 0 else float("nan")
+    extra = {"tokens_per_s": tok_s, "bound_tokens_per_s": bound, "fraction_of_bound": tok_s / bound, **extra}
+    return Result(SUITE, name, ms_per_token, case=case, baseline=baseline, bytes_moved=bytes_per_token, extra=extra)
+
+
+# ## Generation, ours
+
+
+def _cache_len(s: dict) -> int:
+    return max(max(s["contexts"]) + STEPS_PER_TIMING, s["prompt_len"] + s["new_tokens"])
+
+
+def generation_rows(model, s: dict, device: torch.device, copy_gbps: float) -> list[Result]:
+    """ours uncached / cached eager / cached compiled: `generate` of `new_tokens` after `prompt_len`."""
+    p, n = s["prompt_len"], s["new_tokens"]
+    case = f"p{p}+{n}"
+    prompt = randint(1, s["config"]["vocab_size"], (1, p), seed=1, device=device)
+    nbytes = decode_cost(**s["config"], context=p + n // 2, cached=True,
+                         dtype_bytes=torch.finfo(s["dtype"]).bits // 8)["bytes"]
+    rows = []
+    outputs = {}
+    for name, kwargs in (("ours uncached", {}), ("ours cached eager", {}), ("ours cached compiled", {"compile": True})):
+        if name != "ours uncached" and not model.caches_are_setup():
+            # One static cache for every cached measurement, so the compiled step compiles once.
+            model.setup_caches(1, s["dtype"], decoder_max_seq_len=_cache_len(s))
+        if name == "ours uncached" and model.caches_are_setup():
+            model.delete_caches()
+        run = lambda: generate(model, prompt, max_new_tokens=n, temperature=0, **kwargs)  # noqa: E731
+        t0 = time.perf_counter()
+        outputs[name] = run()  # warm-up (and compilation)
+        first_s = time.perf_counter() - t0
+        ms = min(_wall_ms(run, device) for _ in range(2)) / n
+        base = {"ours cached eager": "ours uncached", "ours cached compiled": "HF static cache + compile"}.get(name)
+        rows.append(_result(name, case, ms, nbytes, copy_gbps, base, first_call_s=round(first_s, 1)))
+    # The three must agree (greedy, same model); a fast path that disagrees is a bug, not a number.
+    same = bool(torch.equal(outputs["ours cached eager"], outputs["ours cached compiled"]))
+    for r in rows:
+        r.extra["compiled_tokens_equal_eager"] = same
+    agree = (outputs["ours uncached"] == outputs["ours cached eager"]).float().mean().item()
+    for r in rows:
+        r.extra["uncached_vs_cached_token_agreement"] = round(agree, 3)
+    return rows
+
+
+# ## Against the context
+
+
+def context_rows(model, s: dict, device: torch.device, copy_gbps: float) -> list[Result]:
+    """The cost of one token after `c` positions: uncached forward over `c` tokens, cached steps."""
+    rows = []
+    vocab = s["config"]["vocab_size"]
+    b = torch.finfo(s["dtype"]).bits // 8
+    if not model.caches_are_setup():
+        model.setup_caches(1, s["dtype"], decoder_max_seq_len=_cache_len(s))
+    caches = model._self_caches()
+    cache_len = model.decoder_max_cache_seq_len
+    slots = torch.arange(cache_len, device=device)
+    compiled = compiled_decode_one_token()
+    for c in s["contexts"]:
+        case = f"context {c}"
+        tokens = randint(1, vocab, (1, c), seed=2, device=device)
+        nbytes = decode_cost(**s["config"], context=c + STEPS_PER_TIMING // 2, cached=True, dtype_bytes=b)["bytes"]
+        from annotated_src.kv_cache import disable_kv_cache
+
+        with torch.no_grad(), disable_kv_cache(model):
+            ms_uncached = time_ms(lambda: model(tokens), device=device)
+        rows.append(_result("ours uncached", case, ms_uncached, nbytes, copy_gbps))
+        # Fill the cache with `c` positions once; each timed call rewinds the counters to `c`.
+        model.reset_caches()
+        with torch.no_grad():
+            model(tokens)
+        start = caches[0].cache_pos.clone()
+        step_tokens = randint(1, vocab, (STEPS_PER_TIMING, 1, 1), seed=3, device=device)
+        pos = [torch.tensor([[c + i]], device=device) for i in range(STEPS_PER_TIMING)]
+        masks = [(slots <= c + i)[None, None, :] for i in range(STEPS_PER_TIMING)]
+        for name, fn, is_compiled in (("ours cached eager", decode_one_token, False),
+                                      ("ours cached compiled", compiled, True)):
+            def steps():
+                for cache in caches:
+                    cache.cache_pos.copy_(start)
+                with torch.no_grad():
+                    for i in range(STEPS_PER_TIMING):
+                        _step(fn, model, step_tokens[i], pos[i], masks[i], is_compiled)
+
+            ms = time_ms(steps, device=device) / STEPS_PER_TIMING
+            rows.append(_result(name, case, ms, nbytes, copy_gbps, "ours uncached"))
+        del tokens, step_tokens
+    model.reset_caches()
+    return rows
+
+
+# ## Hugging Face
+
+
+def _hf_model(s: dict, device: torch.device, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    c = s["config"]
+    cfg = LlamaConfig(vocab_size=c["vocab_size"], hidden_size=c["embed_dim"], intermediate_size=c["intermediate_dim"],
+                      num_hidden_layers=c["num_layers"], num_attention_heads=c["num_heads"],
+                      num_key_value_heads=c["num_kv_heads"], max_position_embeddings=s["max_seq_len"],
+                      rms_norm_eps=1e-5, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg)
+    return model.to(s["dtype"]).eval()
+
+
+def hf_rows(s: dict, device: torch.device, copy_gbps: float) -> list[Result]:
+    """HF `generate` with its default cache, then with its static cache (compiled on a GPU)."""
+    p, n = s["prompt_len"], s["new_tokens"]
+    case = f"p{p}+{n}"
+    nbytes = decode_cost(**s["config"], context=p + n // 2, cached=True,
+                         dtype_bytes=torch.finfo(s["dtype"]).bits // 8)["bytes"]
+    rows = []
+    model = None
+    try:
+        with warnings.catch_warnings():
+            # Importing transformers imports tqdm, which warns when ipywidgets is missing.
+            warnings.simplefilter("ignore")
+            import transformers
+
+        transformers.logging.set_verbosity_error()
+        model = _hf_model(s, device)
+    except Exception as e:  # no transformers, or it cannot build the model: say so in the table
+        err = f"{type(e).__name__}: {e}"[:300]
+        return [_result(name, case, float("nan"), nbytes, copy_gbps, base, error=err)
+                for name, base in (("HF default cache", None), ("HF static cache + compile", "HF default cache"))]
+    prompt = randint(1, s["config"]["vocab_size"], (1, p), seed=1, device=device)
+    attention_mask = torch.ones_like(prompt)
+    variants = (("HF default cache", None, {}),
+                ("HF static cache + compile", "HF default cache", {"cache_implementation": "static"}))
+    for name, base, kwargs in variants:
+        def run(new=n):
+            with torch.no_grad():
+                return model.generate(prompt, attention_mask=attention_mask, max_new_tokens=new, min_new_tokens=new,
+                                      do_sample=False, pad_token_id=0, **kwargs)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                t0 = time.perf_counter()
+                # Warm-up: the static variant compiles here (two calls: compile, then record the graphs).
+                for _ in range(2 if kwargs else 1):
+                    out = run(n if kwargs else 8)
+                first_s = time.perf_counter() - t0
+                ms = _wall_ms(run, device) / n
+                out = run()
+            extra = {"first_calls_s": round(first_s, 1), "new_tokens": int(out.shape[1] - p),
+                     "transformers": transformers.__version__}
+            if kwargs:
+                extra["compiled"] = device.type == "cuda"
+            rows.append(_result(name, case, ms, nbytes, copy_gbps, base, **extra))
+        except Exception as e:  # record the failure, keep the suite alive
+            rows.append(_result(name, case, float("nan"), nbytes, copy_gbps, base,
+                                error=f"{type(e).__name__}: {e}"[:300]))
+    del model
+    _free(device)
+    return rows
+
+
+def run(device: torch.device, *, quick: bool = False) -> list[Result]:
+    """Generation (ours and HF) and the cost against the context: full sizes on CUDA, tiny otherwise."""
+    device = torch.device(device)
+    s = sizes(device, quick)
+    copy_gbps = ceilings(device).copy_gbps
+    model = build_model(s, device)
+    try:
+        rows = generation_rows(model, s, device, copy_gbps)
+        rows += context_rows(model, s, device, copy_gbps)
+    finally:
+        model.delete_caches()
+        del model
+        _free(device)
+    hf = hf_rows(s, device, copy_gbps)
+    # HF rows first within the generation case, so the table reads baseline -> ours.
+    gen = [r for r in rows if r.case == hf[0].case]
+    rest = [r for r in rows if r.case != hf[0].case]
+    out = gen[:1] + hf + gen[1:] + rest
+    # How each row compares with ours uncached and with the bound.
+    uncached = {r.case: r.ms for r in out if r.name == "ours uncached"}
+    for r in out:
+        if r.case in uncached and not math.isnan(r.ms):
+            r.extra["vs_ours_uncached"] = uncached[r.case] / r.ms
+    return out

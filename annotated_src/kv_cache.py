@@ -1,0 +1,870 @@
+r"""
+---
+title: KV-cached decoding
+summary: A decoder with grouped-query attention and preallocated key/value caches, generate() for left-padded batches, and a static-cache decode step compiled into CUDA graphs.
+---
+
+# KV-cached decoding
+
+A decoder-only language model produces text one token at a time: token $t + 1$ is sampled from
+the logits at position $t$, appended, and the model runs again. Run naively, step $t$ recomputes
+the whole prefix, although causal attention guarantees that nothing about positions $< t$ has
+changed: position $i$ attends only to positions $j \le i$, so its keys and values
+
+$$k_j = W_K\, x_j, \qquad v_j = W_V\, x_j \qquad (\text{per layer, per key/value head})$$
+
+are the same at every later step. A **key/value cache** keeps them. Each step then feeds only the
+newest token through the network; its query reads the cached keys and values of everything before
+it ([Pope et al., *Efficiently Scaling Transformer Inference*, arXiv
+2211.05102](https://arxiv.org/abs/2211.05102) analyses the costs):
+
+$$o_t = \sum_{j \le t} \operatorname{softmax}_j\!\Big(\frac{q_t \cdot k_j}{\sqrt{d}}\Big)\, v_j .$$
+
+## What a step costs
+
+With $P$ parameters, a model of $L$ layers, $n_{kv}$ key/value heads of width $d$, and a context of
+$c$ tokens:
+
+* **Without a cache** every step is a forward pass over $c$ tokens: about $2Pc$ FLOPs, growing with
+  the context, so generating $n$ tokens costs $O(n^2)$ in the prefix length.
+* **With a cache** a step is a forward pass over one token, about $2P$ FLOPs plus the attention's
+  $4 L\, n_h d\, c$, and it must *read every weight once* and the cache once:
+
+  $$\text{bytes per token} \approx \underbrace{P \cdot b}_{\text{weights}} + \underbrace{2 \cdot L
+  \cdot n_{kv} \cdot d \cdot b \cdot c}_{\text{cache}},$$
+
+  with $b$ bytes per element. At batch 1 the matrix products are matrix-vector products, two FLOPs
+  per weight read, far below what the matrix units could do: decoding is bound by memory
+  bandwidth, and tokens per second cannot exceed $\text{bandwidth} / \text{bytes per token}$.
+* **The cache's memory** is $2 \cdot L \cdot n_{kv} \cdot d \cdot b$ bytes per token of context
+  (keys and values, every layer). Grouped-query attention ([Ainslie et al., arXiv
+  2305.13245](https://arxiv.org/abs/2305.13245)) shrinks it by letting groups of $n_h / n_{kv}$
+  query heads share one key/value head.
+
+## Getting close to the bound
+
+Eager PyTorch launches a few hundred small kernels per token, and at batch 1 the CPU cannot launch
+them as fast as the GPU runs them. The fast path (after
+[gpt-fast](https://github.com/pytorch-labs/gpt-fast)) removes that overhead: a **static cache**
+preallocated at its final size, a one-token step whose every shape is fixed, positions and masks
+passed as *tensors* (so nothing the compiler guards on changes between steps), cache writes by
+`index_copy_` at tensor positions, and `torch.compile(mode="reduce-overhead")`, which records the
+whole step as one CUDA graph and replays it each token.
+
+## The API
+
+It follows [torchtune](https://github.com/pytorch/torchtune)'s: `KVCache`, `MultiHeadAttention`
+with grouped-query attention, `TransformerSelfAttentionLayer`, `TransformerCrossAttentionLayer`,
+`TransformerDecoder` with `setup_caches`, `caches_are_setup`, `caches_are_enabled`,
+`reset_caches`, `disable_kv_cache` and chunked output, the `llama_decoder` builder, and
+`generate`. One difference of layout: per-head tensors here are `[batch, seq_len, n_heads,
+head_dim]` throughout, the cache included.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from annotated_src._checks import check_int, check_tensor, fail
+
+# ## The cache
+#
+# `KVCache` preallocates keys and values for `max_seq_len` positions, `[batch, max_seq_len,
+# num_kv_heads, head_dim]` each, and writes each new block of positions after the last. Which slots
+# come next is itself a tensor, `cache_pos`: it starts as $0, 1, \dots$ and every `update` adds the
+# number of positions written, so `cache_pos[:s]` are the next `s` free slots and `cache_pos[0]`
+# is the number filled. Keeping that counter on the device (as torchtune does) means a compiled
+# step neither reads a Python integer that changes every token, which would make the compiler
+# specialise and recompile, nor waits for the GPU to learn it.
+#
+# * `batch_size`: the most sequences the cache holds; a smaller batch uses the first rows
+# * `max_seq_len`: the number of slots
+# * `num_kv_heads`, `head_dim`: $n_{kv}$ and $d$
+# * `dtype`, `device`: of the buffers
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values, `[batch, max_seq_len, num_kv_heads, head_dim]`, filled in order."""
+
+    def __init__(self, batch_size: int, max_seq_len: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device | str | None = None):
+        super().__init__()
+        check_int("batch_size", batch_size, min_value=1)
+        check_int("max_seq_len", max_seq_len, min_value=1)
+        check_int("num_kv_heads", num_kv_heads, min_value=1)
+        check_int("head_dim", head_dim, min_value=1)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            fail("dtype", dtype, "a floating-point torch.dtype", TypeError)
+        self.batch_size, self.max_seq_len = batch_size, max_seq_len
+        shape = (batch_size, max_seq_len, num_kv_heads, head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("cache_pos", torch.arange(max_seq_len, device=device), persistent=False)
+        # The buffers never move, so a CUDA graph may read and write them in place.
+        for buf in (self.k_cache, self.v_cache, self.cache_pos):
+            torch._dynamo.mark_static_address(buf)
+
+    @property
+    def size(self) -> int:
+        """How many positions are filled (reads the device counter: a synchronisation on a GPU)."""
+        return int(self.cache_pos[0].item())
+
+    def reset(self) -> None:
+        """Empty the cache: zero the buffers and move the counter back to slot 0."""
+        self.k_cache.zero_()
+        self.v_cache.zero_()
+        self.cache_pos.sub_(self.cache_pos[0].clone())
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write `k`, `v` (`[batch, seq_len, num_kv_heads, head_dim]`) into the next free slots.
+
+        Returns the whole buffers for the first `batch` rows, `[batch, max_seq_len, num_kv_heads,
+        head_dim]`; slots not yet written hold zeros and must be masked by the caller.
+        """
+        batch, seq_len = k.shape[0], k.shape[1]
+        # The checks read the counter, a synchronisation; a compiled step skips them (its caller,
+        # `generate`, has checked the lengths once before the loop).
+        if not torch.compiler.is_compiling():
+            check_tensor("k", k, ndim=4, layout="[batch, seq_len, num_kv_heads, head_dim]", floating=True)
+            if k.shape[0] > self.batch_size:
+                fail("k", f"batch {k.shape[0]}", f"at most the cache's batch_size {self.batch_size}")
+            if k.shape[2:] != self.k_cache.shape[2:]:
+                fail("k", f"shape {tuple(k.shape)}", f"[batch, seq_len, {self.k_cache.shape[2]}, {self.k_cache.shape[3]}]")
+            if v.shape != k.shape:
+                fail("v", f"shape {tuple(v.shape)}", f"the shape of k, {tuple(k.shape)}")
+            size = self.size
+            if size + seq_len > self.max_seq_len:
+                fail("k", f"{seq_len} new positions after {size} filled",
+                     f"at most max_seq_len={self.max_seq_len} positions in all")
+        slots = self.cache_pos[:seq_len]
+        k_out, v_out = self.k_cache[:batch], self.v_cache[:batch]
+        k_out.index_copy_(1, slots, k)
+        v_out.index_copy_(1, slots, v)
+        self.cache_pos.add_(seq_len)
+        return k_out, v_out
+
+
+# ## Grouped-query attention
+#
+# $n_h$ query heads share $n_{kv}$ key/value heads, query head $i$ reading key/value head
+# $\lfloor i / g \rfloor$ with group size $g = n_h / n_{kv}$. Two ways to compute it with one call to
+# `scaled_dot_product_attention`:
+#
+# * **Expand** the keys and values to $n_h$ heads. That copies them, which is harmless for a
+#   causal pass over a whole sequence, where SDPA's `is_causal=True` picks the flash kernel.
+# * **Fold the group into the query length**: reshape the queries `[batch, seq_len, n_h, d]` to
+#   `[batch, n_kv, g \cdot seq_len, d]`, so each key/value head sees the $g$ query heads of its
+#   group as $g \cdot$`seq_len` queries. No copy of the keys and values, which matters when they
+#   are a long cache read once per token. The mask is repeated $g$ times along the queries.
+#
+# `is_causal=True` is only used when queries and keys are the same positions: SDPA aligns its
+# causal mask to the *top left*, so with fewer queries than keys (a cached step) it would let
+# the first query see only the first key. Cached steps pass an explicit mask instead.
+
+
+def grouped_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+                            *, is_causal: bool = False) -> torch.Tensor:
+    """Attention of `q` `[batch, seq_len, n_heads, head_dim]` over `k`, `v` `[batch, kv_len, n_kv_heads, head_dim]`.
+
+    `mask`, boolean, True where a query may attend: `[seq_len, kv_len]` or `[batch, seq_len, kv_len]`.
+    Returns `[batch, seq_len, n_heads, head_dim]`.
+    """
+    batch, seq_len, n_heads, head_dim = q.shape
+    n_kv = k.shape[2]
+    group = n_heads // n_kv
+    if mask is None:
+        # `[batch, n_heads, seq_len, head_dim]` for SDPA, keys expanded to every query head
+        if group > 1:
+            k = k.repeat_interleave(group, dim=2)
+            v = v.repeat_interleave(group, dim=2)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             is_causal=is_causal)
+        return out.transpose(1, 2)
+    # `[batch, n_kv, group * seq_len, head_dim]`: the group's query heads become more queries
+    qg = q.view(batch, seq_len, n_kv, group, head_dim).permute(0, 2, 3, 1, 4).reshape(batch, n_kv, group * seq_len, head_dim)
+    # `[batch or 1, 1, group * seq_len, kv_len]`
+    if mask.ndim == 2:
+        mask = mask[None]
+    mask = mask[:, None].repeat(1, 1, group, 1)
+    out = F.scaled_dot_product_attention(qg, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+    # back to `[batch, seq_len, n_heads, head_dim]`
+    return out.view(batch, n_kv, group, seq_len, head_dim).permute(0, 3, 1, 2, 4).reshape(batch, seq_len, n_heads, head_dim)
+
+
+# `MultiHeadAttention` holds the four projections, the rotary embedding (self-attention only) and,
+# once `setup_cache` has run, a `KVCache`. It serves both kinds of layer:
+#
+# * **self-attention** (`y` is `x`): keys and values of the new positions are appended to the
+#   cache, and the query attends to the whole buffer under `mask`;
+# * **cross-attention** (`y` is the encoder's output): keys and values of the encoder are computed
+#   once, when `y` is given, and later steps pass `y=None` to reuse them from the cache.
+#
+# * `embed_dim`: the width of the residual stream
+# * `num_heads`, `num_kv_heads`, `head_dim`: $n_h$, $n_{kv}$, $d$
+# * `q_proj`, `k_proj`, `v_proj`, `output_proj`: the projections $W_Q, W_K, W_V, W_O$
+# * `pos_embeddings`: a `RotaryPositionalEmbeddings`, or None (cross-attention)
+# * `max_seq_len`: the longest sequence without a cache
+# * `is_causal`: whether a query may only see earlier positions (False for cross-attention)
+
+
+class MultiHeadAttention(nn.Module):
+    """Grouped-query attention with rotary positions and an optional key/value cache."""
+
+    def __init__(self, *, embed_dim: int, num_heads: int, num_kv_heads: int, head_dim: int, q_proj: nn.Module,
+                 k_proj: nn.Module, v_proj: nn.Module, output_proj: nn.Module, pos_embeddings: nn.Module | None = None,
+                 kv_cache: KVCache | None = None, max_seq_len: int = 4096, is_causal: bool = True):
+        super().__init__()
+        check_int("embed_dim", embed_dim, min_value=1)
+        check_int("num_heads", num_heads, min_value=1)
+        check_int("num_kv_heads", num_kv_heads, min_value=1)
+        check_int("head_dim", head_dim, min_value=1)
+        if num_heads % num_kv_heads:
+            fail("num_kv_heads", num_kv_heads, f"a divisor of num_heads={num_heads}")
+        self.embed_dim, self.num_heads, self.num_kv_heads, self.head_dim = embed_dim, num_heads, num_kv_heads, head_dim
+        self.q_proj, self.k_proj, self.v_proj, self.output_proj = q_proj, k_proj, v_proj, output_proj
+        self.pos_embeddings = pos_embeddings
+        self.kv_cache = kv_cache
+        self.max_seq_len = max_seq_len
+        self.is_causal = is_causal
+        self.cache_enabled = kv_cache is not None
+
+    def setup_cache(self, batch_size: int, dtype: torch.dtype, max_seq_len: int) -> None:
+        """Preallocate a `KVCache` of `max_seq_len` slots on the device of the weights."""
+        device = next(self.parameters()).device
+        self.kv_cache = KVCache(batch_size, max_seq_len, self.num_kv_heads, self.head_dim, dtype, device)
+        self.cache_enabled = True
+
+    def reset_cache(self) -> None:
+        if self.kv_cache is not None:
+            self.kv_cache.reset()
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None, *, mask: torch.Tensor | None = None,
+                input_pos: torch.Tensor | None = None) -> torch.Tensor:
+        """`x` `[batch, seq_len, embed_dim]` attends to `y` `[batch, kv_len, embed_dim]` (or the cache)."""
+        batch, seq_len, _ = x.shape
+        use_cache = self.kv_cache is not None and self.cache_enabled
+        # `[batch, seq_len, n_heads, head_dim]`
+        q = self.q_proj(x).view(batch, seq_len, self.num_heads, self.head_dim)
+        if self.pos_embeddings is not None:
+            q = self.pos_embeddings(q, input_pos=input_pos)
+        if y is None:
+            # Cross-attention on a later step: the encoder's keys and values are all in the cache.
+            if not use_cache:
+                fail("y", None, "the encoder's output when the layer has no enabled cache")
+            k, v = self.kv_cache.k_cache[:batch], self.kv_cache.v_cache[:batch]
+        else:
+            # `[batch, kv_len, n_kv_heads, head_dim]`
+            k = self.k_proj(y).view(batch, y.shape[1], self.num_kv_heads, self.head_dim)
+            v = self.v_proj(y).view(batch, y.shape[1], self.num_kv_heads, self.head_dim)
+            if self.pos_embeddings is not None:
+                k = self.pos_embeddings(k, input_pos=input_pos)
+            if use_cache:
+                if not self.is_causal:
+                    # New encoder output replaces the old one.
+                    self.kv_cache.reset()
+                # `[batch, cache_len, n_kv_heads, head_dim]`, unwritten slots masked below
+                k, v = self.kv_cache.update(k, v)
+        if use_cache and mask is None and not self.is_causal:
+            # Cross-attention over a cache longer than the encoder's output: only written slots.
+            mask = (torch.arange(k.shape[1], device=x.device) < self.kv_cache.cache_pos[0])[None].expand(seq_len, -1)
+        if mask is None:
+            out = grouped_query_attention(q, k, v, is_causal=self.is_causal and seq_len > 1)
+        else:
+            out = grouped_query_attention(q, k, v, mask)
+        # `[batch, seq_len, embed_dim]`
+        return self.output_proj(out.reshape(batch, seq_len, self.num_heads * self.head_dim))
+
+
+# ## Layers
+#
+# Both layers are pre-norm residual blocks, $h = x + \operatorname{attn}(\operatorname{norm}(x))$,
+# then $h + \operatorname{mlp}(\operatorname{norm}(h))$. The cross-attention layer is the identity
+# when there is neither an encoder output nor a cache of one, so a decoder can run on text alone.
+
+
+class _CachedLayer(nn.Module):
+    def setup_caches(self, batch_size: int, dtype: torch.dtype, *, encoder_max_seq_len: int | None,
+                     decoder_max_seq_len: int) -> None:
+        raise NotImplementedError
+
+    def caches_are_setup(self) -> bool:
+        return self.attn.kv_cache is not None
+
+    def caches_are_enabled(self) -> bool:
+        return self.attn.kv_cache is not None and self.attn.cache_enabled
+
+    def reset_cache(self) -> None:
+        self.attn.reset_cache()
+
+
+class TransformerSelfAttentionLayer(_CachedLayer):
+    """Pre-norm causal self-attention and MLP, each with a residual connection."""
+
+    def __init__(self, attn: MultiHeadAttention, mlp: nn.Module, *, sa_norm: nn.Module, mlp_norm: nn.Module):
+        super().__init__()
+        self.attn, self.mlp, self.sa_norm, self.mlp_norm = attn, mlp, sa_norm, mlp_norm
+
+    def setup_caches(self, batch_size, dtype, *, encoder_max_seq_len=None, decoder_max_seq_len):
+        self.attn.setup_cache(batch_size, dtype, decoder_max_seq_len)
+
+    def forward(self, x: torch.Tensor, *, mask: torch.Tensor | None = None, input_pos: torch.Tensor | None = None,
+                **kwargs) -> torch.Tensor:
+        h = self.sa_norm(x)
+        h = x + self.attn(h, h, mask=mask, input_pos=input_pos)
+        return h + self.mlp(self.mlp_norm(h))
+
+
+class TransformerCrossAttentionLayer(_CachedLayer):
+    """Pre-norm cross-attention over `encoder_input` (cached once) and MLP."""
+
+    def __init__(self, attn: MultiHeadAttention, mlp: nn.Module, *, ca_norm: nn.Module, mlp_norm: nn.Module):
+        super().__init__()
+        if attn.is_causal or attn.pos_embeddings is not None:
+            fail("attn", "a causal or rotary attention", "MultiHeadAttention(is_causal=False, pos_embeddings=None)")
+        self.attn, self.mlp, self.ca_norm, self.mlp_norm = attn, mlp, ca_norm, mlp_norm
+
+    def setup_caches(self, batch_size, dtype, *, encoder_max_seq_len, decoder_max_seq_len=None):
+        if encoder_max_seq_len is None:
+            fail("encoder_max_seq_len", None, "an int for a decoder with cross-attention layers")
+        self.attn.setup_cache(batch_size, dtype, encoder_max_seq_len)
+
+    def forward(self, x: torch.Tensor, *, encoder_input: torch.Tensor | None = None,
+                encoder_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        if encoder_input is None and not self.caches_are_enabled():
+            return x
+        h = x + self.attn(self.ca_norm(x), encoder_input, mask=encoder_mask)
+        return h + self.mlp(self.mlp_norm(h))
+
+
+# ## The decoder
+#
+# `TransformerDecoder` embeds tokens, runs the layers, normalises and projects to the vocabulary.
+# Positions `input_pos` (`[seq_len]` shared by the batch, or `[batch, seq_len]`) go to the rotary
+# embeddings; without a cache they describe packed or left-padded sequences, whose causal
+# structure the caller states in `mask`.
+#
+# **With caches enabled**, keys are the cache's slots $0, \dots, $ `cache_len` $- 1$, and the
+# default mask lets a query at position $p$ see slots $j \le p$:
+#
+# $$M_{ij} = [\, j \le \text{input\_pos}_i \,],$$
+#
+# a *bottom-right aligned* causal mask: the last query sees every filled slot, whatever the number
+# of queries. It is a row gather `causal_mask[input_pos]` from a preallocated
+# `[cache_len, cache_len]` lower-triangular buffer, a tensor operation with no shape that depends
+# on the step. Slots and positions coincide when every sequence starts at slot 0; for a
+# left-padded batch `generate` passes per-row positions and its own mask.
+#
+# **Chunked output.** The logits of a long sequence are large (`[batch, seq_len, vocab]` in
+# float32), so training recipes project the final hidden state in `num_output_chunks` pieces along
+# the sequence and compute the loss chunk by chunk (`chunked_cross_entropy`).
+
+
+class TransformerDecoder(nn.Module):
+    """Embedding, decoder layers, final norm and output projection, with optional key/value caches."""
+
+    def __init__(self, *, tok_embeddings: nn.Embedding, layers: nn.Module | Sequence[nn.Module], max_seq_len: int,
+                 num_heads: int, head_dim: int, norm: nn.Module, output: nn.Module, num_layers: int | None = None,
+                 output_hidden_states: Sequence[int] | None = None):
+        super().__init__()
+        check_int("max_seq_len", max_seq_len, min_value=1)
+        if isinstance(layers, nn.Module) and not isinstance(layers, nn.ModuleList):
+            # One layer and a count: `num_layers` independent copies of it.
+            if num_layers is None:
+                fail("num_layers", None, "an int when layers is a single module")
+            check_int("num_layers", num_layers, min_value=1)
+            layers = [copy.deepcopy(layers) for _ in range(num_layers)]
+        self.tok_embeddings = tok_embeddings
+        self.layers = nn.ModuleList(layers)
+        self.max_seq_len, self.num_heads, self.head_dim = max_seq_len, num_heads, head_dim
+        self.norm, self.output = norm, output
+        self.output_hidden_states = list(output_hidden_states or [])
+        self.num_output_chunks = 0
+        self.decoder_max_cache_seq_len: int | None = None
+        self.encoder_max_cache_seq_len: int | None = None
+
+    # ### Caches
+
+    def setup_caches(self, batch_size: int, dtype: torch.dtype, *, encoder_max_seq_len: int | None = None,
+                     decoder_max_seq_len: int | None = None) -> None:
+        """Preallocate a cache in every layer: `decoder_max_seq_len` slots (default `max_seq_len`)
+        for self-attention, `encoder_max_seq_len` for cross-attention."""
+        check_int("batch_size", batch_size, min_value=1)
+        decoder_max_seq_len = self.max_seq_len if decoder_max_seq_len is None else decoder_max_seq_len
+        check_int("decoder_max_seq_len", decoder_max_seq_len, min_value=1, max_value=self.max_seq_len)
+        if encoder_max_seq_len is not None:
+            check_int("encoder_max_seq_len", encoder_max_seq_len, min_value=1)
+        for layer in self.layers:
+            layer.setup_caches(batch_size, dtype, encoder_max_seq_len=encoder_max_seq_len,
+                               decoder_max_seq_len=decoder_max_seq_len)
+        self.decoder_max_cache_seq_len = decoder_max_seq_len
+        self.encoder_max_cache_seq_len = encoder_max_seq_len
+        device = self.tok_embeddings.weight.device
+        causal = torch.ones(decoder_max_seq_len, decoder_max_seq_len, dtype=torch.bool, device=device).tril()
+        self.register_buffer("causal_mask", causal, persistent=False)
+
+    def caches_are_setup(self) -> bool:
+        return any(layer.caches_are_setup() for layer in self.layers)
+
+    def caches_are_enabled(self) -> bool:
+        return any(layer.caches_are_enabled() for layer in self.layers)
+
+    def reset_caches(self) -> None:
+        """Empty every cache, keeping the buffers."""
+        if not self.caches_are_setup():
+            fail("model", "a decoder without caches", "caches set up by setup_caches() before reset_caches()", RuntimeError)
+        for layer in self.layers:
+            layer.reset_cache()
+
+    def delete_caches(self) -> None:
+        """Free the caches: the decoder goes back to uncached forward passes."""
+        for layer in self.layers:
+            layer.attn.kv_cache = None
+            layer.attn.cache_enabled = False
+        self.decoder_max_cache_seq_len = self.encoder_max_cache_seq_len = None
+        if hasattr(self, "causal_mask"):
+            del self.causal_mask
+
+    def _self_caches(self) -> list[KVCache]:
+        return [layer.attn.kv_cache for layer in self.layers
+                if isinstance(layer, TransformerSelfAttentionLayer) and layer.attn.kv_cache is not None]
+
+    def _cache_batch_size(self) -> int:
+        return next(layer.attn.kv_cache.batch_size for layer in self.layers if layer.attn.kv_cache is not None)
+
+    # ### Chunked output
+
+    def set_num_output_chunks(self, num_output_chunks: int) -> None:
+        """Return the logits as a list of `num_output_chunks` pieces along the sequence (0: one tensor)."""
+        self.num_output_chunks = check_int("num_output_chunks", num_output_chunks, min_value=0)
+
+    def chunked_output(self, last_hidden_state: torch.Tensor) -> list[torch.Tensor]:
+        """`[batch, seq_len, embed_dim]` -> list of float32 (or float64) logits `[batch, chunk_len, vocab]`."""
+        return [_at_least_float32(self.output(chunk)) for chunk in last_hidden_state.chunk(self.num_output_chunks, dim=1)]
+
+    # ### Forward
+
+    def forward(self, tokens: torch.Tensor, *, mask: torch.Tensor | None = None,
+                encoder_input: torch.Tensor | None = None, encoder_mask: torch.Tensor | None = None,
+                input_pos: torch.Tensor | None = None):
+        """`tokens` `[batch, seq_len]` -> float32 logits `[batch, seq_len, vocab]` (or chunks, or a list
+        with the requested hidden states first)."""
+        cached = self.caches_are_enabled()
+        if not torch.compiler.is_compiling():
+            self._check_inputs(tokens, mask, encoder_input, encoder_mask, input_pos, cached)
+        seq_len = tokens.shape[1]
+        if cached and self._self_caches():
+            if input_pos is None:
+                # The next free slots are the positions (a copy: the caches advance their counters).
+                input_pos = self._self_caches()[0].cache_pos[:seq_len].clone()
+            if mask is None:
+                # `[seq_len, cache_len]` or `[batch, seq_len, cache_len]`, bottom-right aligned
+                mask = self.causal_mask[input_pos]
+        # `[batch, seq_len, embed_dim]`
+        h = self.tok_embeddings(tokens)
+        hidden = []
+        for i, layer in enumerate(self.layers):
+            if i in self.output_hidden_states:
+                hidden.append(h)
+            h = layer(h, mask=mask, encoder_input=encoder_input, encoder_mask=encoder_mask, input_pos=input_pos)
+        h = self.norm(h)
+        # `[batch, seq_len, vocab]`, at least float32 for the softmax and the loss
+        output = self.chunked_output(h) if self.num_output_chunks > 0 else _at_least_float32(self.output(h))
+        return hidden + [output] if hidden else output
+
+    def _check_inputs(self, tokens, mask, encoder_input, encoder_mask, input_pos, cached) -> None:
+        check_tensor("tokens", tokens, ndim=2, layout="[batch, seq_len]", integer=True)
+        batch, seq_len = tokens.shape
+        if seq_len > self.max_seq_len:
+            fail("tokens", f"seq_len {seq_len}", f"at most max_seq_len={self.max_seq_len}")
+        limit = self.max_seq_len
+        if cached:
+            cache_batch = self._cache_batch_size()
+            if batch > cache_batch:
+                fail("tokens", f"batch {batch}", f"at most the caches' batch_size {cache_batch}")
+            if self._self_caches():
+                limit = self.decoder_max_cache_seq_len
+                size = self._self_caches()[0].size
+                if size + seq_len > limit:
+                    fail("tokens", f"{seq_len} positions after {size} cached",
+                         f"at most decoder_max_seq_len={limit} positions in the cache")
+        if input_pos is not None:
+            check_tensor("input_pos", input_pos, ndim=(1, 2), layout="[seq_len] or [batch, seq_len]", integer=True)
+            if input_pos.shape[-1] != seq_len or (input_pos.ndim == 2 and input_pos.shape[0] != batch):
+                fail("input_pos", f"shape {tuple(input_pos.shape)}", f"[{seq_len}] or [{batch}, {seq_len}]")
+            lo, hi = int(input_pos.min()), int(input_pos.max())
+            if lo < 0 or hi >= limit:
+                what = "the caches' decoder_max_seq_len" if limit != self.max_seq_len or cached else "max_seq_len"
+                fail("input_pos", f"positions in [{lo}, {hi}]", f"positions in [0, {limit - 1}] ({what}={limit})")
+        if mask is not None:
+            kv_len = self.decoder_max_cache_seq_len if cached and self._self_caches() else seq_len
+            check_tensor("mask", mask, ndim=(2, 3), layout="[seq_len, kv_len] or [batch, seq_len, kv_len]")
+            if mask.dtype != torch.bool:
+                fail("mask", f"dtype {mask.dtype}", "torch.bool (True where a query may attend)", TypeError)
+            if mask.shape[-2:] != (seq_len, kv_len) or (mask.ndim == 3 and mask.shape[0] != batch):
+                fail("mask", f"shape {tuple(mask.shape)}", f"[{batch}, {seq_len}, {kv_len}] or [{seq_len}, {kv_len}]")
+        if encoder_input is not None:
+            check_tensor("encoder_input", encoder_input, ndim=3, layout="[batch, encoder_len, embed_dim]", floating=True)
+            if encoder_input.shape[0] != batch:
+                fail("encoder_input", f"shape {tuple(encoder_input.shape)}", f"batch {batch}, as tokens has")
+            if cached and self.encoder_max_cache_seq_len is not None and encoder_input.shape[1] > self.encoder_max_cache_seq_len:
+                fail("encoder_input", f"encoder_len {encoder_input.shape[1]}",
+                     f"at most encoder_max_seq_len={self.encoder_max_cache_seq_len}")
+        if encoder_mask is not None:
+            if cached and self.encoder_max_cache_seq_len is not None:
+                kv_len = self.encoder_max_cache_seq_len
+            elif encoder_input is not None:
+                kv_len = encoder_input.shape[1]
+            else:
+                kv_len = None
+            check_tensor("encoder_mask", encoder_mask, ndim=(2, 3), layout="[batch, seq_len, encoder_len]")
+            if kv_len is not None and (encoder_mask.shape[-2:] != (seq_len, kv_len)
+                                       or (encoder_mask.ndim == 3 and encoder_mask.shape[0] != batch)):
+                fail("encoder_mask", f"shape {tuple(encoder_mask.shape)}", f"[{batch}, {seq_len}, {kv_len}]")
+
+
+def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.float64 else x.float()
+
+
+@contextlib.contextmanager
+def disable_kv_cache(model: TransformerDecoder) -> Iterator[TransformerDecoder]:
+    """Run `model` without its caches for a while; the caches and their contents stay as they were."""
+    if not model.caches_are_setup():
+        fail("model", "a decoder without caches", "caches set up by setup_caches()", RuntimeError)
+    attns = [layer.attn for layer in model.layers]
+    was = [a.cache_enabled for a in attns]
+    try:
+        for a in attns:
+            a.cache_enabled = False
+        yield model
+    finally:
+        for a, w in zip(attns, was):
+            a.cache_enabled = w
+
+
+def chunked_cross_entropy(logits: list[torch.Tensor] | torch.Tensor, labels: torch.Tensor, *,
+                          ignore_index: int = -100) -> torch.Tensor:
+    r"""Mean cross-entropy over the labels that are not `ignore_index`, computed chunk by chunk.
+
+    `logits`: the list `chunked_output` returns (or one `[batch, seq_len, vocab]` tensor); `labels`
+    `[batch, seq_len]`, cut into the same number of chunks along the sequence. Each chunk's loss is
+    summed in float32, then the total is divided by the number of counted labels, which equals the
+    unchunked `F.cross_entropy(..., ignore_index=ignore_index)`.
+    """
+    chunks = [logits] if isinstance(logits, torch.Tensor) else list(logits)
+    check_tensor("labels", labels, ndim=2, layout="[batch, seq_len]", integer=True)
+    if sum(c.shape[1] for c in chunks) != labels.shape[1]:
+        fail("labels", f"shape {tuple(labels.shape)}", f"seq_len {sum(c.shape[1] for c in chunks)}, as the logits have")
+    label_chunks = labels.split([c.shape[1] for c in chunks], dim=1)
+    total = sum(F.cross_entropy(c.float().reshape(-1, c.shape[-1]), y.reshape(-1), ignore_index=ignore_index,
+                                reduction="sum") for c, y in zip(chunks, label_chunks))
+    return total / (labels != ignore_index).sum().clamp(min=1)
+
+
+# ## A Llama-shaped decoder
+#
+# RMSNorm before each block, SwiGLU feed-forward $W_2\,(\operatorname{silu}(W_1 x) \odot W_3 x)$,
+# rotary positions on queries and keys, no biases, an untied output projection. The default
+# intermediate width is Llama's: $\frac{2}{3} \cdot 4 \cdot$`embed_dim`, rounded up to a multiple
+# of 256 (5632 for `embed_dim` 2048, TinyLlama's).
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: `w2(silu(w1(x)) * w3(x))`."""
+
+    def __init__(self, embed_dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(embed_dim, hidden_dim, bias=False)
+        self.w3 = nn.Linear(embed_dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, embed_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+def llama_intermediate_dim(embed_dim: int, multiple_of: int = 256) -> int:
+    hidden = int(2 * 4 * embed_dim / 3)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+def llama_decoder(*, vocab_size: int, num_layers: int, num_heads: int, num_kv_heads: int, embed_dim: int,
+                  max_seq_len: int, intermediate_dim: int | None = None, norm_eps: float = 1e-5,
+                  rope_base: int = 10_000) -> TransformerDecoder:
+    """A Llama-shaped `TransformerDecoder` (RMSNorm, SwiGLU, rotary GQA self-attention)."""
+    from annotated_src.rope import RotaryPositionalEmbeddings
+
+    for name, value in (("vocab_size", vocab_size), ("num_layers", num_layers), ("num_heads", num_heads),
+                        ("num_kv_heads", num_kv_heads), ("embed_dim", embed_dim), ("max_seq_len", max_seq_len)):
+        check_int(name, value, min_value=1)
+    if embed_dim % num_heads:
+        fail("embed_dim", embed_dim, f"a multiple of num_heads={num_heads}")
+    if num_heads % num_kv_heads:
+        fail("num_kv_heads", num_kv_heads, f"a divisor of num_heads={num_heads}")
+    head_dim = embed_dim // num_heads
+    hidden = intermediate_dim if intermediate_dim is not None else llama_intermediate_dim(embed_dim)
+    # One rotary table shared by every layer.
+    rope = RotaryPositionalEmbeddings(head_dim, max_seq_len=max_seq_len, base=rope_base, fast=False)
+    layers = []
+    for _ in range(num_layers):
+        attn = MultiHeadAttention(
+            embed_dim=embed_dim, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+            q_proj=nn.Linear(embed_dim, num_heads * head_dim, bias=False),
+            k_proj=nn.Linear(embed_dim, num_kv_heads * head_dim, bias=False),
+            v_proj=nn.Linear(embed_dim, num_kv_heads * head_dim, bias=False),
+            output_proj=nn.Linear(num_heads * head_dim, embed_dim, bias=False),
+            pos_embeddings=rope, max_seq_len=max_seq_len)
+        layers.append(TransformerSelfAttentionLayer(attn, FeedForward(embed_dim, hidden),
+                                                    sa_norm=nn.RMSNorm(embed_dim, eps=norm_eps),
+                                                    mlp_norm=nn.RMSNorm(embed_dim, eps=norm_eps)))
+    return TransformerDecoder(tok_embeddings=nn.Embedding(vocab_size, embed_dim), layers=layers,
+                              max_seq_len=max_seq_len, num_heads=num_heads, head_dim=head_dim,
+                              norm=nn.RMSNorm(embed_dim, eps=norm_eps),
+                              output=nn.Linear(embed_dim, vocab_size, bias=False))
+
+
+# ## Generation
+#
+# `generate` takes a **left-padded** batch `[batch, prompt_len]`: each row's padding (`pad_id`)
+# comes before its first real token, so every row's last prompt token sits in the last column and
+# all rows append their next token in the same column. A token equal to `pad_id` *after* the
+# first real token of its row is a real token.
+#
+# * **Positions per row**: row $r$ with $p_r$ pads numbers its real tokens $0, 1, \dots$, so it is
+#   rotated exactly as if it ran alone: $\text{pos}_{r,i} = \max(0, \#\{\text{real tokens} \le
+#   i\} - 1)$.
+# * **Masks per row**: query column $i$ may see column $j$ when $j \le i$ and column $j$ is a real
+#   token; every token also sees itself, so a pad's softmax has one finite entry and no NaN can
+#   leak into the keys and values of the next layer.
+#
+# With caches enabled, the prompt runs in one pass (the *prefill*), then each step feeds one token
+# per row, at slot `prompt_len + step`, with positions one past the row's last. Without caches
+# every step reruns the whole sequence: the readable reference, and what a cache saves.
+#
+# Sampling: `temperature=0` takes the argmax; otherwise the logits are divided by the temperature,
+# cut to the `top_k` largest, and sampled from their softmax with `generator`. A row that has
+# produced a token of `stop_tokens` is finished; its later tokens are `pad_id`.
+
+
+def sample(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int | None = None,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next tokens `[batch]` from float logits `[batch, vocab]`."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def padding_positions_and_mask(prompt: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For a left-padded `prompt` `[batch, prompt_len]`: which columns are real tokens `[batch,
+    prompt_len]` and each token's position within its row `[batch, prompt_len]`."""
+    real = (prompt != pad_id).long().cumsum(dim=1) > 0
+    positions = (real.long().cumsum(dim=1) - 1).clamp(min=0)
+    return real, positions
+
+
+def causal_padding_mask(real: torch.Tensor, kv_len: int | None = None) -> torch.Tensor:
+    """`[batch, seq_len, kv_len]`: column $j \\le i$ and real, or $j = i$ (`real` `[batch, kv_len]`
+    padded with True past `seq_len`)."""
+    batch, seq_len = real.shape
+    kv_len = seq_len if kv_len is None else kv_len
+    keys = torch.ones(batch, kv_len, dtype=torch.bool, device=real.device)
+    keys[:, :seq_len] = real
+    i = torch.arange(seq_len, device=real.device)[:, None]
+    j = torch.arange(kv_len, device=real.device)[None, :]
+    return ((j <= i)[None] & keys[:, None, :]) | (j == i)[None]
+
+
+# ### The decode step
+#
+# One token per row through the cached model, the function that the fast path compiles. Its inputs
+# are tensors of fixed shapes: `tokens` `[batch, 1]`, `input_pos` `[batch, 1]`, `mask` `[batch, 1,
+# cache_len]`; the cache slot comes from the caches' own counters. Nothing the compiler guards on
+# changes from one token to the next, so it compiles once and, with `mode="reduce-overhead"`,
+# replays one CUDA graph per token.
+
+
+def decode_one_token(model: TransformerDecoder, tokens: torch.Tensor, input_pos: torch.Tensor,
+                     mask: torch.Tensor) -> torch.Tensor:
+    """Logits `[batch, vocab]` of the next token, appending `tokens` `[batch, 1]` to the caches."""
+    return model(tokens, input_pos=input_pos, mask=mask)[:, -1]
+
+
+_compiled_decode_one_token = None
+
+
+def compiled_decode_one_token():
+    """`decode_one_token` through `torch.compile(mode="reduce-overhead", fullgraph=True, dynamic=False)`."""
+    global _compiled_decode_one_token
+    if _compiled_decode_one_token is None:
+        _compiled_decode_one_token = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True,
+                                                   dynamic=False)
+    return _compiled_decode_one_token
+
+
+def _step(step_fn, model, tokens, input_pos, mask, compiled: bool) -> torch.Tensor:
+    if compiled and tokens.is_cuda:
+        # A CUDA graph's outputs live in memory its next replay overwrites: start a new step and
+        # copy the logits out before anything else runs.
+        torch.compiler.cudagraph_mark_step_begin()
+        return step_fn(model, tokens, input_pos, mask).clone()
+    return step_fn(model, tokens, input_pos, mask)
+
+
+@torch.no_grad()
+def generate(model: TransformerDecoder, prompt: torch.Tensor, *, max_new_tokens: int, temperature: float = 1.0,
+             top_k: int | None = None, stop_tokens: Sequence[int] | None = None, pad_id: int = 0,
+             generator: torch.Generator | None = None, compile: bool = False) -> torch.Tensor:
+    """Continue each left-padded row of `prompt` `[batch, prompt_len]` by `max_new_tokens` tokens.
+
+    Returns `[batch, prompt_len + max_new_tokens]`. Uses the model's caches if they are set up and
+    enabled, recomputes the whole sequence each step if not; `compile=True` runs the compiled
+    static-cache step (setting up caches for the call if there are none). The model's caches are
+    left as they were found: set up or not, enabled or not, and with the same contents.
+    """
+    check_tensor("prompt", prompt, ndim=2, layout="[batch, prompt_len]", integer=True)
+    check_int("max_new_tokens", max_new_tokens, min_value=1)
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature < 0:
+        fail("temperature", temperature, "a float >= 0")
+    if top_k is not None:
+        check_int("top_k", top_k, min_value=1)
+    batch, prompt_len = prompt.shape
+    total = prompt_len + max_new_tokens
+    if total > model.max_seq_len:
+        fail("prompt", f"prompt_len {prompt_len} + max_new_tokens {max_new_tokens} = {total}",
+             f"at most the model's max_seq_len={model.max_seq_len}")
+    real, positions = padding_positions_and_mask(prompt, pad_id)
+    if not bool(real[:, -1].all()):
+        fail("prompt", "a row of pad_id only", f"every row to hold at least one token other than pad_id={pad_id}")
+
+    temporary = False
+    if compile and not model.caches_are_setup():
+        dtype = next(model.parameters()).dtype
+        model.setup_caches(batch, dtype, decoder_max_seq_len=total)
+        temporary = True
+    if compile and not model.caches_are_enabled():
+        fail("compile", True, "caches that are enabled (not inside disable_kv_cache)")
+    cached = model.caches_are_enabled()
+    saved = None
+    if cached:
+        caches = model._self_caches()
+        cache_batch, cache_len = model._cache_batch_size(), model.decoder_max_cache_seq_len
+        if batch > cache_batch:
+            fail("prompt", f"batch {batch}", f"at most the caches' batch_size {cache_batch}")
+        if total > cache_len:
+            fail("prompt", f"prompt_len {prompt_len} + max_new_tokens {max_new_tokens} = {total}",
+                 f"at most the caches' decoder_max_seq_len={cache_len}")
+        if caches and caches[0].size > 0:
+            # Keep what the caller had cached, to put it back at the end.
+            saved = [(c.k_cache.clone(), c.v_cache.clone(), c.cache_pos.clone()) for c in caches]
+        for c in caches:
+            c.reset()
+    step_fn = compiled_decode_one_token() if compile else decode_one_token
+    stops = torch.tensor(list(stop_tokens or []), dtype=prompt.dtype, device=prompt.device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=prompt.device)
+    out = [prompt]
+    try:
+        if cached:
+            # Prefill: the whole prompt in one eager pass, `[batch, prompt_len, cache_len]` mask.
+            mask = causal_padding_mask(real, cache_len)
+            logits = model(prompt, input_pos=positions, mask=mask)[:, -1]
+            slots = torch.arange(cache_len, device=prompt.device)
+            keys = torch.ones(batch, cache_len, dtype=torch.bool, device=prompt.device)
+            keys[:, :prompt_len] = real
+        else:
+            seq_real, seq_pos = real, positions
+            logits = model(prompt, input_pos=positions, mask=causal_padding_mask(real))[:, -1]
+        for step in range(max_new_tokens):
+            token = sample(logits, temperature=temperature, top_k=top_k, generator=generator)
+            if stops.numel():
+                token = torch.where(finished, torch.full_like(token, pad_id), token)
+                finished |= torch.isin(token, stops)
+            out.append(token[:, None])
+            if step == max_new_tokens - 1 or (stops.numel() and bool(finished.all())):
+                break
+            # `[batch, 1]`: one past each row's last position
+            pos = positions[:, -1:] + step + 1
+            if cached:
+                # Slot `prompt_len + step` holds the new token; the row's pads stay hidden.
+                mask = (keys & (slots <= prompt_len + step))[:, None, :]
+                try:
+                    logits = _step(step_fn, model, token[:, None], pos, mask, compile)
+                except Exception as e:  # the optional fast path must fail loudly, never silently
+                    if not compile:
+                        raise
+                    raise RuntimeError(f"generate(compile=True): the compiled decode step failed ({type(e).__name__}: "
+                                       f"{e}); compile=False runs the same step eagerly") from e
+            else:
+                # The readable reference: rerun everything, `[batch, seq_len]`.
+                seq = torch.cat(out, dim=1)
+                seq_real = torch.cat([seq_real, torch.ones_like(token[:, None], dtype=torch.bool)], dim=1)
+                seq_pos = torch.cat([seq_pos, pos], dim=1)
+                logits = model(seq, input_pos=seq_pos, mask=causal_padding_mask(seq_real))[:, -1]
+        result = torch.cat(out, dim=1)
+        if result.shape[1] < total:
+            result = torch.cat([result, result.new_full((batch, total - result.shape[1]), pad_id)], dim=1)
+        return result
+    finally:
+        if temporary:
+            model.delete_caches()
+        elif cached:
+            for c in caches:
+                c.reset()
+            if saved is not None:
+                for c, (k, v, p) in zip(caches, saved):
+                    c.k_cache.copy_(k)
+                    c.v_cache.copy_(v)
+                    c.cache_pos.copy_(p)
+
+
+# ## Helpers: what a generated token costs
+#
+# The counts of the introduction, read off a built model. $P$ counts the weights a token passes
+# through: every parameter except the embedding table, of which a token reads one row. A cached
+# step at context $c$ (the new token included) does $2P$ FLOPs in the matrix products and
+# $4\,L\,n_h\,d\,c$ in attention (scores and weighted sum), and reads the $P$ weights and $c$
+# cached positions. An uncached step is a forward pass over all $c$ tokens: $2Pc$ FLOPs plus
+# causal attention, $4\,L\,n_h\,d \cdot c(c+1)/2$, while it still reads each weight only once.
+
+
+def kv_cache_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype_bytes: int) -> int:
+    """$2 \\cdot L \\cdot n_{kv} \\cdot d \\cdot b$: keys and values of one position, every layer."""
+    return 2 * num_layers * num_kv_heads * head_dim * dtype_bytes
+
+
+def llama_params(*, vocab_size: int, num_layers: int, num_heads: int, num_kv_heads: int, embed_dim: int,
+                 intermediate_dim: int | None = None) -> int:
+    """Parameters of `llama_decoder` with these sizes, the embedding table excluded."""
+    head_dim = embed_dim // num_heads
+    hidden = intermediate_dim if intermediate_dim is not None else llama_intermediate_dim(embed_dim)
+    attn = embed_dim * head_dim * (2 * num_heads + 2 * num_kv_heads)
+    mlp = 3 * embed_dim * hidden
+    return num_layers * (attn + mlp + 2 * embed_dim) + embed_dim + vocab_size * embed_dim
+
+
+def decode_cost(*, vocab_size: int, num_layers: int, num_heads: int, num_kv_heads: int, embed_dim: int,
+                intermediate_dim: int | None = None, context: int, cached: bool, dtype_bytes: int = 2) -> dict:
+    """FLOPs and least bytes read for one generated token at `context` positions (the new one
+    included), for a `llama_decoder` of these sizes."""
+    check_int("context", context, min_value=1)
+    head_dim = embed_dim // num_heads
+    params = llama_params(vocab_size=vocab_size, num_layers=num_layers, num_heads=num_heads,
+                          num_kv_heads=num_kv_heads, embed_dim=embed_dim, intermediate_dim=intermediate_dim)
+    weight_bytes = (params + embed_dim) * dtype_bytes
+    attn_flops = 4 * num_layers * num_heads * head_dim
+    if cached:
+        flops = 2 * params + attn_flops * context
+        nbytes = weight_bytes + kv_cache_bytes_per_token(num_layers, num_kv_heads, head_dim, dtype_bytes) * context
+    else:
+        flops = 2 * params * context + attn_flops * context * (context + 1) // 2
+        nbytes = weight_bytes
+    return {"flops": flops, "bytes": nbytes, "params": params, "weight_bytes": weight_bytes}

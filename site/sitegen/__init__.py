@@ -1,0 +1,1 @@
+"""The generator of the side-by-side site: `site/build.py` is its command line."""

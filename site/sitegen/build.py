@@ -1,0 +1,360 @@
+"""The build: read every module and notebook, render the pages, write them elsewhere, then swap.
+
+Inputs, all under a source root (the repository by default):
+
+* `annotated_src/*.py` and `annotated_src/bench/*.py`: one page per module;
+* `notebooks/*.ipynb` with their stored outputs: one page per notebook;
+* `annotated_src/__init__.py`: `CHAPTERS` (read with `ast`, without importing the package) gives the
+  chapters in reading order, and its docstring opens the index;
+* `annotated_src/bench/results.json`, when present: the index's table of headline results.
+
+The output is a directory of flat HTML pages with relative links, plus `assets/`, `images/` and
+`notebooks/` (the `.ipynb` files, for download). Nothing in it depends on the time of the build.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import html
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import jinja2
+
+from .errors import BuildError
+from .highlight import highlight_lines, pygments_css
+from .markdown import Renderer
+from .notebook import Notebook, read_notebook
+from .source import Module, parse_module
+
+HERE = Path(__file__).resolve().parent
+SITE_NAME = "Attention, Annotated"
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def read_chapters(init_path: Path) -> list[tuple[str, str]]:
+    """`CHAPTERS` from `annotated_src/__init__.py`, read with `ast` (the package imports torch)."""
+    if not init_path.exists():
+        return []
+    text = init_path.read_text(encoding="utf-8")
+    try:
+        tree = ast.parse(text, filename=str(init_path))
+    except SyntaxError as e:
+        raise BuildError(init_path, e.lineno, f"syntax error: {e.msg}") from None
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "CHAPTERS" for t in node.targets):
+            try:
+                value = ast.literal_eval(node.value)
+            except ValueError:
+                raise BuildError(init_path, node.lineno, "CHAPTERS must be a literal list of (module, notebook)") from None
+            if not all(isinstance(c, (tuple, list)) and len(c) == 2 and all(isinstance(x, str) for x in c)
+                       for c in value):
+                raise BuildError(init_path, node.lineno, "CHAPTERS must be a list of (module, notebook) string pairs")
+            return [tuple(c) for c in value]
+    return []
+
+
+def module_files(root: Path) -> list[tuple[str, Path]]:
+    """(dotted name, path) of every module that gets a page, sorted by name."""
+    pkg = root / "annotated_src"
+    out = []
+    for sub, prefix in ((pkg, ""), (pkg / "bench", "bench")):
+        for p in sorted(sub.glob("*.py")) if sub.is_dir() else []:
+            if p.name == "__init__.py":
+                if prefix:
+                    out.append((prefix, p))
+            else:
+                out.append(((prefix + "." if prefix else "") + p.stem, p))
+    return sorted(out)
+
+
+def read_results(path: Path) -> dict | None:
+    """The committed benchmark output (the `--json` of `python -m annotated_src.bench`), or None."""
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise BuildError(path, e.lineno, f"not valid JSON: {e.msg}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("results", []), list):
+        raise BuildError(path, 1, "expected an object with a `results` list")
+    return data
+
+
+def results_rows(data: dict) -> list[dict]:
+    """The rows of the headline table, with the ratio against the baseline and the ceiling fraction."""
+    ceil = data.get("ceilings") or {}
+    results = [r for r in data.get("results", []) if isinstance(r, dict)]
+    by_key = {(r.get("suite"), r.get("case"), r.get("name")): r for r in results}
+    rows = []
+    for r in results:
+        ms = r.get("ms")
+        ms_ok = isinstance(ms, (int, float)) and ms > 0 and not math.isnan(ms)
+        vs = ""
+        base = by_key.get((r.get("suite"), r.get("case"), r.get("baseline"))) if r.get("baseline") else None
+        if base is not None and ms_ok and isinstance(base.get("ms"), (int, float)):
+            vs = f"{base['ms'] / ms:.2f}× vs {r['baseline']}"
+        frac = ""
+        if ms_ok and r.get("bytes_moved") and ceil.get("copy_gbps"):
+            gbps = r["bytes_moved"] / (ms * 1e-3) / 1e9
+            frac = f"{gbps:,.0f} GB/s = {gbps / ceil['copy_gbps']:.0%} of copy"
+        elif ms_ok and r.get("flops") and ceil.get("matmul_tflops"):
+            tf = r["flops"] / (ms * 1e-3) / 1e12
+            frac = f"{tf:,.1f} TFLOP/s = {tf / ceil['matmul_tflops']:.0%} of matmul"
+        rows.append({"suite": r.get("suite", ""), "case": r.get("case", ""), "name": r.get("name", ""),
+                     "ms": f"{ms:.4g}" if ms_ok else "—", "vs": vs, "frac": frac})
+    return rows
+
+
+# ---------------------------------------------------------------- the site model
+
+
+@dataclasses.dataclass
+class Page:
+    file: str  # e.g. `rope.html`
+    title: str
+    description: str
+    kind: str  # "index", "module", "notebook"
+    context: dict
+    search: list[dict]
+
+
+def module_page_name(name: str) -> str:
+    return f"{name}.html"
+
+
+def notebook_page_name(name: str) -> str:
+    return f"{name}.html"
+
+
+def resolve_definition(modules: dict[str, Module], module: str, name: str, seen=()) -> tuple[str, str] | None:
+    """(page, anchor) of `name` as seen from `annotated_src.<module>`, following re-exports; None if absent."""
+    mod = modules.get(module)
+    if mod is None or (module, name) in seen:
+        return None
+    if not name:
+        return module_page_name(module), ""
+    if name in mod.definitions:
+        return module_page_name(module), name
+    if name in mod.imports:
+        src, orig = mod.imports[name]
+        if src.startswith("."):
+            base = module.split(".")[:-1] if not mod.path.endswith("__init__.py") else module.split(".")
+            up = len(src) - len(src.lstrip("."))
+            parts = base[: len(base) - (up - 1)] if up > 1 else base
+            target = ".".join(parts + ([src.lstrip(".")] if src.lstrip(".") else []))
+        elif src.startswith("annotated_src."):
+            target = src[len("annotated_src."):]
+        else:
+            return None
+        return resolve_definition(modules, target, orig, seen + ((module, name),))
+    # A submodule imported by name from a package: `from annotated_src.bench import core`.
+    if f"{module}.{name}" in modules:
+        return module_page_name(f"{module}.{name}"), ""
+    return None
+
+
+def _plain(html_text: str) -> str:
+    text = re.sub(r"<annotation[^>]*>.*?</annotation>", " ", html_text, flags=re.S)
+    text = re.sub(r"<[^>]+>", " ", text)
+    return re.sub(r"\s+", " ", html.unescape(text)).strip()
+
+
+def render_module_page(mod: Module, chapter: dict | None, rel_path: str) -> Page:
+    r = Renderer(reserved_ids=set(mod.definitions) | {"top", "search", "main"})
+    lines_html = highlight_lines(mod.source)
+    def_lines = {line: name for name, line in sorted(mod.definitions.items(), key=lambda kv: kv[0], reverse=True)}
+    sections, search = [], []
+    for s in mod.sections:
+        prose = "".join(r.render(text, path=rel_path, first_line=line) for line, text in s.prose)
+        code = [{"n": n, "html": lines_html[n - 1], "anchor": def_lines.get(n)} for n, _ in s.trimmed_code()]
+        sid = r.unique_id(f"s{s.first_line}")
+        sections.append({"id": sid, "prose": prose, "code": code, "text": "\n".join(t for _, t in s.trimmed_code())})
+        heading = next((t for lvl, _, t in r.headings[::-1]), mod.title)
+        search.append({"t": mod.title, "h": heading, "u": f"{module_page_name(mod.name)}#{sid}",
+                       "x": (_plain(prose) + " " + " ".join(
+                           def_lines[c["n"]] for c in code if c["n"] in def_lines))[:600]})
+    ctx = {"module": mod, "sections": sections, "chapter": chapter, "rel_path": rel_path}
+    return Page(module_page_name(mod.name), mod.title, mod.summary, "module", ctx, search)
+
+
+def render_notebook_page(nb: Notebook, modules: dict[str, Module], chapter: dict | None, rel_path: str,
+                         title: str) -> tuple[Page, list]:
+    r = Renderer(reserved_ids={"top", "search", "main", "provenance"})
+    links = {}
+    for name, (module, orig, cell, line) in sorted(nb.imports.items()):
+        target = resolve_definition(modules, module, orig)
+        if target is None:
+            what = f"annotated_src.{module}.{orig}" if orig else f"annotated_src.{module}"
+            raise BuildError(rel_path, nb.json_line(cell, line),
+                             f"cell {cell + 1} line {line}: cross-link to missing name {what}")
+        page, anchor = target
+        links[name] = page + (f"#{anchor}" if anchor else "")
+    rows, search, images = [], [], []
+    for row in nb.rows:
+        prose = ""
+        for cell, text in row.prose:
+            prose += r.render(text, path=rel_path, first_line=nb.json_line(cell, 1) or 1)
+        outputs = []
+        for o in row.outputs:
+            if o.kind == "image":
+                images.append((o.content, o.data))
+                outputs.append({"kind": "image", "src": f"images/{o.content}", "cell": row.cell_index})
+            elif o.kind == "markdown":
+                outputs.append({"kind": "html", "html": r.render(o.content, path=rel_path, first_line=nb.json_line(row.cell_index, 1) or 1)})
+            elif o.kind in ("html", "svg"):
+                outputs.append({"kind": o.kind, "html": o.content})
+            else:
+                outputs.append({"kind": o.kind, "text": o.content.rstrip("\n")})
+        rid = r.unique_id(f"cell-{row.cell_index if row.cell_index is not None else row.prose[0][0]}")
+        code = None
+        if row.code is not None:
+            code = [{"n": i + 1, "html": h, "anchor": None} for i, h in enumerate(highlight_lines(row.code.rstrip("\n"), links))]
+        rows.append({"id": rid, "prose": prose, "code": code, "text": (row.code or "").rstrip("\n"),
+                     "outputs": outputs, "cell": row.cell_index, "count": row.execution_count})
+        heading = next((t for _, _, t in r.headings[::-1]), title)
+        search.append({"t": title, "h": heading, "u": f"{notebook_page_name(nb.name)}#{rid}",
+                       "x": (_plain(prose) + " " + " ".join(o.get("text", "") for o in outputs))[:600]})
+    ctx = {"nb": nb, "rows": rows, "chapter": chapter, "rel_path": rel_path,
+           "download": f"notebooks/{nb.name}.ipynb", "provenance": nb.provenance}
+    return Page(notebook_page_name(nb.name), title, "", "notebook", ctx, search), images
+
+
+def collect(root: Path) -> tuple[list[Page], list, list[tuple[str, str]]]:
+    """Every page of the site (and the images and notebooks to copy), built from `root`."""
+    root = root.resolve()
+    chapters = read_chapters(root / "annotated_src" / "__init__.py")
+    modules: dict[str, Module] = {}
+    for name, path in module_files(root):
+        rel = path.relative_to(root).as_posix()
+        modules[name] = parse_module(path.read_text(encoding="utf-8"), path=rel, name=name)
+    notebooks: dict[str, Notebook] = {}
+    nb_dir = root / "notebooks"
+    for p in sorted(nb_dir.glob("*.ipynb")) if nb_dir.is_dir() else []:
+        rel = p.relative_to(root).as_posix()
+        notebooks[p.stem] = read_notebook(p.read_text(encoding="utf-8"), path=rel, name=p.stem)
+
+    chapter_of_module, chapter_of_nb, chapter_list = {}, {}, []
+    for i, (mod, nb) in enumerate(chapters, start=1):
+        info = {"number": i, "module": mod, "notebook": nb,
+                "module_page": module_page_name(mod) if mod in modules else None,
+                "notebook_page": notebook_page_name(nb) if nb in notebooks else None,
+                "title": modules[mod].title if mod in modules else mod.replace("_", " "),
+                "summary": modules[mod].summary if mod in modules else "",
+                "notebook_title": notebooks[nb].title if nb in notebooks else nb}
+        chapter_list.append(info)
+        chapter_of_module[mod] = info
+        chapter_of_nb[nb] = info
+
+    pages, images = [], []
+    for name, mod in modules.items():
+        pages.append(render_module_page(mod, chapter_of_module.get(name), mod.path))
+    for name, nb in notebooks.items():
+        page, imgs = render_notebook_page(nb, modules, chapter_of_nb.get(name), nb.path, nb.title)
+        pages.append(page)
+        images += imgs
+
+    # The index.
+    init = modules.get("__init__")
+    intro_html, intro_title = "", SITE_NAME
+    init_path = root / "annotated_src" / "__init__.py"
+    if init_path.exists():
+        pkg = parse_module(init_path.read_text(encoding="utf-8"), path="annotated_src/__init__.py", name="annotated_src")
+        intro_title = pkg.front.get("title", SITE_NAME)
+        # The H1 is the page's own heading: show the rest of the docstring.
+        intro = re.sub(r"\A\s*#\s+[^\n]*\n", "", pkg.intro)
+        intro_html = Renderer().render(intro, path="annotated_src/__init__.py", first_line=pkg.intro_line)
+        summary = pkg.summary
+    else:
+        summary = ""
+    del init
+    in_chapters = {c[0] for c in chapters}
+    others = [{"page": module_page_name(n), "title": m.title, "summary": m.summary, "name": n}
+              for n, m in modules.items() if n not in in_chapters]
+    in_nb_chapters = {c[1] for c in chapters}
+    other_nbs = [{"page": notebook_page_name(n), "title": nb.title, "name": n}
+                 for n, nb in notebooks.items() if n not in in_nb_chapters]
+    results = read_results(root / "annotated_src" / "bench" / "results.json")
+    bench = None
+    if results is not None:
+        ceil = results.get("ceilings") or {}
+        bench = {"rows": results_rows(results), "device": ceil.get("device", "unknown device"),
+                 "torch": results.get("torch", ""), "date": results.get("date", ""),
+                 "copy_gbps": ceil.get("copy_gbps"), "matmul_tflops": ceil.get("matmul_tflops"),
+                 "failures": results.get("failures") or {}}
+    index_ctx = {"intro": intro_html, "intro_title": intro_title, "chapters": chapter_list,
+                 "others": others, "other_notebooks": other_nbs, "bench": bench}
+    index_search = [{"t": intro_title, "h": c["title"], "u": "index.html", "x": c["summary"]} for c in chapter_list]
+    pages.insert(0, Page("index.html", intro_title, summary, "index", index_ctx, index_search))
+    downloads = [(f"notebooks/{n}.ipynb", nb.raw) for n, nb in notebooks.items()]
+    return pages, images, downloads
+
+
+# ---------------------------------------------------------------- output
+
+
+def _env() -> jinja2.Environment:
+    return jinja2.Environment(loader=jinja2.FileSystemLoader(str(HERE / "templates")),
+                              autoescape=jinja2.select_autoescape(["html"]), undefined=jinja2.StrictUndefined,
+                              trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
+
+
+def write_site(root: Path, out: Path) -> list[str]:
+    """Render the site from `root` into the empty directory `out`; return the files written."""
+    pages, images, downloads = collect(root)
+    env = _env()
+    nav = [p for p in pages if p.kind != "index"]
+    written = []
+
+    def put(rel: str, data: bytes | str):
+        path = out / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(data, str):
+            data = data.encode("utf-8")
+        path.write_bytes(data)
+        written.append(rel)
+
+    for page in pages:
+        template = env.get_template(f"{page.kind}.html")
+        put(page.file, template.render(page=page, nav=nav, site_name=SITE_NAME, **page.context))
+    for name, blob in images:
+        put(f"images/{name}", blob)
+    for rel, raw in downloads:
+        put(rel, raw)
+    index = [entry for page in pages for entry in page.search]
+    put("assets/search-index.js", "window.SEARCH_INDEX = "
+        + json.dumps(index, ensure_ascii=False, sort_keys=True, separators=(",", ":")) + ";\n")
+    for asset in sorted((HERE / "static").iterdir()):
+        put(f"assets/{asset.name}", asset.read_bytes())
+    put("assets/pygments.css", pygments_css())
+    return sorted(written)
+
+
+def build(root: Path, out: Path) -> Path:
+    """Build into a fresh directory beside `out`, then swap it in: `out` is never left half-written."""
+    out = out.resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-new-", dir=out.parent))
+    try:
+        write_site(root, tmp)
+        os.chmod(tmp, 0o755)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}-old-", dir=out.parent))
+        os.rmdir(old)
+        os.rename(out, old)
+    os.rename(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return out / "index.html"

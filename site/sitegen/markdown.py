@@ -1,0 +1,115 @@
+"""Markdown with LaTeX to HTML: markdown-it-py, dollar math rendered to MathML at build time.
+
+Every math expression is converted by `latex2mathml` when the page is built, so the page needs no
+script to show it and screen readers get MathML. An expression that does not convert, or that
+leaves an unknown command behind, stops the build with the file and the line where it sits.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+
+import latex2mathml.converter
+from markdown_it import MarkdownIt
+from mdit_py_plugins.anchors import anchors_plugin
+from mdit_py_plugins.dollarmath import dollarmath_plugin
+from mdit_py_plugins.front_matter import front_matter_plugin
+
+from .errors import BuildError
+
+_UNKNOWN_COMMAND = re.compile(r"\\[A-Za-z]+")
+_FUNCTION_NAME = re.compile(r"<mi>(?:sin|cos|tan|exp|log|ln|max|min|det|arg|lim|sup|inf|softmax)</mi>(?!<mo[^>]*>&#x00028;|<mo[^>]*>\()")
+
+
+def latex_to_mathml(latex: str, *, display: bool, path: str, line: int | None) -> str:
+    """One expression to a `<math>` element; a broken expression raises `BuildError`."""
+    source = latex.strip()
+    if not source:
+        raise BuildError(path, line, "empty math expression")
+    try:
+        out = latex2mathml.converter.convert(source, display="block" if display else "inline")
+    except Exception as e:  # latex2mathml raises its own exception types, often without a message
+        raise BuildError(path, line, f"broken LaTeX {source!r}: {type(e).__name__} {e}".rstrip()) from None
+    # latex2mathml keeps an unknown command as literal text: e.g. `<mi>\foo</mi>`.
+    text = re.sub(r"<[^>]+>", "", out)
+    unknown = _UNKNOWN_COMMAND.findall(html.unescape(text))
+    if unknown:
+        raise BuildError(path, line, f"broken LaTeX {source!r}: unknown command {unknown[0]}")
+    # latex2mathml sets `\\cos x` as two identifiers with no space between: add the thin space TeX puts.
+    out = _FUNCTION_NAME.sub(r'\g<0><mspace width="0.1667em"></mspace>', out)
+    # The source as an annotation, so that copying the rendered text gives the LaTeX back.
+    annotation = f'<annotation encoding="application/x-tex">{html.escape(source)}</annotation>'
+    return re.sub(r"</math>$", "", out.replace("\n", "")).replace(
+        '">', '"><semantics><mrow>', 1) + f"</mrow>{annotation}</semantics></math>"
+
+
+def slugify(text: str) -> str:
+    s = re.sub(r"<[^>]+>", "", text).lower()
+    s = re.sub(r"[^\w\- ]+", "", s).strip().replace(" ", "-")
+    return re.sub(r"-+", "-", s) or "section"
+
+
+class Renderer:
+    """A markdown renderer for one page: heading ids are unique across all the page's sections."""
+
+    def __init__(self, reserved_ids: set[str] | None = None):
+        self.ids: set[str] = set(reserved_ids or ())
+        self.headings: list[tuple[int, str, str]] = []  # (level, id, text) for the search index
+        self.md = (MarkdownIt("commonmark", {"html": True, "typographer": False})
+                   .enable(["table", "strikethrough"])
+                   .use(front_matter_plugin)
+                   .use(dollarmath_plugin, allow_space=True, allow_digits=False, double_inline=True,
+                        allow_labels=False)
+                   .use(anchors_plugin, min_level=1, max_level=4, slug_func=self._slug,
+                        permalink=True, permalinkSymbol="#"))
+
+    def unique_id(self, base: str) -> str:
+        slug, n = base, 1
+        while slug in self.ids:
+            n += 1
+            slug = f"{base}-{n}"
+        self.ids.add(slug)
+        return slug
+
+    def _slug(self, text: str) -> str:
+        return self.unique_id(slugify(text))
+
+    def render(self, text: str, *, path: str, first_line: int = 1) -> str:
+        """Render `text`, which starts at line `first_line` of `path` (for error messages)."""
+        env: dict = {}
+        tokens = self.md.parse(text, env)
+        line = first_line
+        for i, tok in enumerate(tokens):
+            if tok.map:
+                line = first_line + tok.map[0]
+            if tok.type in ("math_block", "math_block_label"):
+                tok.type, tok.content = "html_block", latex_to_mathml(
+                    tok.content, display=True, path=path, line=line) + "\n"
+            if tok.type == "heading_open" and i + 1 < len(tokens):
+                self.headings.append((int(tok.tag[1]), "", tokens[i + 1].content))
+            for child in tok.children or ():
+                if child.type in ("math_inline", "math_inline_double"):
+                    child.type, child.content = "html_inline", latex_to_mathml(
+                        child.content, display=child.type == "math_inline_double", path=path, line=line)
+        out = self.md.renderer.render(tokens, self.md.options, env)
+        return out
+
+
+def split_front_matter(text: str, *, path: str, first_line: int = 1) -> tuple[dict, str, int]:
+    """`---` YAML front matter at the top of `text` -> (fields, the rest, line where the rest starts)."""
+    import yaml
+
+    m = re.match(r"\s*^---[ \t]*\n(.*?)^---[ \t]*\n", text, re.S | re.M)
+    if not m:
+        return {}, text, first_line
+    try:
+        fields = yaml.safe_load(m.group(1)) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = first_line + text[: m.start(1)].count("\n") + (mark.line if mark else 0)
+        raise BuildError(path, line, f"invalid front matter: {e}") from None
+    if not isinstance(fields, dict):
+        raise BuildError(path, first_line, "front matter must be `key: value` lines")
+    rest = text[m.end():]
+    return {str(k): str(v) for k, v in fields.items()}, rest, first_line + text[: m.end()].count("\n")

@@ -1,0 +1,176 @@
+"""A Python module split into sections: prose (comments and docstrings) beside the code it precedes.
+
+The rules, those of nn.labml.ai's pages:
+
+* the module docstring (its front matter removed) is the first section, prose only;
+* a run of comment-only lines starts a new section whose prose is the comments' text (Markdown);
+  the code that follows, up to the next such run, is the section's code;
+* a function's or class's docstring is prose too: it joins the comments right above the `def`
+  (when nothing but the `def` line sits between them), or else starts a section of its own that
+  holds the `def` line; the docstring's lines are left out of the code column.
+
+Lines keep their numbers in the file, so the code column shows the real line numbers.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import io
+import tokenize
+
+from .errors import BuildError
+from .markdown import split_front_matter
+
+
+@dataclasses.dataclass
+class Section:
+    prose: list[tuple[int, str]] = dataclasses.field(default_factory=list)  # (first line, markdown)
+    code: list[tuple[int, str]] = dataclasses.field(default_factory=list)  # (line number, text)
+
+    def trimmed_code(self) -> list[tuple[int, str]]:
+        """The code without its leading and trailing blank lines."""
+        code = list(self.code)
+        while code and not code[0][1].strip():
+            code.pop(0)
+        while code and not code[-1][1].strip():
+            code.pop()
+        return code
+
+    @property
+    def first_line(self) -> int:
+        lines = [n for n, _ in self.prose] + [n for n, _ in self.code]
+        return min(lines) if lines else 0
+
+
+@dataclasses.dataclass
+class Module:
+    path: str
+    name: str  # dotted, e.g. `rope` or `bench.core`
+    front: dict
+    intro: str  # the module docstring without its front matter
+    intro_line: int
+    sections: list[Section]
+    definitions: dict[str, int]  # top-level (and `Class.method`) name -> line
+    imports: dict[str, tuple[str, str]]  # name -> (module it comes from, name there)
+    source: str
+
+    @property
+    def title(self) -> str:
+        return self.front.get("title") or self.name
+
+    @property
+    def summary(self) -> str:
+        if self.front.get("summary"):
+            return self.front["summary"]
+        for line in self.intro.strip().splitlines():
+            if line.strip() and not line.startswith("#"):
+                return line.strip()
+        return ""
+
+
+def _docstring_of(node: ast.AST) -> ast.Expr | None:
+    body = getattr(node, "body", None)
+    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+            and isinstance(body[0].value.value, str):
+        return body[0]
+    return None
+
+
+def _comment_lines(source: str, path: str) -> dict[int, str]:
+    """Line number -> text of every line that holds nothing but a comment."""
+    out = {}
+    lines = source.splitlines()
+    try:
+        for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+            if tok.type == tokenize.COMMENT:
+                row, col = tok.start
+                if not lines[row - 1][:col].strip() and not tok.string.startswith("#!"):
+                    text = tok.string[1:]
+                    out[row] = text[1:] if text.startswith(" ") else text
+    except (tokenize.TokenError, SyntaxError) as e:
+        raise BuildError(path, getattr(e, "lineno", None) or 1, f"cannot tokenize: {e}") from None
+    return out
+
+
+def parse_module(source: str, *, path: str, name: str) -> Module:
+    """Split `source` (the text of the file at `path`) into sections."""
+    try:
+        tree = ast.parse(source, filename=path)
+    except SyntaxError as e:
+        raise BuildError(path, e.lineno, f"syntax error: {e.msg}") from None
+    lines = source.splitlines()
+    comments = _comment_lines(source, path)
+
+    # The module docstring.
+    intro, intro_line, skip = "", 1, set()
+    doc = _docstring_of(tree)
+    if doc is not None:
+        skip.update(range(doc.lineno, doc.end_lineno + 1))
+        front, intro, intro_line = split_front_matter(inspect.cleandoc(doc.value.value) + "\n", path=path,
+                                                      first_line=doc.lineno + 1)
+    else:
+        front = {}
+
+    # Function and class docstrings: first line -> (last line, header's first line, text).
+    docstrings: dict[int, tuple[int, int, str]] = {}
+    definitions: dict[str, int] = {}
+    imports: dict[str, tuple[str, str]] = {}
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            definitions[node.name] = node.lineno
+            if isinstance(node, ast.ClassDef):
+                for sub in node.body:
+                    if isinstance(sub, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                        definitions.setdefault(f"{node.name}.{sub.name}", sub.lineno)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for t in targets:
+                for n in ast.walk(t):
+                    if isinstance(n, ast.Name):
+                        definitions.setdefault(n.id, node.lineno)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            for alias in node.names:
+                imports[alias.asname or alias.name] = ("." * node.level + node.module, alias.name)
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            d = _docstring_of(node)
+            if d is not None and d.lineno > node.lineno:
+                header = min([node.lineno] + [x.lineno for x in node.decorator_list])
+                docstrings[d.lineno] = (d.end_lineno, header, inspect.cleandoc(d.value.value))
+
+    sections = [Section(prose=[(intro_line, intro)] if intro.strip() else [])]
+    n = 1
+    while n <= len(lines):
+        if n in skip:
+            n += 1
+            continue
+        if n in comments:
+            start, text = n, []
+            while n in comments:
+                text.append(comments[n])
+                n += 1
+            cur = sections[-1]
+            if cur.code and any(t.strip() for _, t in cur.code) or not cur.prose and cur.code:
+                sections.append(Section())
+            sections[-1].prose.append((start, "\n".join(text)))
+            continue
+        if n in docstrings:
+            end, header, text = docstrings[n]
+            cur = sections[-1]
+            moved = [(k, t) for k, t in cur.code if k >= header]
+            cur.code = [(k, t) for k, t in cur.code if k < header]
+            if cur.prose and not any(t.strip() for _, t in cur.code):
+                cur.code = []
+                cur.prose.append((n, text))
+                cur.code.extend(moved)
+            else:
+                sections.append(Section(prose=[(n, text)], code=moved))
+            n = end + 1
+            continue
+        sections[-1].code.append((n, lines[n - 1]))
+        n += 1
+    sections = [s for s in sections if s.prose or s.trimmed_code()]
+    return Module(path=path, name=name, front=front, intro=intro, intro_line=intro_line, sections=sections,
+                  definitions=definitions, imports=imports, source=source)

@@ -1,0 +1,394 @@
+"""Tests of annotated_src.kv_cache: every claim of the chapter, on the CPU, in float32 and float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from annotated_src.kv_cache import (FeedForward, KVCache, MultiHeadAttention, TransformerCrossAttentionLayer,
+                                    TransformerDecoder, TransformerSelfAttentionLayer, causal_padding_mask,
+                                    chunked_cross_entropy, disable_kv_cache, generate, grouped_query_attention,
+                                    llama_decoder, llama_intermediate_dim)
+
+VOCAB = 97
+
+
+def _model(seed: int = 0, *, layers: int = 2, dtype=torch.float32, max_seq_len: int = 64) -> TransformerDecoder:
+    torch.manual_seed(seed)
+    m = llama_decoder(vocab_size=VOCAB, num_layers=layers, num_heads=4, num_kv_heads=2, embed_dim=32,
+                      max_seq_len=max_seq_len, intermediate_dim=48)
+    # Random norms too, so that every weight matters.
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.ndim == 1:
+                p.copy_(1 + 0.1 * torch.randn(p.shape))
+    return m.to(dtype).eval()
+
+
+def _tokens(batch: int, seq_len: int, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(1, VOCAB, (batch, seq_len), generator=g)
+
+
+def _close(a, b, dtype=torch.float32):
+    tol = {torch.float32: 1e-5, torch.float64: 1e-12}[dtype]
+    torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+
+
+# ## Grouped-query attention
+
+
+def _reference_attention(q, k, v, mask):
+    # float64, heads expanded, explicit softmax
+    g = q.shape[2] // k.shape[2]
+    k, v = k.repeat_interleave(g, 2).double(), v.repeat_interleave(g, 2).double()
+    s = torch.einsum("bihd,bjhd->bhij", q.double(), k) / q.shape[-1] ** 0.5
+    s = s.masked_fill(~mask[:, None], float("-inf"))
+    return torch.einsum("bhij,bjhd->bihd", s.softmax(-1), v)
+
+
+@pytest.mark.parametrize("n_kv", [1, 2, 4])
+def test_grouped_query_attention_both_paths_match_float64(n_kv):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 5, 4, 8, generator=g)
+    k, v = torch.randn(2, 5, n_kv, 8, generator=g), torch.randn(2, 5, n_kv, 8, generator=g)
+    causal = torch.ones(5, 5, dtype=torch.bool).tril()[None].expand(2, -1, -1)
+    ref = _reference_attention(q, k, v, causal)
+    _close(grouped_query_attention(q, k, v, is_causal=True).double(), ref)
+    _close(grouped_query_attention(q, k, v, causal).double(), ref)
+    _close(grouped_query_attention(q.double(), k.double(), v.double(), causal), ref, torch.float64)
+
+
+def test_sdpa_is_causal_is_top_left_aligned_so_cached_steps_need_the_mask():
+    # One query against four keys: SDPA's is_causal lets it see only key 0; the cache's bottom-right
+    # mask lets the last position see all four.
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(1, 1, 2, 8, generator=g), torch.randn(1, 4, 2, 8, generator=g), torch.randn(1, 4, 2, 8, generator=g)
+    top_left = grouped_query_attention(q, k, v, is_causal=True)
+    _close(top_left, v[:, :1])
+    bottom_right = grouped_query_attention(q, k, v, torch.ones(1, 4, dtype=torch.bool))
+    _close(bottom_right.double(), _reference_attention(q, k, v, torch.ones(1, 1, 4, dtype=torch.bool)))
+
+
+# ## The cache
+
+
+def test_kv_cache_update_size_reset():
+    cache = KVCache(2, 8, 2, 4, torch.float32)
+    g = torch.Generator().manual_seed(0)
+    k, v = torch.randn(2, 3, 2, 4, generator=g), torch.randn(2, 3, 2, 4, generator=g)
+    k_out, v_out = cache.update(k, v)
+    assert cache.size == 3 and k_out.shape == (2, 8, 2, 4)
+    assert torch.equal(k_out[:, :3], k) and torch.equal(v_out[:, :3], v) and not k_out[:, 3:].any()
+    k2 = torch.randn(1, 2, 2, 4, generator=g)  # a smaller batch uses the first rows
+    k_out, _ = cache.update(k2, k2)
+    assert cache.size == 5 and k_out.shape[0] == 1 and torch.equal(k_out[:, 3:5], k2)
+    cache.reset()
+    assert cache.size == 0 and not cache.k_cache.any() and not cache.v_cache.any()
+
+
+def test_kv_cache_errors():
+    cache = KVCache(1, 4, 2, 4, torch.float32)
+    with pytest.raises(ValueError, match="k: got 'batch 2'"):
+        cache.update(torch.randn(2, 1, 2, 4), torch.randn(2, 1, 2, 4))
+    with pytest.raises(ValueError, match="max_seq_len=4"):
+        cache.update(torch.randn(1, 5, 2, 4), torch.randn(1, 5, 2, 4))
+    with pytest.raises(ValueError, match="v: got 'shape"):
+        cache.update(torch.randn(1, 1, 2, 4), torch.randn(1, 2, 2, 4))
+    with pytest.raises(ValueError, match="batch_size: got 0"):
+        KVCache(0, 4, 2, 4, torch.float32)
+    with pytest.raises(TypeError, match="dtype"):
+        KVCache(1, 4, 2, 4, torch.int64)
+
+
+# ## The decoder
+
+
+def test_llama_intermediate_dim_is_tinyllamas():
+    assert llama_intermediate_dim(2048) == 5632
+
+
+def test_float32_matches_float64():
+    m32, m64 = _model(), _model(dtype=torch.float64)
+    tok = _tokens(2, 12)
+    torch.testing.assert_close(m32(tok).double(), m64(tok), atol=1e-4, rtol=1e-4)
+
+
+def test_matches_hf_llama():
+    transformers = pytest.importorskip("transformers")
+    m = _model(layers=2)
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   rms_norm_eps=1e-5, rope_theta=10_000.0, tie_word_embeddings=False,
+                                   attention_bias=False, mlp_bias=False)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    sd = {"model.embed_tokens.weight": m.tok_embeddings.weight, "model.norm.weight": m.norm.weight,
+          "lm_head.weight": m.output.weight}
+    for i, layer in enumerate(m.layers):
+        pre = f"model.layers.{i}."
+        a = layer.attn
+        sd |= {pre + "self_attn.q_proj.weight": a.q_proj.weight, pre + "self_attn.k_proj.weight": a.k_proj.weight,
+               pre + "self_attn.v_proj.weight": a.v_proj.weight, pre + "self_attn.o_proj.weight": a.output_proj.weight,
+               pre + "mlp.gate_proj.weight": layer.mlp.w1.weight, pre + "mlp.up_proj.weight": layer.mlp.w3.weight,
+               pre + "mlp.down_proj.weight": layer.mlp.w2.weight, pre + "input_layernorm.weight": layer.sa_norm.weight,
+               pre + "post_attention_layernorm.weight": layer.mlp_norm.weight}
+    missing, unexpected = hf.load_state_dict({k: v.detach().clone() for k, v in sd.items()}, strict=False)
+    assert not unexpected and all("rotary" in k for k in missing)
+    tok = _tokens(2, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(m(tok), hf(tok).logits, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_cached_prefill_and_steps_equal_uncached_forward():
+    m = _model()
+    tok = _tokens(2, 12)
+    full = m(tok)
+    m.setup_caches(2, torch.float32, decoder_max_seq_len=16)
+    assert m.caches_are_setup() and m.caches_are_enabled()
+    out = [m(tok[:, :7], input_pos=torch.arange(7))]
+    out += [m(tok[:, i:i + 1], input_pos=torch.tensor([i])) for i in range(7, 12)]
+    _close(torch.cat(out, 1), full)
+    assert m._self_caches()[0].size == 12
+
+
+@torch.no_grad()
+def test_chunked_prefill_equals_one_shot_prefill():
+    m = _model()
+    tok = _tokens(2, 12)
+    m.setup_caches(2, torch.float32, decoder_max_seq_len=16)
+    one = m(tok)
+    m.reset_caches()
+    # Chunks of 5, 4 and 3 positions; the default positions and masks come from the cache.
+    chunks = torch.cat([m(tok[:, :5]), m(tok[:, 5:9]), m(tok[:, 9:])], 1)
+    _close(chunks, one)
+
+
+@torch.no_grad()
+def test_reset_caches_restores_the_first_result_exactly():
+    m = _model()
+    tok = _tokens(2, 9)
+    m.setup_caches(2, torch.float32, decoder_max_seq_len=16)
+
+    def run():
+        return torch.cat([m(tok[:, :6])] + [m(tok[:, i:i + 1]) for i in range(6, 9)], 1)
+
+    first = run()
+    m.reset_caches()
+    assert torch.equal(run(), first)
+
+
+@torch.no_grad()
+def test_disable_context_is_uncached_and_keeps_the_cache():
+    m = _model()
+    tok = _tokens(2, 10)
+    uncached = m(tok)
+    m.setup_caches(2, torch.float32, decoder_max_seq_len=16)
+    m(tok[:, :6])
+    before = [(c.k_cache.clone(), c.v_cache.clone(), c.size) for c in m._self_caches()]
+    with disable_kv_cache(m):
+        assert m.caches_are_setup() and not m.caches_are_enabled()
+        _close(m(tok), uncached)
+    assert m.caches_are_enabled()
+    for c, (k, v, size) in zip(m._self_caches(), before):
+        assert torch.equal(c.k_cache, k) and torch.equal(c.v_cache, v) and c.size == size
+    # and the cache goes on where it was
+    _close(m(tok[:, 6:]), uncached[:, 6:])
+
+
+@torch.no_grad()
+def test_left_padded_rows_equal_each_row_alone():
+    m = _model()
+    lengths = [9, 5, 7]
+    rows = [_tokens(1, n, seed=10 + i) for i, n in enumerate(lengths)]
+    prompt = torch.zeros(3, 9, dtype=torch.long)
+    for i, r in enumerate(rows):
+        prompt[i, 9 - r.shape[1]:] = r[0]
+    real, positions = (prompt != 0), (torch.cumsum(prompt != 0, 1) - 1).clamp(min=0)
+    logits = m(prompt, input_pos=positions, mask=causal_padding_mask(real))
+    for i, r in enumerate(rows):
+        _close(logits[i, 9 - r.shape[1]:], m(r)[0])
+    batched = generate(m, prompt, max_new_tokens=6, temperature=0)
+    m.setup_caches(3, torch.float32, decoder_max_seq_len=32)
+    batched_cached = generate(m, prompt, max_new_tokens=6, temperature=0)
+    assert torch.equal(batched_cached, batched)
+    m.delete_caches()
+    for i, r in enumerate(rows):
+        assert torch.equal(batched[i, 9 - r.shape[1]:], generate(m, r, max_new_tokens=6, temperature=0)[0])
+
+
+@torch.no_grad()
+def test_greedy_generate_equals_an_uncached_argmax_loop():
+    m = _model()
+    prompt = _tokens(2, 5)
+    seq = prompt
+    for _ in range(8):
+        seq = torch.cat([seq, m(seq)[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(generate(m, prompt, max_new_tokens=8, temperature=0), seq)
+    m.setup_caches(4, torch.float32)
+    assert torch.equal(generate(m, prompt, max_new_tokens=8, temperature=0), seq)
+    # top_k=1 sampling is the argmax too
+    assert torch.equal(generate(m, prompt, max_new_tokens=8, top_k=1), seq)
+
+
+@torch.no_grad()
+def test_generate_leaves_the_cache_state_as_found():
+    m = _model()
+    prompt = _tokens(2, 5)
+    generate(m, prompt, max_new_tokens=3)
+    assert not m.caches_are_setup()
+    m.setup_caches(2, torch.float32, decoder_max_seq_len=16)
+    m(prompt)
+    before = [(c.k_cache.clone(), c.size) for c in m._self_caches()]
+    generate(m, prompt, max_new_tokens=3)
+    with disable_kv_cache(m):
+        generate(m, prompt, max_new_tokens=3)
+        assert not m.caches_are_enabled()
+    assert m.caches_are_enabled()
+    for c, (k, size) in zip(m._self_caches(), before):
+        assert torch.equal(c.k_cache, k) and c.size == size
+
+
+@torch.no_grad()
+def test_sampling_is_reproducible_with_a_generator_and_stop_tokens_end_rows():
+    m = _model()
+    prompt = _tokens(3, 4)
+    a = generate(m, prompt, max_new_tokens=10, generator=torch.Generator().manual_seed(5))
+    b = generate(m, prompt, max_new_tokens=10, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(a, b) and a.shape == (3, 14)
+    stop = int(a[0, 6])
+    s = generate(m, prompt, max_new_tokens=10, generator=torch.Generator().manual_seed(5), stop_tokens=[stop])
+    for row, ref in zip(s, a):
+        new = ref[4:].tolist()
+        if stop in new:
+            end = 4 + new.index(stop) + 1
+            assert torch.equal(row[:end], ref[:end]) and (row[end:] == 0).all()
+        else:
+            assert torch.equal(row, ref)
+
+
+@torch.no_grad()
+def test_cross_attention_cached_equals_uncached():
+    from annotated_src.rope import RotaryPositionalEmbeddings
+
+    torch.manual_seed(0)
+    d, h, kv, hd = 32, 4, 2, 8
+    rope = RotaryPositionalEmbeddings(hd, max_seq_len=32)
+
+    def attn(causal):
+        return MultiHeadAttention(embed_dim=d, num_heads=h, num_kv_heads=kv, head_dim=hd,
+                                  q_proj=nn.Linear(d, h * hd, bias=False), k_proj=nn.Linear(d, kv * hd, bias=False),
+                                  v_proj=nn.Linear(d, kv * hd, bias=False), output_proj=nn.Linear(h * hd, d, bias=False),
+                                  pos_embeddings=rope if causal else None, is_causal=causal, max_seq_len=32)
+
+    layers = [TransformerSelfAttentionLayer(attn(True), FeedForward(d, 48), sa_norm=nn.RMSNorm(d), mlp_norm=nn.RMSNorm(d)),
+              TransformerCrossAttentionLayer(attn(False), FeedForward(d, 48), ca_norm=nn.RMSNorm(d), mlp_norm=nn.RMSNorm(d)),
+              TransformerSelfAttentionLayer(attn(True), FeedForward(d, 48), sa_norm=nn.RMSNorm(d), mlp_norm=nn.RMSNorm(d))]
+    m = TransformerDecoder(tok_embeddings=nn.Embedding(VOCAB, d), layers=layers, max_seq_len=32, num_heads=h,
+                           head_dim=hd, norm=nn.RMSNorm(d), output=nn.Linear(d, VOCAB, bias=False)).eval()
+    tok = _tokens(2, 9)
+    enc = torch.randn(2, 6, d, generator=torch.Generator().manual_seed(3))
+    full = m(tok, encoder_input=enc)
+    assert not torch.allclose(full, m(tok))  # the encoder matters
+    m.setup_caches(2, torch.float32, encoder_max_seq_len=8, decoder_max_seq_len=16)
+    # The encoder's keys and values are computed at prefill, then read from the cache.
+    out = [m(tok[:, :5], encoder_input=enc)] + [m(tok[:, i:i + 1]) for i in range(5, 9)]
+    _close(torch.cat(out, 1), full)
+    # an explicit encoder mask over the cache's slots gives the same
+    m.reset_caches()
+    emask = torch.zeros(2, 5, 8, dtype=torch.bool)
+    emask[..., :6] = True
+    _close(m(tok[:, :5], encoder_input=enc, encoder_mask=emask), full[:, :5])
+
+
+def test_chunked_output_and_cross_entropy_match_the_full_loss():
+    m = _model()
+    tok = _tokens(2, 11)
+    labels = _tokens(2, 11, seed=7)
+    labels[0, :3] = -100
+    full = F.cross_entropy(m(tok).reshape(-1, VOCAB), labels.reshape(-1), ignore_index=-100)
+    grads_full = torch.autograd.grad(full, m.output.weight)[0]
+    m.set_num_output_chunks(4)
+    chunks = m(tok)
+    assert isinstance(chunks, list) and len(chunks) == 4 and sum(c.shape[1] for c in chunks) == 11
+    loss = chunked_cross_entropy(chunks, labels)
+    _close(loss, full)
+    _close(torch.autograd.grad(loss, m.output.weight)[0], grads_full)
+
+
+def test_hidden_states_come_first():
+    m = _model(layers=3)
+    m.output_hidden_states = [0, 2]
+    tok = _tokens(1, 4)
+    out = m(tok)
+    assert len(out) == 3 and out[0].shape == (1, 4, 32) and out[2].shape == (1, 4, VOCAB)
+    _close(out[0], m.tok_embeddings(tok))
+
+
+# ## Bad input
+
+
+def test_errors():
+    m = _model(max_seq_len=16)
+    tok = _tokens(2, 4)
+    with pytest.raises(ValueError, match="tokens: got 'seq_len 17'"):
+        m(_tokens(1, 17))
+    with pytest.raises(ValueError, match=r"input_pos: got 'positions in \[16, 16\]"):
+        m(tok[:, :1], input_pos=torch.tensor([16]))
+    with pytest.raises(ValueError, match="mask: got 'shape"):
+        m(tok, mask=torch.ones(2, 4, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="prompt: got 'prompt_len 10 \\+ max_new_tokens 7"):
+        generate(m, _tokens(1, 10), max_new_tokens=7)
+    with pytest.raises(ValueError, match="prompt: got 'a row of pad_id only'"):
+        generate(m, torch.zeros(1, 3, dtype=torch.long), max_new_tokens=1)
+    with pytest.raises(ValueError, match="temperature"):
+        generate(m, tok, max_new_tokens=1, temperature=-1.0)
+    m.setup_caches(1, torch.float32, decoder_max_seq_len=8)
+    with pytest.raises(ValueError, match="tokens: got 'batch 2'"):
+        m(tok)
+    with pytest.raises(ValueError, match="prompt: got 'batch 2'"):
+        generate(m, tok, max_new_tokens=1)
+    with pytest.raises(ValueError, match=r"input_pos: got 'positions in \[8, 8\].*decoder_max_seq_len=8"):
+        m(tok[:1, :1], input_pos=torch.tensor([8]))
+    with pytest.raises(ValueError, match="mask: got 'shape"):
+        m(tok[:1], mask=torch.ones(1, 4, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="decoder_max_seq_len=8"):
+        generate(m, tok[:1], max_new_tokens=5)
+    m(tok[:1, :4])
+    with pytest.raises(ValueError, match="5 positions after 4 cached"):
+        m(_tokens(1, 5))
+    with pytest.raises(ValueError, match="decoder_max_seq_len: got 17"):
+        m.setup_caches(1, torch.float32, decoder_max_seq_len=17)
+    with pytest.raises(ValueError, match="compile: got True"):
+        with disable_kv_cache(m):
+            generate(m, tok[:1], max_new_tokens=1, compile=True)
+    m.delete_caches()
+    with pytest.raises(RuntimeError, match="setup_caches"):
+        m.reset_caches()
+    with pytest.raises(ValueError, match="num_kv_heads: got 3"):
+        llama_decoder(vocab_size=8, num_layers=1, num_heads=4, num_kv_heads=3, embed_dim=32, max_seq_len=8)
+
+
+# ## The fast path
+
+
+@torch.no_grad()
+def test_compiled_step_equals_eager_without_recompiling():
+    pytest.importorskip("torch._inductor")
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    m = _model(layers=1)
+    prompt = _tokens(2, 5)
+    prompt[0, :2] = 0  # left-padded
+    eager = generate(m, prompt, max_new_tokens=6, temperature=0)
+    torch._dynamo.reset()
+    counters.clear()
+    # Any recompilation after the first compile raises.
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled = generate(m, prompt, max_new_tokens=6, temperature=0, compile=True)
+    assert counters["stats"]["unique_graphs"] == 1
+    assert torch.equal(compiled, eager)
+    assert not m.caches_are_setup()  # the temporary caches are gone

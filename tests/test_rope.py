@@ -1,0 +1,491 @@
+"""Tests for the RoPE chapter: every claim of `annotated_src/rope.py` as a check."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from annotated_src import rope
+from annotated_src.rope import (RotaryPositionalEmbeddings, XPos, apply_rotary, apply_rotary_fast,
+                                convert_half_to_interleaved, convert_interleaved_to_half,
+                                interleaved_to_half_permutation, rope_reference, rotary_angles, rotary_tables)
+
+
+def randn(*shape, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
+
+
+def loop_reference(x: torch.Tensor, positions, dim: int, base: float = 10_000, interleaved: bool = False,
+                   zeta_power=None) -> torch.Tensor:
+    """RoPE by the definition: an explicit 2x2 rotation matrix per pair and per token, in float64.
+
+    `x` is `[seq_len, head_dim]` (one head), `positions` a list of ints. `zeta_power(i, m)`, when
+    given, is the xPos factor of pair `i` at position `m`.
+    """
+    x = x.double()
+    out = x.clone()
+    for t, m in enumerate(positions):
+        for i in range(dim // 2):
+            a, b = (2 * i, 2 * i + 1) if interleaved else (i, i + dim // 2)
+            angle = m * base ** (-2 * i / dim)
+            r = torch.tensor([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]],
+                             dtype=torch.float64)
+            pair = r @ torch.stack((x[t, a], x[t, b]))
+            if zeta_power is not None:
+                pair = pair * zeta_power(i, m)
+            out[t, a], out[t, b] = pair[0], pair[1]
+    return out
+
+
+# ## Against the definition
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("dim,head_dim", [(8, 8), (6, 10)])
+def test_module_equals_definition_float64(interleaved, dim, head_dim):
+    x = randn(2, 5, 3, head_dim, seed=1, dtype=torch.float64)
+    positions = [0, 1, 7, 100, 4095]
+    pos = torch.tensor(positions)
+    y = RotaryPositionalEmbeddings(dim, interleaved=interleaved)(x, input_pos=pos)
+    for b in range(2):
+        for h in range(3):
+            want = loop_reference(x[b, :, h], positions, dim, interleaved=interleaved)
+            torch.testing.assert_close(y[b, :, h], want, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_float32_cache_equals_float64_definition(interleaved):
+    x = randn(2, 64, 4, 16, seed=2)
+    module = RotaryPositionalEmbeddings(16, max_seq_len=64, interleaved=interleaved)
+    y = module(x)
+    assert y.dtype == torch.float32
+    want = module(x.double())
+    torch.testing.assert_close(y.double(), want, rtol=0, atol=1e-5)
+    # The naive per-call version agrees too (its float32 angles are less precise).
+    torch.testing.assert_close(rope_reference(x, interleaved=interleaved).double(), want, rtol=0, atol=1e-4)
+    torch.testing.assert_close(rope_reference(x.double(), interleaved=interleaved), want, rtol=0, atol=1e-12)
+
+
+def test_tables_and_angles():
+    pos = torch.arange(10)
+    angles = rotary_angles(pos, 8, 10_000)
+    assert angles.shape == (10, 4) and angles.dtype == torch.float64
+    theta = torch.tensor([10_000 ** (-2 * i / 8) for i in range(4)], dtype=torch.float64)
+    torch.testing.assert_close(angles, pos.double()[:, None] * theta, rtol=1e-15, atol=0)
+    cos, sin = rotary_tables(pos, 8, 10_000)
+    assert cos.dtype == sin.dtype == torch.float32
+    torch.testing.assert_close(cos.double() ** 2 + sin.double() ** 2, torch.ones(10, 4, dtype=torch.float64),
+                               rtol=0, atol=1e-7)
+    # The first pair turns by one radian per token, the last by about 1 / base.
+    assert theta[0] == 1 and math.isclose(theta[-1].item(), 10_000 ** (-6 / 8))
+
+
+# ## The relative-position property
+
+
+def score(module, q, k, m, n):
+    """<RoPE(q, m), RoPE(k, n)> per head, for `q`, `k` `[1, 1, n_heads, head_dim]`."""
+    qm = module(q, input_pos=torch.tensor([m]))
+    kn = module(k, input_pos=torch.tensor([n]))
+    return (qm * kn).sum(-1)
+
+
+@settings(max_examples=60, deadline=None, database=None, derandomize=True)
+@given(m=st.integers(0, 3000), n=st.integers(0, 3000), shift=st.integers(-3000, 1000),
+       interleaved=st.booleans(), seed=st.integers(0, 2**16))
+def test_relative_position_property(m, n, shift, interleaved, seed):
+    shift = max(shift, -min(m, n))  # keep the shifted positions >= 0
+    module = RotaryPositionalEmbeddings(12, max_seq_len=4096, interleaved=interleaved)
+    q, k = randn(1, 1, 2, 14, seed=seed, dtype=torch.float64), randn(1, 1, 2, 14, seed=seed + 1, dtype=torch.float64)
+    torch.testing.assert_close(score(module, q, k, m, n), score(module, q, k, m + shift, n + shift),
+                               rtol=0, atol=1e-11)
+
+
+def test_score_equals_closed_form():
+    # <R(m theta) q, R(n theta) k> = q^T R((n - m) theta) k, pair by pair.
+    module = RotaryPositionalEmbeddings(8, interleaved=True)
+    q, k = randn(1, 1, 1, 8, seed=3, dtype=torch.float64), randn(1, 1, 1, 8, seed=4, dtype=torch.float64)
+    m, n = 37, 5
+    want = 0.0
+    for i in range(4):
+        d = (n - m) * 10_000 ** (-2 * i / 8)
+        r = torch.tensor([[math.cos(d), -math.sin(d)], [math.sin(d), math.cos(d)]], dtype=torch.float64)
+        want += (q[0, 0, 0, 2 * i:2 * i + 2] @ r @ k[0, 0, 0, 2 * i:2 * i + 2]).item()
+    assert math.isclose(score(module, q, k, m, n).item(), want, rel_tol=1e-12)
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_norm_preserved(interleaved):
+    x = randn(2, 300, 3, 16, seed=5, dtype=torch.float64)
+    y = RotaryPositionalEmbeddings(10, interleaved=interleaved)(x)
+    torch.testing.assert_close(y.norm(dim=-1), x.norm(dim=-1), rtol=1e-13, atol=0)
+
+
+# ## Layouts
+
+
+@pytest.mark.parametrize("dim,head_dim", [(8, 8), (8, 12)])
+def test_layouts_related_by_fixed_permutation(dim, head_dim):
+    perm = interleaved_to_half_permutation(dim, head_dim)
+    assert perm[:dim].tolist() == list(range(0, dim, 2)) + list(range(1, dim, 2))
+    assert perm[dim:].tolist() == list(range(dim, head_dim))
+    x = randn(2, 20, 3, head_dim, seed=6, dtype=torch.float64)
+    pos = torch.arange(100, 120)
+    half = RotaryPositionalEmbeddings(dim, interleaved=False)(x[..., perm], input_pos=pos)
+    inter = RotaryPositionalEmbeddings(dim, interleaved=True)(x, input_pos=pos)
+    torch.testing.assert_close(half, inter[..., perm], rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("dim", [None, 6])
+def test_weight_conversion_keeps_scores(dim):
+    n_heads, head_dim, d_model, seq_len = 3, 8, 16, 10
+    rot_dim = dim or head_dim
+    torch.manual_seed(0)
+    wq, wk = randn(n_heads * head_dim, d_model, seed=7, dtype=torch.float64), randn(n_heads * head_dim, d_model, seed=8, dtype=torch.float64)
+    bq, bk = randn(n_heads * head_dim, seed=9, dtype=torch.float64), randn(n_heads * head_dim, seed=10, dtype=torch.float64)
+    h = randn(2, seq_len, d_model, seed=11, dtype=torch.float64)
+
+    def scores(wq, bq, wk, bk, interleaved):
+        module = RotaryPositionalEmbeddings(rot_dim, interleaved=interleaved)
+        q = module((h @ wq.T + bq).view(2, seq_len, n_heads, head_dim))
+        k = module((h @ wk.T + bk).view(2, seq_len, n_heads, head_dim))
+        return torch.einsum("bihd,bjhd->bhij", q, k)
+
+    before = scores(wq, bq, wk, bk, True)
+    conv = [convert_interleaved_to_half(w, n_heads, dim) for w in (wq, bq, wk, bk)]
+    after = scores(*conv, False)
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-12)
+    # The weights did change (the test is not vacuous) and the inverse restores them.
+    assert not torch.equal(conv[0], wq)
+    torch.testing.assert_close(convert_half_to_interleaved(conv[0], n_heads, dim), wq, rtol=0, atol=0)
+    torch.testing.assert_close(convert_half_to_interleaved(conv[1], n_heads, dim), bq, rtol=0, atol=0)
+
+
+# ## Positions
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_offsets_equal_slices_of_longer_sequence(interleaved):
+    module = RotaryPositionalEmbeddings(16, max_seq_len=256, interleaved=interleaved)
+    x = randn(2, 200, 2, 16, seed=12)
+    full = module(x)
+    for start, stop in [(0, 1), (37, 64), (199, 200), (100, 200)]:
+        part = module(x[:, start:stop], input_pos=torch.arange(start, stop))
+        assert torch.equal(part, full[:, start:stop])
+
+
+def test_per_sample_positions():
+    module = RotaryPositionalEmbeddings(8, max_seq_len=64)
+    x = randn(3, 5, 2, 8, seed=13)
+    pos = torch.tensor([[0, 1, 2, 3, 4], [3, 4, 5, 6, 7], [9, 9, 20, 63, 0]])
+    y = module(x, input_pos=pos)
+    for b in range(3):
+        assert torch.equal(y[b:b + 1], module(x[b:b + 1], input_pos=pos[b]))
+    # A left-padded sample: its real tokens get positions 0.. and match the unpadded sequence.
+    padded = torch.cat((randn(1, 2, 2, 8, seed=14), x[:1, :3]), dim=1)
+    y_pad = module(padded, input_pos=torch.tensor([[0, 0, 0, 1, 2]]))
+    assert torch.equal(y_pad[:, 2:], module(x[:1, :3]))
+
+
+def test_partial_rotary():
+    x = randn(2, 9, 3, 16, seed=15)
+    y = RotaryPositionalEmbeddings(6)(x)
+    assert torch.equal(y[..., 6:], x[..., 6:])
+    assert torch.equal(y[..., :6], RotaryPositionalEmbeddings(6)(x[..., :6].contiguous()))
+    assert not torch.allclose(y[..., :6], x[..., :6])
+
+
+# ## Dtypes and the bf16 pitfall
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_output_dtype_is_input_dtype(dtype):
+    x = randn(1, 4, 2, 8, seed=16, dtype=dtype)
+    assert RotaryPositionalEmbeddings(8)(x).dtype == dtype
+    q, k = XPos(8)(x, x)
+    assert q.dtype == k.dtype == dtype
+
+
+def test_bf16_at_long_positions_within_rounding():
+    module = RotaryPositionalEmbeddings(128, max_seq_len=8193)
+    pos = torch.cat((torch.arange(0, 64), torch.arange(8129, 8193)))
+    x32 = randn(2, pos.numel(), 2, 128, seed=17)
+    x = x32.to(torch.bfloat16)
+    y = module(x, input_pos=pos)
+    want = module(x.double(), input_pos=pos)  # exact rotation of the same bf16 input
+    # One rounding to bf16: at most half an ulp, 2^-9 of the value (plus the float32 tables' error).
+    err = (y.double() - want).abs()
+    assert (err <= want.abs() * 2.0 ** -8 + 1e-6).all()
+    assert torch.equal(y, want.to(torch.bfloat16)) or err.max() < 2 ** -7 * want.abs().max()
+
+
+def test_bf16_positions_bug_is_avoided():
+    # In bf16, the integers above 256 are not all representable: 8191 rounds to 8192.
+    pos = torch.arange(8129, 8193)
+    assert torch.unique(pos.to(torch.bfloat16)).numel() == 3  # 64 positions, three distinct values
+    bad = rotary_angles(pos, 128, dtype=torch.bfloat16).double()
+    good = rotary_angles(pos, 128)
+    assert (bad - good).abs().max() > 10  # radians: the fast pairs are nowhere near their angle
+    # The module computes its tables in float64 and keeps them in float32, even after .to(bf16).
+    module = RotaryPositionalEmbeddings(128, max_seq_len=8193).to(torch.bfloat16)
+    torch.testing.assert_close(module.cos_cached[pos].double(), good.cos(), rtol=0, atol=1e-7)
+    x = randn(1, 64, 1, 128, seed=18, dtype=torch.bfloat16)
+    y = module(x, input_pos=pos)
+    # Two neighbouring tokens with the same bf16 input still get different rotations.
+    x_same = x[:, :1].expand(1, 2, 1, 128)
+    y_same = module(x_same, input_pos=torch.tensor([8190, 8191]))
+    assert not torch.equal(y_same[:, 0], y_same[:, 1])
+    assert y.dtype == torch.bfloat16
+
+
+def test_tables_stay_float32_after_dtype_moves_and_state_dict_is_empty():
+    module = RotaryPositionalEmbeddings(8, max_seq_len=32)
+    ref = module.cos_cached.clone()
+    assert module.state_dict() == {} or len(module.state_dict()) == 0
+    for cast in (lambda m: m.to(torch.bfloat16), lambda m: m.half(), lambda m: m.double(), lambda m: m.float()):
+        module = cast(module)
+        assert module.cos_cached.dtype == module.sin_cached.dtype == torch.float32
+        assert torch.equal(module.cos_cached, ref)
+    xpos = XPos(8, max_seq_len=32).to(torch.bfloat16)
+    assert xpos.scale_cached.dtype == torch.float32 and len(xpos.state_dict()) == 0
+    # Loading into a model that holds the module works with strict=True.
+    container = torch.nn.Sequential(RotaryPositionalEmbeddings(8))
+    container.load_state_dict(container.state_dict(), strict=True)
+
+
+# ## Fast path
+
+
+def test_auto_mode_on_cpu_uses_readable_path():
+    x = randn(2, 7, 3, 8, seed=19)
+    module = RotaryPositionalEmbeddings(8)
+    assert torch.equal(module(x), apply_rotary(x, module.cos_cached[:7][None, :, None], module.sin_cached[:7][None, :, None]))
+    assert rope._compiled_apply_rotary is None or not rope._fast_signatures
+
+
+def test_fast_path_forced_on_cpu_equals_reference():
+    # One compilation (inductor's C++ backend), forward and backward, interleaved layout, partial.
+    x = randn(2, 16, 3, 12, seed=20, dtype=torch.float32).requires_grad_(True)
+    grad = randn(2, 16, 3, 12, seed=21)
+    pos = torch.tensor([[3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18],
+                        [0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]])
+    slow = RotaryPositionalEmbeddings(8, max_seq_len=32, interleaved=True, fast=False)
+    fast = RotaryPositionalEmbeddings(8, max_seq_len=32, interleaved=True, fast=True)
+    y_slow = slow(x, input_pos=pos)
+    (g_slow,) = torch.autograd.grad(y_slow, x, grad)
+    y_fast = fast(x, input_pos=pos)
+    (g_fast,) = torch.autograd.grad(y_fast, x, grad)
+    torch.testing.assert_close(y_fast, y_slow, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(g_fast, g_slow, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(y_fast.double(), slow(x.detach().double(), input_pos=pos), rtol=0, atol=1e-5)
+
+
+def test_auto_mode_guards(monkeypatch):
+    # Pretend the CPU is a GPU for the automatic mode, with a stand-in for the compiled function.
+    calls = []
+
+    def fake_fast(x, cos, sin, *, interleaved=False):
+        calls.append(tuple(x.shape))
+        return apply_rotary(x, cos, sin, interleaved=interleaved)
+
+    monkeypatch.setattr(rope, "_AUTO_FAST_DEVICES", ("cpu",))
+    monkeypatch.setattr(rope, "_fast_signatures", set())
+    monkeypatch.setattr(rope, "_fast_failed", None)
+    monkeypatch.setattr(rope, "apply_rotary_fast", fake_fast)
+    module = RotaryPositionalEmbeddings(8, max_seq_len=64)
+    # At most _MAX_FAST_SIGNATURES shapes take the fast path; later new shapes take the readable one.
+    for seq_len in range(1, 10):
+        module(randn(1, seq_len, 1, 8, seed=seq_len))
+    assert len(calls) == rope._MAX_FAST_SIGNATURES
+    module(randn(1, 1, 1, 8, seed=40))  # a shape already compiled keeps its kernel
+    assert len(calls) == rope._MAX_FAST_SIGNATURES + 1
+    # float64 never takes the fast path in automatic mode.
+    module(randn(1, 1, 1, 8, seed=41, dtype=torch.float64))
+    assert len(calls) == rope._MAX_FAST_SIGNATURES + 1
+
+    # A failing compilation warns once, names the error, and the result is still right.
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(rope, "apply_rotary_fast", broken)
+    x = randn(1, 1, 1, 8, seed=42)
+    with pytest.warns(RuntimeWarning, match="no compiler here"):
+        y = module(x)
+    assert torch.equal(y, RotaryPositionalEmbeddings(8, fast=False)(x))
+    assert rope._fast_failed is not None
+    module(x)  # no second warning: the readable path is used from now on
+
+
+def test_gradient_is_inverse_rotation():
+    # The Jacobian of a rotation is the rotation; gradcheck in float64 (per-sample positions).
+    module = RotaryPositionalEmbeddings(4, interleaved=True)
+    x = randn(2, 3, 2, 6, seed=22, dtype=torch.float64).requires_grad_(True)
+    pos = torch.tensor([[1, 5, 9], [0, 2, 4000]])
+    assert torch.autograd.gradcheck(lambda t: module(t, input_pos=pos), (x,))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_fast_path_on_cuda(interleaved):
+    x = randn(2, 256, 4, 128, seed=23, dtype=torch.bfloat16).cuda()
+    ref = RotaryPositionalEmbeddings(96, interleaved=interleaved, fast=False).cuda()
+    fast = RotaryPositionalEmbeddings(96, interleaved=interleaved, fast=True).cuda()
+    auto = RotaryPositionalEmbeddings(96, interleaved=interleaved).cuda()
+    y = ref(x)
+    torch.testing.assert_close(fast(x), y, rtol=2 ** -7, atol=1e-5)
+    torch.testing.assert_close(auto(x), y, rtol=2 ** -7, atol=1e-5)
+    want = ref(x.double().cpu()).cuda()
+    torch.testing.assert_close(fast(x).double(), want, rtol=2 ** -7, atol=1e-5)
+
+
+@pytest.mark.cuda
+def test_xpos_fast_path_on_cuda():
+    q = randn(2, 128, 4, 64, seed=31, dtype=torch.bfloat16).cuda()
+    k = randn(2, 128, 4, 64, seed=32, dtype=torch.bfloat16).cuda()
+    pos = torch.arange(1000, 1128, device="cuda")
+    ref = XPos(64, fast=False).cuda()(q, k, input_pos=pos)
+    fast = XPos(64, fast=True).cuda()(q, k, input_pos=pos)
+    want = XPos(64)(q.double().cpu(), k.double().cpu(), input_pos=pos.cpu())
+    for f, r, w in zip(fast, ref, want):
+        torch.testing.assert_close(f, r, rtol=2 ** -7, atol=1e-5)
+        torch.testing.assert_close(r.double().cpu(), w, rtol=2 ** -7, atol=1e-5)
+
+
+# ## xPos
+
+
+def zeta(i, dim):
+    return (2 * i / dim + 0.4) / 1.4
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_xpos_equals_definition(interleaved):
+    dim, head_dim, gamma, max_seq_len = 8, 10, 512, 4096
+    module = XPos(dim, max_seq_len=max_seq_len, scale_base=gamma, interleaved=interleaved)
+    q, k = randn(1, 4, 1, head_dim, seed=24, dtype=torch.float64), randn(1, 4, 1, head_dim, seed=25, dtype=torch.float64)
+    positions = [0, 3, 2048, 4095]
+    qr, kr = module(q, k, input_pos=torch.tensor(positions))
+    c = max_seq_len // 2
+    want_q = loop_reference(q[0, :, 0], positions, dim, interleaved=interleaved,
+                            zeta_power=lambda i, m: zeta(i, dim) ** ((m - c) / gamma))
+    want_k = loop_reference(k[0, :, 0], positions, dim, interleaved=interleaved,
+                            zeta_power=lambda i, m: zeta(i, dim) ** (-(m - c) / gamma))
+    torch.testing.assert_close(qr[0, :, 0], want_q, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(kr[0, :, 0], want_k, rtol=1e-12, atol=1e-12)
+    # float32 (cached tables) agrees with float64.
+    q32, k32 = module(q.float(), k.float(), input_pos=torch.tensor(positions))
+    torch.testing.assert_close(q32.double(), qr, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(k32.double(), kr, rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=40, deadline=None, database=None, derandomize=True)
+@given(m=st.integers(0, 4095), n=st.integers(0, 4095), shift=st.integers(-4095, 4095), seed=st.integers(0, 2**16))
+def test_xpos_relative_position_property(m, n, shift, seed):
+    shift = min(max(shift, -min(m, n)), 4095 - max(m, n))
+    module = XPos(8, max_seq_len=4096)
+    q, k = randn(1, 1, 2, 8, seed=seed, dtype=torch.float64), randn(1, 1, 2, 8, seed=seed + 1, dtype=torch.float64)
+
+    def xscore(m, n):
+        qm, _ = module(q, q, input_pos=torch.tensor([m]))
+        _, kn = module(k, k, input_pos=torch.tensor([n]))
+        return (qm * kn).sum(-1)
+
+    a, b = xscore(m, n), xscore(m + shift, n + shift)
+    torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    # And it is the RoPE score with pair i scaled by zeta_i^((m - n) / gamma).
+    rope_module = RotaryPositionalEmbeddings(8)
+    qm = rope_module(q, input_pos=torch.tensor([m]))
+    kn = rope_module(k, input_pos=torch.tensor([n]))
+    z = torch.tensor([zeta(i, 8) ** ((m - n) / 512) for i in range(4)], dtype=torch.float64)
+    want = (qm[..., :4] * kn[..., :4] * z + qm[..., 4:] * kn[..., 4:] * z).sum(-1)
+    torch.testing.assert_close(a, want, rtol=1e-10, atol=1e-10)
+
+
+def test_xpos_offsets_equal_slices_and_decay():
+    module = XPos(16, max_seq_len=128)
+    q, k = randn(2, 100, 2, 16, seed=26), randn(2, 100, 2, 16, seed=27)
+    fq, fk = module(q, k)
+    pq, pk = module(q[:, 40:70], k[:, 40:70], input_pos=torch.arange(40, 70))
+    assert torch.equal(pq, fq[:, 40:70]) and torch.equal(pk, fk[:, 40:70])
+    # With q = k = a fixed vector, the score falls as the key moves further into the past.
+    v = randn(1, 1, 1, 16, seed=28, dtype=torch.float64).abs()
+    scores = []
+    for dist in (0, 100, 1000):
+        qm, _ = XPos(16, max_seq_len=4096, base=1e12)(v, v, input_pos=torch.tensor([2000]))
+        _, kn = XPos(16, max_seq_len=4096, base=1e12)(v, v, input_pos=torch.tensor([2000 - dist]))
+        scores.append((qm * kn).sum().item())
+    assert scores[0] > scores[1] > scores[2] > 0
+
+
+# ## Against Hugging Face's Llama
+
+
+@pytest.mark.parametrize("dim", [16, 64])
+def test_matches_transformers_llama(dim):
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+    n_heads, seq_len = 4, 48
+    config = transformers.LlamaConfig(hidden_size=n_heads * dim, num_attention_heads=n_heads, head_dim=dim,
+                                      max_position_embeddings=4096)
+    hf = LlamaRotaryEmbedding(config=config)
+    q, k = randn(2, seq_len, n_heads, dim, seed=29), randn(2, seq_len, n_heads, dim, seed=30)
+    pos = torch.stack((torch.arange(seq_len), torch.arange(1000, 1000 + seq_len)))
+    cos, sin = hf(q, pos)
+    q_hf, k_hf = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)  # our layout: heads third
+    module = RotaryPositionalEmbeddings(dim)
+    # HF computes its angles in float32, so they differ from ours by up to ~1000 * 2^-24 radians.
+    torch.testing.assert_close(module(q, input_pos=pos), q_hf, rtol=0, atol=5e-4)
+    torch.testing.assert_close(module(k, input_pos=pos), k_hf, rtol=0, atol=5e-4)
+    # At small positions both are exact to float32 rounding.
+    torch.testing.assert_close(module(q, input_pos=pos)[:1], q_hf[:1], rtol=0, atol=1e-5)
+
+
+# ## Errors
+
+
+def test_errors():
+    x = randn(1, 4, 2, 8)
+    with pytest.raises(ValueError, match="dim: got 7"):
+        RotaryPositionalEmbeddings(7)
+    with pytest.raises(ValueError, match="dim: got 3"):
+        XPos(3)
+    with pytest.raises(ValueError, match=r"x: got .shape \(1, 4, 2, 8\).*dim = 10"):
+        RotaryPositionalEmbeddings(10)(x)
+    with pytest.raises(ValueError, match=r"x: got .shape \(4, 2, 8\).*\[batch, seq_len, n_heads, head_dim\]"):
+        RotaryPositionalEmbeddings(8)(x[0])
+    with pytest.raises(ValueError, match="input_pos: got position 16, expected positions < max_seq_len = 16"):
+        RotaryPositionalEmbeddings(8, max_seq_len=16)(x, input_pos=torch.tensor([0, 1, 2, 16]))
+    with pytest.raises(ValueError, match="input_pos: got position -1"):
+        RotaryPositionalEmbeddings(8)(x, input_pos=torch.tensor([0, 1, 2, -1]))
+    with pytest.raises(ValueError, match="x: got seq_len 4, expected seq_len <= max_seq_len = 3"):
+        RotaryPositionalEmbeddings(8, max_seq_len=3)(x)
+    with pytest.raises(TypeError, match="input_pos: got .dtype torch.float32"):
+        RotaryPositionalEmbeddings(8)(x, input_pos=torch.arange(4.0))
+    with pytest.raises(ValueError, match=r"input_pos: got .shape \(5,\)"):
+        RotaryPositionalEmbeddings(8)(x, input_pos=torch.arange(5))
+    with pytest.raises(ValueError, match=r"input_pos: got .shape \(2, 4\)"):
+        RotaryPositionalEmbeddings(8)(x, input_pos=torch.zeros(2, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"input_pos: got .shape \(1, 1, 4\)"):
+        RotaryPositionalEmbeddings(8)(x, input_pos=torch.zeros(1, 1, 4, dtype=torch.long))
+    with pytest.raises(TypeError, match="x: got .dtype torch.int64"):
+        RotaryPositionalEmbeddings(8)(torch.zeros(1, 4, 2, 8, dtype=torch.long))
+    with pytest.raises(ValueError, match="input_pos: got position 99"):
+        XPos(8, max_seq_len=99)(x, x, input_pos=torch.tensor([0, 1, 2, 99]))
+    with pytest.raises(ValueError, match=r"k: got .shape \(1, 3, 2, 8\)"):
+        XPos(8)(x, x[:, :3])
+    with pytest.raises(ValueError, match="scale_base: got 0"):
+        XPos(8, scale_base=0)
+    with pytest.raises(ValueError, match="base: got 1"):
+        RotaryPositionalEmbeddings(8, base=1)
+    with pytest.raises(TypeError, match="fast: got 'yes'"):
+        RotaryPositionalEmbeddings(8, fast="yes")
+    with pytest.raises(ValueError, match=r"weight: got .shape \(10, 4\)"):
+        convert_interleaved_to_half(torch.zeros(10, 4), n_heads=3)
+    with pytest.raises(ValueError, match="dim: got 5"):
+        interleaved_to_half_permutation(5)

@@ -1,0 +1,361 @@
+"""The site generator's pieces, on the small fixture under `tests/fixtures/site/`.
+
+Sectioning of a module, notebook cells to rows, math, cross-links, the results table, bad input
+(each stops the build naming the file and the line, and leaves the previous site untouched), and a
+deterministic build.
+"""
+
+from __future__ import annotations
+
+import filecmp
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURE = REPO / "tests" / "fixtures" / "site"
+# The generator lives in `site/sitegen` (`site` is not a package: Python has a `site` module).
+sys.path.insert(0, str(REPO / "site"))
+
+from sitegen.build import build, read_chapters, read_results, resolve_definition, results_rows  # noqa: E402
+from sitegen.errors import BuildError  # noqa: E402
+from sitegen.highlight import highlight_lines  # noqa: E402
+from sitegen.markdown import Renderer, latex_to_mathml, split_front_matter  # noqa: E402
+from sitegen.notebook import notebook_imports, read_notebook  # noqa: E402
+from sitegen.source import parse_module  # noqa: E402
+
+TINY = FIXTURE / "annotated_src" / "tiny.py"
+NOTEBOOK = FIXTURE / "notebooks" / "01_tiny.ipynb"
+
+
+def tiny_module():
+    return parse_module(TINY.read_text(), path="annotated_src/tiny.py", name="tiny")
+
+
+def line_of(path: Path, needle: str) -> int:
+    return next(i for i, line in enumerate(path.read_text().splitlines(), 1) if needle in line)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("site") / "_build"
+    build(FIXTURE, out)
+    return out
+
+
+def copy_fixture(tmp_path: Path) -> Path:
+    root = tmp_path / "src"
+    shutil.copytree(FIXTURE, root)
+    return root
+
+
+# ---------------------------------------------------------------- sectioning of source
+
+
+def test_front_matter_becomes_title_and_summary():
+    mod = tiny_module()
+    assert mod.title == "Tiny attention"
+    assert mod.summary == "Scaled dot-product attention in a few lines, to test the site."
+    assert "---" not in mod.intro and mod.intro.lstrip().startswith("# Tiny attention")
+
+
+def test_module_without_front_matter_falls_back_to_name_and_first_line():
+    path = FIXTURE / "annotated_src" / "helpers.py"
+    mod = parse_module(path.read_text(), path="annotated_src/helpers.py", name="helpers")
+    assert mod.title == "helpers"
+    assert mod.summary.startswith("Argument checks for the fixture package")
+
+
+def test_sections_pair_prose_with_the_code_that_follows_with_real_line_numbers():
+    mod = tiny_module()
+    lines = TINY.read_text().splitlines()
+    # The module docstring is the first section's prose, beside the imports.
+    assert "# Tiny attention" in mod.sections[0].prose[0][1]
+    assert mod.sections[0].trimmed_code()[0] == (line_of(TINY, "from __future__"), "from __future__ import annotations")
+    # Every code line keeps its number in the file.
+    for s in mod.sections:
+        for n, text in s.code:
+            assert lines[n - 1] == text
+    by_prose = {s.prose[0][1].splitlines()[0] if s.prose else "": s for s in mod.sections}
+    scale_section = by_prose["## The scale"]
+    assert [t for _, t in scale_section.trimmed_code()] == ['SCALE_NOTE = "1 / sqrt(d)"']
+    assert scale_section.prose[0][0] == line_of(TINY, "# ## The scale")
+
+
+def test_docstring_joins_the_comments_above_its_def_and_leaves_the_code_column():
+    mod = tiny_module()
+    section = next(s for s in mod.sections if s.prose and s.prose[0][1].startswith("## Attention"))
+    texts = [t for _, t in section.prose]
+    assert texts[1].startswith("Softmax-weighted sum of `v`")
+    # Docstring values are read with their escapes resolved: `\\sqrt` in the source is `\sqrt`.
+    assert r"\sqrt{d}" in texts[1] and r"\\sqrt" not in texts[1]
+    code = [t for _, t in section.trimmed_code()]
+    assert code[0] == "def attention(q, k, v):"
+    assert not any('"""' in t for t in code)
+
+
+def test_docstring_without_comments_above_starts_its_own_section_with_the_def_line():
+    mod = tiny_module()
+    section = next(s for s in mod.sections if s.prose and s.prose[0][1].startswith("The factor"))
+    assert [t for _, t in section.trimmed_code()][0] == "def scale(d: int) -> float:"
+    cls = next(s for s in mod.sections if s.prose and s.prose[0][1].startswith("A module-like wrapper"))
+    assert "It holds nothing but" in cls.prose[0][1]
+    assert [t for _, t in cls.trimmed_code()][0] == "class Tiny:"
+
+
+def test_a_comment_inside_a_function_splits_the_code():
+    mod = tiny_module()
+    section = next(s for s in mod.sections if s.prose and s.prose[0][1].startswith("The scores"))
+    assert [t for _, t in section.trimmed_code()][0].strip().startswith("scores = ")
+
+
+def test_definitions_and_imports_are_found():
+    mod = tiny_module()
+    assert mod.definitions["attention"] == line_of(TINY, "def attention(")
+    assert mod.definitions["Tiny"] == line_of(TINY, "class Tiny")
+    assert mod.definitions["Tiny.__call__"] == line_of(TINY, "def __call__")
+    assert mod.definitions["SCALE_NOTE"] == line_of(TINY, "SCALE_NOTE =")
+    assert mod.imports["check_positive"] == ("annotated_src.helpers", "check_positive")
+
+
+def test_syntax_error_names_file_and_line():
+    with pytest.raises(BuildError, match=r"^annotated_src/bad\.py:3: syntax error"):
+        parse_module("x = 1\n\ndef f(:\n    pass\n", path="annotated_src/bad.py", name="bad")
+
+
+def test_highlight_keeps_one_html_string_per_line_and_links_names():
+    code = 'x = """a\nb"""\nattention(x)'
+    out = highlight_lines(code, {"attention": "tiny.html#attention"})
+    assert len(out) == 3
+    assert '<a class="xref' in out[2] and 'href="tiny.html#attention"' in out[2]
+    assert "&lt;" in highlight_lines("a < b")[0]
+
+
+# ---------------------------------------------------------------- math and markdown
+
+
+def test_latex_becomes_mathml_with_the_source_as_annotation():
+    out = latex_to_mathml(r"\frac{a}{\sqrt{d}}", display=True, path="p.py", line=4)
+    assert out.startswith("<math") and 'display="block"' in out and "<mfrac>" in out
+    assert '<annotation encoding="application/x-tex">\\frac{a}{\\sqrt{d}}</annotation>' in out
+
+
+@pytest.mark.parametrize("latex", [r"\frac{1}{", r"x^{", r"\begin{pmatrix} a", r"\notacommand x", ""])
+def test_broken_latex_names_file_and_line(latex):
+    with pytest.raises(BuildError, match=r"^m\.py:12: "):
+        latex_to_mathml(latex, display=False, path="m.py", line=12)
+
+
+def test_markdown_leaves_no_dollar_and_reports_the_line_of_broken_math():
+    html = Renderer().render("Inline $a_i$ and\n\n$$\\sum_j w_j = 1$$\n\nA price of 5$ stays.", path="x.md")
+    assert "<math" in html and 'display="block"' in html
+    assert html.count("$") == 1  # only the literal one, which is not math
+    with pytest.raises(BuildError, match=r"^x\.py:13: broken LaTeX"):
+        Renderer().render("one\n\ntwo\n\nthree $\\frac{1}{$ four", path="x.py", first_line=9)
+
+
+def test_heading_ids_are_unique_across_one_page():
+    r = Renderer(reserved_ids={"attention"})
+    html = r.render("## Attention\n\ntext", path="a") + r.render("## Attention", path="a")
+    assert 'id="attention-2"' in html and 'id="attention-3"' in html
+
+
+def test_invalid_front_matter_names_the_line():
+    with pytest.raises(BuildError, match=r"^f\.py:\d+: invalid front matter"):
+        split_front_matter("---\ntitle: [unclosed\n---\n# x\n", path="f.py", first_line=2)
+
+
+# ---------------------------------------------------------------- notebooks
+
+
+def test_notebook_cells_to_rows_with_outputs_and_provenance():
+    nb = read_notebook(NOTEBOOK.read_text(), path="notebooks/01_tiny.ipynb", name="01_tiny")
+    assert nb.title == "Tiny attention, checked"
+    assert nb.provenance == {"date": "2026-11-25", "torch": "2.11.0+cu130", "python": "3.11.9",
+                             "device": "NVIDIA H100 80GB HBM3", "cuda": "13.0"}
+    # Markdown cells go with the code cell after them; trailing Markdown gets a row of its own.
+    assert [len(r.prose) for r in nb.rows] == [1, 0, 1, 0, 0, 1]
+    assert nb.rows[0].code.startswith("from annotated_src.notebook_utils")
+    assert nb.rows[-1].code is None and "weights sum" in nb.rows[-1].prose[0][1]
+    kinds = [[o.kind for o in r.outputs] for r in nb.rows]
+    assert kinds == [["stream"], [], ["stream"], ["image"], ["html"], []]
+    image = nb.rows[3].outputs[0]
+    assert image.data.startswith(b"\x89PNG") and image.content.endswith(".png")
+
+
+def test_notebook_imports_and_their_lines():
+    src = "import torch\nfrom annotated_src.tiny import (Tiny,\n    attention as att)\nfrom annotated_src import helpers\n%time x = 1"
+    assert notebook_imports(src) == {"Tiny": ("tiny", "Tiny", 2), "att": ("tiny", "attention", 3),
+                                     "helpers": ("helpers", "", 4)}
+
+
+def test_invalid_notebook_json_names_file_and_line():
+    raw = NOTEBOOK.read_text().replace('"cell_type": "code"', '"cell_type" "code"', 1)
+    line = next(i for i, x in enumerate(raw.splitlines(), 1) if '"cell_type" "code"' in x)
+    with pytest.raises(BuildError, match=rf"^notebooks/x\.ipynb:{line}: not valid JSON"):
+        read_notebook(raw, path="notebooks/x.ipynb", name="x")
+
+
+def test_notebook_that_is_json_but_not_a_notebook():
+    with pytest.raises(BuildError, match=r"^notebooks/x\.ipynb:1: not a valid notebook"):
+        read_notebook('{"cells": 3}', path="notebooks/x.ipynb", name="x")
+
+
+# ---------------------------------------------------------------- cross-links
+
+
+def test_cross_links_resolve_definitions_reexports_and_pages():
+    mods = {name: parse_module((FIXTURE / "annotated_src" / f"{name}.py").read_text(),
+                               path=f"annotated_src/{name}.py", name=name) for name in ("tiny", "helpers")}
+    assert resolve_definition(mods, "tiny", "attention") == ("tiny.html", "attention")
+    # A name a module imports from another module links to where it is defined.
+    assert resolve_definition(mods, "tiny", "check_positive") == ("helpers.html", "check_positive")
+    assert resolve_definition(mods, "helpers", "") == ("helpers.html", "")
+    assert resolve_definition(mods, "tiny", "nope") is None
+    assert resolve_definition(mods, "nope", "x") is None
+
+
+def test_notebook_page_links_imported_names_to_their_definitions(built):
+    page = (built / "01_tiny.html").read_text()
+    assert 'href="tiny.html#attention"' in page and 'href="tiny.html#Tiny"' in page
+    assert 'href="helpers.html"' in page  # `from annotated_src import helpers`
+    module_page = (built / "tiny.html").read_text()
+    assert 'id="attention"' in module_page and 'id="Tiny"' in module_page
+    # Module page <-> notebook page.
+    assert 'href="01_tiny.html"' in module_page and 'href="tiny.html"' in page
+
+
+# ---------------------------------------------------------------- the index and chapters
+
+
+def test_chapters_are_read_without_importing():
+    assert read_chapters(FIXTURE / "annotated_src" / "__init__.py") == [("tiny", "01_tiny"),
+                                                                       ("missing_chapter", "02_missing")]
+    assert read_chapters(REPO / "annotated_src" / "__init__.py")[0] == ("rope", "01_rotary_embeddings")
+
+
+def test_results_table_rows_and_missing_date(tmp_path):
+    data = read_results(FIXTURE / "annotated_src" / "bench" / "results.json")
+    rows = results_rows(data)
+    assert rows[1]["vs"] == "1.60× vs naive"
+    assert rows[0]["frac"] == "1,500 GB/s = 50% of copy"
+    assert rows[2]["frac"] == "350.0 TFLOP/s = 50% of matmul"
+    del data["date"]
+    p = tmp_path / "results.json"
+    p.write_text(json.dumps(data))
+    assert read_results(p)["results"] and read_results(tmp_path / "absent.json") is None
+
+
+def test_index_lists_chapters_in_order_and_marks_missing_ones(built):
+    index = (built / "index.html").read_text()
+    assert index.index("Tiny attention") < index.index("missing chapter")
+    assert 'href="tiny.html"' in index and 'href="01_tiny.html"' in index
+    assert "02_missing</code>: not yet available" in index and 'href="02_missing.html"' not in index
+    assert "NVIDIA H100 80GB HBM3" in index and "2026-11-25" in index and "1.60× vs naive" in index
+
+
+def test_missing_notebook_is_announced_not_linked(tmp_path):
+    root = copy_fixture(tmp_path)
+    (root / "notebooks" / "01_tiny.ipynb").unlink()
+    out = tmp_path / "out"
+    build(root, out)
+    page = (out / "tiny.html").read_text()
+    assert "not yet available" in page and "01_tiny.html" not in page
+    assert not (out / "01_tiny.html").exists()
+
+
+def test_new_module_appears_without_touching_the_generator(tmp_path):
+    root = copy_fixture(tmp_path)
+    (root / "annotated_src" / "bench" / "tiny.py").write_text('"""Timing of tiny."""\n\n\ndef run(device):\n    return []\n')
+    out = tmp_path / "out"
+    build(root, out)
+    assert (out / "bench.tiny.html").exists()
+    assert 'href="bench.tiny.html"' in (out / "index.html").read_text()
+
+
+def test_build_output_files(built):
+    assert (built / "notebooks" / "01_tiny.ipynb").read_bytes() == NOTEBOOK.read_bytes()
+    assert len(list((built / "images").glob("*.png"))) == 1
+    search = (built / "assets" / "search-index.js").read_text()
+    assert search.startswith("window.SEARCH_INDEX = ")
+    entries = json.loads(search[len("window.SEARCH_INDEX = "):].rstrip().rstrip(";"))
+    assert any(e["u"].startswith("tiny.html#") and "softmax" in e["x"].lower() for e in entries)
+    for page in built.glob("*.html"):
+        text = page.read_text()
+        assert "http://" not in text.replace('xmlns="http://www.w3.org/1998/Math/MathML"', "")
+        assert 'src="/' not in text and 'href="/' not in text
+
+
+# ---------------------------------------------------------------- bad input stops the build
+
+
+BAD_INPUTS = {
+    "syntax error": ("annotated_src/tiny.py", lambda t: t.replace("def scale(d: int)", "def scale(d: int"),
+                     "def scale(d: int", "syntax error"),
+    "broken LaTeX in a comment": ("annotated_src/tiny.py",
+                                  lambda t: t.replace("keeps the scores' variance", r"keeps $\frac{1}{$ variance"),
+                                  r"keeps $\frac{1}{$ variance", "broken LaTeX"),
+    "invalid notebook JSON": ("notebooks/01_tiny.ipynb", lambda t: t.replace('"execution_count": 3,', '"execution_count": 3,,', 1),
+                              '"execution_count": 3,,', "not valid JSON"),
+    "broken LaTeX in a notebook": ("notebooks/01_tiny.ipynb", lambda t: t.replace(r"for every query $i$.", r"for every $\\foo$."),
+                                   r"for every $\\foo$.", "broken LaTeX"),
+    "cross-link to a missing name": ("notebooks/01_tiny.ipynb", lambda t: t.replace("scale)", "scale, nothing_here)", 1),
+                                     "nothing_here", "cross-link to missing name annotated_src.tiny.nothing_here"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_stops_the_build_with_file_and_line_and_keeps_the_old_site(tmp_path, case):
+    rel, edit, needle, message = BAD_INPUTS[case]
+    root = copy_fixture(tmp_path)
+    out = tmp_path / "out"
+    build(root, out)
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    index_before = (out / "index.html").read_bytes()
+    path = root / rel
+    path.write_text(edit(path.read_text()))
+    line = line_of(path, needle)
+    with pytest.raises(BuildError) as e:
+        build(root, out)
+    assert e.value.path == rel and e.value.line == line, str(e.value)
+    assert message in e.value.message
+    # Nothing half-written: the previous site is intact and no temporary directory is left.
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    assert (out / "index.html").read_bytes() == index_before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
+
+
+def test_command_line_prints_the_file_uri_or_the_error(tmp_path):
+    out = tmp_path / "site"
+    ok = subprocess.run([sys.executable, str(REPO / "site" / "build.py"), "--src-root", str(FIXTURE), "--out", str(out)],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.strip() == f"site built: open {(out / 'index.html').as_uri()}"
+    root = copy_fixture(tmp_path)
+    (root / "annotated_src" / "tiny.py").write_text("def f(:\n")
+    bad = subprocess.run([sys.executable, str(REPO / "site" / "build.py"), "--src-root", str(root), "--out", str(out)],
+                         capture_output=True, text=True)
+    assert bad.returncode == 1 and "annotated_src/tiny.py:1: syntax error" in bad.stderr
+
+
+# ---------------------------------------------------------------- determinism
+
+
+def test_building_twice_gives_identical_files(tmp_path, built):
+    again = tmp_path / "again"
+    build(FIXTURE, again)
+    a = sorted(p.relative_to(built) for p in built.rglob("*"))
+    b = sorted(p.relative_to(again) for p in again.rglob("*"))
+    assert a == b
+    files = [str(p) for p in a if (built / p).is_file()]
+    match, mismatch, errors = filecmp.cmpfiles(built, again, files, shallow=False)
+    assert not mismatch and not errors
+
+
+def test_the_repository_builds(tmp_path):
+    index = build(REPO, tmp_path / "site")
+    assert index.exists() and (tmp_path / "site" / "rope.html").exists() if (REPO / "annotated_src" / "rope.py").exists() else index.exists()
