@@ -482,6 +482,11 @@ class TransformerDecoder(nn.Module):
         batch, seq_len = tokens.shape
         if seq_len > self.max_seq_len:
             fail("tokens", f"seq_len {seq_len}", f"at most max_seq_len={self.max_seq_len}")
+        vocab = self.tok_embeddings.num_embeddings
+        if tokens.numel():
+            lo, hi = (int(t) for t in torch.aminmax(tokens))
+            if lo < 0 or hi >= vocab:
+                fail("tokens", f"ids in [{lo}, {hi}]", f"ids in [0, {vocab - 1}] (the vocabulary)")
         limit = self.max_seq_len
         if cached:
             cache_batch = self._cache_batch_size()
@@ -497,7 +502,7 @@ class TransformerDecoder(nn.Module):
             check_tensor("input_pos", input_pos, ndim=(1, 2), layout="[seq_len] or [batch, seq_len]", integer=True)
             if input_pos.shape[-1] != seq_len or (input_pos.ndim == 2 and input_pos.shape[0] != batch):
                 fail("input_pos", f"shape {tuple(input_pos.shape)}", f"[{seq_len}] or [{batch}, {seq_len}]")
-            lo, hi = int(input_pos.min()), int(input_pos.max())
+            lo, hi = (int(p) for p in torch.aminmax(input_pos))
             if lo < 0 or hi >= limit:
                 what = "the caches' decoder_max_seq_len" if limit != self.max_seq_len or cached else "max_seq_len"
                 fail("input_pos", f"positions in [{lo}, {hi}]", f"positions in [0, {limit - 1}] ({what}={limit})")
@@ -608,7 +613,9 @@ def llama_decoder(*, vocab_size: int, num_layers: int, num_heads: int, num_kv_he
         fail("num_kv_heads", num_kv_heads, f"a divisor of num_heads={num_heads}")
     head_dim = embed_dim // num_heads
     hidden = intermediate_dim if intermediate_dim is not None else llama_intermediate_dim(embed_dim)
-    # One rotary table shared by every layer.
+    # One rotary table shared by every layer. Its rotation stays the readable one (`fast=False`):
+    # the compiled decode step fuses it with its neighbours anyway, and eagerly, an uncached
+    # generation meets a new sequence length at every step, each of which would compile anew.
     rope = RotaryPositionalEmbeddings(head_dim, max_seq_len=max_seq_len, base=rope_base, fast=False)
     layers = []
     for _ in range(num_layers):
@@ -725,6 +732,8 @@ def generate(model: TransformerDecoder, prompt: torch.Tensor, *, max_new_tokens:
              top_k: int | None = None, stop_tokens: Sequence[int] | None = None, pad_id: int = 0,
              generator: torch.Generator | None = None, compile: bool = False) -> torch.Tensor:
     """Continue each left-padded row of `prompt` `[batch, prompt_len]` by `max_new_tokens` tokens.
+
+    `generator` (for sampling) must live on the model's device.
 
     Returns `[batch, prompt_len + max_new_tokens]`. Uses the model's caches if they are set up and
     enabled, recomputes the whole sequence each step if not; `compile=True` runs the compiled

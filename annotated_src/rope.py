@@ -89,7 +89,8 @@ $$\tilde q_m = \zeta^{\,m/\gamma} \odot \operatorname{RoPE}(q, m), \qquad
 \zeta_i = \frac{2i/d + 0.4}{1.4} \in [0.29, 1),$$
 
 with $\gamma$ = `scale_base` (512). Pair $i$'s contribution to the score is multiplied by
-$\zeta_i^{(m-n)/\gamma}$, still a function of $m - n$ alone.
+$\zeta_i^{(m-n)/\gamma}$, still a function of $m - n$ alone. Features past `dim` are neither rotated
+nor scaled.
 
 ## What this file holds
 
@@ -201,11 +202,36 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, inter
 _compiled_apply_rotary = None
 
 
+def _apply_rotary_full_width(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, interleaved: bool = False) -> torch.Tensor:
+    """`apply_rotary` written as one elementwise expression over the rotated features."""
+    rot_dim = 2 * cos.shape[-1]
+    compute = torch.promote_types(x.dtype, cos.dtype)
+    x_rot = x[..., :rot_dim].to(compute)
+    # Every feature's partner in its pair, with the sign the rotation gives it, and the tables
+    # widened to one angle per feature: `[..., dim]`.
+    if interleaved:
+        partner = torch.stack((-x_rot[..., 1::2], x_rot[..., 0::2]), dim=-1).flatten(-2)
+        cos, sin = cos.repeat_interleave(2, dim=-1), sin.repeat_interleave(2, dim=-1)
+    else:
+        half = rot_dim // 2
+        partner = torch.cat((-x_rot[..., half:], x_rot[..., :half]), dim=-1)
+        cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)
+    # $y = x \cos + \operatorname{partner}(x) \sin$, feature by feature.
+    y = (x_rot * cos + partner * sin).to(x.dtype)
+    return y if rot_dim == x.shape[-1] else torch.cat((y, x[..., rot_dim:]), dim=-1)
+
+
+# The compiled function is that same rotation written feature by feature: every output feature is
+# $x_j \cos\alpha_j + \tilde x_j \sin\alpha_j$, where $\tilde x_j$ is its partner in the pair
+# with the rotation's sign. Written this way, the compiler emits one elementwise kernel in which
+# each thread reads its feature and its partner and writes one output; written as two halves
+# joined by `torch.cat` (the readable form), it may emit one kernel per half, each reading all of
+# `x`. Same products, same sums: the results agree with the readable path to rounding.
 def apply_rotary_fast(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, interleaved: bool = False) -> torch.Tensor:
-    """`apply_rotary` compiled into one fused kernel by `torch.compile` (same arguments, same result)."""
+    """The rotation compiled into one fused kernel by `torch.compile` (same arguments, same result)."""
     global _compiled_apply_rotary
     if _compiled_apply_rotary is None:
-        _compiled_apply_rotary = torch.compile(apply_rotary, fullgraph=True, dynamic=False)
+        _compiled_apply_rotary = torch.compile(_apply_rotary_full_width, fullgraph=True, dynamic=False)
     return _compiled_apply_rotary(x, cos, sin, interleaved=interleaved)
 
 
@@ -330,7 +356,8 @@ class _RotaryBase(nn.Module):
             fail("fast", fast, "None (compile on CUDA), True or False", TypeError)
         self.dim, self.max_seq_len, self.base = dim, max_seq_len, base
         self.interleaved, self.fast = interleaved, fast
-        self._build_tables(torch.device("cpu"))
+        # On the default device: the CPU, or the device of an enclosing `with torch.device(...)`.
+        self._build_tables(torch.empty(0).device)
 
     def _table_values(self) -> dict[str, torch.Tensor]:
         cos, sin = rotary_tables(torch.arange(self.max_seq_len), self.dim, self.base, dtype=torch.float32)
@@ -479,7 +506,11 @@ class XPos(_RotaryBase):
 def rope_reference(x: torch.Tensor, *, dim: int | None = None, base: float = 10_000,
                    input_pos: torch.Tensor | None = None, interleaved: bool = False) -> torch.Tensor:
     """RoPE on `x` `[batch, seq_len, n_heads, head_dim]`, recomputing its tables on every call."""
-    dim = x.shape[-1] if dim is None else dim
+    dim = x.shape[-1] if isinstance(x, torch.Tensor) and dim is None else dim
+    check_int("dim", dim, min_value=2)
+    if dim % 2:
+        fail("dim", dim, "an even number (the features are rotated in pairs)")
+    _check_x("x", x, dim)
     compute = torch.promote_types(x.dtype, torch.float32)
     if input_pos is None:
         input_pos = torch.arange(x.shape[1], device=x.device)

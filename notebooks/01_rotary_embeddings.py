@@ -79,9 +79,9 @@ print("turns of the last pair over 4096 tokens:", round(4096 / wavelength[-1].it
 # key at every position $n$, and compute the score $\langle \operatorname{RoPE}(q, m),
 # \operatorname{RoPE}(k, n) \rangle$. The left panel is constant along every diagonal
 # $m - n = \text{const}$: the absolute positions have disappeared. The right panel follows one
-# row with $q = k$ = the all-ones vector, the curve from the RoFormer paper: the score is largest
-# at distance 0 and its envelope decays with distance, because the pairs' contributions
-# $\cos((m-n)\theta_i)$ fall out of phase.
+# row with $q = k$ = the all-ones vector, for which the score is $2\sum_i \cos((m-n)\theta_i)$
+# (the long-term decay of section 3.4.3 of the RoFormer paper): it is largest at distance 0 and
+# its envelope decays with distance, because the pairs' contributions fall out of phase.
 
 # %%
 rope = RotaryPositionalEmbeddings(d, max_seq_len=4096).to(device)

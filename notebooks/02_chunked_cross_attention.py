@@ -160,7 +160,7 @@ if not hasattr(IPython.core.display, "display"):
 
 from labml import monit
 
-steps, batch = (250, 16) if SMALL else (400, 64)
+steps, batch = (200, 16) if SMALL else (400, 64)
 
 
 def new_model():

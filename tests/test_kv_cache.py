@@ -210,13 +210,13 @@ def test_left_padded_rows_equal_each_row_alone():
     logits = m(prompt, input_pos=positions, mask=causal_padding_mask(real))
     for i, r in enumerate(rows):
         _close(logits[i, 9 - r.shape[1]:], m(r)[0])
-    batched = generate(m, prompt, max_new_tokens=6, temperature=0)
+    batched = generate(m, prompt, max_new_tokens=4, temperature=0)
     m.setup_caches(3, torch.float32, decoder_max_seq_len=32)
-    batched_cached = generate(m, prompt, max_new_tokens=6, temperature=0)
+    batched_cached = generate(m, prompt, max_new_tokens=4, temperature=0)
     assert torch.equal(batched_cached, batched)
     m.delete_caches()
     for i, r in enumerate(rows):
-        assert torch.equal(batched[i, 9 - r.shape[1]:], generate(m, r, max_new_tokens=6, temperature=0)[0])
+        assert torch.equal(batched[i, 9 - r.shape[1]:], generate(m, r, max_new_tokens=4, temperature=0)[0])
 
 
 @torch.no_grad()
@@ -337,6 +337,8 @@ def test_errors():
         m(_tokens(1, 17))
     with pytest.raises(ValueError, match=r"input_pos: got 'positions in \[16, 16\]"):
         m(tok[:, :1], input_pos=torch.tensor([16]))
+    with pytest.raises(ValueError, match=r"tokens: got 'ids in \[-1, "):
+        m(tok - tok.min() - 1)
     with pytest.raises(ValueError, match="mask: got 'shape"):
         m(tok, mask=torch.ones(2, 4, 5, dtype=torch.bool))
     with pytest.raises(ValueError, match="prompt: got 'prompt_len 10 \\+ max_new_tokens 7"):
@@ -383,12 +385,70 @@ def test_compiled_step_equals_eager_without_recompiling():
     m = _model(layers=1)
     prompt = _tokens(2, 5)
     prompt[0, :2] = 0  # left-padded
-    eager = generate(m, prompt, max_new_tokens=6, temperature=0)
+    eager = generate(m, prompt, max_new_tokens=4, temperature=0)
     torch._dynamo.reset()
     counters.clear()
     # Any recompilation after the first compile raises.
     with torch._dynamo.config.patch(error_on_recompile=True):
-        compiled = generate(m, prompt, max_new_tokens=6, temperature=0, compile=True)
+        compiled = generate(m, prompt, max_new_tokens=4, temperature=0, compile=True)
     assert counters["stats"]["unique_graphs"] == 1
     assert torch.equal(compiled, eager)
     assert not m.caches_are_setup()  # the temporary caches are gone
+
+
+# ## Costs
+
+
+def test_cache_memory_formula_and_parameter_count():
+    from annotated_src.kv_cache import decode_cost, kv_cache_bytes_per_token, llama_params
+
+    m = _model(layers=3)
+    m.setup_caches(2, torch.bfloat16, decoder_max_seq_len=20)
+    held = sum(c.k_cache.numel() * c.k_cache.element_size() + c.v_cache.numel() * c.v_cache.element_size()
+               for c in m._self_caches())
+    assert held == 2 * 20 * kv_cache_bytes_per_token(3, 2, 8, 2)
+    cfg = dict(vocab_size=VOCAB, num_layers=3, num_heads=4, num_kv_heads=2, embed_dim=32, intermediate_dim=48)
+    counted = sum(p.numel() for p in m.parameters()) - m.tok_embeddings.weight.numel()
+    assert llama_params(**cfg) == counted
+    # TinyLlama: 22 KiB of cache per token, about 2.07 GB of weights read per token
+    tiny = dict(vocab_size=32000, num_layers=22, num_heads=32, num_kv_heads=4, embed_dim=2048)
+    assert kv_cache_bytes_per_token(22, 4, 64, 2) == 22528
+    cost = decode_cost(**tiny, context=1024, cached=True)
+    assert round(cost["weight_bytes"] / 1e9, 2) == 2.07 and cost["bytes"] == cost["weight_bytes"] + 1024 * 22528
+    # one FLOP per byte, roughly, when cached; the context times more FLOPs when not
+    assert 1 < cost["flops"] / cost["bytes"] < 1.2
+    assert decode_cost(**tiny, context=1024, cached=False)["flops"] > 900 * cost["flops"]
+
+
+# ## On a GPU
+
+
+@pytest.mark.cuda
+@torch.no_grad()
+def test_cuda_compiled_step_with_cuda_graphs_equals_eager():
+    import torch._dynamo
+
+    m = _model(layers=2).cuda()
+    prompt = _tokens(3, 6).cuda()
+    prompt[1, :3] = 0
+    eager = generate(m, prompt, max_new_tokens=12, temperature=0)
+    m.setup_caches(3, torch.float32, decoder_max_seq_len=24)
+    cached = generate(m, prompt, max_new_tokens=12, temperature=0)
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        fast = generate(m, prompt, max_new_tokens=12, temperature=0, compile=True)
+        again = generate(m, prompt, max_new_tokens=12, temperature=0, compile=True)
+    assert torch.equal(cached, eager) and torch.equal(fast, eager) and torch.equal(again, eager)
+    assert m._self_caches()[0].size == 0
+
+
+@pytest.mark.cuda
+@torch.no_grad()
+def test_cuda_bf16_cached_matches_float64():
+    m64 = _model(dtype=torch.float64)
+    tok = _tokens(2, 10)
+    ref = m64(tok)
+    m = _model(dtype=torch.bfloat16).cuda()
+    m.setup_caches(2, torch.bfloat16, decoder_max_seq_len=16)
+    out = torch.cat([m(tok[:, :6].cuda())] + [m(tok[:, i:i + 1].cuda()) for i in range(6, 10)], 1)
+    torch.testing.assert_close(out.double().cpu(), ref, atol=0.15, rtol=0.05)

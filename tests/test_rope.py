@@ -186,6 +186,8 @@ def test_per_sample_positions():
     y = module(x, input_pos=pos)
     for b in range(3):
         assert torch.equal(y[b:b + 1], module(x[b:b + 1], input_pos=pos[b]))
+    torch.testing.assert_close(rope_reference(x.double(), dim=8, input_pos=pos), module(x.double(), input_pos=pos),
+                               rtol=0, atol=1e-12)
     # A left-padded sample: its real tokens get positions 0.. and match the unpadded sequence.
     padded = torch.cat((randn(1, 2, 2, 8, seed=14), x[:1, :3]), dim=1)
     y_pad = module(padded, input_pos=torch.tensor([[0, 0, 0, 1, 2]]))
@@ -489,3 +491,7 @@ def test_errors():
         convert_interleaved_to_half(torch.zeros(10, 4), n_heads=3)
     with pytest.raises(ValueError, match="dim: got 5"):
         interleaved_to_half_permutation(5)
+    with pytest.raises(ValueError, match="dim: got 7"):
+        rope_reference(x, dim=7)
+    with pytest.raises(ValueError, match=r"x: got .shape \(1, 4, 2, 8\).*dim = 10"):
+        rope_reference(x, dim=10)

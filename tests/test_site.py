@@ -8,9 +8,9 @@ deterministic build.
 from __future__ import annotations
 
 import filecmp
+import importlib.util
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -329,17 +329,18 @@ def test_bad_input_stops_the_build_with_file_and_line_and_keeps_the_old_site(tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
 
 
-def test_command_line_prints_the_file_uri_or_the_error(tmp_path):
+def test_command_line_prints_the_file_uri_or_the_error(tmp_path, capsys):
+    # `site/build.py` is a script, not a module of a package: load it by its path.
+    spec = importlib.util.spec_from_file_location("site_build_cli", REPO / "site" / "build.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
     out = tmp_path / "site"
-    ok = subprocess.run([sys.executable, str(REPO / "site" / "build.py"), "--src-root", str(FIXTURE), "--out", str(out)],
-                        capture_output=True, text=True)
-    assert ok.returncode == 0, ok.stderr
-    assert ok.stdout.strip() == f"site built: open {(out / 'index.html').as_uri()}"
+    assert cli.main(["--src-root", str(FIXTURE), "--out", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == f"site built: open {(out / 'index.html').as_uri()}"
     root = copy_fixture(tmp_path)
     (root / "annotated_src" / "tiny.py").write_text("def f(:\n")
-    bad = subprocess.run([sys.executable, str(REPO / "site" / "build.py"), "--src-root", str(root), "--out", str(out)],
-                         capture_output=True, text=True)
-    assert bad.returncode == 1 and "annotated_src/tiny.py:1: syntax error" in bad.stderr
+    assert cli.main(["--src-root", str(root), "--out", str(out)]) == 1
+    assert "annotated_src/tiny.py:1: syntax error" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- determinism

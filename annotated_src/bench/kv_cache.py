@@ -41,8 +41,8 @@ import warnings
 import torch
 
 from annotated_src.bench.core import Result, ceilings, time_ms
-from annotated_src.kv_cache import (_step, compiled_decode_one_token, decode_cost, decode_one_token, generate,
-                                    llama_decoder)
+from annotated_src.kv_cache import (_step, compiled_decode_one_token, decode_cost, decode_one_token,
+                                    disable_kv_cache, generate, llama_decoder)
 from annotated_src.notebook_utils import randint
 
 SUITE = "kv_cache"
@@ -154,8 +154,6 @@ def context_rows(model, s: dict, device: torch.device, copy_gbps: float) -> list
         case = f"context {c}"
         tokens = randint(1, vocab, (1, c), seed=2, device=device)
         nbytes = decode_cost(**s["config"], context=c + STEPS_PER_TIMING // 2, cached=True, dtype_bytes=b)["bytes"]
-        from annotated_src.kv_cache import disable_kv_cache
-
         with torch.no_grad(), disable_kv_cache(model):
             ms_uncached = time_ms(lambda: model(tokens), device=device)
         rows.append(_result("ours uncached", case, ms_uncached, nbytes, copy_gbps))
