@@ -55,7 +55,7 @@ test: unit nbval
 
 notebooks: $(STAMP)
 	@for nb in $(NOTEBOOKS); do echo "executing $$nb"; \
-	  $(PY) -m jupytext --set-kernel - --execute --to ipynb $$nb || exit 1; done
+	  PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m jupytext --set-kernel python3 --execute --to ipynb $$nb || exit 1; done
 
 lab: $(STAMP)
 	$(PY) -m jupyter lab notebooks/

@@ -59,6 +59,27 @@ with grouped-query attention, `TransformerSelfAttentionLayer`, `TransformerCross
 `reset_caches`, `disable_kv_cache` and chunked output, the `llama_decoder` builder, and
 `generate`. One difference of layout: per-head tensors here are `[batch, seq_len, n_heads,
 head_dim]` throughout, the cache included.
+
+## Slots and positions
+
+Two numbers describe a cached token and they need not agree. Its **slot** is the column of the
+cache it was written to, shared by the whole batch: the cache fills slots $0, 1, 2, \dots$ in order.
+Its **position** is what the rotary embedding rotates by, `input_pos`, and may differ per row: in
+a left-padded batch, a row with $p$ pads has its first real token in slot $p$ but at position 0, so
+that it is rotated exactly as if it ran alone. Masks are written over slots, positions only go to
+RoPE. When every row starts at slot 0 the two coincide, and the default causal mask of a cached
+call, slot $j$ visible from position $i$ when $j \le i$, is the usual one, aligned to the bottom
+right: the newest query sees every filled slot.
+
+## What this file holds
+
+* `KVCache`, `grouped_query_attention`, `MultiHeadAttention`, the two layer types and
+  `TransformerDecoder` (the cache API above, chunked output, `chunked_cross_entropy`);
+* `llama_decoder`, a Llama-shaped model built from them;
+* `generate`: the uncached reference that recomputes everything, the cached loop, and the
+  compiled one-token step (`decode_one_token`, `compiled_decode_one_token`);
+* helpers that count the FLOPs, bytes and cache memory of a generated token (`decode_cost`,
+  `kv_cache_bytes_per_token`).
 """
 
 from __future__ import annotations
@@ -158,10 +179,11 @@ class KVCache(nn.Module):
 #
 # * **Expand** the keys and values to $n_h$ heads. That copies them, which is harmless for a
 #   causal pass over a whole sequence, where SDPA's `is_causal=True` picks the flash kernel.
-# * **Fold the group into the query length**: reshape the queries `[batch, seq_len, n_h, d]` to
-#   `[batch, n_kv, g \cdot seq_len, d]`, so each key/value head sees the $g$ query heads of its
-#   group as $g \cdot$`seq_len` queries. No copy of the keys and values, which matters when they
-#   are a long cache read once per token. The mask is repeated $g$ times along the queries.
+# * **Fold the group into the query length**: reshape the queries `[batch, seq_len, n_heads,
+#   head_dim]` to `[batch, n_kv_heads, group * seq_len, head_dim]`, so each key/value head sees the
+#   $g$ query heads of its group as $g$ times more queries. The keys and values are not copied,
+#   which matters when they are a long cache read once per token. The mask is repeated $g$ times
+#   along the queries.
 #
 # `is_causal=True` is only used when queries and keys are the same positions: SDPA aligns its
 # causal mask to the *top left*, so with fewer queries than keys (a cached step) it would let
@@ -697,7 +719,8 @@ def causal_padding_mask(real: torch.Tensor, kv_len: int | None = None) -> torch.
 # are tensors of fixed shapes: `tokens` `[batch, 1]`, `input_pos` `[batch, 1]`, `mask` `[batch, 1,
 # cache_len]`; the cache slot comes from the caches' own counters. Nothing the compiler guards on
 # changes from one token to the next, so it compiles once and, with `mode="reduce-overhead"`,
-# replays one CUDA graph per token.
+# replays one CUDA graph per token. The prefill stays eager: it runs once per call, with a length
+# that depends on the prompt, and a compiled version would recompile for every new length.
 
 
 def decode_one_token(model: TransformerDecoder, tokens: torch.Tensor, input_pos: torch.Tensor,
@@ -718,13 +741,26 @@ def compiled_decode_one_token():
     return _compiled_decode_one_token
 
 
+# One compiler setting, as gpt-fast uses it: with `coordinate_descent_tuning`, Inductor turns a
+# matrix product with a single row (every projection of a one-token step) into a Triton reduction
+# that it can fuse with the norm or activation next to it and tune for bandwidth, instead of a
+# separate library call. It applies on CUDA only and costs some compile time. An empty dict turns
+# it off.
+DECODE_INDUCTOR_CONFIG = {"coordinate_descent_tuning": True}
+
+
 def _step(step_fn, model, tokens, input_pos, mask, compiled: bool) -> torch.Tensor:
-    if compiled and tokens.is_cuda:
-        # A CUDA graph's outputs live in memory its next replay overwrites: start a new step and
-        # copy the logits out before anything else runs.
-        torch.compiler.cudagraph_mark_step_begin()
-        return step_fn(model, tokens, input_pos, mask).clone()
-    return step_fn(model, tokens, input_pos, mask)
+    if not compiled:
+        return step_fn(model, tokens, input_pos, mask)
+    import torch._inductor.config
+
+    with torch._inductor.config.patch(DECODE_INDUCTOR_CONFIG):
+        if tokens.is_cuda:
+            # A CUDA graph's outputs live in memory its next replay overwrites: start a new step
+            # and copy the logits out before anything else runs.
+            torch.compiler.cudagraph_mark_step_begin()
+            return step_fn(model, tokens, input_pos, mask).clone()
+        return step_fn(model, tokens, input_pos, mask)
 
 
 @torch.no_grad()

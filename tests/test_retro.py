@@ -183,6 +183,10 @@ def test_fused_bias_dropout_add_equals_unfused():
     torch._dynamo.reset()
     torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
     assert ((a - res)[:, 3:] == 0).any()
+    # The layer's option uses the compiled kernel and gives the same output as the eager one.
+    fused_layer, layer = make_layer(fused_bias_dropout_add=True, dropout=0.1).eval(), make_layer(dropout=0.1).eval()
+    h, e = inputs(2, 14, 2, 8)
+    torch.testing.assert_close(fused_layer(h, e), layer(h, e), rtol=0, atol=1e-6)
 
 
 def test_matches_labml_nn():

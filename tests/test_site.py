@@ -158,6 +158,20 @@ def test_markdown_leaves_no_dollar_and_reports_the_line_of_broken_math():
         Renderer().render("one\n\ntwo\n\nthree $\\frac{1}{$ four", path="x.py", first_line=9)
 
 
+def test_operator_names_and_functions_are_set_as_names():
+    out = latex_to_mathml(r"\operatorname{RoPE}(q) + \cos x", display=False, path="p", line=1)
+    assert "<mi>RoPE</mi>" in out and "<mo>RoPE</mo>" not in out
+    assert '<mi>cos</mi><mspace width="0.1667em"></mspace>' in out
+
+
+def test_prose_links_to_sources_and_notebooks_go_to_their_pages():
+    r = Renderer(link_map={"annotated_src/tiny.py": "tiny.html", "01_tiny.ipynb": "01_tiny.html"})
+    html = r.render("[a](../annotated_src/tiny.py#L3) [b](01_tiny.ipynb) [c](https://example.org/x.py) [d](#here)",
+                    path="x")
+    assert 'href="tiny.html#L3"' in html and 'href="01_tiny.html"' in html
+    assert 'href="https://example.org/x.py"' in html and 'href="#here"' in html
+
+
 def test_heading_ids_are_unique_across_one_page():
     r = Renderer(reserved_ids={"attention"})
     html = r.render("## Attention\n\ntext", path="a") + r.render("## Attention", path="a")
@@ -225,6 +239,8 @@ def test_notebook_page_links_imported_names_to_their_definitions(built):
     assert 'href="helpers.html"' in page  # `from annotated_src import helpers`
     module_page = (built / "tiny.html").read_text()
     assert 'id="attention"' in module_page and 'id="Tiny"' in module_page
+    # A module's imports from another module of the package link to their definitions too.
+    assert 'href="helpers.html#check_positive"' in module_page
     # Module page <-> notebook page.
     assert 'href="01_tiny.html"' in module_page and 'href="tiny.html"' in page
 
@@ -359,4 +375,7 @@ def test_building_twice_gives_identical_files(tmp_path, built):
 
 def test_the_repository_builds(tmp_path):
     index = build(REPO, tmp_path / "site")
-    assert index.exists() and (tmp_path / "site" / "rope.html").exists() if (REPO / "annotated_src" / "rope.py").exists() else index.exists()
+    assert index.exists()
+    for name, _ in read_chapters(REPO / "annotated_src" / "__init__.py"):
+        if (REPO / "annotated_src" / f"{name}.py").exists():
+            assert (tmp_path / "site" / f"{name}.html").exists()

@@ -58,12 +58,15 @@ PAGE_REPORT_JS = r"""
   return {
     text: visible.join(" "),
     maths: maths.length,
-    emptyMaths: maths.filter(m => { const r = m.getBoundingClientRect(); return r.width < 1 || r.height < 1; }).length,
+    // Laid out by the browser's MathML engine (display "math" or "block math"), and not empty.
+    emptyMaths: maths.filter(m => { const r = m.getBoundingClientRect();
+      return r.width < 1 || r.height < 1 || !getComputedStyle(m).display.includes("math"); }).length,
     shownAnnotations: Array.from(document.querySelectorAll("annotation")).filter(a => getComputedStyle(a).display !== "none").length,
     rows: rowLayout,
     links: Array.from(document.querySelectorAll("a[href]")).map(a => a.href),
     ids: Array.from(document.querySelectorAll("[id]")).map(e => e.id),
     scrollWidth: document.documentElement.scrollWidth,
+    provenance: document.querySelector("#provenance") !== null,
     brokenImages: Array.from(document.images).filter(i => !i.complete || i.naturalWidth === 0).map(i => i.src),
   };
 }
@@ -141,6 +144,9 @@ def check_page(page, name: str, url: str, width: int, problems: list[str], seen:
         problems.append(f"{where}: {report['emptyMaths']} of {report['maths']} math elements have no size")
     if report["shownAnnotations"]:
         problems.append(f"{where}: LaTeX annotations are displayed")
+    if len(report["ids"]) != len(set(report["ids"])):
+        dups = sorted({i for i in report["ids"] if report["ids"].count(i) > 1})
+        problems.append(f"{where}: duplicate ids {dups[:5]}")
     if report["brokenImages"]:
         problems.append(f"{where}: images that did not load: {report['brokenImages']}")
     if report["scrollWidth"] > width + 1:
@@ -206,7 +212,8 @@ def test_every_page_in_a_real_browser(served, browser):
             report = check_page(page, name, url, width, problems, seen)
             page.screenshot(path=str(ARTIFACTS / f"{name}-{width}.png"))
             if width == 1400:
-                page.screenshot(path=str(ARTIFACTS / f"{name}-{width}-full.png"), full_page=True)
+                if report["provenance"] or name.endswith("-index"):  # notebooks and the index, whole
+                    page.screenshot(path=str(ARTIFACTS / f"{name}-{width}-full.png"), full_page=True)
                 links[url] = set(report["links"])
                 ids[url] = set(report["ids"])
                 check_theme_toggle(page, name, problems)

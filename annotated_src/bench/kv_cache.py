@@ -120,19 +120,23 @@ def generation_rows(model, s: dict, device: torch.device, copy_gbps: float) -> l
         if name == "ours uncached" and model.caches_are_setup():
             model.delete_caches()
         run = lambda: generate(model, prompt, max_new_tokens=n, temperature=0, **kwargs)  # noqa: E731
-        t0 = time.perf_counter()
-        outputs[name] = run()  # warm-up (and compilation)
-        first_s = time.perf_counter() - t0
-        ms = min(_wall_ms(run, device) for _ in range(2)) / n
         base = {"ours cached eager": "ours uncached", "ours cached compiled": "HF static cache + compile"}.get(name)
-        rows.append(_result(name, case, ms, nbytes, copy_gbps, base, first_call_s=round(first_s, 1)))
-    # The three must agree (greedy, same model); a fast path that disagrees is a bug, not a number.
-    same = bool(torch.equal(outputs["ours cached eager"], outputs["ours cached compiled"]))
+        try:
+            t0 = time.perf_counter()
+            outputs[name] = run()  # warm-up (and compilation)
+            first_s = time.perf_counter() - t0
+            ms = min(_wall_ms(run, device) for _ in range(2 if kwargs or name != "ours uncached" else 1)) / n
+            rows.append(_result(name, case, ms, nbytes, copy_gbps, base, first_call_s=round(first_s, 1)))
+        except Exception as e:  # only the optional fast path may fail here; say so in its row
+            if not kwargs:
+                raise
+            rows.append(_result(name, case, float("nan"), nbytes, copy_gbps, base, error=f"{type(e).__name__}: {e}"[:300]))
+    # Greedy tokens of the same model: equal in float32; in bfloat16 a near-tie may flip between
+    # kernels that round differently, after which the sequences part. Record how many agree.
+    ref = outputs["ours cached eager"]
     for r in rows:
-        r.extra["compiled_tokens_equal_eager"] = same
-    agree = (outputs["ours uncached"] == outputs["ours cached eager"]).float().mean().item()
-    for r in rows:
-        r.extra["uncached_vs_cached_token_agreement"] = round(agree, 3)
+        if r.name in outputs:
+            r.extra["tokens_equal_to_cached_eager"] = round((outputs[r.name] == ref).float().mean().item(), 3)
     return rows
 
 
@@ -165,17 +169,33 @@ def context_rows(model, s: dict, device: torch.device, copy_gbps: float) -> list
         step_tokens = randint(1, vocab, (STEPS_PER_TIMING, 1, 1), seed=3, device=device)
         pos = [torch.tensor([[c + i]], device=device) for i in range(STEPS_PER_TIMING)]
         masks = [(slots <= c + i)[None, None, :] for i in range(STEPS_PER_TIMING)]
+        logits = {}
         for name, fn, is_compiled in (("ours cached eager", decode_one_token, False),
                                       ("ours cached compiled", compiled, True)):
-            def steps():
+            def steps(n=STEPS_PER_TIMING):
                 for cache in caches:
                     cache.cache_pos.copy_(start)
                 with torch.no_grad():
-                    for i in range(STEPS_PER_TIMING):
-                        _step(fn, model, step_tokens[i], pos[i], masks[i], is_compiled)
+                    return [_step(fn, model, step_tokens[i], pos[i], masks[i], is_compiled) for i in range(n)][-1]
 
-            ms = time_ms(steps, device=device) / STEPS_PER_TIMING
-            rows.append(_result(name, case, ms, nbytes, copy_gbps, "ours uncached"))
+            try:
+                # Checked before timed: the compiled step's logits must be the eager step's, up to
+                # rounding (bf16 on a GPU), or the row reports the disagreement instead of a time.
+                logits[name] = steps(1).float()
+                extra = {}
+                if is_compiled:
+                    ref = logits["ours cached eager"]
+                    err = ((logits[name] - ref).abs().max() / ref.abs().max()).item()
+                    extra["max_rel_diff_vs_eager"] = err
+                    if not err < 0.05:
+                        raise RuntimeError(f"compiled step differs from the eager one: relative error {err:.3g}")
+                ms = time_ms(steps, device=device) / STEPS_PER_TIMING
+                rows.append(_result(name, case, ms, nbytes, copy_gbps, "ours uncached", **extra))
+            except Exception as e:
+                if not is_compiled:
+                    raise
+                rows.append(_result(name, case, float("nan"), nbytes, copy_gbps, "ours uncached",
+                                    error=f"{type(e).__name__}: {e}"[:300]))
         del tokens, step_tokens
     model.reset_caches()
     return rows

@@ -40,24 +40,25 @@ SITE_NAME = "Attention, Annotated"
 # ---------------------------------------------------------------- inputs
 
 
-def read_chapters(init_path: Path) -> list[tuple[str, str]]:
+def read_chapters(init_path: Path, display: str | None = None) -> list[tuple[str, str]]:
     """`CHAPTERS` from `annotated_src/__init__.py`, read with `ast` (the package imports torch)."""
     if not init_path.exists():
         return []
+    shown = display or str(init_path)
     text = init_path.read_text(encoding="utf-8")
     try:
         tree = ast.parse(text, filename=str(init_path))
     except SyntaxError as e:
-        raise BuildError(init_path, e.lineno, f"syntax error: {e.msg}") from None
+        raise BuildError(shown, e.lineno, f"syntax error: {e.msg}") from None
     for node in tree.body:
         if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "CHAPTERS" for t in node.targets):
             try:
                 value = ast.literal_eval(node.value)
             except ValueError:
-                raise BuildError(init_path, node.lineno, "CHAPTERS must be a literal list of (module, notebook)") from None
+                raise BuildError(shown, node.lineno, "CHAPTERS must be a literal list of (module, notebook)") from None
             if not all(isinstance(c, (tuple, list)) and len(c) == 2 and all(isinstance(x, str) for x in c)
                        for c in value):
-                raise BuildError(init_path, node.lineno, "CHAPTERS must be a list of (module, notebook) string pairs")
+                raise BuildError(shown, node.lineno, "CHAPTERS must be a list of (module, notebook) string pairs")
             return [tuple(c) for c in value]
     return []
 
@@ -168,9 +169,16 @@ def _plain(html_text: str) -> str:
     return re.sub(r"\s+", " ", html.unescape(text)).strip()
 
 
-def render_module_page(mod: Module, chapter: dict | None, rel_path: str) -> Page:
-    r = Renderer(reserved_ids=set(mod.definitions) | {"top", "search", "main"})
-    lines_html = highlight_lines(mod.source)
+def render_module_page(mod: Module, chapter: dict | None, rel_path: str, link_map: dict | None = None,
+                       modules: dict[str, Module] | None = None) -> Page:
+    r = Renderer(reserved_ids=set(mod.definitions) | {"top", "search", "main"}, link_map=link_map)
+    # Names this module imports from another chapter or helper link to their definitions.
+    code_links = {}
+    for name in sorted(mod.imports):
+        target = resolve_definition(modules or {}, mod.name, name)
+        if target is not None and target[0] != module_page_name(mod.name):
+            code_links[name] = target[0] + (f"#{target[1]}" if target[1] else "")
+    lines_html = highlight_lines(mod.source, code_links)
     def_lines = {line: name for name, line in sorted(mod.definitions.items(), key=lambda kv: kv[0], reverse=True)}
     sections, search = [], []
     for s in mod.sections:
@@ -187,11 +195,14 @@ def render_module_page(mod: Module, chapter: dict | None, rel_path: str) -> Page
 
 
 def render_notebook_page(nb: Notebook, modules: dict[str, Module], chapter: dict | None, rel_path: str,
-                         title: str) -> tuple[Page, list]:
-    r = Renderer(reserved_ids={"top", "search", "main", "provenance"})
+                         title: str, root_names: frozenset = frozenset(),
+                         link_map: dict | None = None) -> tuple[Page, list]:
+    r = Renderer(reserved_ids={"top", "search", "main", "provenance"}, link_map=link_map)
     links = {}
     for name, (module, orig, cell, line) in sorted(nb.imports.items()):
         target = resolve_definition(modules, module, orig)
+        if target is None and not orig and module in root_names:
+            target = ("index.html", "")  # a name of the package itself: `from annotated_src import CHAPTERS`
         if target is None:
             what = f"annotated_src.{module}.{orig}" if orig else f"annotated_src.{module}"
             raise BuildError(rel_path, nb.json_line(cell, line),
@@ -231,7 +242,7 @@ def render_notebook_page(nb: Notebook, modules: dict[str, Module], chapter: dict
 def collect(root: Path) -> tuple[list[Page], list, list[tuple[str, str]]]:
     """Every page of the site (and the images and notebooks to copy), built from `root`."""
     root = root.resolve()
-    chapters = read_chapters(root / "annotated_src" / "__init__.py")
+    chapters = read_chapters(root / "annotated_src" / "__init__.py", "annotated_src/__init__.py")
     modules: dict[str, Module] = {}
     for name, path in module_files(root):
         rel = path.relative_to(root).as_posix()
@@ -242,42 +253,63 @@ def collect(root: Path) -> tuple[list[Page], list, list[tuple[str, str]]]:
         rel = p.relative_to(root).as_posix()
         notebooks[p.stem] = read_notebook(p.read_text(encoding="utf-8"), path=rel, name=p.stem)
 
+    index_renderer = Renderer(reserved_ids={"top", "search", "main", "chapters-h", "results-h", "others-h", "othernb-h"})
+
+    def summary_html(m: Module) -> str:
+        return index_renderer.render_inline(m.summary, path=m.path, line=m.intro_line) if m.summary else ""
+
     chapter_of_module, chapter_of_nb, chapter_list = {}, {}, []
     for i, (mod, nb) in enumerate(chapters, start=1):
-        info = {"number": i, "module": mod, "notebook": nb,
+        info = {"number": i, "module": mod, "notebook": nb, "prev": None, "next": None,
                 "module_page": module_page_name(mod) if mod in modules else None,
                 "notebook_page": notebook_page_name(nb) if nb in notebooks else None,
                 "title": modules[mod].title if mod in modules else mod.replace("_", " "),
                 "summary": modules[mod].summary if mod in modules else "",
+                "summary_html": summary_html(modules[mod]) if mod in modules else "",
                 "notebook_title": notebooks[nb].title if nb in notebooks else nb}
         chapter_list.append(info)
         chapter_of_module[mod] = info
         chapter_of_nb[nb] = info
+    for a, b in zip(chapter_list, chapter_list[1:]):
+        a["next"], b["prev"] = b, a
 
+    root_names = frozenset()
+    init_path = root / "annotated_src" / "__init__.py"
+    if init_path.exists():
+        pkg = parse_module(init_path.read_text(encoding="utf-8"), path="annotated_src/__init__.py", name="annotated_src")
+        root_names = frozenset(pkg.definitions)
+    # Links in prose to `notebooks/x.ipynb`, `x.ipynb`, `annotated_src/x.py`, `x.py` go to their pages.
+    link_map: dict[str, str] = {}
+    for name, nb in notebooks.items():
+        for key in (nb.path, f"{name}.ipynb", f"notebooks/{name}.py", f"{name}.py"):
+            link_map.setdefault(key, notebook_page_name(name))
+    for name, mod in modules.items():
+        link_map[mod.path] = module_page_name(name)
+        link_map.setdefault(mod.path.split("/", 1)[1], module_page_name(name))
+        link_map.setdefault(Path(mod.path).name, module_page_name(name))
     pages, images = [], []
     for name, mod in modules.items():
-        pages.append(render_module_page(mod, chapter_of_module.get(name), mod.path))
+        pages.append(render_module_page(mod, chapter_of_module.get(name), mod.path, link_map, modules))
     for name, nb in notebooks.items():
-        page, imgs = render_notebook_page(nb, modules, chapter_of_nb.get(name), nb.path, nb.title)
+        page, imgs = render_notebook_page(nb, modules, chapter_of_nb.get(name), nb.path, nb.title, root_names,
+                                          link_map)
         pages.append(page)
         images += imgs
 
     # The index.
     init = modules.get("__init__")
     intro_html, intro_title = "", SITE_NAME
-    init_path = root / "annotated_src" / "__init__.py"
     if init_path.exists():
-        pkg = parse_module(init_path.read_text(encoding="utf-8"), path="annotated_src/__init__.py", name="annotated_src")
         intro_title = pkg.front.get("title", SITE_NAME)
         # The H1 is the page's own heading: show the rest of the docstring.
         intro = re.sub(r"\A\s*#\s+[^\n]*\n", "", pkg.intro)
-        intro_html = Renderer().render(intro, path="annotated_src/__init__.py", first_line=pkg.intro_line)
+        intro_html = index_renderer.render(intro, path="annotated_src/__init__.py", first_line=pkg.intro_line)
         summary = pkg.summary
     else:
         summary = ""
     del init
     in_chapters = {c[0] for c in chapters}
-    others = [{"page": module_page_name(n), "title": m.title, "summary": m.summary, "name": n}
+    others = [{"page": module_page_name(n), "title": m.title, "summary": summary_html(m), "name": n}
               for n, m in modules.items() if n not in in_chapters]
     in_nb_chapters = {c[1] for c in chapters}
     other_nbs = [{"page": notebook_page_name(n), "title": nb.title, "name": n}

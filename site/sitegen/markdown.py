@@ -36,12 +36,24 @@ def latex_to_mathml(latex: str, *, display: bool, path: str, line: int | None) -
     unknown = _UNKNOWN_COMMAND.findall(html.unescape(text))
     if unknown:
         raise BuildError(path, line, f"broken LaTeX {source!r}: unknown command {unknown[0]}")
+    # `\\operatorname{RoPE}` comes out as an operator (`<mo>RoPE</mo>`), spaced like a `+`: make it a name.
+    out = re.sub(r"<mo>([A-Za-z][A-Za-z0-9]+)</mo>", r"<mi>\1</mi>", out)
     # latex2mathml sets `\\cos x` as two identifiers with no space between: add the thin space TeX puts.
     out = _FUNCTION_NAME.sub(r'\g<0><mspace width="0.1667em"></mspace>', out)
     # The source as an annotation, so that copying the rendered text gives the LaTeX back.
     annotation = f'<annotation encoding="application/x-tex">{html.escape(source)}</annotation>'
     return re.sub(r"</math>$", "", out.replace("\n", "")).replace(
         '">', '"><semantics><mrow>', 1) + f"</mrow>{annotation}</semantics></math>"
+
+
+def _highlight_fence(code: str, lang: str, attrs: str) -> str:
+    """Fenced code in prose: Pygments for Python (and unlabelled code), escaped text otherwise."""
+    from .highlight import highlight_lines
+
+    if lang.lower() not in ("", "python", "py", "python3", "pycon"):
+        return ""  # markdown-it escapes it
+    lines = highlight_lines(code.rstrip("\n"))
+    return '<pre class="code fenced"><code>' + "\n".join(lines) + "\n</code></pre>\n"
 
 
 def slugify(text: str) -> str:
@@ -53,10 +65,12 @@ def slugify(text: str) -> str:
 class Renderer:
     """A markdown renderer for one page: heading ids are unique across all the page's sections."""
 
-    def __init__(self, reserved_ids: set[str] | None = None):
+    def __init__(self, reserved_ids: set[str] | None = None, link_map: dict[str, str] | None = None):
         self.ids: set[str] = set(reserved_ids or ())
+        # Relative links in prose to a source file or a notebook -> the page of the site that shows it.
+        self.link_map = link_map or {}
         self.headings: list[tuple[int, str, str]] = []  # (level, id, text) for the search index
-        self.md = (MarkdownIt("commonmark", {"html": True, "typographer": False})
+        self.md = (MarkdownIt("commonmark", {"html": True, "typographer": False, "highlight": _highlight_fence})
                    .enable(["table", "strikethrough"])
                    .use(front_matter_plugin)
                    .use(dollarmath_plugin, allow_space=True, allow_digits=False, double_inline=True,
@@ -72,8 +86,24 @@ class Renderer:
         self.ids.add(slug)
         return slug
 
+    def _rewrite(self, href: str) -> str:
+        if re.match(r"^[a-z][a-z0-9+.-]*:|^#|^/", href, re.I):
+            return href
+        path, _, fragment = href.partition("#")
+        key = re.sub(r"^(\./|\.\./)+", "", path)
+        if key in self.link_map:
+            return self.link_map[key] + (f"#{fragment}" if fragment else "")
+        return href
+
     def _slug(self, text: str) -> str:
         return self.unique_id(slugify(text))
+
+    def render_inline(self, text: str, *, path: str, line: int | None = None) -> str:
+        """One line of Markdown (a summary) without the paragraph around it."""
+        html_out = self.render(text, path=path, first_line=line or 1).strip()
+        if html_out.startswith("<p>") and html_out.endswith("</p>") and html_out.count("<p>") == 1:
+            html_out = html_out[3:-4]
+        return html_out
 
     def render(self, text: str, *, path: str, first_line: int = 1) -> str:
         """Render `text`, which starts at line `first_line` of `path` (for error messages)."""
@@ -89,6 +119,8 @@ class Renderer:
             if tok.type == "heading_open" and i + 1 < len(tokens):
                 self.headings.append((int(tok.tag[1]), "", tokens[i + 1].content))
             for child in tok.children or ():
+                if child.type == "link_open" and self.link_map:
+                    child.attrSet("href", self._rewrite(str(child.attrGet("href") or "")))
                 if child.type in ("math_inline", "math_inline_double"):
                     child.type, child.content = "html_inline", latex_to_mathml(
                         child.content, display=child.type == "math_inline_double", path=path, line=line)

@@ -78,6 +78,17 @@ def _docstring_of(node: ast.AST) -> ast.Expr | None:
     return None
 
 
+def _top_level(body: list[ast.stmt]):
+    """The module's statements, looking inside top-level `if`, `try` and `with` blocks."""
+    for node in body:
+        yield node
+        if isinstance(node, (ast.If, ast.With)):
+            yield from _top_level(node.body + getattr(node, "orelse", []))
+        elif isinstance(node, ast.Try):
+            yield from _top_level(node.body + node.orelse + node.finalbody
+                                  + [x for h in node.handlers for x in h.body])
+
+
 def _comment_lines(source: str, path: str) -> dict[int, str]:
     """Line number -> text of every line that holds nothing but a comment."""
     out = {}
@@ -117,7 +128,7 @@ def parse_module(source: str, *, path: str, name: str) -> Module:
     docstrings: dict[int, tuple[int, int, str]] = {}
     definitions: dict[str, int] = {}
     imports: dict[str, tuple[str, str]] = {}
-    for node in tree.body:
+    for node in _top_level(tree.body):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
             definitions[node.name] = node.lineno
             if isinstance(node, ast.ClassDef):

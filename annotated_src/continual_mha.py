@@ -1,0 +1,708 @@
+r"""
+---
+title: Continual multi-head attention
+summary: Single-output and retroactive attention that update a sliding window one token at a time, exactly equal to regular attention over the window, with a ring-buffer state and a stabilised retroactive update.
+---
+
+# Continual multi-head attention
+
+[Hedegaard, Bakhtiarnia and Iosifidis, *Continual Transformers: Redundancy-Free Attention for
+Online Inference* (arXiv 2201.06268)](https://arxiv.org/abs/2201.06268) asks what a transformer
+encoder that slides over a stream, one window of the last $n$ tokens per step, computes twice.
+
+## What is redundant
+
+A regular encoder at step $t$ sees the window $x_{t-n+1}, \dots, x_t$ and computes, per head,
+
+$$\operatorname{Att}(Q, K, V) = D^{-1} A V, \qquad A = \exp\!\big(Q K^\top / \sqrt{d}\big),
+\qquad D = \operatorname{diag}(A \mathbf{1}).$$
+
+One step later the window has lost $x_{t-n+1}$ and gained $x_{t+1}$; the other $n - 1$ tokens
+are the same. Their projections $q_i, k_i, v_i$ are the same, so projecting them again is pure
+redundancy, and $n - 1$ of the $n$ columns of $QK^\top$ for each old query are unchanged. Only
+one token's projection and one row and one column of $QK^\top$ are new.
+
+## Single-output attention
+
+If the layer only needs the output of one query per step (the newest token, `query_index=-1`,
+as in the last layer of a stream classifier), keep the keys and values of the window in a cache
+and compute that one row:
+
+$$o_t = \sum_{j=t-n+1}^{t} \frac{\exp(q_t^\top k_j / \sqrt{d})}
+{\sum_{l} \exp(q_t^\top k_l / \sqrt{d})}\, v_j .$$
+
+Per step this projects one token ($O(d_\text{model}^2)$) and attends one query over $n$ keys
+($O(n d)$), against $O(n d_\text{model}^2 + n^2 d)$ for recomputing the window.
+
+## Retroactive attention
+
+If every row of the window is needed (the first of two blocks, whose outputs are the next block's
+keys), keep for each query $i$ of the window its numerator and denominator
+
+$$N_i = \sum_j e^{s_{ij}} v_j, \qquad D_i = \sum_j e^{s_{ij}}, \qquad s_{ij} = q_i^\top k_j / \sqrt{d},$$
+
+and when key $k_\text{out}$ leaves and $k_\text{in}$ arrives update each of them by one term out
+and one term in (the paper's Eqs. 13 to 17):
+
+$$N_i \leftarrow N_i - e^{s_{i,\text{out}}} v_\text{out} + e^{s_{i,\text{in}}} v_\text{in}, \qquad
+D_i \leftarrow D_i - e^{s_{i,\text{out}}} + e^{s_{i,\text{in}}},$$
+
+while the row of the new query is computed in full. The outputs are $N_i / D_i$ for all $n$
+rows: $O(n d)$ per head and step instead of $O(n^2 d)$.
+
+## Keeping the retroactive update exact
+
+Written as above, the update has two numerical faults:
+
+* $e^{s}$ overflows float32 for $s > 88$ and half precision for $s > 11$: logits of a few
+  hundred, which inputs scaled by 30 give, turn the state into `inf` and the output into `nan`.
+* Subtraction cancels. If the leaving key dominated row $i$ (a softmax close to one-hot), $D_i$
+  falls from about $e^{s_\text{out}}$ to the sum of the others, which may be $10^{-30}$ times
+  smaller, while its rounding error stays at $\epsilon\, e^{s_\text{out}}$: the quotient is
+  noise, and it stays noise for every later step.
+
+We fix both with three rules, each a test:
+
+1. **Shift by a running maximum, in float32.** Each row keeps $m_i \ge \max_j s_{ij}$ and stores
+   $\tilde N_i = \sum_j e^{s_{ij} - m_i} v_j$ and $\tilde D_i = \sum_j e^{s_{ij} - m_i}$, so
+   every exponential is at most 1. A key with $s_{i,\text{in}} > m_i$ raises the maximum and
+   rescales: $m_i' = \max(m_i, s_{i,\text{in}})$,
+   $$\tilde D_i \leftarrow \tilde D_i\, e^{m_i - m_i'} - e^{s_{i,\text{out}} - m_i'} + e^{s_{i,\text{in}} - m_i'}$$
+   (and the same for $\tilde N_i$), which is the online-softmax rescaling of FlashAttention
+   applied to a sliding window. The state is float32 whatever the input dtype.
+2. **Detect cancellation and recompute those rows.** Each row also keeps the peak $\tilde P_i$
+   its denominator reached since it was last computed exactly (rescaled with $m_i$). Each
+   update leaves an absolute error of order $\epsilon \tilde P_i$, so the relative error of
+   $\tilde D_i$ is of order $\epsilon \tilde P_i / \tilde D_i$ per update. When the denominator
+   falls below $\tau \tilde P_i$ (`REFRESH_RATIO` $= \tau = 1/16$) the row is recomputed from the
+   cached $q_i$, $K$ and $V$ ($O(n d)$ for that row): the error of any row stays within
+   $16\epsilon$ per update since its last exact computation.
+3. **No row lives long.** Query $i$ enters the window computed exactly and leaves it $n$ steps
+   later, so its state sees at most $n - 1$ updates. Nothing carries over from one row to the
+   next, and error cannot grow with the length of the stream: the state after $10^4$ or
+   $10^6$ steps is as accurate as after $n$.
+
+When a softmax is close to one-hot in every row (huge logits), rule 2 recomputes many rows and
+the step costs about as much as regular attention; it never returns a wrong answer.
+
+## The state: ring buffers
+
+The window is a ring: the token of stream step $t$ lives in slot $t \bmod n$ of each buffer (keys,
+values, queries, per-row state), written in place; nothing is shifted or concatenated per step.
+Softmax does not care about the order of the keys, so single-output attention reads the ring as
+it lies. Retroactive outputs are returned oldest first, which costs one reordering copy of the
+output rows.
+
+Internally the buffers are `[batch, n_heads, window, head_dim]` because that is the layout
+`scaled_dot_product_attention` and batched matrix products read without a copy; everything
+that enters or leaves the module is batch first.
+
+## Fast path
+
+A step of single-output attention is a handful of kernels: one fused `qkv` projection of the new
+token (`[batch, d_model] @ [d_model, 3 d_model]`), one in-place copy of $k, v$ into the ring, one
+`scaled_dot_product_attention` of one query over the cached keys, one output projection. Nothing
+scales with the window except the attention itself.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from annotated_src._checks import check_int, check_tensor, fail
+
+# $\tau$ of rule 2: a row whose denominator falls below $\tau$ times its peak is recomputed.
+REFRESH_RATIO = 1.0 / 16.0
+
+# When many rows need recomputing, at most this many `(batch, head)` pairs are recomputed in one
+# batched product, so that the `[pairs, n, n]` score block stays small (about 64 MiB at $n = 1024$).
+_REFRESH_PAIRS_PER_CHUNK = 16
+
+
+# ## Regular attention over one window, the float64 yardstick
+#
+# `q` is `[batch, n_q, n_heads, head_dim]`, `k` and `v` `[batch, n_k, n_heads, head_dim]`. This is
+# the textbook formula in whatever dtype it is given; the tests call it in float64.
+def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Softmax attention of every query over every key: `[batch, n_q, n_heads, head_dim]`."""
+    check_tensor("q", q, ndim=4, layout="[batch, n_q, n_heads, head_dim]", floating=True)
+    check_tensor("k", k, ndim=4, layout="[batch, n_k, n_heads, head_dim]", floating=True)
+    check_tensor("v", v, ndim=4, layout="[batch, n_k, n_heads, head_dim]", floating=True)
+    # `[batch, n_heads, n_q, n_k]`
+    s = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1])
+    return torch.einsum("bhqk,bkhd->bqhd", s.softmax(-1), v)
+
+
+# ## The exact statistics of some rows
+#
+# For queries `q` `[..., rows, head_dim]` over keys and values `[..., n_keys, head_dim]`, return the
+# shifted numerators $\tilde N$, denominators $\tilde D$ and maxima $m$ in float32. `mask` is `None`
+# or an additive `[n_keys]` mask ($-\infty$ on slots of the ring that hold no token yet).
+def exact_row_state(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                    mask: torch.Tensor | None = None):
+    """Float32 `(numerator, denominator, max)` of softmax attention for the rows `q`."""
+    # `[..., rows, n_keys]`
+    s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    if mask is not None:
+        s = s + mask
+    m = s.amax(-1)
+    w = torch.exp(s - m.unsqueeze(-1))
+    return torch.matmul(w, v.float()), w.sum(-1), m
+
+
+# ## The retroactive update, readable
+#
+# One step for all rows of a window, on the float32 state of rule 1. `s_in`, `s_out` are the
+# `[..., rows]` scores of each row's query with the arriving and the leaving key (`s_out` is `None`
+# while the window is still filling and no key leaves); `v_in`, `v_out` are `[..., head_dim]`.
+# Returns the new `(num, den, max, peak)` and the mask of rows that rule 2 says to recompute.
+def retroactive_update(num, den, mx, peak, s_in, v_in, s_out=None, v_out=None, tau: float = REFRESH_RATIO):
+    """One stabilised retroactive step: new `(num, den, max, peak)` and the rows to recompute."""
+    # $m' = \max(m, s_\text{in})$ and the factor $e^{m - m'} \le 1$ that moves the old sums to the new shift.
+    new_mx = torch.maximum(mx, s_in)
+    rescale = torch.exp(mx - new_mx)
+    w_in = torch.exp(s_in - new_mx)
+    # The term that arrives, added before the one that leaves is taken away: the peak of rule 2
+    # is the largest the sum was before the subtraction.
+    den_added = den * rescale + w_in
+    new_peak = torch.maximum(peak * rescale, den_added)
+    if s_out is None:
+        new_num = num * rescale.unsqueeze(-1) + w_in.unsqueeze(-1) * v_in.unsqueeze(-2)
+        new_den = den_added
+    else:
+        # $s_\text{out} \le m \le m'$, so $e^{s_\text{out} - m'} \le 1$ never overflows either.
+        w_out = torch.exp(s_out - new_mx)
+        # `[..., rows, 2] @ [..., 2, head_dim]`: both terms of the numerator in one batched product.
+        coef = torch.stack((w_in, -w_out), dim=-1)
+        vs = torch.stack((v_in, v_out), dim=-2)
+        new_num = torch.baddbmm(num.flatten(0, -3) * rescale.flatten(0, -2).unsqueeze(-1),
+                                coef.flatten(0, -3), vs.flatten(0, -3)).view_as(num)
+        new_den = den_added - w_out
+    stale = ~(new_den >= tau * new_peak)  # also true for nan
+    return new_num, new_den, new_mx, new_peak, stale
+
+
+class _ContinualMultiheadAttention(nn.MultiheadAttention):
+    r"""
+    Shared by both kinds: `nn.MultiheadAttention` with a sliding-window state.
+
+    Subclassing `nn.MultiheadAttention` gives the same parameters under the same names
+    (`in_proj_weight` or `q_proj_weight`/`k_proj_weight`/`v_proj_weight`, `in_proj_bias`,
+    `bias_k`, `bias_v`, `out_proj`), so `load_state_dict` of a regular layer works as it is, and
+    `forward` over a whole window is the regular layer's.
+
+    * `sequence_len` is the window length, the paper's $n$.
+    * `embed_dim_second`: stream tensors are `[batch, d_model, seq_len]` (the layout of 1-d
+      convolutions) instead of `[batch, seq_len, d_model]`; needs `batch_first=True`.
+    * `forward_returns_attn_mask`: `forward` returns `(output, attention weights)` as
+      `nn.MultiheadAttention` does; otherwise only the output.
+    """
+
+    _retroactive = False
+
+    def __init__(self, embed_dim, num_heads, dropout=0.0, bias=True, add_bias_kv=False, add_zero_attn=False,
+                 kdim=None, vdim=None, batch_first=True, device=None, dtype=None, sequence_len=None,
+                 query_index=-1, forward_returns_attn_mask=True, embed_dim_second=False):
+        check_int("embed_dim", embed_dim, min_value=1)
+        check_int("num_heads", num_heads, min_value=1)
+        if embed_dim % num_heads:
+            fail("num_heads", num_heads, f"a divisor of embed_dim ({embed_dim})")
+        if sequence_len is None:
+            fail("sequence_len", None, "an int >= 1, the length of the window (it sizes the state)")
+        check_int("sequence_len", sequence_len, min_value=1)
+        check_int("query_index", query_index, min_value=-sequence_len, max_value=sequence_len - 1)
+        if embed_dim_second and not batch_first:
+            fail("embed_dim_second", embed_dim_second, "False when batch_first=False")
+        super().__init__(embed_dim, num_heads, dropout=dropout, bias=bias, add_bias_kv=add_bias_kv,
+                         add_zero_attn=add_zero_attn, kdim=kdim, vdim=vdim, batch_first=batch_first,
+                         device=device, dtype=dtype)
+        self.sequence_len = sequence_len
+        # The window position of the single output, `0` the oldest token, `sequence_len - 1` the newest.
+        self.query_index = query_index % sequence_len
+        self.forward_returns_attn_mask = forward_returns_attn_mask
+        self.embed_dim_second = embed_dim_second
+        # Keys that every query sees besides the window: `bias_k` and the zero key of `add_zero_attn`.
+        self.n_extra_keys = int(add_bias_kv) + int(add_zero_attn)
+        self.clean_state()
+
+    @classmethod
+    def build_from(cls, module: nn.MultiheadAttention, sequence_len: int, **kwargs):
+        """The continual layer with `module`'s configuration and weights."""
+        if not isinstance(module, nn.MultiheadAttention):
+            fail("module", type(module).__name__, "an nn.MultiheadAttention", TypeError)
+        p = module.out_proj.weight
+        new = cls(module.embed_dim, module.num_heads, dropout=module.dropout, bias=module.in_proj_bias is not None,
+                  add_bias_kv=module.bias_k is not None, add_zero_attn=module.add_zero_attn, kdim=module.kdim,
+                  vdim=module.vdim, batch_first=module.batch_first, device=p.device, dtype=p.dtype,
+                  sequence_len=sequence_len, **kwargs)
+        new.load_state_dict(module.state_dict())
+        return new
+
+    # ### State
+    def clean_state(self) -> None:
+        """Forget the stream: the next step starts an empty window."""
+        self._t = 0          # tokens seen since the last `clean_state`
+        self._kv = None      # `[2, batch, n_heads, sequence_len + n_extra_keys, head_dim]`
+        self._q = None       # `[batch, n_heads, sequence_len, head_dim]` (when queries are needed later)
+        self._row = None     # retroactive per-row state
+
+    def _needs_query_ring(self) -> bool:
+        return self._retroactive or self.query_index != self.sequence_len - 1
+
+    def _allocate(self, batch: int, like: torch.Tensor) -> None:
+        h, d, n = self.num_heads, self.head_dim, self.sequence_len
+        kv = torch.zeros(2, batch, h, n + self.n_extra_keys, d, device=like.device, dtype=like.dtype)
+        # The extra keys sit after the ring and never move: `bias_k`/`bias_v` (already projected, as
+        # `nn.MultiheadAttention` appends them after the projection), then the zero key and value.
+        if self.bias_k is not None:
+            kv[0, :, :, n] = self.bias_k.detach().reshape(h, d).to(like.dtype)
+            kv[1, :, :, n] = self.bias_v.detach().reshape(h, d).to(like.dtype)
+        self._kv = kv
+        if self._needs_query_ring():
+            self._q = torch.zeros(batch, h, n, d, device=like.device, dtype=like.dtype)
+        if self._retroactive:
+            f32 = dict(device=like.device, dtype=torch.float32)
+            self._row = dict(num=torch.zeros(batch, h, n, d, **f32), den=torch.zeros(batch, h, n, **f32),
+                             max=torch.full((batch, h, n), -math.inf, **f32), peak=torch.zeros(batch, h, n, **f32))
+
+    # ### Projection of one token
+    #
+    # `query`, `key`, `value` are `[batch, d_model]` (`kdim`, `vdim`). For self-attention with equal
+    # dimensions this is one matrix product with the stacked `[3 d_model, d_model]` weight. Returns
+    # three `[batch, n_heads, head_dim]` tensors.
+    def _project(self, query, key, value):
+        b, h, d, e = query.shape[0], self.num_heads, self.head_dim, self.embed_dim
+        if key is None and value is None and self._qkv_same_embed_dim:
+            qkv = F.linear(query, self.in_proj_weight, self.in_proj_bias).view(b, 3, h, d)
+            return qkv[:, 0], qkv[:, 1], qkv[:, 2]
+        key = query if key is None else key
+        value = key if value is None else value
+        bias = self.in_proj_bias
+        bq, bk, bv = (None, None, None) if bias is None else bias.split(e)
+        if self._qkv_same_embed_dim:
+            wq, wk, wv = self.in_proj_weight.split(e)
+        else:
+            wq, wk, wv = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
+        check_tensor("key", key, ndim=2, layout=f"[batch, {self.kdim}]", floating=True)
+        check_tensor("value", value, ndim=2, layout=f"[batch, {self.vdim}]", floating=True)
+        if key.shape != (b, self.kdim):
+            fail("key", f"shape {tuple(key.shape)}", f"[batch={b}, kdim={self.kdim}]")
+        if value.shape != (b, self.vdim):
+            fail("value", f"shape {tuple(value.shape)}", f"[batch={b}, vdim={self.vdim}]")
+        return (F.linear(query, wq, bq).view(b, h, d), F.linear(key, wk, bk).view(b, h, d),
+                F.linear(value, wv, bv).view(b, h, d))
+
+    def _check_step(self, query):
+        check_tensor("query", query, ndim=2, layout=f"[batch, embed_dim={self.embed_dim}]", floating=True)
+        if query.shape[1] != self.embed_dim:
+            fail("query", f"shape {tuple(query.shape)}", f"[batch, embed_dim={self.embed_dim}]")
+        if self._kv is not None and (query.shape[0] != self._kv.shape[1] or query.dtype != self._kv.dtype
+                                     or query.device != self._kv.device):
+            fail("query", f"batch {query.shape[0]}, {query.dtype} on {query.device}",
+                 f"the batch, dtype and device of the stream so far ({self._kv.shape[1]}, {self._kv.dtype}, "
+                 f"{self._kv.device}); call clean_state() to start a new stream")
+
+    def _mask(self, t_after: int, like: torch.Tensor):
+        # Additive mask over the `sequence_len + n_extra_keys` slots: while the window fills, only
+        # slots `0 .. t_after - 1` hold tokens. `None` once the window is full.
+        n = self.sequence_len
+        if t_after >= n:
+            return None
+        slot = torch.arange(n + self.n_extra_keys, device=like.device)
+        valid = (slot < t_after) | (slot >= n)
+        return torch.zeros(slot.shape, device=like.device, dtype=torch.float32).masked_fill(~valid, -math.inf)
+
+    # ### Whole windows and many steps
+    def forward(self, query, key=None, value=None, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        """Regular attention over a whole window (`key`, `value` default to `query`)."""
+        key = query if key is None else key
+        value = key if value is None else value
+        if self.embed_dim_second:
+            query, key, value = (x.transpose(1, 2) for x in (query, key, value))
+        query = self._select_forward_query(query)
+        out, weights = super().forward(query, key, value, key_padding_mask=key_padding_mask,
+                                       need_weights=need_weights and self.forward_returns_attn_mask,
+                                       attn_mask=attn_mask, average_attn_weights=average_attn_weights,
+                                       is_causal=is_causal)
+        if self.embed_dim_second:
+            out = out.transpose(1, 2)
+        return (out, weights) if self.forward_returns_attn_mask else out
+
+    def _select_forward_query(self, query):
+        return query
+
+    def forward_steps(self, query, key=None, value=None, update_state: bool = True):
+        """`forward_step` for each token of `[batch, seq_len, d_model]`; the outputs stacked in time.
+
+        Steps that return `None` (the window still filling) are left out; `None` if all are."""
+        time_dim = 2 if self.embed_dim_second else (1 if self.batch_first else 0)
+        check_tensor("query", query, ndim=3, layout="a stream of 3 dimensions", floating=True)
+        saved = (self._t, self._kv, self._q, self._row)
+        if not update_state:
+            self._t = self._t
+            self._kv = None if self._kv is None else self._kv.clone()
+            self._q = None if self._q is None else self._q.clone()
+            self._row = None if self._row is None else {k: v.clone() for k, v in self._row.items()}
+        outs = []
+        for i in range(query.shape[time_dim]):
+            def pick(x):
+                return None if x is None else x.select(time_dim, i)
+            o = self.forward_step(pick(query), pick(key), pick(value))
+            if o is not None:
+                outs.append(o)
+        if not update_state:
+            self._t, self._kv, self._q, self._row = saved
+        if not outs:
+            return None
+        if self._retroactive:
+            return torch.stack(outs, dim=0 if not self.batch_first else 1)
+        return torch.stack(outs, dim=time_dim)
+
+    def _step_input(self, x):
+        # A step's token is `[batch, d_model]`; accept `[batch, d_model, 1]` from the conv-like layout.
+        if x is not None and self.embed_dim_second and x.ndim == 3 and x.shape[-1] == 1:
+            return x[..., 0]
+        return x
+
+
+class SingleOutputMultiheadAttention(_ContinualMultiheadAttention):
+    r"""
+    Single-output continual attention: one output row per step.
+
+    `forward_step(query)` takes the newest token `[batch, d_model]`, returns `None` until
+    `sequence_len` tokens have arrived, then the `query_index` row of regular attention over the
+    window of the last `sequence_len` tokens, `[batch, d_model]`. `forward` over a whole window
+    returns that row as `[batch, 1, d_model]` (all rows with `single_output_forward=False`).
+    """
+
+    def __init__(self, embed_dim, num_heads, dropout=0.0, bias=True, add_bias_kv=False, add_zero_attn=False,
+                 kdim=None, vdim=None, batch_first=True, device=None, dtype=None, sequence_len=None,
+                 query_index=-1, forward_returns_attn_mask=True, embed_dim_second=False,
+                 single_output_forward=True):
+        super().__init__(embed_dim, num_heads, dropout, bias, add_bias_kv, add_zero_attn, kdim, vdim, batch_first,
+                         device, dtype, sequence_len, query_index, forward_returns_attn_mask, embed_dim_second)
+        self.single_output_forward = single_output_forward
+
+    def _select_forward_query(self, query):
+        if not self.single_output_forward:
+            return query
+        i = self.query_index
+        return query[:, i:i + 1] if self.batch_first else query[i:i + 1]
+
+    def forward_step(self, query, key=None, value=None, update_state: bool = True):
+        """Add one token to the window; the `query_index` row `[batch, d_model]`, or `None` while filling."""
+        query, key, value = self._step_input(query), self._step_input(key), self._step_input(value)
+        self._check_step(query)
+        b, n, t = query.shape[0], self.sequence_len, self._t
+        if self._kv is None:
+            self._allocate(b, query)
+        # `[batch, n_heads, head_dim]` each
+        q, k, v = self._project(query, key, value)
+        slot = t % n
+        ring = self._kv[:, :, :, slot]  # `[2, batch, n_heads, head_dim]`, a view into the ring
+        saved = None if update_state else (ring.clone(), None if self._q is None else self._q[:, :, slot].clone())
+        # The in-place write that replaces the token leaving the window (one copy kernel).
+        ring.copy_(torch.stack((k, v)))
+        if self._q is not None:
+            self._q[:, :, slot] = q
+        out = None
+        if t + 1 >= n:
+            if self.query_index == n - 1:
+                q_row = q
+            else:
+                # The query of window position `query_index`: the oldest token is in slot `(t + 1) % n`.
+                q_row = self._q[:, :, (t + 1 + self.query_index) % n]
+            # One query over the `sequence_len + n_extra_keys` cached keys: `[batch, n_heads, 1, head_dim]`.
+            o = F.scaled_dot_product_attention(q_row.unsqueeze(2), self._kv[0], self._kv[1])
+            out = F.linear(o.reshape(b, self.embed_dim), self.out_proj.weight, self.out_proj.bias)
+        if update_state:
+            self._t = t + 1
+        else:
+            ring.copy_(saved[0])
+            if saved[1] is not None:
+                self._q[:, :, slot] = saved[1]
+        return out
+
+
+class RetroactiveMultiheadAttention(_ContinualMultiheadAttention):
+    r"""
+    Retroactive continual attention: every row of the window, updated each step.
+
+    `forward_step(query)` returns `None` until the window is full, then all `sequence_len` rows of
+    regular attention over the window, oldest first: `[batch, sequence_len, d_model]`
+    (`[sequence_len, batch, d_model]` with `batch_first=False`, `[batch, d_model, sequence_len]`
+    with `embed_dim_second`).
+    """
+
+    _retroactive = True
+
+    def __init__(self, embed_dim, num_heads, dropout=0.0, bias=True, add_bias_kv=False, add_zero_attn=False,
+                 kdim=None, vdim=None, batch_first=True, device=None, dtype=None, sequence_len=None,
+                 forward_returns_attn_mask=True, embed_dim_second=False):
+        super().__init__(embed_dim, num_heads, dropout, bias, add_bias_kv, add_zero_attn, kdim, vdim, batch_first,
+                         device, dtype, sequence_len, -1, forward_returns_attn_mask, embed_dim_second)
+        # How many rows rule 2 recomputed since `clean_state` (the tests and the notebook read it).
+        self.refreshed_rows = 0
+
+    def clean_state(self) -> None:
+        super().clean_state()
+        self.refreshed_rows = 0
+
+    def forward_step(self, query, key=None, value=None, update_state: bool = True):
+        """Add one token to the window; all rows `[batch, sequence_len, d_model]`, or `None` while filling."""
+        query, key, value = self._step_input(query), self._step_input(key), self._step_input(value)
+        self._check_step(query)
+        b, n, t, h, d = query.shape[0], self.sequence_len, self._t, self.num_heads, self.head_dim
+        if self._kv is None:
+            self._allocate(b, query)
+        scale = 1.0 / math.sqrt(d)
+        q, k, v = self._project(query, key, value)
+        slot = t % n
+        full_before = t >= n
+        ring = self._kv[:, :, :, slot]
+        saved = None if update_state else (ring.clone(), self._q[:, :, slot].clone())
+        # The key and value that leave (`[batch, n_heads, head_dim]`), copied before they are overwritten.
+        k_out, v_out = (ring[0].float().clone(), ring[1].float().clone()) if full_before else (None, None)
+        ring.copy_(torch.stack((k, v)))
+        self._q[:, :, slot] = q
+        # With `update_state=False` the step works on a copy of the per-row state.
+        st = self._row if update_state else {name: x.clone() for name, x in self._row.items()}
+
+        # Rows already in the window: slots `0 .. t-1` while filling, all slots once full (the slot of
+        # the new token is updated too and then overwritten by its exact row below).
+        rows = slice(0, n) if full_before else slice(0, t)
+        stale = None
+        if rows.stop > 0:
+            qr = self._q[:, :, rows].float()  # `[batch, n_heads, rows, head_dim]`
+            if full_before:
+                # Both scores of every row in one batched product: `[batch, n_heads, rows, 2]`.
+                s = torch.matmul(qr, torch.stack((k.float(), k_out), dim=-1)) * scale
+                s_in, s_out = s[..., 0], s[..., 1]
+            else:
+                s_in, s_out = torch.matmul(qr, k.float().unsqueeze(-1)).squeeze(-1) * scale, None
+            old = [st[name][:, :, rows] for name in ("num", "den", "max", "peak")]
+            *new, stale = retroactive_update(*old, s_in, v.float(), s_out, v_out)
+            for name, val in zip(("num", "den", "max", "peak"), new):
+                if full_before:
+                    st[name] = val  # the whole state: take the new tensor, no copy
+                else:
+                    st[name][:, :, rows] = val
+            if not full_before:
+                stale = F.pad(stale, (0, n - t))
+            stale[:, :, slot] = False  # recomputed exactly just below
+        mask = self._mask(t + 1, query)
+        # The new token's row, exactly: `[batch, n_heads, 1, head_dim]` and `[batch, n_heads, 1]`.
+        n_new, d_new, m_new = exact_row_state(q.unsqueeze(2), self._kv[0], self._kv[1], scale, mask)
+        st["num"][:, :, slot] = n_new[:, :, 0]
+        st["den"][:, :, slot] = d_new[:, :, 0]
+        st["max"][:, :, slot] = m_new[:, :, 0]
+        st["peak"][:, :, slot] = d_new[:, :, 0]
+        # Rule 2: recompute the rows whose denominator cancelled (one host synchronisation per step).
+        if stale is not None and bool(stale.any()):
+            self._refresh(stale, st["num"], st["den"], st["max"], st["peak"], scale, mask)
+        num, den = st["num"], st["den"]
+
+        out = None
+        if t + 1 >= n:
+            # `[batch, n_heads, n, head_dim]` in ring order, then oldest first into `[batch, n, n_heads, head_dim]`.
+            o = (num / den.unsqueeze(-1)).to(query.dtype)
+            first = (t + 1) % n
+            heads = torch.empty(b, n, h, d, device=query.device, dtype=query.dtype)
+            heads[:, :n - first] = o[:, :, first:].transpose(1, 2)
+            heads[:, n - first:] = o[:, :, :first].transpose(1, 2)
+            out = F.linear(heads.view(b, n, self.embed_dim), self.out_proj.weight, self.out_proj.bias)
+            if self.embed_dim_second:
+                out = out.transpose(1, 2)
+            elif not self.batch_first:
+                out = out.transpose(0, 1)
+        if update_state:
+            self._t = t + 1
+        else:
+            ring.copy_(saved[0])
+            self._q[:, :, slot] = saved[1]
+        return out
+
+    def _refresh(self, stale, num, den, mx, peak, scale, mask):
+        # Recompute every row of each `(batch, head)` pair that has a stale row, a few pairs at a
+        # time, and keep the exact values where the row was stale. `stale` is `[batch, n_heads, n]`.
+        self.refreshed_rows += int(stale.sum())
+        pairs = stale.any(-1).nonzero()  # `[n_pairs, 2]`
+        for c in range(0, pairs.shape[0], _REFRESH_PAIRS_PER_CHUNK):
+            bi, hi = pairs[c:c + _REFRESH_PAIRS_PER_CHUNK].unbind(-1)
+            # `[pairs, n, head_dim]` over `[pairs, n + extra, head_dim]`
+            e_num, e_den, e_max = exact_row_state(self._q[bi, hi], self._kv[0][bi, hi], self._kv[1][bi, hi],
+                                                  scale, mask)
+            sel = stale[bi, hi]
+            num[bi, hi] = torch.where(sel.unsqueeze(-1), e_num, num[bi, hi])
+            den[bi, hi] = torch.where(sel, e_den, den[bi, hi])
+            mx[bi, hi] = torch.where(sel, e_max, mx[bi, hi])
+            peak[bi, hi] = torch.where(sel, e_den, peak[bi, hi])
+
+
+# ## Positions for an endless stream
+#
+# A learned table of `num_embeds` positions cannot index stream step $10^6$. The paper's
+# *recycling* positional encoding gives the token of stream step $t$ the embedding of position
+# $t \bmod$ `num_embeds`: the table is reused cyclically, and a token keeps the same encoding for
+# the whole time it spends in the window, so the cached keys and values stay valid. (An encoding
+# by position *within the window* would change every cached token each step and leave nothing
+# to reuse.)
+class RecyclingPositionalEncoding(nn.Module):
+    """Adds the learned embedding of position `t mod num_embeds` to the token of stream step `t`."""
+
+    def __init__(self, embed_dim: int, num_embeds: int, device=None, dtype=None):
+        super().__init__()
+        check_int("embed_dim", embed_dim, min_value=1)
+        check_int("num_embeds", num_embeds, min_value=1)
+        self.pe = nn.Embedding(num_embeds, embed_dim, device=device, dtype=dtype)
+        self.clean_state()
+
+    def clean_state(self) -> None:
+        self._t = 0
+
+    def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """`x` `[batch, seq_len, d_model]` whose first token is stream step `start`."""
+        check_tensor("x", x, ndim=3, layout="[batch, seq_len, d_model]", floating=True)
+        pos = (start + torch.arange(x.shape[1], device=x.device)) % self.pe.num_embeddings
+        return x + self.pe(pos)
+
+    def forward_step(self, x: torch.Tensor, update_state: bool = True) -> torch.Tensor:
+        """`x` `[batch, d_model]`, the next token of the stream."""
+        check_tensor("x", x, ndim=2, layout="[batch, d_model]", floating=True)
+        out = x + self.pe.weight[self._t % self.pe.num_embeddings]
+        if update_state:
+            self._t += 1
+        return out
+
+
+# ## Continual encoder layers
+#
+# A post- or pre-norm `nn.TransformerEncoderLayer` whose attention is continual. The
+# feed-forward, the norms and the residual act on each token separately, so they only need the
+# rows the attention returns: the newest token for single-output, the whole window for
+# retroactive (whose residual input is kept in one more ring). Dropout is not applied in steps
+# (streaming is inference).
+def _feed_forward(layer: nn.TransformerEncoderLayer, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+    """The rest of `layer` after attention, given its input `x` and attention output `attn`."""
+    if layer.norm_first:
+        x = x + attn
+        return x + layer.linear2(layer.activation(layer.linear1(layer.norm2(x))))
+    x = layer.norm1(x + attn)
+    return layer.norm2(x + layer.linear2(layer.activation(layer.linear1(x))))
+
+
+class ContinualTransformerEncoderLayer(nn.Module):
+    """A continual encoder layer: single-output (one row per step) or retroactive (all rows).
+
+    Built from an `nn.TransformerEncoderLayer` (batch first) whose weights it shares.
+    """
+
+    def __init__(self, layer: nn.TransformerEncoderLayer, sequence_len: int, retroactive: bool):
+        super().__init__()
+        if not isinstance(layer, nn.TransformerEncoderLayer):
+            fail("layer", type(layer).__name__, "an nn.TransformerEncoderLayer", TypeError)
+        if not layer.self_attn.batch_first:
+            fail("layer", "batch_first=False", "an nn.TransformerEncoderLayer with batch_first=True")
+        self.layer = layer
+        cls = RetroactiveMultiheadAttention if retroactive else SingleOutputMultiheadAttention
+        self.attn = cls.build_from(layer.self_attn, sequence_len, forward_returns_attn_mask=False)
+        self.retroactive = retroactive
+        self.sequence_len = sequence_len
+        self.clean_state()
+
+    def clean_state(self) -> None:
+        self.attn.clean_state()
+        self._x = None  # retroactive: the residual ring `[batch, n, d_model]`
+
+    def forward_step(self, x: torch.Tensor) -> torch.Tensor | None:
+        """`x` `[batch, d_model]`: the newest row `[batch, d_model]` (single-output) or the window's rows
+        `[batch, n, d_model]` (retroactive), or `None` while the window fills."""
+        a_in = self.layer.norm1(x) if self.layer.norm_first else x
+        t, n = self.attn._t, self.sequence_len
+        if not self.retroactive:
+            a = self.attn.forward_step(a_in)
+            return None if a is None else _feed_forward(self.layer, x, a)
+        if self._x is None:
+            self._x = x.new_empty(x.shape[0], n, x.shape[1])
+        self._x[:, t % n] = x
+        a = self.attn.forward_step(a_in)
+        if a is None:
+            return None
+        first = (t + 1) % n
+        window = torch.cat((self._x[:, first:], self._x[:, :first]), dim=1)  # oldest first, for the residual
+        return _feed_forward(self.layer, window, a)
+
+
+def _last_row(layer: nn.TransformerEncoderLayer, window: torch.Tensor) -> torch.Tensor:
+    """`layer` applied to `window` `[batch, n, d_model]`, computed for its newest row only: `[batch, d_model]`."""
+    y = layer.norm1(window) if layer.norm_first else window
+    a = layer.self_attn(y[:, -1:], y, y, need_weights=False)[0]
+    return _feed_forward(layer, window[:, -1:], a)[:, 0]
+
+
+class ContinualTransformerEncoder(nn.Module):
+    r"""
+    The paper's continual encoders: one block (single-output) or two (retroactive, then a block
+    that computes only the newest row from the retroactive block's updated window).
+
+    `forward_step(x)` with `x` `[batch, d_model]` returns the encoder's output for the newest token
+    of the window, `[batch, d_model]`, equal to `encoder(window)[:, -1]` of the regular
+    `nn.TransformerEncoder`, or `None` while the window fills. With `pos_encoding`, the recycling
+    encoding is added first (the regular model then sees `pos_encoding(window, start)`).
+    """
+
+    def __init__(self, encoder: nn.TransformerEncoder, sequence_len: int,
+                 pos_encoding: RecyclingPositionalEncoding | None = None):
+        super().__init__()
+        if not isinstance(encoder, nn.TransformerEncoder):
+            fail("encoder", type(encoder).__name__, "an nn.TransformerEncoder", TypeError)
+        if len(encoder.layers) not in (1, 2):
+            fail("encoder", f"{len(encoder.layers)} layers", "1 or 2 layers (the paper's continual encoders)")
+        check_int("sequence_len", sequence_len, min_value=1)
+        self.encoder = encoder
+        self.pos_encoding = pos_encoding
+        self.first = ContinualTransformerEncoderLayer(encoder.layers[0], sequence_len,
+                                                      retroactive=len(encoder.layers) == 2)
+        self.clean_state()
+
+    def clean_state(self) -> None:
+        self.first.clean_state()
+        if self.pos_encoding is not None:
+            self.pos_encoding.clean_state()
+
+    def forward_step(self, x: torch.Tensor) -> torch.Tensor | None:
+        if self.pos_encoding is not None:
+            x = self.pos_encoding.forward_step(x)
+        y = self.first.forward_step(x)
+        if y is not None and len(self.encoder.layers) == 2:
+            y = _last_row(self.encoder.layers[1], y)
+        if y is not None and self.encoder.norm is not None:
+            y = self.encoder.norm(y)
+        return y
+
+
+# ## FLOPs, from the paper's formulas
+#
+# Operations per step of the attention itself (projections excluded) for one layer with window
+# $n$ and width `d` (summed over heads, so the head count drops out), the way the paper counts
+# them: a multiply-accumulate, an exponential or a division is one operation.
+def attention_flops(n: int, d: int, kind: str) -> int:
+    """Operations per step of regular (`"regular"`), retroactive or single-output attention."""
+    check_int("n", n, min_value=1)
+    check_int("d", d, min_value=1)
+    if kind == "regular":
+        # $QK^\top$, softmax exponentials and divisions, and the product with $V$: $2n^2d + 2n^2$.
+        return 2 * n * n * d + 2 * n * n
+    if kind == "retroactive":
+        # New row ($nd$ + $n$ exp + $nd$), one in and one out score per old row ($2nd$), their
+        # exponentials ($2n$), numerator updates ($2nd$), denominators ($2n$) and $nd$ divisions.
+        return 7 * n * d + 4 * n
+    if kind == "single_output":
+        # One query over $n$ keys: scores $nd$, $n$ exponentials, weighted sum $nd$, $d$ divisions.
+        return 2 * n * d + n + d
+    fail("kind", kind, "'regular', 'retroactive' or 'single_output'")

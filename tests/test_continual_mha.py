@@ -1,0 +1,323 @@
+"""Tests of annotated_src/continual_mha.py: every window of a stream equals regular attention."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from annotated_src.continual_mha import (ContinualTransformerEncoder, RecyclingPositionalEncoding,
+                                         RetroactiveMultiheadAttention, SingleOutputMultiheadAttention,
+                                         attention_flops, retroactive_update, window_attention)
+
+E, H, L, B = 16, 4, 6, 3
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def _stream(t, e=E, b=B, seed=1, scale=1.0, dtype=torch.float32):
+    return (torch.randn(b, t, e, generator=_gen(seed)) * scale).to(dtype)
+
+
+def _mha(seed=0, **kw):
+    torch.manual_seed(seed)
+    m = nn.MultiheadAttention(E, H, batch_first=True, **kw).eval()
+    with torch.no_grad():  # random biases, so that a missing bias would show
+        for name, p in m.named_parameters():
+            if "bias" in name:
+                p.normal_(0, 0.5, generator=_gen(seed + 7))
+    return m
+
+
+def _regular(mha, x, t, n=L, k=None, v=None):
+    w = x[:, t - n + 1:t + 1]
+    kw = w if k is None else k[:, t - n + 1:t + 1]
+    vw = w if v is None else v[:, t - n + 1:t + 1]
+    return mha(w, kw, vw, need_weights=False)[0]
+
+
+def _tol(dtype):
+    return {torch.float32: 2e-5, torch.float64: 1e-10, torch.bfloat16: 3e-2, torch.float16: 5e-3}[dtype]
+
+
+@pytest.mark.parametrize("kw", [{}, dict(add_bias_kv=True), dict(add_zero_attn=True),
+                                dict(add_bias_kv=True, add_zero_attn=True), dict(bias=False)])
+def test_every_window_equals_regular_attention(kw):
+    mha = _mha(**kw)
+    so = SingleOutputMultiheadAttention.build_from(mha, L)
+    re = RetroactiveMultiheadAttention.build_from(mha, L)
+    x = _stream(30)
+    with torch.no_grad():
+        for t in range(30):
+            a, r = so.forward_step(x[:, t]), re.forward_step(x[:, t])
+            if t < L - 1:
+                assert a is None and r is None
+                continue
+            ref = _regular(mha, x, t)
+            torch.testing.assert_close(a, ref[:, -1], atol=2e-5, rtol=1e-5)
+            torch.testing.assert_close(r, ref, atol=2e-5, rtol=1e-5)
+
+
+def test_float64_reference_matches_both():
+    mha = _mha().double()
+    so = SingleOutputMultiheadAttention.build_from(mha, L)
+    re = RetroactiveMultiheadAttention.build_from(mha, L)
+    x = _stream(20, dtype=torch.float64)
+    wq, wk, wv = mha.in_proj_weight.split(E)
+    bq, bk, bv = mha.in_proj_bias.split(E)
+    with torch.no_grad():
+        for t in range(20):
+            a, r = so.forward_step(x[:, t]), re.forward_step(x[:, t])
+            if t >= L - 1:
+                w = x[:, t - L + 1:t + 1]
+                heads = [(w @ wi.T + bi).view(B, L, H, E // H) for wi, bi in ((wq, bq), (wk, bk), (wv, bv))]
+                ref = mha.out_proj(window_attention(*heads).reshape(B, L, E))
+                torch.testing.assert_close(r, ref, atol=1e-10, rtol=1e-10)
+                torch.testing.assert_close(a, ref[:, -1], atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("qi", [0, 2, -2])
+def test_query_index(qi):
+    mha = _mha()
+    so = SingleOutputMultiheadAttention.build_from(mha, L, query_index=qi)
+    x = _stream(15)
+    with torch.no_grad():
+        for t in range(15):
+            a = so.forward_step(x[:, t])
+            if t >= L - 1:
+                torch.testing.assert_close(a, _regular(mha, x, t)[:, qi], atol=2e-5, rtol=1e-5)
+        out, w = so(x[:, :L])
+        assert out.shape == (B, 1, E) and w.shape == (B, 1, L)
+        torch.testing.assert_close(out[:, 0], _regular(mha, x, L - 1)[:, qi])
+
+
+def test_kdim_vdim_and_separate_key_value():
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(E, H, kdim=10, vdim=7, batch_first=True).eval()
+    so = SingleOutputMultiheadAttention.build_from(mha, L)
+    re = RetroactiveMultiheadAttention.build_from(mha, L)
+    assert so.state_dict().keys() == mha.state_dict().keys()
+    x, k, v = _stream(14), _stream(14, e=10, seed=2), _stream(14, e=7, seed=3)
+    with torch.no_grad():
+        for t in range(14):
+            a = so.forward_step(x[:, t], k[:, t], v[:, t])
+            r = re.forward_step(x[:, t], k[:, t], v[:, t])
+            if t >= L - 1:
+                ref = _regular(mha, x, t, k=k, v=v)
+                torch.testing.assert_close(a, ref[:, -1], atol=2e-5, rtol=1e-5)
+                torch.testing.assert_close(r, ref, atol=2e-5, rtol=1e-5)
+
+
+def test_state_dict_is_nn_multihead_attention_s():
+    mha = _mha(add_bias_kv=True)
+    so = SingleOutputMultiheadAttention(E, H, add_bias_kv=True, sequence_len=L)
+    assert so.state_dict().keys() == mha.state_dict().keys()
+    so.load_state_dict(mha.state_dict())
+    x = _stream(L)
+    with torch.no_grad():
+        torch.testing.assert_close(so(x)[0][:, 0], mha(x, x, x)[0][:, -1])
+        re = RetroactiveMultiheadAttention(E, H, add_bias_kv=True, sequence_len=L, forward_returns_attn_mask=False)
+        re.load_state_dict(mha.state_dict())
+        torch.testing.assert_close(re(x), mha(x, x, x)[0])
+
+
+def test_update_state_false_and_clean_state():
+    mha = _mha()
+    for cls in (SingleOutputMultiheadAttention, RetroactiveMultiheadAttention):
+        m = cls.build_from(mha, L)
+        x = _stream(12)
+        with torch.no_grad():
+            for t in range(12):
+                peek = m.forward_step(x[:, t], update_state=False)
+                real = m.forward_step(x[:, t])
+                assert (peek is None) == (real is None)
+                if real is not None:
+                    torch.testing.assert_close(peek, real, atol=0, rtol=0)
+            m.clean_state()
+            outs = [m.forward_step(x[:, t]) for t in range(L)]
+            assert all(o is None for o in outs[:-1])
+            torch.testing.assert_close(outs[-1], cls.build_from(mha, L).forward_steps(x[:, :L])[:, 0])
+
+
+def test_forward_steps_equals_repeated_forward_step():
+    mha = _mha()
+    x = _stream(13)
+    with torch.no_grad():
+        for cls in (SingleOutputMultiheadAttention, RetroactiveMultiheadAttention):
+            a, b = cls.build_from(mha, L), cls.build_from(mha, L)
+            steps = torch.stack([o for o in (a.forward_step(x[:, t]) for t in range(13)) if o is not None], 1)
+            assert b.forward_steps(x[:, :3]) is None
+            many = b.forward_steps(x[:, 3:])
+            torch.testing.assert_close(many, steps, atol=0, rtol=0)
+            c = cls.build_from(mha, L)
+            c.forward_steps(x[:, :8])
+            peek = c.forward_steps(x[:, 8:], update_state=False)
+            torch.testing.assert_close(peek, steps[:, 3:], atol=0, rtol=0)
+            assert c._t == 8
+
+
+def test_embed_dim_second_and_batch_first_false():
+    mha = _mha()
+    x = _stream(10)
+    with torch.no_grad():
+        so = SingleOutputMultiheadAttention.build_from(mha, L, embed_dim_second=True)
+        re = RetroactiveMultiheadAttention.build_from(mha, L, embed_dim_second=True)
+        ref = torch.stack([_regular(mha, x, t)[:, -1] for t in range(L - 1, 10)], 1)
+        torch.testing.assert_close(so.forward_steps(x.transpose(1, 2)), ref.transpose(1, 2), atol=2e-5, rtol=1e-5)
+        r = re.forward_steps(x.transpose(1, 2))
+        torch.testing.assert_close(r[:, -1], _regular(mha, x, 9).transpose(1, 2), atol=2e-5, rtol=1e-5)
+        out, _ = so(x[:, :L].transpose(1, 2))
+        torch.testing.assert_close(out[..., 0], ref[:, 0])
+        mha_t = nn.MultiheadAttention(E, H, batch_first=False).eval()
+        mha_t.load_state_dict(mha.state_dict())
+        re_t = RetroactiveMultiheadAttention.build_from(mha_t, L)
+        r = re_t.forward_steps(x.transpose(0, 1))  # `[steps, L, batch, E]`
+        torch.testing.assert_close(r[-1].transpose(0, 1), _regular(mha, x, 9), atol=2e-5, rtol=1e-5)
+
+
+def test_long_stream_does_not_drift():
+    # 10^4 steps in float32; the outputs at the END equal regular attention on the last window.
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(8, 2, batch_first=True).eval()
+    n, steps = 8, 10_000
+    re = RetroactiveMultiheadAttention.build_from(mha, n)
+    x = torch.randn(1, steps, 8, generator=_gen(3))
+    with torch.no_grad():
+        re.forward_steps(x[:, :-1])
+        out = re.forward_step(x[:, -1])
+        w = x[:, -n:].double()
+        ref = mha.double()(w, w, w, need_weights=False)[0]
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_large_logits_x30(dtype):
+    # Inputs scaled by 30 give logits in the hundreds: a naive exp overflows and cancellation
+    # leaves noise. The stabilised update stays equal to regular attention on every window.
+    torch.manual_seed(0)
+    mha64 = nn.MultiheadAttention(E, H, batch_first=True).double().eval()
+    re = RetroactiveMultiheadAttention.build_from(mha64, L).to(dtype)
+    so = SingleOutputMultiheadAttention.build_from(mha64, L).to(dtype)
+    x = _stream(60, scale=30.0, dtype=dtype)
+    worst_r = worst_s = 0.0
+    with torch.no_grad():
+        for t in range(60):
+            r, s = re.forward_step(x[:, t]), so.forward_step(x[:, t])
+            if t >= L - 1:
+                ref = _regular(mha64, x.double(), t)
+                assert torch.isfinite(r).all()
+                scale = ref.abs().amax()
+                worst_r = max(worst_r, ((r.double() - ref).abs().amax() / scale).item())
+                worst_s = max(worst_s, ((s.double() - ref[:, -1]).abs().amax() / scale).item())
+    assert re.refreshed_rows > 0  # the scaled stream does make rows cancel
+    # bf16/fp16 projections round the logits themselves: a few per cent of the output scale.
+    tol = 1e-4 if dtype == torch.float32 else 0.1
+    assert worst_r < tol and worst_s < tol
+
+
+def test_naive_update_would_fail_where_ours_does_not():
+    # The claim behind rule 1: without the running max, exp of a logit of 100 overflows float32.
+    s = torch.tensor([[100.0, 1.0]])
+    assert not torch.isfinite(torch.exp(s * 1.0).sum() * torch.exp(s).sum())
+    num, den, mx, peak = torch.zeros(1, 2, 1), torch.zeros(1, 2), torch.full((1, 2), -math.inf), torch.zeros(1, 2)
+    num, den, mx, peak, stale = retroactive_update(num, den, mx, peak, s[:, :, None][..., 0] * 0 + s,
+                                                   torch.ones(1, 1))
+    assert torch.isfinite(num).all() and torch.isfinite(den).all() and not stale.any()
+
+
+def test_refresh_triggers_on_cancellation():
+    # A row dominated by a key that leaves: the denominator falls from ~1 to ~e^-50, so it is stale.
+    num = torch.tensor([[[1.0]]])
+    den, mx, peak = torch.tensor([[1.0 + math.exp(-50)]]), torch.tensor([[0.0]]), torch.tensor([[1.0]])
+    _, new_den, _, _, stale = retroactive_update(num, den, mx, peak, torch.tensor([[-60.0]]), torch.ones(1, 1),
+                                                 torch.tensor([[0.0]]), torch.ones(1, 1))
+    assert stale.all()
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+@pytest.mark.parametrize("layers", [1, 2])
+def test_continual_encoder_equals_regular_encoder_on_every_window(layers, norm_first):
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(E, H, dim_feedforward=32, dropout=0.0, batch_first=True,
+                                       norm_first=norm_first)
+    enc = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False).eval()
+    pe = RecyclingPositionalEncoding(E, num_embeds=2 * L - 1)
+    co_enc = ContinualTransformerEncoder(enc, L, pos_encoding=pe)
+    x = _stream(25)
+    with torch.no_grad():
+        for t in range(25):
+            y = co_enc.forward_step(x[:, t])
+            if t < L - 1:
+                assert y is None
+                continue
+            start = t - L + 1
+            ref = enc(pe(x[:, start:t + 1], start=start))[:, -1]
+            torch.testing.assert_close(y, ref, atol=5e-5, rtol=1e-5)
+
+
+def test_recycling_positional_encoding_wraps():
+    pe = RecyclingPositionalEncoding(E, num_embeds=4)
+    x = _stream(10)
+    steps = torch.stack([pe.forward_step(x[:, t]) for t in range(10)], 1)
+    torch.testing.assert_close(steps, pe(x))
+    torch.testing.assert_close(steps[:, 5] - x[:, 5], steps[:, 1] - x[:, 1])
+
+
+def test_flops_ratios():
+    assert attention_flops(1024, 512, "regular") / attention_flops(1024, 512, "single_output") > 500
+    assert attention_flops(1024, 512, "regular") / attention_flops(1024, 512, "retroactive") > 250
+    with pytest.raises(ValueError, match="kind"):
+        attention_flops(4, 4, "other")
+
+
+def test_errors_name_the_argument():
+    with pytest.raises(ValueError, match="sequence_len"):
+        SingleOutputMultiheadAttention(E, H)
+    with pytest.raises(ValueError, match="sequence_len"):
+        RetroactiveMultiheadAttention(E, H, sequence_len=0)
+    with pytest.raises(ValueError, match="num_heads"):
+        SingleOutputMultiheadAttention(E, 5, sequence_len=L)
+    with pytest.raises(ValueError, match="query_index"):
+        SingleOutputMultiheadAttention(E, H, sequence_len=L, query_index=L)
+    m = SingleOutputMultiheadAttention(E, H, sequence_len=L)
+    with pytest.raises(ValueError, match="query"):
+        m.forward_step(torch.randn(2, E + 1, generator=_gen()))
+    with pytest.raises(ValueError, match="query"):
+        m.forward_step(torch.randn(2, 3, E, generator=_gen()))
+    m.forward_step(torch.randn(2, E, generator=_gen()))
+    with pytest.raises(ValueError, match="clean_state"):
+        m.forward_step(torch.randn(3, E, generator=_gen()))
+    with pytest.raises(TypeError, match="module"):
+        RetroactiveMultiheadAttention.build_from(nn.Linear(2, 2), L)
+
+
+def test_matches_continual_inference_library():
+    co = pytest.importorskip("continual")
+    mha = _mha()
+    theirs_s = co.SingleOutputMultiheadAttention(E, H, sequence_len=L, batch_first=True)
+    theirs_r = co.RetroactiveMultiheadAttention(E, H, sequence_len=L, batch_first=True)
+    theirs_s.load_state_dict(mha.state_dict())
+    theirs_r.load_state_dict(mha.state_dict())
+    ours_s = SingleOutputMultiheadAttention.build_from(mha, L)
+    ours_r = RetroactiveMultiheadAttention.build_from(mha, L)
+    x = _stream(20)
+    with torch.no_grad():
+        for t in range(20):
+            a, b = ours_s.forward_step(x[:, t]), theirs_s.forward_step(x[:, t])
+            c, d = ours_r.forward_step(x[:, t]), theirs_r.forward_step(x[:, t])
+            assert (a is None) == (b is None) and (c is None) == (d is None)
+            if a is not None:
+                torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+                torch.testing.assert_close(c, d, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.cuda
+def test_cuda_matches_cpu():
+    mha = _mha()
+    x = _stream(20)
+    with torch.no_grad():
+        for cls in (SingleOutputMultiheadAttention, RetroactiveMultiheadAttention):
+            cpu, gpu = cls.build_from(mha, L), cls.build_from(mha, L).cuda()
+            torch.testing.assert_close(gpu.forward_steps(x.cuda()).cpu(), cpu.forward_steps(x), atol=1e-4, rtol=1e-4)
