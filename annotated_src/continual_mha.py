@@ -63,15 +63,19 @@ Written as above, the update has two numerical faults:
 
 We fix both with three rules, each a test:
 
-1. **Shift by a running maximum, in float32.** Each row keeps $m_i \ge \max_j s_{ij}$ and stores
-   $\tilde N_i = \sum_j e^{s_{ij} - m_i} v_j$ and $\tilde D_i = \sum_j e^{s_{ij} - m_i}$, so
-   every exponential is at most 1. A key with $s_{i,\text{in}} > m_i$ raises the maximum and
-   rescales: $m_i' = \max(m_i, s_{i,\text{in}})$,
-   $$\tilde D_i \leftarrow \tilde D_i\, e^{m_i - m_i'} - e^{s_{i,\text{out}} - m_i'} + e^{s_{i,\text{in}} - m_i'}$$
-   (and the same for $\tilde N_i$), which is the online-softmax rescaling of FlashAttention
-   applied to a sliding window. The state is float32 whatever the input dtype.
+1. **Shift by the row's maximum, in float32.** Each row stores its sums shifted by $m_i$, the
+   largest score of the row when it was last computed exactly:
+   $\tilde N_i = \sum_j e^{s_{ij} - m_i} v_j$ and $\tilde D_i = \sum_j e^{s_{ij} - m_i}$, which
+   leaves the quotient unchanged. A step adds $e^{s_{i,\text{in}} - m_i}$ and subtracts
+   $e^{s_{i,\text{out}} - m_i}$; the leaving score was in the row, so its term is finite, and an
+   arriving score may exceed $m_i$ by up to `MAX_GROWTH` $= 40$ ($e^{40} \approx 2 \cdot 10^{17}$,
+   far below float32's $3.4 \cdot 10^{38}$ even summed over thousands of keys). A larger jump marks
+   the row for exact recomputation, which resets $m_i$. Keeping the shift fixed between exact
+   computations means the numerators are not rescaled every step: the update is one in-place
+   batched product. The state is float32 for float32, bfloat16 and float16 streams (float64 for
+   float64).
 2. **Detect cancellation and recompute those rows.** Each row also keeps the peak $\tilde P_i$
-   its denominator reached since it was last computed exactly (rescaled with $m_i$). Each
+   its denominator reached since it was last computed exactly. Each
    update leaves an absolute error of order $\epsilon \tilde P_i$, so the relative error of
    $\tilde D_i$ is of order $\epsilon \tilde P_i / \tilde D_i$ per update. When the denominator
    falls below $\tau \tilde P_i$ (`REFRESH_RATIO` $= \tau = 1/16$) the row is recomputed from the
@@ -118,6 +122,9 @@ from annotated_src._checks import check_int, check_tensor, fail
 # $\tau$ of rule 2: a row whose denominator falls below $\tau$ times its peak is recomputed.
 REFRESH_RATIO = 1.0 / 16.0
 
+# Rule 1: a row whose new score exceeds its shift $m_i$ by more than this is recomputed.
+MAX_GROWTH = 40.0
+
 # When many rows need recomputing, at most this many `(batch, head)` pairs are recomputed in one
 # batched product, so that the `[pairs, n, n]` score block stays small (about 64 MiB at $n = 1024$).
 _REFRESH_PAIRS_PER_CHUNK = 16
@@ -140,50 +147,49 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
 # ## The exact statistics of some rows
 #
 # For queries `q` `[..., rows, head_dim]` over keys and values `[..., n_keys, head_dim]`, return the
-# shifted numerators $\tilde N$, denominators $\tilde D$ and maxima $m$ in float32. `mask` is `None`
+# shifted numerators $\tilde N$, denominators $\tilde D$ and maxima $m$ in `dtype` (float32, or
+# float64 for float64 inputs). `mask` is `None`
 # or an additive `[n_keys]` mask ($-\infty$ on slots of the ring that hold no token yet).
 def exact_row_state(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                    mask: torch.Tensor | None = None):
-    """Float32 `(numerator, denominator, max)` of softmax attention for the rows `q`."""
+                    mask: torch.Tensor | None = None, dtype: torch.dtype = torch.float32):
+    """`(numerator, denominator, max)` of softmax attention for the rows `q`, computed in `dtype`."""
     # `[..., rows, n_keys]`
-    s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    s = torch.matmul(q.to(dtype), k.to(dtype).transpose(-1, -2)) * scale
     if mask is not None:
         s = s + mask
     m = s.amax(-1)
     w = torch.exp(s - m.unsqueeze(-1))
-    return torch.matmul(w, v.float()), w.sum(-1), m
+    return torch.matmul(w, v.to(dtype)), w.sum(-1), m
 
 
 # ## The retroactive update, readable
 #
-# One step for all rows of a window, on the float32 state of rule 1. `s_in`, `s_out` are the
-# `[..., rows]` scores of each row's query with the arriving and the leaving key (`s_out` is `None`
-# while the window is still filling and no key leaves); `v_in`, `v_out` are `[..., head_dim]`.
-# Returns the new `(num, den, max, peak)` and the mask of rows that rule 2 says to recompute.
+# One step for all rows of a window, on the float32 state of rule 1, **in place**: `num`
+# `[..., rows, head_dim]`, `den`, `mx`, `peak` `[..., rows]`. `s_in`, `s_out` are the `[..., rows]`
+# scores of each row's query with the arriving and the leaving key (`s_out` is `None` while the
+# window is still filling and no key leaves); `v_in`, `v_out` are `[..., head_dim]`. Returns the
+# mask of rows that rules 1 and 2 say to recompute (their values are then meaningless).
 def retroactive_update(num, den, mx, peak, s_in, v_in, s_out=None, v_out=None, tau: float = REFRESH_RATIO):
-    """One stabilised retroactive step: new `(num, den, max, peak)` and the rows to recompute."""
-    # $m' = \max(m, s_\text{in})$ and the factor $e^{m - m'} \le 1$ that moves the old sums to the new shift.
-    new_mx = torch.maximum(mx, s_in)
-    rescale = torch.exp(mx - new_mx)
-    w_in = torch.exp(s_in - new_mx)
-    # The term that arrives, added before the one that leaves is taken away: the peak of rule 2
-    # is the largest the sum was before the subtraction.
-    den_added = den * rescale + w_in
-    new_peak = torch.maximum(peak * rescale, den_added)
+    """One stabilised retroactive step, in place on `(num, den, peak)`; returns the rows to recompute."""
+    # $e^{s_\text{in} - m_i}$, and $e^{s_\text{out} - m_i} \le e^{\text{MAX\_GROWTH}}$ since the leaving
+    # key was checked when it arrived.
+    grow = s_in - mx
+    w_in = torch.exp(grow)
+    # The term that arrives is added before the one that leaves is taken away: the peak of rule 2
+    # is the largest the sum was before a subtraction.
+    den.add_(w_in)
+    torch.maximum(peak, den, out=peak)
     if s_out is None:
-        new_num = num * rescale.unsqueeze(-1) + w_in.unsqueeze(-1) * v_in.unsqueeze(-2)
-        new_den = den_added
+        num.add_(w_in.unsqueeze(-1) * v_in.unsqueeze(-2))
     else:
-        # $s_\text{out} \le m \le m'$, so $e^{s_\text{out} - m'} \le 1$ never overflows either.
-        w_out = torch.exp(s_out - new_mx)
-        # `[..., rows, 2] @ [..., 2, head_dim]`: both terms of the numerator in one batched product.
+        w_out = torch.exp(s_out - mx)
+        den.sub_(w_out)
+        # `[..., rows, 2] @ [..., 2, head_dim]`: both terms of every numerator in one batched product.
         coef = torch.stack((w_in, -w_out), dim=-1)
         vs = torch.stack((v_in, v_out), dim=-2)
-        new_num = torch.baddbmm(num.flatten(0, -3) * rescale.flatten(0, -2).unsqueeze(-1),
-                                coef.flatten(0, -3), vs.flatten(0, -3)).view_as(num)
-        new_den = den_added - w_out
-    stale = ~(new_den >= tau * new_peak)  # also true for nan
-    return new_num, new_den, new_mx, new_peak, stale
+        num.view(-1, *num.shape[-2:]).baddbmm_(coef.view(-1, *coef.shape[-2:]), vs.view(-1, 2, vs.shape[-1]))
+    # `~(a >= b)` is also true where `den` is nan.
+    return ~(den >= tau * peak) | (grow > MAX_GROWTH)
 
 
 class _ContinualMultiheadAttention(nn.MultiheadAttention):
@@ -250,6 +256,11 @@ class _ContinualMultiheadAttention(nn.MultiheadAttention):
         self._q = None       # `[batch, n_heads, sequence_len, head_dim]` (when queries are needed later)
         self._row = None     # retroactive per-row state
 
+    @staticmethod
+    def _state_dtype(like: torch.Tensor) -> torch.dtype:
+        # float32 for float32, bf16 and fp16 streams; float64 stays float64.
+        return torch.promote_types(like.dtype, torch.float32)
+
     def _needs_query_ring(self) -> bool:
         return self._retroactive or self.query_index != self.sequence_len - 1
 
@@ -265,7 +276,7 @@ class _ContinualMultiheadAttention(nn.MultiheadAttention):
         if self._needs_query_ring():
             self._q = torch.zeros(batch, h, n, d, device=like.device, dtype=like.dtype)
         if self._retroactive:
-            f32 = dict(device=like.device, dtype=torch.float32)
+            f32 = dict(device=like.device, dtype=self._state_dtype(like))
             self._row = dict(num=torch.zeros(batch, h, n, d, **f32), den=torch.zeros(batch, h, n, **f32),
                              max=torch.full((batch, h, n), -math.inf, **f32), peak=torch.zeros(batch, h, n, **f32))
 
@@ -273,12 +284,18 @@ class _ContinualMultiheadAttention(nn.MultiheadAttention):
     #
     # `query`, `key`, `value` are `[batch, d_model]` (`kdim`, `vdim`). For self-attention with equal
     # dimensions this is one matrix product with the stacked `[3 d_model, d_model]` weight. Returns
-    # three `[batch, n_heads, head_dim]` tensors.
+    # three `[batch, n_heads, head_dim]` tensors and $k, v$ as one `[2, batch, n_heads, head_dim]`
+    # tensor (a view of the product when it is fused), ready to be copied into the ring at once.
     def _project(self, query, key, value):
         b, h, d, e = query.shape[0], self.num_heads, self.head_dim, self.embed_dim
+        # A token sliced out of a `[batch, seq_len, d_model]` stream is strided; some CPU matrix
+        # kernels are a hundred times slower on it than on a contiguous copy of `batch * d_model`.
+        query = query.contiguous()
+        key = None if key is None else key.contiguous()
+        value = None if value is None else value.contiguous()
         if key is None and value is None and self._qkv_same_embed_dim:
             qkv = F.linear(query, self.in_proj_weight, self.in_proj_bias).view(b, 3, h, d)
-            return qkv[:, 0], qkv[:, 1], qkv[:, 2]
+            return qkv[:, 0], qkv[:, 1], qkv[:, 2], qkv[:, 1:].transpose(0, 1)
         key = query if key is None else key
         value = key if value is None else value
         bias = self.in_proj_bias
@@ -293,8 +310,8 @@ class _ContinualMultiheadAttention(nn.MultiheadAttention):
             fail("key", f"shape {tuple(key.shape)}", f"[batch={b}, kdim={self.kdim}]")
         if value.shape != (b, self.vdim):
             fail("value", f"shape {tuple(value.shape)}", f"[batch={b}, vdim={self.vdim}]")
-        return (F.linear(query, wq, bq).view(b, h, d), F.linear(key, wk, bk).view(b, h, d),
-                F.linear(value, wv, bv).view(b, h, d))
+        k, v = F.linear(key, wk, bk).view(b, h, d), F.linear(value, wv, bv).view(b, h, d)
+        return F.linear(query, wq, bq).view(b, h, d), k, v, torch.stack((k, v))
 
     def _check_step(self, query):
         check_tensor("query", query, ndim=2, layout=f"[batch, embed_dim={self.embed_dim}]", floating=True)
@@ -402,12 +419,12 @@ class SingleOutputMultiheadAttention(_ContinualMultiheadAttention):
         if self._kv is None:
             self._allocate(b, query)
         # `[batch, n_heads, head_dim]` each
-        q, k, v = self._project(query, key, value)
+        q, k, v, kv = self._project(query, key, value)
         slot = t % n
         ring = self._kv[:, :, :, slot]  # `[2, batch, n_heads, head_dim]`, a view into the ring
         saved = None if update_state else (ring.clone(), None if self._q is None else self._q[:, :, slot].clone())
         # The in-place write that replaces the token leaving the window (one copy kernel).
-        ring.copy_(torch.stack((k, v)))
+        ring.copy_(kv)
         if self._q is not None:
             self._q[:, :, slot] = q
         out = None
@@ -461,14 +478,15 @@ class RetroactiveMultiheadAttention(_ContinualMultiheadAttention):
         if self._kv is None:
             self._allocate(b, query)
         scale = 1.0 / math.sqrt(d)
-        q, k, v = self._project(query, key, value)
+        sd = self._state_dtype(query)
+        q, k, v, kv = self._project(query, key, value)
         slot = t % n
         full_before = t >= n
         ring = self._kv[:, :, :, slot]
         saved = None if update_state else (ring.clone(), self._q[:, :, slot].clone())
         # The key and value that leave (`[batch, n_heads, head_dim]`), copied before they are overwritten.
-        k_out, v_out = (ring[0].float().clone(), ring[1].float().clone()) if full_before else (None, None)
-        ring.copy_(torch.stack((k, v)))
+        k_out, v_out = (ring[0].to(sd, copy=True), ring[1].to(sd, copy=True)) if full_before else (None, None)
+        ring.copy_(kv)
         self._q[:, :, slot] = q
         # With `update_state=False` the step works on a copy of the per-row state.
         st = self._row if update_state else {name: x.clone() for name, x in self._row.items()}
@@ -478,26 +496,22 @@ class RetroactiveMultiheadAttention(_ContinualMultiheadAttention):
         rows = slice(0, n) if full_before else slice(0, t)
         stale = None
         if rows.stop > 0:
-            qr = self._q[:, :, rows].float()  # `[batch, n_heads, rows, head_dim]`
+            qr = self._q[:, :, rows].to(sd)  # `[batch, n_heads, rows, head_dim]`
             if full_before:
                 # Both scores of every row in one batched product: `[batch, n_heads, rows, 2]`.
-                s = torch.matmul(qr, torch.stack((k.float(), k_out), dim=-1)) * scale
+                s = torch.matmul(qr, torch.stack((k.to(sd), k_out), dim=-1)) * scale
                 s_in, s_out = s[..., 0], s[..., 1]
             else:
-                s_in, s_out = torch.matmul(qr, k.float().unsqueeze(-1)).squeeze(-1) * scale, None
-            old = [st[name][:, :, rows] for name in ("num", "den", "max", "peak")]
-            *new, stale = retroactive_update(*old, s_in, v.float(), s_out, v_out)
-            for name, val in zip(("num", "den", "max", "peak"), new):
-                if full_before:
-                    st[name] = val  # the whole state: take the new tensor, no copy
-                else:
-                    st[name][:, :, rows] = val
+                s_in, s_out = torch.matmul(qr, k.to(sd).unsqueeze(-1)).squeeze(-1) * scale, None
+            # Views of the state: the update writes straight into it.
+            num, den, mx, peak = (st[name][:, :, rows] for name in ("num", "den", "max", "peak"))
+            stale = retroactive_update(num, den, mx, peak, s_in, v.to(sd), s_out, v_out)
             if not full_before:
                 stale = F.pad(stale, (0, n - t))
             stale[:, :, slot] = False  # recomputed exactly just below
         mask = self._mask(t + 1, query)
         # The new token's row, exactly: `[batch, n_heads, 1, head_dim]` and `[batch, n_heads, 1]`.
-        n_new, d_new, m_new = exact_row_state(q.unsqueeze(2), self._kv[0], self._kv[1], scale, mask)
+        n_new, d_new, m_new = exact_row_state(q.unsqueeze(2), self._kv[0], self._kv[1], scale, mask, sd)
         st["num"][:, :, slot] = n_new[:, :, 0]
         st["den"][:, :, slot] = d_new[:, :, 0]
         st["max"][:, :, slot] = m_new[:, :, 0]
@@ -509,12 +523,13 @@ class RetroactiveMultiheadAttention(_ContinualMultiheadAttention):
 
         out = None
         if t + 1 >= n:
-            # `[batch, n_heads, n, head_dim]` in ring order, then oldest first into `[batch, n, n_heads, head_dim]`.
-            o = (num / den.unsqueeze(-1)).to(query.dtype)
+            # $N_i / D_i$, `[batch, n_heads, n, head_dim]` in ring order, divided straight into
+            # `[batch, n, n_heads, head_dim]` oldest first (two slices, no extra copy).
             first = (t + 1) % n
             heads = torch.empty(b, n, h, d, device=query.device, dtype=query.dtype)
-            heads[:, :n - first] = o[:, :, first:].transpose(1, 2)
-            heads[:, n - first:] = o[:, :, :first].transpose(1, 2)
+            for dst, src in ((heads[:, :n - first], slice(first, n)), (heads[:, n - first:], slice(0, first))):
+                if dst.shape[1]:
+                    torch.div(num[:, :, src], den[:, :, src].unsqueeze(-1), out=dst.transpose(1, 2))
             out = F.linear(heads.view(b, n, self.embed_dim), self.out_proj.weight, self.out_proj.bias)
             if self.embed_dim_second:
                 out = out.transpose(1, 2)
@@ -536,7 +551,7 @@ class RetroactiveMultiheadAttention(_ContinualMultiheadAttention):
             bi, hi = pairs[c:c + _REFRESH_PAIRS_PER_CHUNK].unbind(-1)
             # `[pairs, n, head_dim]` over `[pairs, n + extra, head_dim]`
             e_num, e_den, e_max = exact_row_state(self._q[bi, hi], self._kv[0][bi, hi], self._kv[1][bi, hi],
-                                                  scale, mask)
+                                                  scale, mask, num.dtype)
             sel = stale[bi, hi]
             num[bi, hi] = torch.where(sel.unsqueeze(-1), e_num, num[bi, hi])
             den[bi, hi] = torch.where(sel, e_den, den[bi, hi])
@@ -688,21 +703,26 @@ class ContinualTransformerEncoder(nn.Module):
 
 # ## FLOPs, from the paper's formulas
 #
-# Operations per step of the attention itself (projections excluded) for one layer with window
-# $n$ and width `d` (summed over heads, so the head count drops out), the way the paper counts
-# them: a multiply-accumulate, an exponential or a division is one operation.
+# The paper counts the multiplications of one step of dot-product attention for one head with
+# window $n$ and head dimension $d$ (projections excluded, since they are the same per token for
+# all three):
+#
+# * regular attention over the window, $QK^\top$, $AV$, the scaling and the normalisation:
+#   $2n^2d + 2nd$;
+# * retroactive: the new row and column of scores, the in and out updates of every row's
+#   numerator and denominator, and the $n$ normalised rows: $7nd + 2n - 3d$;
+# * single-output: one query against $n$ keys and values: $2nd + 2d$.
+#
+# (The continual-inference library reports the same counts.) Regular over retroactive tends to
+# $2n/7$, regular over single-output to $n$.
 def attention_flops(n: int, d: int, kind: str) -> int:
-    """Operations per step of regular (`"regular"`), retroactive or single-output attention."""
+    """Multiplications per step and head of `"regular"`, `"retroactive"` or `"single_output"` attention."""
     check_int("n", n, min_value=1)
     check_int("d", d, min_value=1)
     if kind == "regular":
-        # $QK^\top$, softmax exponentials and divisions, and the product with $V$: $2n^2d + 2n^2$.
-        return 2 * n * n * d + 2 * n * n
+        return 2 * n * n * d + 2 * n * d
     if kind == "retroactive":
-        # New row ($nd$ + $n$ exp + $nd$), one in and one out score per old row ($2nd$), their
-        # exponentials ($2n$), numerator updates ($2nd$), denominators ($2n$) and $nd$ divisions.
-        return 7 * n * d + 4 * n
+        return 7 * n * d + 2 * n - 3 * d
     if kind == "single_output":
-        # One query over $n$ keys: scores $nd$, $n$ exponentials, weighted sum $nd$, $d$ divisions.
-        return 2 * n * d + n + d
+        return 2 * n * d + 2 * d
     fail("kind", kind, "'regular', 'retroactive' or 'single_output'")

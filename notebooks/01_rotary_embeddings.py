@@ -318,7 +318,9 @@ else:
 
 # %% [markdown]
 # The goal for the fast path: at least 90 % of the copy bandwidth, and at least 10 times faster
-# than the naive per-call version.
+# than the naive per-call version. Two rows measure it: the module called on a tensor (its Python
+# checks and table lookup included, which at 0.2 ms per call is not free), and the compiled kernel
+# alone, which is what remains when the module runs inside a model compiled as a whole.
 
 # %% tags=["gpu-only", "nbval-ignore-output"]
 if device.type == "cuda":
@@ -327,10 +329,13 @@ if device.type == "cuda":
     if fast_r is None:
         print("the fast path failed to compile:", by_name["fast module (torch.compile) (failed)"].extra["error"])
     else:
-        fraction = fast_r.bytes_moved / (fast_r.ms * 1e-3) / 1e9 / ceilings(device).copy_gbps
-        speedup = naive_r.ms / fast_r.ms
-        print(f"fast path: {fraction:.0%} of copy bandwidth (goal >= 90%): {fraction >= 0.9}")
-        print(f"fast path: {speedup:.1f}x the naive version (goal >= 10x): {speedup >= 10}")
+        for label, r in (("fast module", fast_r), ("compiled kernel only", by_name.get("fast path (compiled kernel only)"))):
+            if r is None:
+                continue
+            fraction = r.bytes_moved / (r.ms * 1e-3) / 1e9 / ceilings(device).copy_gbps
+            speedup = naive_r.ms / r.ms
+            print(f"{label}: {fraction:.0%} of copy bandwidth (goal >= 90%): {fraction >= 0.9}")
+            print(f"{label}: {speedup:.1f}x the naive version (goal >= 10x): {speedup >= 10}")
 else:
     print("needs a CUDA GPU")
 

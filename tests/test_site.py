@@ -10,6 +10,7 @@ from __future__ import annotations
 import filecmp
 import importlib.util
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO / "tests" / "fixtures" / "site"
 # The generator lives in `site/sitegen` (`site` is not a package: Python has a `site` module).
-sys.path.insert(0, str(REPO / "site"))
+sys.path.append(str(REPO / "site"))  # appended: `site/build.py` must not shadow a `build` module
 
 from sitegen.build import build, read_chapters, read_results, resolve_definition, results_rows  # noqa: E402
 from sitegen.errors import BuildError  # noqa: E402
@@ -81,7 +82,7 @@ def test_sections_pair_prose_with_the_code_that_follows_with_real_line_numbers()
         for n, text in s.code:
             assert lines[n - 1] == text
     by_prose = {s.prose[0][1].splitlines()[0] if s.prose else "": s for s in mod.sections}
-    scale_section = by_prose["## The scale"]
+    scale_section = by_prose[r"## The scale $1/\sqrt{d}$"]
     assert [t for _, t in scale_section.trimmed_code()] == ['SCALE_NOTE = "1 / sqrt(d)"']
     assert scale_section.prose[0][0] == line_of(TINY, "# ## The scale")
 
@@ -125,6 +126,14 @@ def test_definitions_and_imports_are_found():
 def test_syntax_error_names_file_and_line():
     with pytest.raises(BuildError, match=r"^annotated_src/bad\.py:3: syntax error"):
         parse_module("x = 1\n\ndef f(:\n    pass\n", path="annotated_src/bad.py", name="bad")
+
+
+def test_backslash_escape_in_a_non_raw_docstring_names_file_and_line():
+    source = 'def f():\n    """Logits\n\n    $q^\\top k$."""\n'
+    assert "\\top" in source  # the file holds a backslash and a t, which Python reads as a tab
+    with pytest.raises(BuildError, match=r"^m\.py:4: the docstring holds a tab"):
+        parse_module(source, path="m.py", name="m")
+    parse_module(source.replace('"""Logits', 'r"""Logits'), path="m.py", name="m")
 
 
 def test_highlight_keeps_one_html_string_per_line_and_links_names():
@@ -300,6 +309,9 @@ def test_build_output_files(built):
     assert search.startswith("window.SEARCH_INDEX = ")
     entries = json.loads(search[len("window.SEARCH_INDEX = "):].rstrip().rstrip(";"))
     assert any(e["u"].startswith("tiny.html#") and "softmax" in e["x"].lower() for e in entries)
+    # Search results show headings and text without LaTeX source.
+    assert any(e["h"] == "The scale 1 / √ d" for e in entries), sorted({e["h"] for e in entries})
+    assert not any(re.search(r"\$|\\[a-z]", e["h"] + e["t"] + e["x"]) for e in entries)
     for page in built.glob("*.html"):
         text = page.read_text()
         assert "http://" not in text.replace('xmlns="http://www.w3.org/1998/Math/MathML"', "")

@@ -30,7 +30,10 @@ ARTIFACTS = REPO / "test-artifacts" / "site"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-sys.path.insert(0, str(REPO / "site"))
+# The main site under test is the repository's; SITE_SRC_ROOT points it at another source root
+# (for example a copy with freshly executed notebooks).
+SRC_ROOT = Path(os.environ.get("SITE_SRC_ROOT") or REPO)
+sys.path.append(str(REPO / "site"))  # appended: `site/build.py` must not shadow a `build` module
 
 from sitegen.build import build  # noqa: E402
 
@@ -66,7 +69,7 @@ PAGE_REPORT_JS = r"""
     links: Array.from(document.querySelectorAll("a[href]")).map(a => a.href),
     ids: Array.from(document.querySelectorAll("[id]")).map(e => e.id),
     scrollWidth: document.documentElement.scrollWidth,
-    provenance: document.querySelector("#provenance") !== null,
+    provenance: document.querySelector("#nb-provenance") !== null,
     brokenImages: Array.from(document.images).filter(i => !i.complete || i.naturalWidth === 0).map(i => i.src),
   };
 }
@@ -77,7 +80,7 @@ PAGE_REPORT_JS = r"""
 def served(tmp_path_factory):
     """Both sites built under one directory and served over HTTP on 127.0.0.1."""
     root = tmp_path_factory.mktemp("served")
-    build(REPO, root / "repo" / "_build")
+    build(SRC_ROOT, root / "repo" / "_build")
     build(FIXTURE, root / "fixture" / "_build")
     handler = functools.partial(QuietHandler, directory=str(root))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
@@ -180,7 +183,7 @@ def check_theme_toggle(page, where: str, problems: list[str]):
 
 
 def check_search(page, where: str, query: str, problems: list[str]) -> list[str]:
-    page.fill("#search", query)
+    page.fill("#search-box", query)
     results = page.locator("#search-results a")
     try:
         results.first.wait_for(state="visible", timeout=3000)
@@ -188,7 +191,10 @@ def check_search(page, where: str, query: str, problems: list[str]) -> list[str]
         problems.append(f"{where}: no search results for {query!r}")
         return []
     hrefs = results.evaluate_all("els => els.map(a => a.href)")
-    page.fill("#search", "")
+    shown = page.locator("#search-results").inner_text()
+    if "$" in shown:
+        problems.append(f"{where}: raw LaTeX in the search results: {shown[:200]!r}")
+    page.fill("#search-box", "")
     return hrefs
 
 
@@ -253,7 +259,7 @@ def test_search_leads_to_the_section(served, browser):
     watch = Watch(page, base + "/")
     page.goto(f"{base}/fixture/_build/index.html")
     page.keyboard.press("/")
-    assert page.evaluate("document.activeElement.id") == "search"
+    assert page.evaluate("document.activeElement.id") == "search-box"
     page.keyboard.type("softmax weighted")
     first = page.locator("#search-results a").first
     first.wait_for(state="visible", timeout=3000)
@@ -263,10 +269,10 @@ def test_search_leads_to_the_section(served, browser):
     page.wait_for_url(re.compile(r"tiny\.html#"))
     target = page.evaluate("location.hash.slice(1)")
     assert page.locator(f"[id='{target}']").is_visible()
-    page.fill("#search", "zzzzqqq")
+    page.fill("#search-box", "zzzzqqq")
     assert "No results" in page.locator("#search-results").inner_text()
     page.screenshot(path=str(ARTIFACTS / "search-no-results.png"))
-    page.fill("#search", "attention checked")
+    page.fill("#search-box", "attention checked")
     page.locator("#search-results a").first.wait_for(state="visible", timeout=3000)
     page.screenshot(path=str(ARTIFACTS / "search-results.png"))
     assert not watch.problems, watch.problems
@@ -318,7 +324,8 @@ def test_copy_button_copies_the_code_without_line_numbers(served, browser):
 
 def test_print_style_stacks_and_hides_the_controls(served, browser):
     root, base = served
-    ctx = browser.new_context(viewport={"width": 1400, "height": 900})
+    # A reader in the dark theme still prints black on white.
+    ctx = browser.new_context(viewport={"width": 1400, "height": 900}, color_scheme="dark")
     page = ctx.new_page()
     page.goto(f"{base}/fixture/_build/tiny.html")
     page.emulate_media(media="print")
@@ -327,6 +334,9 @@ def test_print_style_stacks_and_hides_the_controls(served, browser):
     p = section.locator(".prose").bounding_box()
     c = section.locator(".code").bounding_box()
     assert c["y"] >= p["y"] + p["height"] - 1
+    assert page.evaluate("getComputedStyle(document.body).backgroundColor") == "rgb(255, 255, 255)"
+    assert page.evaluate("getComputedStyle(document.querySelector('.section > .code')).backgroundColor") in (
+        "rgb(255, 255, 255)", "rgba(0, 0, 0, 0)")
     page.pdf(path=str(ARTIFACTS / "fixture-tiny.pdf"))
     ctx.close()
 
@@ -341,7 +351,7 @@ def test_works_from_file_urls(tmp_path, browser):
         page.goto((out / name).as_uri())
         assert page.locator("math").count() > 0 or name == "index.html"
         assert page.evaluate("getComputedStyle(document.querySelector('.topbar')).position") == "sticky"  # CSS loaded
-    page.fill("#search", "softmax")
+    page.fill("#search-box", "softmax")
     page.locator("#search-results a").first.wait_for(state="visible", timeout=3000)
     page.locator("#search-results a").first.click()
     page.wait_for_url(re.compile(r"^file://.*tiny\.html#"))

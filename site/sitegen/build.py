@@ -165,13 +165,15 @@ def resolve_definition(modules: dict[str, Module], module: str, name: str, seen=
 
 def _plain(html_text: str) -> str:
     text = re.sub(r"<annotation[^>]*>.*?</annotation>", " ", html_text, flags=re.S)
+    text = re.sub(r'<a class="header-anchor"[^>]*>.*?</a>', " ", text, flags=re.S)
+    text = text.replace("<msqrt>", "√")
     text = re.sub(r"<[^>]+>", " ", text)
     return re.sub(r"\s+", " ", html.unescape(text)).strip()
 
 
 def render_module_page(mod: Module, chapter: dict | None, rel_path: str, link_map: dict | None = None,
                        modules: dict[str, Module] | None = None) -> Page:
-    r = Renderer(reserved_ids=set(mod.definitions) | {"top", "search", "main"}, link_map=link_map)
+    r = Renderer(reserved_ids=set(mod.definitions) | {"page-top", "page-main", "search-box", "search-results", "theme-toggle"}, link_map=link_map)
     # Names this module imports from another chapter or helper link to their definitions.
     code_links = {}
     for name in sorted(mod.imports):
@@ -186,7 +188,7 @@ def render_module_page(mod: Module, chapter: dict | None, rel_path: str, link_ma
         code = [{"n": n, "html": lines_html[n - 1], "anchor": def_lines.get(n)} for n, _ in s.trimmed_code()]
         sid = r.unique_id(f"s{s.first_line}")
         sections.append({"id": sid, "prose": prose, "code": code, "text": "\n".join(t for _, t in s.trimmed_code())})
-        heading = next((t for lvl, _, t in r.headings[::-1]), mod.title)
+        heading = _plain(next((t for lvl, _, t in r.headings[::-1]), html.escape(mod.title)))
         search.append({"t": mod.title, "h": heading, "u": f"{module_page_name(mod.name)}#{sid}",
                        "x": (_plain(prose) + " " + " ".join(
                            def_lines[c["n"]] for c in code if c["n"] in def_lines))[:600]})
@@ -197,7 +199,7 @@ def render_module_page(mod: Module, chapter: dict | None, rel_path: str, link_ma
 def render_notebook_page(nb: Notebook, modules: dict[str, Module], chapter: dict | None, rel_path: str,
                          title: str, root_names: frozenset = frozenset(),
                          link_map: dict | None = None) -> tuple[Page, list]:
-    r = Renderer(reserved_ids={"top", "search", "main", "provenance"}, link_map=link_map)
+    r = Renderer(reserved_ids={"page-top", "page-main", "search-box", "search-results", "theme-toggle", "nb-provenance"}, link_map=link_map)
     links = {}
     for name, (module, orig, cell, line) in sorted(nb.imports.items()):
         target = resolve_definition(modules, module, orig)
@@ -218,7 +220,10 @@ def render_notebook_page(nb: Notebook, modules: dict[str, Module], chapter: dict
         for o in row.outputs:
             if o.kind == "image":
                 images.append((o.content, o.data))
-                outputs.append({"kind": "image", "src": f"images/{o.content}", "cell": row.cell_index})
+                size = {}
+                if o.data[:8] == b"\x89PNG\r\n\x1a\n" and len(o.data) >= 24:  # the IHDR chunk: width, height
+                    size = {"width": int.from_bytes(o.data[16:20], "big"), "height": int.from_bytes(o.data[20:24], "big")}
+                outputs.append({"kind": "image", "src": f"images/{o.content}", "cell": row.cell_index, "size": size})
             elif o.kind == "markdown":
                 outputs.append({"kind": "html", "html": r.render(o.content, path=rel_path, first_line=nb.json_line(row.cell_index, 1) or 1)})
             elif o.kind in ("html", "svg"):
@@ -231,7 +236,9 @@ def render_notebook_page(nb: Notebook, modules: dict[str, Module], chapter: dict
             code = [{"n": i + 1, "html": h, "anchor": None} for i, h in enumerate(highlight_lines(row.code.rstrip("\n"), links))]
         rows.append({"id": rid, "prose": prose, "code": code, "text": (row.code or "").rstrip("\n"),
                      "outputs": outputs, "cell": row.cell_index, "count": row.execution_count})
-        heading = next((t for _, _, t in r.headings[::-1]), title)
+        heading = _plain(next((t for _, _, t in r.headings[::-1]), html.escape(title)))
+        if not prose.strip():
+            continue  # a code cell with no Markdown before it: found through the row above it
         search.append({"t": title, "h": heading, "u": f"{notebook_page_name(nb.name)}#{rid}",
                        "x": (_plain(prose) + " " + " ".join(o.get("text", "") for o in outputs))[:600]})
     ctx = {"nb": nb, "rows": rows, "chapter": chapter, "rel_path": rel_path,
@@ -253,7 +260,7 @@ def collect(root: Path) -> tuple[list[Page], list, list[tuple[str, str]]]:
         rel = p.relative_to(root).as_posix()
         notebooks[p.stem] = read_notebook(p.read_text(encoding="utf-8"), path=rel, name=p.stem)
 
-    index_renderer = Renderer(reserved_ids={"top", "search", "main", "chapters-h", "results-h", "others-h", "othernb-h"})
+    index_renderer = Renderer(reserved_ids={"page-top", "page-main", "search-box", "search-results", "theme-toggle", "chapters-h", "results-h", "others-h", "othernb-h"})
 
     def summary_html(m: Module) -> str:
         return index_renderer.render_inline(m.summary, path=m.path, line=m.intro_line) if m.summary else ""
@@ -297,17 +304,17 @@ def collect(root: Path) -> tuple[list[Page], list, list[tuple[str, str]]]:
         images += imgs
 
     # The index.
-    init = modules.get("__init__")
     intro_html, intro_title = "", SITE_NAME
     if init_path.exists():
         intro_title = pkg.front.get("title", SITE_NAME)
         # The H1 is the page's own heading: show the rest of the docstring.
-        intro = re.sub(r"\A\s*#\s+[^\n]*\n", "", pkg.intro)
-        intro_html = index_renderer.render(intro, path="annotated_src/__init__.py", first_line=pkg.intro_line)
+        h1 = re.match(r"\A\s*#\s+[^\n]*\n", pkg.intro)
+        intro = pkg.intro[h1.end():] if h1 else pkg.intro
+        intro_html = index_renderer.render(intro, path="annotated_src/__init__.py",
+                                           first_line=pkg.intro_line + (h1.group(0).count("\n") if h1 else 0))
         summary = pkg.summary
     else:
         summary = ""
-    del init
     in_chapters = {c[0] for c in chapters}
     others = [{"page": module_page_name(n), "title": m.title, "summary": summary_html(m), "name": n}
               for n, m in modules.items() if n not in in_chapters]
@@ -322,10 +329,12 @@ def collect(root: Path) -> tuple[list[Page], list, list[tuple[str, str]]]:
                  "torch": results.get("torch", ""), "date": results.get("date", ""),
                  "copy_gbps": ceil.get("copy_gbps"), "matmul_tflops": ceil.get("matmul_tflops"),
                  "failures": results.get("failures") or {}}
-    index_ctx = {"intro": intro_html, "intro_title": intro_title, "chapters": chapter_list,
+    index_ctx = {"site_name": intro_title, "intro": intro_html, "intro_title": intro_title, "chapters": chapter_list,
                  "others": others, "other_notebooks": other_nbs, "bench": bench}
     index_search = [{"t": intro_title, "h": c["title"], "u": "index.html", "x": c["summary"]} for c in chapter_list]
     pages.insert(0, Page("index.html", intro_title, summary, "index", index_ctx, index_search))
+    for page in pages:
+        page.context.setdefault("site_name", intro_title)
     downloads = [(f"notebooks/{n}.ipynb", nb.raw) for n, nb in notebooks.items()]
     return pages, images, downloads
 
@@ -356,7 +365,7 @@ def write_site(root: Path, out: Path) -> list[str]:
 
     for page in pages:
         template = env.get_template(f"{page.kind}.html")
-        put(page.file, template.render(page=page, nav=nav, site_name=SITE_NAME, **page.context))
+        put(page.file, template.render(page=page, nav=nav, **page.context))
     for name, blob in images:
         put(f"images/{name}", blob)
     for rel, raw in downloads:

@@ -52,5 +52,6 @@ def pygments_css() -> str:
         keep = [line for line in css.splitlines() if " .code ." in line or line.startswith(".code .")
                 or "] .code ." in line or ") .code ." in line]
         return "\n".join(line for line in keep if "background" not in line.split("{")[1] or "color" in line)
-    return (tokens_only(light) + "\n" + tokens_only(dark) + "\n@media (prefers-color-scheme: dark) {\n"
-            + tokens_only(dark_auto) + "\n}\n")
+    # The dark colours are for the screen only: a printed page is always light.
+    return (tokens_only(light) + "\n@media screen {\n" + tokens_only(dark) + "\n}\n"
+            + "@media screen and (prefers-color-scheme: dark) {\n" + tokens_only(dark_auto) + "\n}\n")

@@ -69,7 +69,7 @@ class Renderer:
         self.ids: set[str] = set(reserved_ids or ())
         # Relative links in prose to a source file or a notebook -> the page of the site that shows it.
         self.link_map = link_map or {}
-        self.headings: list[tuple[int, str, str]] = []  # (level, id, text) for the search index
+        self.headings: list[tuple[int, str, str]] = []  # (level, id, inline HTML) for the search index
         self.md = (MarkdownIt("commonmark", {"html": True, "typographer": False, "highlight": _highlight_fence})
                    .enable(["table", "strikethrough"])
                    .use(front_matter_plugin)
@@ -116,16 +116,17 @@ class Renderer:
             if tok.type in ("math_block", "math_block_label"):
                 tok.type, tok.content = "html_block", latex_to_mathml(
                     tok.content, display=True, path=path, line=line) + "\n"
-            if tok.type == "heading_open" and i + 1 < len(tokens):
-                self.headings.append((int(tok.tag[1]), "", tokens[i + 1].content))
             for child in tok.children or ():
                 if child.type == "link_open" and self.link_map:
                     child.attrSet("href", self._rewrite(str(child.attrGet("href") or "")))
                 if child.type in ("math_inline", "math_inline_double"):
                     child.type, child.content = "html_inline", latex_to_mathml(
                         child.content, display=child.type == "math_inline_double", path=path, line=line)
-        out = self.md.renderer.render(tokens, self.md.options, env)
-        return out
+        for i, tok in enumerate(tokens[:-1]):
+            if tok.type == "heading_open":
+                inline = self.md.renderer.renderInline(tokens[i + 1].children or [], self.md.options, env)
+                self.headings.append((int(tok.tag[1]), str(tok.attrGet("id") or ""), inline))
+        return self.md.renderer.render(tokens, self.md.options, env)
 
 
 def split_front_matter(text: str, *, path: str, first_line: int = 1) -> tuple[dict, str, int]:

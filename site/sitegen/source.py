@@ -89,6 +89,26 @@ def _top_level(body: list[ast.stmt]):
                                   + [x for h in node.handlers for x in h.body])
 
 
+_ESCAPED = {"\t": "tab (\\t, as in \\top or \\tau)", "\b": "backspace (\\b, as in \\beta)",
+            "\f": "form feed (\\f, as in \\frac)", "\a": "bell (\\a, as in \\alpha)",
+            "\v": "vertical tab (\\v, as in \\vec)", "\r": "carriage return (\\r, as in \\rho)"}
+
+
+def _check_docstring(node: ast.Expr, path: str) -> str:
+    """The docstring's text; a control character read from a backslash escape stops the build.
+
+    In a docstring that is not a raw string, `\\top` is a tab followed by `op`: the LaTeX would be
+    silently wrong on the page.
+    """
+    value = node.value.value
+    for i, ch in enumerate(value):
+        if ch in _ESCAPED:
+            line = node.lineno + value[:i].count("\n")
+            raise BuildError(path, line, f"the docstring holds a {_ESCAPED[ch]} character read from a backslash "
+                             "escape: write it as a raw string r\"\"\"...\"\"\" or double the backslash")
+    return value
+
+
 def _comment_lines(source: str, path: str) -> dict[int, str]:
     """Line number -> text of every line that holds nothing but a comment."""
     out = {}
@@ -119,7 +139,7 @@ def parse_module(source: str, *, path: str, name: str) -> Module:
     doc = _docstring_of(tree)
     if doc is not None:
         skip.update(range(doc.lineno, doc.end_lineno + 1))
-        front, intro, intro_line = split_front_matter(inspect.cleandoc(doc.value.value) + "\n", path=path,
+        front, intro, intro_line = split_front_matter(inspect.cleandoc(_check_docstring(doc, path)) + "\n", path=path,
                                                       first_line=doc.lineno + 1)
     else:
         front = {}
@@ -149,7 +169,7 @@ def parse_module(source: str, *, path: str, name: str) -> Module:
             d = _docstring_of(node)
             if d is not None and d.lineno > node.lineno:
                 header = min([node.lineno] + [x.lineno for x in node.decorator_list])
-                docstrings[d.lineno] = (d.end_lineno, header, inspect.cleandoc(d.value.value))
+                docstrings[d.lineno] = (d.end_lineno, header, inspect.cleandoc(_check_docstring(d, path)))
 
     sections = [Section(prose=[(intro_line, intro)] if intro.strip() else [])]
     n = 1

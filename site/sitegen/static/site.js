@@ -51,7 +51,7 @@
   });
 
   // Search: every term must appear; a match in the title or heading ranks first.
-  var input = document.getElementById("search");
+  var input = document.getElementById("search-box");
   var list = document.getElementById("search-results");
   var index = window.SEARCH_INDEX || [];
   var prepared = index.map(function (e) {
