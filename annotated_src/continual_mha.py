@@ -42,7 +42,7 @@ keys), keep for each query $i$ of the window its numerator and denominator
 $$N_i = \sum_j e^{s_{ij}} v_j, \qquad D_i = \sum_j e^{s_{ij}}, \qquad s_{ij} = q_i^\top k_j / \sqrt{d},$$
 
 and when key $k_\text{out}$ leaves and $k_\text{in}$ arrives update each of them by one term out
-and one term in (the paper's Eqs. 13 to 17):
+and one term in:
 
 $$N_i \leftarrow N_i - e^{s_{i,\text{out}}} v_\text{out} + e^{s_{i,\text{in}}} v_\text{in}, \qquad
 D_i \leftarrow D_i - e^{s_{i,\text{out}}} + e^{s_{i,\text{in}}},$$
@@ -67,7 +67,7 @@ We fix both with three rules, each a test:
    largest score of the row when it was last computed exactly:
    $\tilde N_i = \sum_j e^{s_{ij} - m_i} v_j$ and $\tilde D_i = \sum_j e^{s_{ij} - m_i}$, which
    leaves the quotient unchanged. A step adds $e^{s_{i,\text{in}} - m_i}$ and subtracts
-   $e^{s_{i,\text{out}} - m_i}$; the leaving score was in the row, so its term is finite, and an
+   $e^{s_{i,\text{out}} - m_i}$; the leaving key was checked when it arrived, so its term is finite, and an
    arriving score may exceed $m_i$ by up to `MAX_GROWTH` $= 40$ ($e^{40} \approx 2 \cdot 10^{17}$,
    far below float32's $3.4 \cdot 10^{38}$ even summed over thousands of keys). A larger jump marks
    the row for exact recomputation, which resets $m_i$. Keeping the shift fixed between exact
@@ -288,11 +288,6 @@ class _ContinualMultiheadAttention(nn.MultiheadAttention):
     # tensor (a view of the product when it is fused), ready to be copied into the ring at once.
     def _project(self, query, key, value):
         b, h, d, e = query.shape[0], self.num_heads, self.head_dim, self.embed_dim
-        # A token sliced out of a `[batch, seq_len, d_model]` stream is strided; some CPU matrix
-        # kernels are a hundred times slower on it than on a contiguous copy of `batch * d_model`.
-        query = query.contiguous()
-        key = None if key is None else key.contiguous()
-        value = None if value is None else value.contiguous()
         if key is None and value is None and self._qkv_same_embed_dim:
             qkv = F.linear(query, self.in_proj_weight, self.in_proj_bias).view(b, 3, h, d)
             return qkv[:, 0], qkv[:, 1], qkv[:, 2], qkv[:, 1:].transpose(0, 1)

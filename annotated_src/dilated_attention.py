@@ -618,7 +618,7 @@ class _DistributedDilatedFn(torch.autograd.Function):
         out = acc.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, total)
         ctx.cfg = (ws, rs, is_causal, scale, group)
-        ctx.auxes = auxes
+        ctx.auxes, ctx.stats = auxes, stats
         return out
 
     @staticmethod
@@ -645,6 +645,10 @@ class _DistributedDilatedFn(torch.autograd.Function):
                 continue
             ks, vs = _gather(k, n, r), _gather(v, n, r)
             kv_all = _all_gather(torch.stack([ks, vs]), group)
+            if ctx.stats is not None:
+                # The re-gather, and the gradients of the other ranks' keys and values sent home.
+                ctx.stats["bytes_sent_backward"] = ctx.stats.get("bytes_sent_backward", 0) + \
+                    2 * kv_all[0].numel() * kv_all.element_size() * (world - 1)
             dkv_all = torch.zeros(kv_all.shape, dtype=gdt, device=q.device)
             first = rank - rank % (w // n)
             last = rank if is_causal else first + w // n - 1
@@ -668,7 +672,9 @@ def distributed_dilated_attention(q, k, v, segment_lengths, dilation_rates, *, i
     `q`, `k`, `v` are this rank's `[batch, n, n_heads, head_dim]`, positions `rank * n` to
     `(rank + 1) * n - 1`. Each segment length must divide `n` or be a multiple of it, and each rate
     of a spanning pattern must divide `n`. Returns this rank's slice of the output. If `stats` is a
-    dict, `stats["bytes_sent"]` accumulates the bytes this rank sends in the forward's all-gathers.
+    dict, `stats["bytes_sent"]` accumulates the bytes this rank sends in the forward's all-gathers
+    and `stats["bytes_sent_backward"]` those of the backward (in the simple model where a rank
+    sends its block to each other rank).
     """
     import torch.distributed as dist
 

@@ -142,15 +142,28 @@ class KVCache(nn.Module):
         self.v_cache.zero_()
         self.cache_pos.sub_(self.cache_pos[0].clone())
 
-    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write `k`, `v` (`[batch, seq_len, num_kv_heads, head_dim]`) into the next free slots.
+    def update(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write `k`, `v` (`[batch, seq_len, num_kv_heads, head_dim]`) into the next free slots, or
+        into `slots` (`[seq_len]`, on the cache's device) if given.
 
         Returns the whole buffers for the first `batch` rows, `[batch, max_seq_len, num_kv_heads,
-        head_dim]`; slots not yet written hold zeros and must be masked by the caller.
+        head_dim]`; slots not yet written hold zeros and must be masked by the caller. With explicit
+        `slots` nothing is checked and the counter does not move: the caller (the decode step of
+        `generate`) has validated the lengths once, and keeps the bookkeeping.
         """
         batch, seq_len = k.shape[0], k.shape[1]
-        # The checks read the counter, a synchronisation; a compiled step skips them (its caller,
-        # `generate`, has checked the lengths once before the loop).
+        # The readable path writes at the counter and advances it. The decode step passes the slot
+        # as a tensor instead: a CUDA graph may then write the cache buffers, which never move, and
+        # mutates nothing else: no counter, so no in-place update of a graph input that could make
+        # the compiler give up on recording the step as a graph.
+        k_out = self.k_cache if batch == self.batch_size else self.k_cache[:batch]
+        v_out = self.v_cache if batch == self.batch_size else self.v_cache[:batch]
+        if slots is not None:
+            k_out.index_copy_(1, slots, k)
+            v_out.index_copy_(1, slots, v)
+            return k_out, v_out
+        # The checks read the counter, a synchronisation on a GPU.
         if not torch.compiler.is_compiling():
             check_tensor("k", k, ndim=4, layout="[batch, seq_len, num_kv_heads, head_dim]", floating=True)
             if k.shape[0] > self.batch_size:
@@ -164,7 +177,6 @@ class KVCache(nn.Module):
                 fail("k", f"{seq_len} new positions after {size} filled",
                      f"at most max_seq_len={self.max_seq_len} positions in all")
         slots = self.cache_pos[:seq_len]
-        k_out, v_out = self.k_cache[:batch], self.v_cache[:batch]
         k_out.index_copy_(1, slots, k)
         v_out.index_copy_(1, slots, v)
         self.cache_pos.add_(seq_len)
@@ -267,14 +279,17 @@ class MultiHeadAttention(nn.Module):
             self.kv_cache.reset()
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None, *, mask: torch.Tensor | None = None,
-                input_pos: torch.Tensor | None = None) -> torch.Tensor:
-        """`x` `[batch, seq_len, embed_dim]` attends to `y` `[batch, kv_len, embed_dim]` (or the cache)."""
+                input_pos: torch.Tensor | None = None, cache_slots: torch.Tensor | None = None) -> torch.Tensor:
+        """`x` `[batch, seq_len, embed_dim]` attends to `y` `[batch, kv_len, embed_dim]` (or the cache).
+
+        `cache_slots` (`[seq_len]`): write the new keys and values there, unchecked (see `KVCache.update`).
+        """
         batch, seq_len, _ = x.shape
         use_cache = self.kv_cache is not None and self.cache_enabled
         # `[batch, seq_len, n_heads, head_dim]`
         q = self.q_proj(x).view(batch, seq_len, self.num_heads, self.head_dim)
         if self.pos_embeddings is not None:
-            q = self.pos_embeddings(q, input_pos=input_pos)
+            q = self._rotate(q, input_pos, checked=cache_slots is None)
         if y is None:
             # Cross-attention on a later step: the encoder's keys and values are all in the cache.
             if not use_cache:
@@ -285,13 +300,13 @@ class MultiHeadAttention(nn.Module):
             k = self.k_proj(y).view(batch, y.shape[1], self.num_kv_heads, self.head_dim)
             v = self.v_proj(y).view(batch, y.shape[1], self.num_kv_heads, self.head_dim)
             if self.pos_embeddings is not None:
-                k = self.pos_embeddings(k, input_pos=input_pos)
+                k = self._rotate(k, input_pos, checked=cache_slots is None)
             if use_cache:
                 if not self.is_causal:
                     # New encoder output replaces the old one.
                     self.kv_cache.reset()
                 # `[batch, cache_len, n_kv_heads, head_dim]`, unwritten slots masked below
-                k, v = self.kv_cache.update(k, v)
+                k, v = self.kv_cache.update(k, v, cache_slots if self.is_causal else None)
         if use_cache and mask is None and not self.is_causal:
             # Cross-attention over a cache longer than the encoder's output: only written slots.
             mask = (torch.arange(k.shape[1], device=x.device) < self.kv_cache.cache_pos[0])[None].expand(seq_len, -1)
@@ -301,6 +316,19 @@ class MultiHeadAttention(nn.Module):
             out = grouped_query_attention(q, k, v, mask)
         # `[batch, seq_len, embed_dim]`
         return self.output_proj(out.reshape(batch, seq_len, self.num_heads * self.head_dim))
+
+    # The rotary module checks the range of `input_pos` on every call, which reads the positions
+    # back to the host: one synchronisation per layer and token. The decode step of `generate`
+    # (`checked=False`) has validated its positions once, before the loop, and takes the rotary
+    # tables' rows and the readable rotation directly. Any other rotary module is called as is.
+    def _rotate(self, x: torch.Tensor, input_pos: torch.Tensor | None, *, checked: bool) -> torch.Tensor:
+        from annotated_src.rope import RotaryPositionalEmbeddings, apply_rotary
+
+        rope = self.pos_embeddings
+        if checked or input_pos is None or type(rope) is not RotaryPositionalEmbeddings or rope.fast is not False:
+            return rope(x, input_pos=input_pos)
+        cos, sin = rope._cos_sin(x, input_pos)
+        return apply_rotary(x, cos, sin, interleaved=rope.interleaved)
 
 
 # ## Layers
@@ -336,9 +364,9 @@ class TransformerSelfAttentionLayer(_CachedLayer):
         self.attn.setup_cache(batch_size, dtype, decoder_max_seq_len)
 
     def forward(self, x: torch.Tensor, *, mask: torch.Tensor | None = None, input_pos: torch.Tensor | None = None,
-                **kwargs) -> torch.Tensor:
+                cache_slots: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         h = self.sa_norm(x)
-        h = x + self.attn(h, h, mask=mask, input_pos=input_pos)
+        h = x + self.attn(h, h, mask=mask, input_pos=input_pos, cache_slots=cache_slots)
         return h + self.mlp(self.mlp_norm(h))
 
 
@@ -479,11 +507,23 @@ class TransformerDecoder(nn.Module):
         cached = self.caches_are_enabled()
         if not torch.compiler.is_compiling():
             self._check_inputs(tokens, mask, encoder_input, encoder_mask, input_pos, cached)
+        return self._forward(tokens, mask=mask, encoder_input=encoder_input, encoder_mask=encoder_mask,
+                             input_pos=input_pos)
+
+    # `_forward` is `forward` without the checks, which read device values (the token ids, the
+    # positions, the caches' counters) and so synchronise with a GPU. The decode step of `generate`
+    # calls it with everything validated once before its loop, and with `cache_slots` `[seq_len]`,
+    # the cache slots to write: the caches' counters are then neither read nor advanced.
+    def _forward(self, tokens: torch.Tensor, *, mask: torch.Tensor | None = None,
+                 encoder_input: torch.Tensor | None = None, encoder_mask: torch.Tensor | None = None,
+                 input_pos: torch.Tensor | None = None, cache_slots: torch.Tensor | None = None):
+        cached = self.caches_are_enabled()
         seq_len = tokens.shape[1]
         if cached and self._self_caches():
             if input_pos is None:
-                # The next free slots are the positions (a copy: the caches advance their counters).
-                input_pos = self._self_caches()[0].cache_pos[:seq_len].clone()
+                # The slots about to be written are the positions (a copy: the caches advance their
+                # counters).
+                input_pos = cache_slots if cache_slots is not None else self._self_caches()[0].cache_pos[:seq_len].clone()
             if mask is None:
                 # `[seq_len, cache_len]` or `[batch, seq_len, cache_len]`, bottom-right aligned
                 mask = self.causal_mask[input_pos]
@@ -493,7 +533,8 @@ class TransformerDecoder(nn.Module):
         for i, layer in enumerate(self.layers):
             if i in self.output_hidden_states:
                 hidden.append(h)
-            h = layer(h, mask=mask, encoder_input=encoder_input, encoder_mask=encoder_mask, input_pos=input_pos)
+            h = layer(h, mask=mask, encoder_input=encoder_input, encoder_mask=encoder_mask, input_pos=input_pos,
+                      cache_slots=cache_slots)
         h = self.norm(h)
         # `[batch, seq_len, vocab]`, at least float32 for the softmax and the loss
         output = self.chunked_output(h) if self.num_output_chunks > 0 else _at_least_float32(self.output(h))
@@ -715,18 +756,36 @@ def causal_padding_mask(real: torch.Tensor, kv_len: int | None = None) -> torch.
 
 # ### The decode step
 #
-# One token per row through the cached model, the function that the fast path compiles. Its inputs
-# are tensors of fixed shapes: `tokens` `[batch, 1]`, `input_pos` `[batch, 1]`, `mask` `[batch, 1,
-# cache_len]`; the cache slot comes from the caches' own counters. Nothing the compiler guards on
-# changes from one token to the next, so it compiles once and, with `mode="reduce-overhead"`,
-# replays one CUDA graph per token. The prefill stays eager: it runs once per call, with a length
-# that depends on the prompt, and a compiled version would recompile for every new length.
+# One token per row through the cached model, the function that the fast path compiles. Every
+# input is a tensor of a fixed shape: `tokens` `[batch, 1]`, `input_pos` `[batch, 1]` (each row's
+# position, for RoPE), `slot` `[1]` (the cache column the new token is written to, shared by the
+# batch) and `keys` `[batch, cache_len]` (False on a row's left padding, the same for the whole
+# generation). The mask is built inside the step, $M_{r,j} = \text{keys}_{r,j} \wedge [\, j \le
+# \text{slot} \,]$, `[batch, 1, cache_len]`. What makes the step capturable as **one CUDA graph**:
+#
+# * nothing the compiler guards on changes from one token to the next (no Python integer that
+#   counts the tokens, no shape that grows), so it compiles once;
+# * it reads no device value on the host: no `.item()`, no `int(tensor)`, no checks (`generate`
+#   validates the lengths once, before the loop), so there is no synchronisation to break the graph;
+# * the only memory it writes in place is the caches' key and value buffers, which are allocated
+#   once and marked static (`mark_static_address`): a graph may update them where they lie. The
+#   caches' counters are not touched; the slot arrives as an input, and `generate` advances `slot`
+#   and `input_pos` itself, eagerly, between replays (gpt-fast's recipe). The inputs that change
+#   are copied into the graph's own input buffers at each replay, a few bytes.
+#
+# With `mode="reduce-overhead"` the step then replays one CUDA graph per token: one launch instead
+# of a few hundred. The prefill stays eager: it runs once per call, with a length that depends on
+# the prompt, and a compiled version would recompile for every new length.
 
 
 def decode_one_token(model: TransformerDecoder, tokens: torch.Tensor, input_pos: torch.Tensor,
-                     mask: torch.Tensor) -> torch.Tensor:
-    """Logits `[batch, vocab]` of the next token, appending `tokens` `[batch, 1]` to the caches."""
-    return model(tokens, input_pos=input_pos, mask=mask)[:, -1]
+                     slot: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Logits `[batch, vocab]` of the next token: `tokens` `[batch, 1]` at positions `input_pos`
+    `[batch, 1]`, written to cache slot `slot` `[1]`, attending to the slots `<= slot` where `keys`
+    `[batch, cache_len]` is True. Unchecked: the caller validates (as `generate` does)."""
+    # `[batch, 1, cache_len]`
+    mask = (keys & (torch.arange(keys.shape[1], device=keys.device) <= slot))[:, None, :]
+    return model._forward(tokens, input_pos=input_pos, mask=mask, cache_slots=slot)[:, -1]
 
 
 _compiled_decode_one_token = None
@@ -749,9 +808,9 @@ def compiled_decode_one_token():
 DECODE_INDUCTOR_CONFIG = {"coordinate_descent_tuning": True}
 
 
-def _step(step_fn, model, tokens, input_pos, mask, compiled: bool) -> torch.Tensor:
+def _step(step_fn, model, tokens, input_pos, slot, keys, compiled: bool) -> torch.Tensor:
     if not compiled:
-        return step_fn(model, tokens, input_pos, mask)
+        return step_fn(model, tokens, input_pos, slot, keys)
     import torch._inductor.config
 
     with torch._inductor.config.patch(DECODE_INDUCTOR_CONFIG):
@@ -759,8 +818,8 @@ def _step(step_fn, model, tokens, input_pos, mask, compiled: bool) -> torch.Tens
             # A CUDA graph's outputs live in memory its next replay overwrites: start a new step
             # and copy the logits out before anything else runs.
             torch.compiler.cudagraph_mark_step_begin()
-            return step_fn(model, tokens, input_pos, mask).clone()
-        return step_fn(model, tokens, input_pos, mask)
+            return step_fn(model, tokens, input_pos, slot, keys).clone()
+        return step_fn(model, tokens, input_pos, slot, keys)
 
 
 @torch.no_grad()
@@ -822,9 +881,14 @@ def generate(model: TransformerDecoder, prompt: torch.Tensor, *, max_new_tokens:
             # Prefill: the whole prompt in one eager pass, `[batch, prompt_len, cache_len]` mask.
             mask = causal_padding_mask(real, cache_len)
             logits = model(prompt, input_pos=positions, mask=mask)[:, -1]
-            slots = torch.arange(cache_len, device=prompt.device)
+            # `[batch, cache_len]`: every slot but the left padding; the step masks the slots past
+            # the new token.
             keys = torch.ones(batch, cache_len, dtype=torch.bool, device=prompt.device)
             keys[:, :prompt_len] = real
+            # The next token's slot `[1]` and positions `[batch, 1]`, advanced in place after each
+            # step, outside the compiled step.
+            slot = torch.full((1,), prompt_len, dtype=torch.long, device=prompt.device)
+            pos = positions[:, -1:] + 1
         else:
             seq_real, seq_pos = real, positions
             logits = model(prompt, input_pos=positions, mask=causal_padding_mask(real))[:, -1]
@@ -836,19 +900,20 @@ def generate(model: TransformerDecoder, prompt: torch.Tensor, *, max_new_tokens:
             out.append(token[:, None])
             if step == max_new_tokens - 1 or (stops.numel() and bool(finished.all())):
                 break
-            # `[batch, 1]`: one past each row's last position
-            pos = positions[:, -1:] + step + 1
             if cached:
                 # Slot `prompt_len + step` holds the new token; the row's pads stay hidden.
-                mask = (keys & (slots <= prompt_len + step))[:, None, :]
                 try:
-                    logits = _step(step_fn, model, token[:, None], pos, mask, compile)
+                    logits = _step(step_fn, model, token[:, None], pos, slot, keys, compile)
                 except Exception as e:  # the optional fast path must fail loudly, never silently
                     if not compile:
                         raise
                     raise RuntimeError(f"generate(compile=True): the compiled decode step failed ({type(e).__name__}: "
                                        f"{e}); compile=False runs the same step eagerly") from e
+                slot += 1
+                pos += 1
             else:
+                # `[batch, 1]`: one past each row's last position
+                pos = positions[:, -1:] + step + 1
                 # The readable reference: rerun everything, `[batch, seq_len]`.
                 seq = torch.cat(out, dim=1)
                 seq_real = torch.cat([seq_real, torch.ones_like(token[:, None], dtype=torch.bool)], dim=1)

@@ -60,9 +60,10 @@ for ax, title, mask in ((axes[0], "retroactive: new row and column", None),
     if mask is not None:
         shown[mask] = 0
     ax.imshow(shown, cmap=cmap, vmin=0, vmax=2)
-    ax.set_xticks(range(n_pic), [f"{j - n_pic + 2:+d}" if j else "t-6" for j in range(n_pic)], fontsize=7)
-    ax.set_yticks(range(n_pic), [f"t{j - n_pic + 2:+d}" for j in range(n_pic)], fontsize=7)
-    ax.set_xlabel("key position (relative to t)")
+    labels = [f"t{j - n_pic + 2:+d}" for j in range(n_pic)]
+    ax.set_xticks(range(n_pic), labels, fontsize=7)
+    ax.set_yticks(range(n_pic), labels, fontsize=7)
+    ax.set_xlabel("key position")
     ax.set_title(title, fontsize=10)
 axes[0].set_ylabel("query position")
 fig.suptitle("grey: already computed one step earlier; colour: new at step t+1", fontsize=10)
@@ -95,10 +96,12 @@ plt.show()
 #
 # the new query's row is computed in full, and the outputs are $N_i / D_i$. As written this
 # overflows for logits above 88 in float32 and cancels catastrophically when the leaving key
-# dominated a row. Our update (derived in the module) shifts each row by a running maximum
-# $m_i$, keeps the state in float32, and recomputes from the cached $q_i, K, V$ any row whose
-# denominator fell below $1/16$ of its peak; each row lives only $n$ steps, so no error can build
-# up over a long stream.
+# dominated a row. Our update (derived in the module) keeps each row's sums shifted by the
+# row's maximum score $m_i$ at its last exact computation, $\tilde N_i = \sum_j e^{s_{ij} - m_i}
+# v_j$, $\tilde D_i = \sum_j e^{s_{ij} - m_i}$ (the quotient is unchanged), in float32, and
+# recomputes from the cached $q_i, K, V$ any row whose new score exceeds $m_i$ by more than 40 or
+# whose denominator fell below $1/16$ of its peak. Each row lives only $n$ steps, so no error can
+# build up over a long stream.
 #
 # ## Every step equals regular attention
 #

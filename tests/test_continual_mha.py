@@ -13,6 +13,16 @@ from annotated_src.continual_mha import (ContinualTransformerEncoder, RecyclingP
 E, H, L, B = 16, 4, 6, 3
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    # The tensors here are tiny: more threads only add synchronisation, which on a busy 2-core
+    # machine makes each of the thousands of small steps many times slower.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _gen(seed=0):
     return torch.Generator().manual_seed(seed)
 

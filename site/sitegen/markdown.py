@@ -22,6 +22,11 @@ _UNKNOWN_COMMAND = re.compile(r"\\[A-Za-z]+")
 _FUNCTION_NAME = re.compile(r"<mi>(?:sin|cos|tan|exp|log|ln|max|min|det|arg|lim|sup|inf|softmax)</mi>(?!<mo[^>]*>&#x00028;|<mo[^>]*>\()")
 
 
+def _scrollable(mathml: str) -> str:
+    """A display equation in a box that scrolls sideways when it is wider than the prose column."""
+    return f'<span class="math-display">{mathml}</span>'
+
+
 def latex_to_mathml(latex: str, *, display: bool, path: str, line: int | None) -> str:
     """One expression to a `<math>` element; a broken expression raises `BuildError`."""
     source = latex.strip()
@@ -114,14 +119,15 @@ class Renderer:
             if tok.map:
                 line = first_line + tok.map[0]
             if tok.type in ("math_block", "math_block_label"):
-                tok.type, tok.content = "html_block", latex_to_mathml(
-                    tok.content, display=True, path=path, line=line) + "\n"
+                tok.type, tok.content = "html_block", _scrollable(latex_to_mathml(
+                    tok.content, display=True, path=path, line=line)) + "\n"
             for child in tok.children or ():
                 if child.type == "link_open" and self.link_map:
                     child.attrSet("href", self._rewrite(str(child.attrGet("href") or "")))
                 if child.type in ("math_inline", "math_inline_double"):
-                    child.type, child.content = "html_inline", latex_to_mathml(
-                        child.content, display=child.type == "math_inline_double", path=path, line=line)
+                    display = child.type == "math_inline_double"
+                    mathml = latex_to_mathml(child.content, display=display, path=path, line=line)
+                    child.type, child.content = "html_inline", _scrollable(mathml) if display else mathml
         for i, tok in enumerate(tokens[:-1]):
             if tok.type == "heading_open":
                 inline = self.md.renderer.renderInline(tokens[i + 1].children or [], self.md.options, env)
