@@ -151,40 +151,42 @@ plt.show()
 # from the benchmark suite `annotated_src.bench.dilated`, so `make bench` reports the same numbers.
 
 # %% tags=["gpu-only", "nbval-ignore-output"]
-from annotated_src.bench import dilated as bench_dilated
-from annotated_src.bench.core import format_table
+if device.type == "cuda":  # timing at full size: CUDA only
+    from annotated_src.bench import dilated as bench_dilated
+    from annotated_src.bench.core import format_table
 
-sizes = [4096, 16384, 65536, 262144, 1048576]
-rows = bench_dilated.scaling(device, sizes, dense_max=262144)
-print(format_table(rows))
-dense = {int(r.case[2:-1]) * 1024: r.ms for r in rows if r.name == "dense flash SDPA"}
-dil = {int(r.case[2:-1]) * 1024: r.ms for r in rows if r.name == "dilated (ours)"}
-n_last = max(dense)
-extra_n = [n for n in sizes if n >= n_last]
-plt.figure(figsize=(6, 4), dpi=90)
-plt.loglog(list(dense), list(dense.values()), "o-", label="dense flash SDPA (measured)")
-plt.loglog(extra_n, [dense[n_last] * (n / n_last) ** 2 for n in extra_n], "o--", color="C0", alpha=0.5,
-           label="dense, extrapolated ∝ N² (not measured)")
-plt.loglog(list(dil), list(dil.values()), "s-", label="dilated attention (measured)")
-plt.xlabel("sequence length N")
-plt.ylabel("forward time (ms)")
-plt.legend(fontsize=8)
-plt.tight_layout()
-plt.show()
-print(f"speed-up at 256K: {dense[262144] / dil[262144]:.1f}x; t(1M)/t(256K) = {dil[1048576] / dil[262144]:.2f}")
+    sizes = [4096, 16384, 65536, 262144, 1048576]
+    rows = bench_dilated.scaling(device, sizes, dense_max=262144)
+    print(format_table(rows))
+    dense = {int(r.case[2:-1]) * 1024: r.ms for r in rows if r.name == "dense flash SDPA"}
+    dil = {int(r.case[2:-1]) * 1024: r.ms for r in rows if r.name == "dilated (ours)"}
+    n_last = max(dense)
+    extra_n = [n for n in sizes if n >= n_last]
+    plt.figure(figsize=(6, 4), dpi=90)
+    plt.loglog(list(dense), list(dense.values()), "o-", label="dense flash SDPA (measured)")
+    plt.loglog(extra_n, [dense[n_last] * (n / n_last) ** 2 for n in extra_n], "o--", color="C0", alpha=0.5,
+               label="dense, extrapolated ∝ N² (not measured)")
+    plt.loglog(list(dil), list(dil.values()), "s-", label="dilated attention (measured)")
+    plt.xlabel("sequence length N")
+    plt.ylabel("forward time (ms)")
+    plt.legend(fontsize=8)
+    plt.tight_layout()
+    plt.show()
+    print(f"speed-up at 256K: {dense[262144] / dil[262144]:.1f}x; t(1M)/t(256K) = {dil[1048576] / dil[262144]:.2f}")
 
 # %% [markdown]
 # Forward and backward at 256K and 1M tokens, and the peak memory (GiB) of each: both fit on one
 # 80 GB H100.
 
 # %% tags=["gpu-only", "nbval-ignore-output"]
-rows = []
-for n in (262144, 1048576):
-    rows += bench_dilated.time_case(n, device, dense=False, backward=True, per_pattern=n == 262144)
-print(format_table(rows))
-for r in rows:
-    if r.extra.get("peak_gib") is not None:
-        print(f"{r.case:>7} {r.name:<24} peak {r.extra['peak_gib']:.1f} GiB")
+if device.type == "cuda":  # timing at full size: CUDA only
+    rows = []
+    for n in (262144, 1048576):
+        rows += bench_dilated.time_case(n, device, dense=False, backward=True, per_pattern=n == 262144)
+    print(format_table(rows))
+    for r in rows:
+        if r.extra.get("peak_gib") is not None:
+            print(f"{r.case:>7} {r.name:<24} peak {r.extra['peak_gib']:.1f} GiB")
 
 # %% [markdown]
 # ## How popular implementations differ from the paper

@@ -25,6 +25,11 @@ greedy, timed as one call after a warm-up call (which also compiles), `ms` per n
 uncached, one forward pass over `c` tokens; cached, 16 consecutive steps from slot `c`, eager and
 compiled, timed together and divided by 16.
 
+**Diagnostics** in each compiled row's `extra`: `cudagraph_counters`, the change in the compiler's
+counters whose name contains "cudagraph" (`cudagraph_skips` > 0 means that the step ran without
+a CUDA graph, launch by launch), and `cudagraph_skip_reasons`, the compiler's messages for those
+skips.
+
 `bytes_moved` is the least a token must read: every weight once (one row of the embedding) and the
 cache up to the context (the mean context for generation), `decode_cost` of
 `annotated_src.kv_cache`. The table divides it by the copy bandwidth measured in the same run: that
@@ -33,6 +38,7 @@ fraction *is* the fraction of the bandwidth bound. `extra` holds tokens per seco
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
 import time
@@ -97,6 +103,53 @@ def _result(name: str, case: str, ms_per_token: float, bytes_per_token: float, c
     return Result(SUITE, name, ms_per_token, case=case, baseline=baseline, bytes_moved=bytes_per_token, extra=extra)
 
 
+# ## Whether the compiled step runs as a CUDA graph
+#
+# When the compiler cannot record a graph (an input mutated in place that is not a static buffer,
+# an operation on the CPU, a synchronisation, ...), it logs the reason, counts a "cudagraph skip",
+# and runs the step kernel by kernel: correct, but as slow as eager launches. The rows record both.
+
+
+def _cudagraph_counters() -> dict:
+    from torch._dynamo.utils import counters
+
+    return {k: v for k, v in counters["inductor"].items() if "cudagraph" in k}
+
+
+@contextlib.contextmanager
+def _cudagraph_diagnostics(extra: dict):
+    """Record into `extra` the change of the cudagraph counters and the skip messages logged meanwhile."""
+    reasons: list[str] = []
+    patched = None
+    try:
+        import torch._inductor.cudagraph_utils as cgu
+
+        log = cgu.cudagraphs_log
+
+        class _Recorder:
+            def warning(self, msg, *args, **kwargs):
+                reasons.append(str(msg)[:200])
+                return log.warning(msg, *args, **kwargs)
+
+            def __getattr__(self, name):
+                return getattr(log, name)
+
+        cgu.cudagraphs_log, patched = _Recorder(), (cgu, log)
+    except Exception:  # a torch without this module: the counters still tell
+        pass
+    before = _cudagraph_counters()
+    try:
+        yield
+    finally:
+        if patched is not None:
+            patched[0].cudagraphs_log = patched[1]
+        after = _cudagraph_counters()
+        extra["cudagraph_counters"] = {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
+        extra["cudagraph_skips"] = extra["cudagraph_counters"].get("cudagraph_skips", 0)
+        if reasons:
+            extra["cudagraph_skip_reasons"] = sorted(set(reasons))[:5]
+
+
 # ## Generation, ours
 
 
@@ -121,16 +174,19 @@ def generation_rows(model, s: dict, device: torch.device, copy_gbps: float) -> l
             model.delete_caches()
         run = lambda: generate(model, prompt, max_new_tokens=n, temperature=0, **kwargs)  # noqa: E731
         base = {"ours cached eager": "ours uncached", "ours cached compiled": "HF static cache + compile"}.get(name)
+        diag: dict = {}
         try:
-            t0 = time.perf_counter()
-            outputs[name] = run()  # warm-up (and compilation)
-            first_s = time.perf_counter() - t0
-            ms = min(_wall_ms(run, device) for _ in range(2 if kwargs or name != "ours uncached" else 1)) / n
-            rows.append(_result(name, case, ms, nbytes, copy_gbps, base, first_call_s=round(first_s, 1)))
+            with _cudagraph_diagnostics(diag) if kwargs else contextlib.nullcontext():
+                t0 = time.perf_counter()
+                outputs[name] = run()  # warm-up (and compilation)
+                first_s = time.perf_counter() - t0
+                ms = min(_wall_ms(run, device) for _ in range(2 if kwargs or name != "ours uncached" else 1)) / n
+            rows.append(_result(name, case, ms, nbytes, copy_gbps, base, first_call_s=round(first_s, 1), **diag))
         except Exception as e:  # only the optional fast path may fail here; say so in its row
             if not kwargs:
                 raise
-            rows.append(_result(name, case, float("nan"), nbytes, copy_gbps, base, error=f"{type(e).__name__}: {e}"[:300]))
+            rows.append(_result(name, case, float("nan"), nbytes, copy_gbps, base, error=f"{type(e).__name__}: {e}"[:300],
+                                **diag))
     # Greedy tokens of the same model: equal in float32; in bfloat16 a near-tie may flip between
     # kernels that round differently, after which the sequences part. Record how many agree.
     ref = outputs["ours cached eager"]
@@ -150,9 +206,9 @@ def context_rows(model, s: dict, device: torch.device, copy_gbps: float) -> list
     b = torch.finfo(s["dtype"]).bits // 8
     if not model.caches_are_setup():
         model.setup_caches(1, s["dtype"], decoder_max_seq_len=_cache_len(s))
-    caches = model._self_caches()
     cache_len = model.decoder_max_cache_seq_len
-    slots = torch.arange(cache_len, device=device)
+    # No left padding: every slot up to the new one is visible.
+    keys = torch.ones(1, cache_len, dtype=torch.bool, device=device)
     compiled = compiled_decode_one_token()
     for c in s["contexts"]:
         case = f"context {c}"
@@ -161,41 +217,40 @@ def context_rows(model, s: dict, device: torch.device, copy_gbps: float) -> list
         with torch.no_grad(), disable_kv_cache(model):
             ms_uncached = time_ms(lambda: model(tokens), device=device)
         rows.append(_result("ours uncached", case, ms_uncached, nbytes, copy_gbps))
-        # Fill the cache with `c` positions once; each timed call rewinds the counters to `c`.
+        # Fill the cache with `c` positions once; each timed call writes slots `c, c + 1, ...`
+        # again (the step takes its slot as an input and leaves the counters alone).
         model.reset_caches()
         with torch.no_grad():
             model(tokens)
-        start = caches[0].cache_pos.clone()
         step_tokens = randint(1, vocab, (STEPS_PER_TIMING, 1, 1), seed=3, device=device)
         pos = [torch.tensor([[c + i]], device=device) for i in range(STEPS_PER_TIMING)]
-        masks = [(slots <= c + i)[None, None, :] for i in range(STEPS_PER_TIMING)]
+        slots = [torch.tensor([c + i], device=device) for i in range(STEPS_PER_TIMING)]
         logits = {}
         for name, fn, is_compiled in (("ours cached eager", decode_one_token, False),
                                       ("ours cached compiled", compiled, True)):
             def steps(n=STEPS_PER_TIMING):
-                for cache in caches:
-                    cache.cache_pos.copy_(start)
                 with torch.no_grad():
-                    return [_step(fn, model, step_tokens[i], pos[i], masks[i], is_compiled) for i in range(n)][-1]
+                    return [_step(fn, model, step_tokens[i], pos[i], slots[i], keys, is_compiled) for i in range(n)][-1]
 
+            extra = {}
             try:
                 # Checked before timed: the compiled step's logits must be the eager step's, up to
                 # rounding (bf16 on a GPU), or the row reports the disagreement instead of a time.
-                logits[name] = steps(1).float()
-                extra = {}
-                if is_compiled:
-                    ref = logits["ours cached eager"]
-                    err = ((logits[name] - ref).abs().max() / ref.abs().max()).item()
-                    extra["max_rel_diff_vs_eager"] = err
-                    if not err < 0.05:
-                        raise RuntimeError(f"compiled step differs from the eager one: relative error {err:.3g}")
-                ms = time_ms(steps, device=device) / STEPS_PER_TIMING
+                with _cudagraph_diagnostics(extra) if is_compiled else contextlib.nullcontext():
+                    logits[name] = steps(1).float()
+                    if is_compiled:
+                        ref = logits["ours cached eager"]
+                        err = ((logits[name] - ref).abs().max() / ref.abs().max()).item()
+                        extra["max_rel_diff_vs_eager"] = err
+                        if not err < 0.05:
+                            raise RuntimeError(f"compiled step differs from the eager one: relative error {err:.3g}")
+                    ms = time_ms(steps, device=device) / STEPS_PER_TIMING
                 rows.append(_result(name, case, ms, nbytes, copy_gbps, "ours uncached", **extra))
             except Exception as e:
                 if not is_compiled:
                     raise
                 rows.append(_result(name, case, float("nan"), nbytes, copy_gbps, "ours uncached",
-                                    error=f"{type(e).__name__}: {e}"[:300]))
+                                    error=f"{type(e).__name__}: {e}"[:300], **extra))
         del tokens, step_tokens
     model.reset_caches()
     return rows
