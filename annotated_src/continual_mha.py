@@ -54,7 +54,7 @@ rows: $O(n d)$ per head and step instead of $O(n^2 d)$.
 
 Written as above, the update has two numerical faults:
 
-* $e^{s}$ overflows float32 for $s > 88$ and half precision for $s > 11$: logits of a few
+* $e^{s}$ overflows float32 (and bfloat16) for $s > 88$ and float16 for $s > 11$: logits of a few
   hundred, which inputs scaled by 30 give, turn the state into `inf` and the output into `nan`.
 * Subtraction cancels. If the leaving key dominated row $i$ (a softmax close to one-hot), $D_i$
   falls from about $e^{s_\text{out}}$ to the sum of the others, which may be $10^{-30}$ times
@@ -79,8 +79,8 @@ We fix both with three rules, each a test:
    update leaves an absolute error of order $\epsilon \tilde P_i$, so the relative error of
    $\tilde D_i$ is of order $\epsilon \tilde P_i / \tilde D_i$ per update. When the denominator
    falls below $\tau \tilde P_i$ (`REFRESH_RATIO` $= \tau = 1/16$) the row is recomputed from the
-   cached $q_i$, $K$ and $V$ ($O(n d)$ for that row): the error of any row stays within
-   $16\epsilon$ per update since its last exact computation.
+   cached $q_i$, $K$ and $V$ ($O(n d)$ for that row). A row's relative error thus stays of
+   order $16\epsilon$ times the number of updates since its last exact computation.
 3. **No row lives long.** Query $i$ enters the window computed exactly and leaves it $n$ steps
    later, so its state sees at most $n - 1$ updates. Nothing carries over from one row to the
    next, and error cannot grow with the length of the stream: the state after $10^4$ or
@@ -94,8 +94,8 @@ the step costs about as much as regular attention; it never returns a wrong answ
 The window is a ring: the token of stream step $t$ lives in slot $t \bmod n$ of each buffer (keys,
 values, queries, per-row state), written in place; nothing is shifted or concatenated per step.
 Softmax does not care about the order of the keys, so single-output attention reads the ring as
-it lies. Retroactive outputs are returned oldest first, which costs one reordering copy of the
-output rows.
+it lies. Retroactive outputs are returned oldest first: the division $\tilde N_i / \tilde D_i$
+writes each row straight to its place in the output, so the reordering costs no extra pass.
 
 Internally the buffers are `[batch, n_heads, window, head_dim]` because that is the layout
 `scaled_dot_product_attention` and batched matrix products read without a copy; everything
@@ -107,6 +107,13 @@ A step of single-output attention is a handful of kernels: one fused `qkv` proje
 token (`[batch, d_model] @ [d_model, 3 d_model]`), one in-place copy of $k, v$ into the ring, one
 `scaled_dot_product_attention` of one query over the cached keys, one output projection. Nothing
 scales with the window except the attention itself.
+
+A retroactive step must touch the whole state: one batched product for the two scores of every
+row, the in-place update of numerators and denominators (one batched product for the
+numerators), the exact row of the new query, the division into the output and the output
+projection of all $n$ rows (the largest cost, $2 b n d_\text{model}^2$). Rule 2 needs one
+host synchronisation per step to learn whether any row must be recomputed; that data-dependent
+branch is also why the step is not captured in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -206,6 +213,10 @@ class _ContinualMultiheadAttention(nn.MultiheadAttention):
       convolutions) instead of `[batch, seq_len, d_model]`; needs `batch_first=True`.
     * `forward_returns_attn_mask`: `forward` returns `(output, attention weights)` as
       `nn.MultiheadAttention` does; otherwise only the output.
+
+    Steps are streaming inference: `forward_step` and `forward_steps` run without autograd (the
+    state is written in place and would otherwise keep every step's graph alive) and without
+    dropout. Train with `forward` over whole windows, whose weights the steps share.
     """
 
     _retroactive = False
@@ -348,6 +359,7 @@ class _ContinualMultiheadAttention(nn.MultiheadAttention):
     def _select_forward_query(self, query):
         return query
 
+    @torch.no_grad()
     def forward_steps(self, query, key=None, value=None, update_state: bool = True):
         """`forward_step` for each token of `[batch, seq_len, d_model]`; the outputs stacked in time.
 
@@ -406,6 +418,7 @@ class SingleOutputMultiheadAttention(_ContinualMultiheadAttention):
         i = self.query_index
         return query[:, i:i + 1] if self.batch_first else query[i:i + 1]
 
+    @torch.no_grad()
     def forward_step(self, query, key=None, value=None, update_state: bool = True):
         """Add one token to the window; the `query_index` row `[batch, d_model]`, or `None` while filling."""
         query, key, value = self._step_input(query), self._step_input(key), self._step_input(value)
@@ -465,6 +478,7 @@ class RetroactiveMultiheadAttention(_ContinualMultiheadAttention):
         super().clean_state()
         self.refreshed_rows = 0
 
+    @torch.no_grad()
     def forward_step(self, query, key=None, value=None, update_state: bool = True):
         """Add one token to the window; all rows `[batch, sequence_len, d_model]`, or `None` while filling."""
         query, key, value = self._step_input(query), self._step_input(key), self._step_input(value)
@@ -581,6 +595,7 @@ class RecyclingPositionalEncoding(nn.Module):
         pos = (start + torch.arange(x.shape[1], device=x.device)) % self.pe.num_embeddings
         return x + self.pe(pos)
 
+    @torch.no_grad()
     def forward_step(self, x: torch.Tensor, update_state: bool = True) -> torch.Tensor:
         """`x` `[batch, d_model]`, the next token of the stream."""
         check_tensor("x", x, ndim=2, layout="[batch, d_model]", floating=True)
@@ -629,6 +644,7 @@ class ContinualTransformerEncoderLayer(nn.Module):
         self.attn.clean_state()
         self._x = None  # retroactive: the residual ring `[batch, n, d_model]`
 
+    @torch.no_grad()
     def forward_step(self, x: torch.Tensor) -> torch.Tensor | None:
         """`x` `[batch, d_model]`: the newest row `[batch, d_model]` (single-output) or the window's rows
         `[batch, n, d_model]` (retroactive), or `None` while the window fills."""
@@ -685,6 +701,7 @@ class ContinualTransformerEncoder(nn.Module):
         if self.pos_encoding is not None:
             self.pos_encoding.clean_state()
 
+    @torch.no_grad()
     def forward_step(self, x: torch.Tensor) -> torch.Tensor | None:
         if self.pos_encoding is not None:
             x = self.pos_encoding.forward_step(x)

@@ -90,6 +90,7 @@ __all__ = [
     "DilatedAttention",
     "MultiheadDilatedAttention",
     "geometric_patterns",
+    "relative_position_bucket",
 ]
 
 

@@ -46,10 +46,12 @@ $c$ tokens:
 Eager PyTorch launches a few hundred small kernels per token, and at batch 1 the CPU cannot launch
 them as fast as the GPU runs them. The fast path (after
 [gpt-fast](https://github.com/pytorch-labs/gpt-fast)) removes that overhead: a **static cache**
-preallocated at its final size, a one-token step whose every shape is fixed, positions and masks
-passed as *tensors* (so nothing the compiler guards on changes between steps), cache writes by
-`index_copy_` at tensor positions, and `torch.compile(mode="reduce-overhead")`, which records the
-whole step as one CUDA graph and replays it each token.
+preallocated at its final size, a one-token step whose every shape is fixed, positions and the
+cache slot passed as *tensors* (so nothing the compiler guards on changes between steps), cache writes by
+`index_copy_` at a tensor slot into buffers that never move, no read of a device value on the host
+inside the step (inputs are validated once, before the loop), no counter updated inside it, and
+`torch.compile(mode="reduce-overhead")`, which records the whole step as one CUDA graph and
+replays it each token.
 
 ## The API
 
@@ -100,9 +102,14 @@ from annotated_src._checks import check_int, check_tensor, fail
 # num_kv_heads, head_dim]` each, and writes each new block of positions after the last. Which slots
 # come next is itself a tensor, `cache_pos`: it starts as $0, 1, \dots$ and every `update` adds the
 # number of positions written, so `cache_pos[:s]` are the next `s` free slots and `cache_pos[0]`
-# is the number filled. Keeping that counter on the device (as torchtune does) means a compiled
-# step neither reads a Python integer that changes every token, which would make the compiler
-# specialise and recompile, nor waits for the GPU to learn it.
+# is the number filled. Keeping that counter on the device (as torchtune does) means that no
+# Python integer changes every token, which would make a compiled caller specialise and recompile.
+#
+# The counter serves the readable path: `model(tokens)` on a cached decoder appends at the right
+# place with no bookkeeping by the caller, and checks the lengths (reading the counter, a
+# synchronisation). The fast decode step passes the slot to write as a tensor instead
+# (`update(k, v, slots)`): no check, and no counter to advance, so that the only memory the step
+# writes in place is the key and value buffers.
 #
 # * `batch_size`: the most sequences the cache holds; a smaller batch uses the first rows
 # * `max_seq_len`: the number of slots

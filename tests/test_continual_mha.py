@@ -373,3 +373,15 @@ def test_cuda_matches_cpu():
         for cls in (SingleOutputMultiheadAttention, RetroactiveMultiheadAttention):
             cpu, gpu = cls.build_from(mha, L), cls.build_from(mha, L).cuda()
             torch.testing.assert_close(gpu.forward_steps(x.cuda()).cpu(), cpu.forward_steps(x), atol=1e-4, rtol=1e-4)
+
+
+def test_forward_trains_like_nn_multihead_attention_and_steps_are_inference():
+    mha = _mha()
+    so = SingleOutputMultiheadAttention.build_from(mha, L, single_output_forward=False)
+    x = _stream(L)
+    mha(x, x, x)[0].square().sum().backward()
+    so(x)[0].square().sum().backward()
+    for (name, a), b in zip(mha.named_parameters(), so.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, msg=name)
+    outs = [so.forward_step(x[:, t]) for t in range(L)]
+    assert not outs[-1].requires_grad

@@ -89,6 +89,18 @@ def test_kv_cache_update_size_reset():
     assert cache.size == 0 and not cache.k_cache.any() and not cache.v_cache.any()
 
 
+def test_kv_cache_update_at_explicit_slots_leaves_the_counter():
+    cache = KVCache(2, 8, 2, 4, torch.float32)
+    g = torch.Generator().manual_seed(0)
+    k, v = torch.randn(2, 3, 2, 4, generator=g), torch.randn(2, 3, 2, 4, generator=g)
+    cache.update(k, v)
+    k1, v1 = torch.randn(2, 1, 2, 4, generator=g), torch.randn(2, 1, 2, 4, generator=g)
+    k_out, v_out = cache.update(k1, v1, torch.tensor([5]))
+    assert cache.size == 3  # the counter is the caller's business
+    assert torch.equal(k_out[:, 5:6], k1) and torch.equal(v_out[:, 5:6], v1)
+    assert torch.equal(k_out[:, :3], k) and not k_out[:, 3:5].any() and not k_out[:, 6:].any()
+
+
 def test_kv_cache_errors():
     cache = KVCache(1, 4, 2, 4, torch.float32)
     with pytest.raises(ValueError, match="k: got 'batch 2'"):
@@ -231,6 +243,52 @@ def test_greedy_generate_equals_an_uncached_argmax_loop():
     assert torch.equal(generate(m, prompt, max_new_tokens=8, temperature=0), seq)
     # top_k=1 sampling is the argmax too
     assert torch.equal(generate(m, prompt, max_new_tokens=8, top_k=1), seq)
+
+
+@torch.no_grad()
+def test_decode_step_writes_its_slot_and_equals_the_counted_step():
+    from annotated_src.kv_cache import decode_one_token
+
+    m = _model()
+    tok = _tokens(2, 6)
+    m.setup_caches(2, torch.float32, decoder_max_seq_len=12)
+    m(tok[:, :5])
+    counted = m(tok[:, 5:6])[:, -1]  # the readable path: slot 5 from the counters
+    k_ref = m._self_caches()[0].k_cache.clone()
+    m.reset_caches()
+    m(tok[:, :5])
+    keys = torch.ones(2, 12, dtype=torch.bool)
+    step = decode_one_token(m, tok[:, 5:6], torch.full((2, 1), 5), torch.tensor([5]), keys)
+    _close(step, counted)
+    assert torch.equal(m._self_caches()[0].k_cache, k_ref)
+    assert all(c.size == 5 for c in m._self_caches())  # the step moved no counter
+
+
+@torch.no_grad()
+def test_cached_decode_loop_reads_no_device_value(monkeypatch):
+    # Every read of a device value on the host (`.item()`, `int()`, `bool()`, `.tolist()`) is a
+    # synchronisation on a GPU. `generate` makes a fixed number of them, before its loop: the count
+    # does not grow with the number of tokens.
+    m = _model()
+    prompt = _tokens(2, 5)
+    prompt[0, :2] = 0
+    m.setup_caches(2, torch.float32, decoder_max_seq_len=24)
+    reads = []
+    for name in ("item", "tolist", "__int__", "__bool__", "__float__", "__index__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, _name=name):
+            reads.append(_name)
+            return _original(self, *args)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    counts = []
+    for n in (2, 12):
+        reads.clear()
+        generate(m, prompt, max_new_tokens=n, temperature=0)
+        counts.append(len(reads))
+    monkeypatch.undo()
+    assert counts[0] == counts[1] and counts[0] > 0
 
 
 @torch.no_grad()

@@ -139,7 +139,11 @@ def _cudagraph_diagnostics(extra: dict):
         pass
     before = _cudagraph_counters()
     try:
-        yield
+        with warnings.catch_warnings():
+            # The models here are bfloat16: the compiler's advice to use TF32 for float32 matrix
+            # products does not concern them.
+            warnings.filterwarnings("ignore", message="TensorFloat32 tensor cores")
+            yield
     finally:
         if patched is not None:
             patched[0].cudagraphs_log = patched[1]
