@@ -463,8 +463,9 @@ def _attn_bwd(q, k, v, o, lse, do, aux, *, causal, scale, key_valid=None):
 # hand it $L$ instead of its own $\ell_i$. And $D_q = \sum_k P_{qk}\, dP_{qk} = dO_q \cdot O_q$,
 # which the kernel computes from the $O$ we hand it, so we hand it the *combined* $O$. Then
 # pattern $i$'s backward returns its share of $dQ$, $dK$, $dV$, and the sum over patterns is the
-# exact gradient of the dense formula, mixing weights included. (A padding slot gets its own
-# finite $\ell_i$ and zero $dO$, so it contributes nothing.)
+# exact gradient of the dense formula, mixing weights included. (A padding slot has a zero query,
+# so $S = 0$; we give it $L = 0$, hence $P = 1$, and a zero $dO$, so $dP = D = 0$, $dS = 0$ and
+# $P^\top dO = 0$: it contributes nothing.)
 class _DilatedAttentionFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, ws, rs, is_causal, scale):
@@ -762,17 +763,18 @@ def _biased_dilated_attention(q, k, v, ws, rs, *, is_causal, scale, bias_fn):
         pos = (torch.arange(n_seg, device=q.device)[:, None, None] * w + offs[None, None, :]
                + r * torch.arange(m, device=q.device)[None, :, None])
         qg, kg, vg = _gather(q, w, r), _gather(k, w, r), _gather(v, w, r)
-        s = torch.einsum("bqhd,bkhd->bhqk", qg.float(), kg.float()) * scale  # `[batch * n_seg, n_heads, m, m]`
+        work = _lse_dtype(q)
+        s = torch.einsum("bqhd,bkhd->bhqk", qg.to(work), kg.to(work)) * scale  # `[batch * n_seg, n_heads, m, m]`
         pos_h = pos.permute(0, 2, 1)  # `[n_seg, n_heads, m]`
         bias = bias_fn(pos_h[..., :, None], pos_h[..., None, :], order)  # `[n_seg, n_heads, m, m]`
-        s = s + bias.repeat(batch, 1, 1, 1)
+        s = s + bias.to(work).repeat(batch, 1, 1, 1)
         s = _mask_scores(s, causal=is_causal, key_valid=None if valid is None else valid.repeat(batch, 1, 1))
         lse = torch.logsumexp(s, -1)
-        o = torch.einsum("bhqk,bkhd->bqhd", torch.softmax(s, -1), vg.float())
+        o = torch.einsum("bhqk,bkhd->bqhd", torch.softmax(s, -1), vg.to(work))
         outs.append((w, r, o, lse.transpose(1, 2)))
         lses.append(_scatter_full(lse.transpose(1, 2).contiguous(), w, r, seq_len, -math.inf))
     total = torch.logsumexp(torch.stack(lses), 0)
-    acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    acc = torch.zeros(q.shape, dtype=_lse_dtype(q), device=q.device)
     for w, r, o, lse in outs:
         contrib = o * torch.exp(lse - _gather(total, w, r))[..., None]
         buf = torch.zeros_like(acc)
@@ -820,7 +822,7 @@ class DilatedAttention(nn.Module):
         buckets = relative_position_bucket(pos_k - pos_q, bidirectional=not self.causal,
                                            num_buckets=self.num_buckets, max_distance=self.max_distance)
         # `rel_pos_bias.weight` `[num_buckets, n_heads]`: head $j$ reads column $j$.
-        return self.rel_pos_bias.weight[buckets, heads[None, :, None, None].expand_as(buckets)].float()
+        return self.rel_pos_bias.weight[buckets, heads[None, :, None, None].expand_as(buckets)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_tensor("x", x, ndim=3, layout="[batch, seq_len, d_model]", floating=True)

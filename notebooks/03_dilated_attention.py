@@ -23,7 +23,6 @@ provenance()
 
 # %%
 import json
-import math
 import os
 
 import matplotlib.pyplot as plt

@@ -36,7 +36,7 @@ def qkv(batch, seq_len, n_heads, head_dim, *, seed=0, dtype=torch.float64):
 
 
 def grads(out, inputs, seed=99):
-    g = rand(*out.shape, seed=seed, dtype=out.dtype)
+    g = rand(*out.shape, seed=seed, dtype=out.dtype).to(out.device)
     return torch.autograd.grad((out * g).sum(), inputs)
 
 

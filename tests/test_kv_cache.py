@@ -484,7 +484,10 @@ def test_cache_memory_formula_and_parameter_count():
 @pytest.mark.cuda
 @torch.no_grad()
 def test_cuda_compiled_step_with_cuda_graphs_equals_eager():
+    import warnings
+
     import torch._dynamo
+    from torch._dynamo.utils import counters
 
     m = _model(layers=2).cuda()
     prompt = _tokens(3, 6).cuda()
@@ -493,11 +496,38 @@ def test_cuda_compiled_step_with_cuda_graphs_equals_eager():
     m.setup_caches(3, torch.float32, decoder_max_seq_len=24)
     cached = generate(m, prompt, max_new_tokens=12, temperature=0)
     torch._dynamo.reset()
-    with torch._dynamo.config.patch(error_on_recompile=True):
+    counters.clear()
+    with torch._dynamo.config.patch(error_on_recompile=True), warnings.catch_warnings():
+        # float32 on purpose (exact agreement with eager): the compiler's TF32 advice is declined.
+        warnings.filterwarnings("ignore", message="TensorFloat32 tensor cores")
         fast = generate(m, prompt, max_new_tokens=12, temperature=0, compile=True)
         again = generate(m, prompt, max_new_tokens=12, temperature=0, compile=True)
     assert torch.equal(cached, eager) and torch.equal(fast, eager) and torch.equal(again, eager)
     assert m._self_caches()[0].size == 0
+    # The step was recorded as a CUDA graph: the compiler skipped none.
+    assert counters["inductor"]["cudagraph_skips"] == 0
+
+
+@pytest.mark.cuda
+@torch.no_grad()
+def test_cuda_eager_decode_step_does_not_synchronise():
+    from annotated_src.kv_cache import decode_one_token
+
+    m = _model(layers=2).cuda()
+    m.setup_caches(2, torch.float32, decoder_max_seq_len=16)
+    tok = _tokens(2, 9).cuda()
+    m(tok[:, :6])
+    keys = torch.ones(2, 16, dtype=torch.bool, device="cuda")
+    slot, pos = torch.tensor([6], device="cuda"), torch.full((2, 1), 6, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for i in range(6, 9):
+            decode_one_token(m, tok[:, i:i + 1], pos, slot, keys)
+            slot += 1
+            pos += 1
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 @pytest.mark.cuda
