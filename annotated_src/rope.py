@@ -202,20 +202,24 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, inter
 _compiled_apply_rotary = None
 
 
-def _apply_rotary_full_width(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, interleaved: bool = False) -> torch.Tensor:
-    """`apply_rotary` written as one elementwise expression over the rotated features."""
-    rot_dim = 2 * cos.shape[-1]
+def _widen_tables(cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tables with one angle per rotated feature, `[..., dim]`, in the order of the layout."""
+    if interleaved:
+        return cos.repeat_interleave(2, dim=-1), sin.repeat_interleave(2, dim=-1)
+    return torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)
+
+
+def _rotate_feature_wise(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """The rotation as one elementwise expression, on full-width tables `cos`, `sin` `[..., dim]`."""
+    rot_dim = cos.shape[-1]
     compute = torch.promote_types(x.dtype, cos.dtype)
     x_rot = x[..., :rot_dim].to(compute)
-    # Every feature's partner in its pair, with the sign the rotation gives it, and the tables
-    # widened to one angle per feature: `[..., dim]`.
+    # Every feature's partner in its pair, with the sign the rotation gives it: `[..., dim]`.
     if interleaved:
         partner = torch.stack((-x_rot[..., 1::2], x_rot[..., 0::2]), dim=-1).flatten(-2)
-        cos, sin = cos.repeat_interleave(2, dim=-1), sin.repeat_interleave(2, dim=-1)
     else:
         half = rot_dim // 2
         partner = torch.cat((-x_rot[..., half:], x_rot[..., :half]), dim=-1)
-        cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)
     # $y = x \cos + \operatorname{partner}(x) \sin$, feature by feature.
     y = (x_rot * cos + partner * sin).to(x.dtype)
     return y if rot_dim == x.shape[-1] else torch.cat((y, x[..., rot_dim:]), dim=-1)
@@ -223,16 +227,17 @@ def _apply_rotary_full_width(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
 
 # The compiled function is that same rotation written feature by feature: every output feature is
 # $x_j \cos\alpha_j + \tilde x_j \sin\alpha_j$, where $\tilde x_j$ is its partner in the pair
-# with the rotation's sign. Written this way, the compiler emits one elementwise kernel in which
-# each thread reads its feature and its partner and writes one output; written as two halves
-# joined by `torch.cat` (the readable form), it may emit one kernel per half, each reading all of
-# `x`. Same products, same sums: the results agree with the readable path to rounding.
+# with the rotation's sign, and the tables are widened to one angle per feature before the call
+# (a few kilobytes, outside the kernel). Written this way, the compiler emits one elementwise
+# kernel in which each thread reads its feature and its partner and writes one output. Same
+# products, same sums: the results agree with the readable path to rounding.
 def apply_rotary_fast(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, interleaved: bool = False) -> torch.Tensor:
     """The rotation compiled into one fused kernel by `torch.compile` (same arguments, same result)."""
     global _compiled_apply_rotary
     if _compiled_apply_rotary is None:
-        _compiled_apply_rotary = torch.compile(_apply_rotary_full_width, fullgraph=True, dynamic=False)
-    return _compiled_apply_rotary(x, cos, sin, interleaved=interleaved)
+        _compiled_apply_rotary = torch.compile(_rotate_feature_wise, fullgraph=True, dynamic=False)
+    cos, sin = _widen_tables(cos, sin, interleaved)
+    return _compiled_apply_rotary(x, cos, sin, interleaved)
 
 
 # The modules choose between the two. `fast=True` always compiles (on the CPU too: the tests use

@@ -1,11 +1,3 @@
-# ---
-# jupyter:
-#   jupytext:
-#     text_representation:
-#       extension: .py
-#       format_name: percent
-# ---
-
 # %% [markdown]
 # # LongNet dilated attention, exactly
 #
@@ -219,9 +211,11 @@ if device.type == "cuda":  # timing at full size: CUDA only
 # on a 2-GPU machine (NCCL).
 
 # %% tags=["nbval-ignore-output"]
-path = os.path.join("results", "dilated_distributed.json")
-if not os.path.exists(path):
-    path = os.path.join("notebooks", "results", "dilated_distributed.json")
+import annotated_src
+
+# The results sit beside the notebooks, wherever the notebook is executed from.
+repo_root = os.path.dirname(os.path.dirname(os.path.abspath(annotated_src.__file__)))
+path = os.path.join(repo_root, "notebooks", "results", "dilated_distributed.json")
 if os.path.exists(path):
     with open(path) as f:
         dist_results = json.load(f)
