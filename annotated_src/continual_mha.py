@@ -78,9 +78,11 @@ We fix both with three rules, each a test:
    its denominator reached since it was last computed exactly. Each
    update leaves an absolute error of order $\epsilon \tilde P_i$, so the relative error of
    $\tilde D_i$ is of order $\epsilon \tilde P_i / \tilde D_i$ per update. When the denominator
-   falls below $\tau \tilde P_i$ (`REFRESH_RATIO` $= \tau = 1/16$) the row is recomputed from the
+   falls below $\tau \tilde P_i$ (`REFRESH_RATIO` $= \tau = 1/2$) the row is recomputed from the
    cached $q_i$, $K$ and $V$ ($O(n d)$ for that row). A row's relative error thus stays of
-   order $16\epsilon$ times the number of updates since its last exact computation.
+   order $2\epsilon$ times the number of updates since its last exact computation. (With
+   $\tau = 1/16$ the layer stayed finite but, at logits in the hundreds, its error was 24 times
+   that of regular float32 attention; with $\tau = 1/2$ it is below it.)
 3. **No row lives long.** Query $i$ enters the window computed exactly and leaves it $n$ steps
    later, so its state sees at most $n - 1$ updates. Nothing carries over from one row to the
    next, and error cannot grow with the length of the stream: the state after $10^4$ or
@@ -127,7 +129,7 @@ from torch import nn
 from annotated_src._checks import check_int, check_tensor, fail
 
 # $\tau$ of rule 2: a row whose denominator falls below $\tau$ times its peak is recomputed.
-REFRESH_RATIO = 1.0 / 16.0
+REFRESH_RATIO = 0.5
 
 # Rule 1: a row whose new score exceeds its shift $m_i$ by more than this is recomputed.
 MAX_GROWTH = 40.0

@@ -18,6 +18,8 @@ device = pick_device()
 provenance()
 
 # %%
+import copy
+
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
@@ -92,7 +94,7 @@ plt.show()
 # row's maximum score $m_i$ at its last exact computation, $\tilde N_i = \sum_j e^{s_{ij} - m_i}
 # v_j$, $\tilde D_i = \sum_j e^{s_{ij} - m_i}$ (the quotient is unchanged), in float32, and
 # recomputes from the cached $q_i, K, V$ any row whose new score exceeds $m_i$ by more than 40 or
-# whose denominator fell below $1/16$ of its peak. Each row lives only $n$ steps, so no error can
+# whose denominator fell below $1/2$ of its peak. Each row lives only $n$ steps, so no error can
 # build up over a long stream.
 #
 # ## Every step equals regular attention
@@ -116,7 +118,7 @@ for t in range(n + 5):
         continue
     w = stream[:, t - n + 1:t + 1]
     regular = mha(w, w, w, need_weights=False)[0]
-    print(f"step {t:2d}: single-output == newest row {torch.allclose(a, regular[:, -1], atol=1e-5)}, "
+    print(f"window {t - n + 2}: single-output == newest row {torch.allclose(a, regular[:, -1], atol=1e-5)}, "
           f"retroactive == all rows {torch.allclose(r, regular, atol=1e-5)}")
 
 # %% [markdown]
@@ -138,14 +140,25 @@ print("exp overflows float32: ", bool(torch.exp(scores).isinf().any()))
 
 # %%
 retro30 = RetroactiveMultiheadAttention.build_from(mha, sequence_len=n)
-worst = 0.0
-for t in range(200):
-    r = retro30.forward_step(x30[:, t])
-    if r is not None:
-        w = x30[:, t - n + 1:t + 1]
-        regular = mha(w, w, w, need_weights=False)[0]
-        worst = max(worst, ((r - regular).abs().amax() / regular.abs().amax()).item())
-print("all outputs finite and within 1e-4 of regular attention:", worst < 1e-4)
+# The yardstick: the same layer in float64 on the CPU, so that the error measured is ours alone.
+# Regular float32 attention is measured against the same yardstick: at logits in the hundreds
+# float32 itself loses digits, and the fair question is whether we lose more.
+mha64 = copy.deepcopy(mha).cpu().double()
+worst = worst_regular = 0.0
+finite = True
+with torch.no_grad():
+    for t in range(200):
+        r = retro30.forward_step(x30[:, t])
+        if r is not None:
+            finite &= bool(torch.isfinite(r).all())
+            w = x30[:, t - n + 1:t + 1]
+            regular32 = mha(w, w, w, need_weights=False)[0].cpu().double()
+            w = w.cpu().double()
+            exact = mha64(w, w, w, need_weights=False)[0]
+            rel = lambda y: ((y.cpu().double() - exact).abs().amax() / exact.abs().amax()).item()  # noqa: E731
+            worst, worst_regular = max(worst, rel(r)), max(worst_regular, rel(regular32))
+print("all outputs finite:", finite)
+print("as accurate as regular float32 attention (error within 1.5x of its error):", worst <= 1.5 * worst_regular)
 print("some rows were recomputed:", retro30.refreshed_rows > 0)
 
 # %% [markdown]
