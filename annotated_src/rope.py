@@ -566,24 +566,25 @@ def _permute_heads(weight: torch.Tensor, perm: torch.Tensor, n_heads: int) -> to
     return w[:, perm.to(weight.device)].reshape(weight.shape)
 
 
-def convert_interleaved_to_half(weight: torch.Tensor, n_heads: int, dim: int | None = None) -> torch.Tensor:
-    """Permute the rows of a query/key projection weight `[n_heads * head_dim, d_model]` (or bias) from interleaved to half pairs."""
+def _check_projection(weight: torch.Tensor, n_heads: int, dim: int | None) -> tuple[int, int]:
+    """`(head_dim, dim)` of a projection weight whose rows are `n_heads` heads (`dim` defaults to all of a head)."""
     check_tensor("weight", weight, ndim=(1, 2), layout="[n_heads * head_dim, d_model] or [n_heads * head_dim]")
     check_int("n_heads", n_heads, min_value=1)
     if weight.shape[0] % n_heads:
         fail("weight", f"shape {tuple(weight.shape)}", f"a number of rows divisible by n_heads = {n_heads}")
     head_dim = weight.shape[0] // n_heads
     dim = head_dim if dim is None else dim
+    return head_dim, dim
+
+
+def convert_interleaved_to_half(weight: torch.Tensor, n_heads: int, dim: int | None = None) -> torch.Tensor:
+    """Permute the rows of a query/key projection weight `[n_heads * head_dim, d_model]` (or bias) from interleaved to half pairs."""
+    head_dim, dim = _check_projection(weight, n_heads, dim)
     return _permute_heads(weight, interleaved_to_half_permutation(dim, head_dim), n_heads)
 
 
 def convert_half_to_interleaved(weight: torch.Tensor, n_heads: int, dim: int | None = None) -> torch.Tensor:
     """The inverse of `convert_interleaved_to_half`."""
-    check_tensor("weight", weight, ndim=(1, 2), layout="[n_heads * head_dim, d_model] or [n_heads * head_dim]")
-    check_int("n_heads", n_heads, min_value=1)
-    if weight.shape[0] % n_heads:
-        fail("weight", f"shape {tuple(weight.shape)}", f"a number of rows divisible by n_heads = {n_heads}")
-    head_dim = weight.shape[0] // n_heads
-    dim = head_dim if dim is None else dim
+    head_dim, dim = _check_projection(weight, n_heads, dim)
     inverse = torch.argsort(interleaved_to_half_permutation(dim, head_dim))
     return _permute_heads(weight, inverse, n_heads)
