@@ -54,8 +54,8 @@ PAGE_REPORT_JS = r"""
   }
   const maths = Array.from(document.querySelectorAll("math"));
   const rowLayout = Array.from(document.querySelectorAll(".section")).filter(
-      s => s.querySelector(".prose > :not(.section-link)") && s.querySelector(".code .codeblock")).map(s => {
-    const p = s.querySelector(".prose").getBoundingClientRect(), c = s.querySelector(".code").getBoundingClientRect();
+      s => s.querySelector(".prose > :not(.section-link)") && s.querySelector(":scope > .code .codeblock")).map(s => {
+    const p = s.querySelector(".prose").getBoundingClientRect(), c = s.querySelector(":scope > .code").getBoundingClientRect();
     return {id: s.id, pl: p.left, pr: p.right, pt: p.top, pb: p.bottom, cl: c.left, cr: c.right, ct: c.top};
   });
   return {
