@@ -32,12 +32,11 @@ Before any timing, each step's output is compared with regular attention over th
 
 from __future__ import annotations
 
-import gc
 
 import torch
 from torch import nn
 
-from annotated_src.bench.core import Result, time_ms
+from annotated_src.bench.core import Result, free_memory, relative_rms_error, time_ms
 from annotated_src.continual_mha import RetroactiveMultiheadAttention, SingleOutputMultiheadAttention
 
 SUITE = "continual"
@@ -50,15 +49,9 @@ def _sizes(device: torch.device, quick: bool) -> dict:
     return dict(batch=2, d_model=64, n_heads=4, n=32)
 
 
-def _free(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
 def _check(name: str, got: torch.Tensor, want: torch.Tensor) -> None:
     # Relative RMS error: float32 rounding gives about 1e-6, a wrong window or row about 1.
-    rel = ((got.double() - want.double()).pow(2).mean().sqrt() / want.double().pow(2).mean().sqrt()).item()
+    rel = relative_rms_error(got, want)
     if not rel <= 1e-4:
         raise RuntimeError(f"{SUITE}: {name} disagrees with regular attention (relative RMS error {rel:.3g})")
 
@@ -137,7 +130,7 @@ def _time_case(b: int, d: int, h: int, n: int, device: torch.device, *, library:
             rows.append(Result(SUITE, name, float("nan"), case=case, extra={"error": repr(exc)}))
         finally:
             layer = step = None
-            _free(device)
+            free_memory(device)
     for name, cls, baseline, nbytes in layers:
         layer = cls.build_from(mha, n)
         step = _stepper(layer, tokens)
@@ -154,9 +147,9 @@ def _time_case(b: int, d: int, h: int, n: int, device: torch.device, *, library:
             r.extra["rows recomputed"] = layer.refreshed_rows
         rows.append(r)
         layer = step = out = None
-        _free(device)
+        free_memory(device)
     del mha, tokens, window, ref_all
-    _free(device)
+    free_memory(device)
     return rows
 
 

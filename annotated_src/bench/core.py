@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gc
 import math
 from collections.abc import Callable
 
@@ -41,6 +42,20 @@ def time_ms(fn: Callable[[], object], *, device: torch.device | str | None = Non
     fn()  # warm up: first-call allocations and compilation stay out of the number
     timer = benchmark.Timer(stmt="fn()", globals={"fn": fn})
     return timer.blocked_autorange(min_run_time=max(rep_ms / 1000, 0.05)).median * 1e3
+
+
+def free_memory(device: torch.device | str) -> None:
+    """Return the memory of the tensors dropped since the last case, so that cases do not add up."""
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def relative_rms_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    r"""$\lVert got - want \rVert_2 / \lVert want \rVert_2$ in float64: each suite's check that a
+    variant computes the same function as its reference before it is timed."""
+    got, want = got.double(), want.double()
+    return ((got - want).pow(2).mean().sqrt() / want.pow(2).mean().sqrt().clamp_min(1e-300)).item()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from annotated_src.bench.core import Result, time_ms
+from annotated_src.bench.core import Result, free_memory, time_ms
 from annotated_src.dilated_attention import (
     _attn_fwd,
     _gather,
@@ -70,8 +70,8 @@ def _dense_flops(seq_len: int) -> float:
 
 
 def _free(device):
+    free_memory(device)
     if device.type == "cuda":
-        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
 
 

@@ -39,14 +39,13 @@ fraction *is* the fraction of the bandwidth bound. `extra` holds tokens per seco
 from __future__ import annotations
 
 import contextlib
-import gc
 import math
 import time
 import warnings
 
 import torch
 
-from annotated_src.bench.core import Result, ceilings, time_ms
+from annotated_src.bench.core import Result, ceilings, free_memory, time_ms
 from annotated_src.kv_cache import (_step, compiled_decode_one_token, decode_cost, decode_one_token,
                                     disable_kv_cache, generate, llama_decoder)
 from annotated_src.notebook_utils import randint
@@ -73,12 +72,6 @@ def build_model(s: dict, device: torch.device, seed: int = 0):
     with torch.device(device):
         model = llama_decoder(**s["config"], max_seq_len=s["max_seq_len"])
     return model.to(s["dtype"]).eval()
-
-
-def _free(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def _sync(device: torch.device) -> None:
@@ -325,7 +318,7 @@ def hf_rows(s: dict, device: torch.device, copy_gbps: float) -> list[Result]:
             rows.append(_result(name, case, float("nan"), nbytes, copy_gbps, base,
                                 error=f"{type(e).__name__}: {e}"[:300]))
     del model
-    _free(device)
+    free_memory(device)
     return rows
 
 
@@ -341,7 +334,7 @@ def run(device: torch.device, *, quick: bool = False) -> list[Result]:
     finally:
         model.delete_caches()
         del model
-        _free(device)
+        free_memory(device)
     hf = hf_rows(s, device, copy_gbps)
     # HF rows first within the generation case, so the table reads baseline -> ours.
     gen = [r for r in rows if r.case == hf[0].case]

@@ -29,11 +29,10 @@ wrong fails loudly instead of producing a number.
 
 from __future__ import annotations
 
-import gc
 
 import torch
 
-from annotated_src.bench.core import Result, time_ms
+from annotated_src.bench.core import Result, free_memory, relative_rms_error, time_ms
 from annotated_src.retro import (ChunkedCrossAttention, cca_flops, chunked_bias_dropout_add,
                                  fused_chunked_bias_dropout_add)
 
@@ -48,12 +47,6 @@ def _sizes(device: torch.device, quick: bool) -> dict:
                 dtype=torch.bfloat16 if device.type == "cuda" else torch.float32, sweep=(1, 2, 4))
 
 
-def _free(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
 def _inputs(s: dict, neighbors: int, device: torch.device, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     chunks = s["seq_len"] // s["chunk_len"]
@@ -65,8 +58,7 @@ def _inputs(s: dict, neighbors: int, device: torch.device, seed: int = 0):
 def _check(name: str, got: torch.Tensor, want: torch.Tensor) -> None:
     # Relative RMS error of the update: bf16 rounding gives about 1e-2, a wrong shift or softmax about 1.
     tol = 5e-2 if torch.bfloat16 in (got.dtype, want.dtype) else 1e-4
-    got, want = got.float(), want.float()
-    rel = ((got - want).pow(2).mean().sqrt() / want.pow(2).mean().sqrt().clamp_min(1e-30)).item()
+    rel = relative_rms_error(got, want)
     if not rel <= tol:
         raise RuntimeError(f"{SUITE}: {name} disagrees with the einsum reference (relative RMS error {rel:.3g})")
 
@@ -98,7 +90,7 @@ def _layer_rows(s: dict, neighbors: int, device: torch.device, case: str, *, com
                 rows.append(Result(SUITE, f"{name} (failed)", float("nan"), case=case, baseline=ref.name,
                                    extra={"error": f"{type(err).__name__}: {err}"[:500]}))
     del layer, h, e, want
-    _free(device)
+    free_memory(device)
     return rows
 
 
@@ -125,7 +117,7 @@ def _bias_dropout_add_rows(s: dict, device: torch.device) -> list[Result]:
             rows.append(Result(SUITE, "compiled (failed)", float("nan"), case=case, baseline="eager",
                                extra={"error": f"{type(err).__name__}: {err}"[:500]}))
     del y, bias, h
-    _free(device)
+    free_memory(device)
     return rows
 
 
