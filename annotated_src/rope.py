@@ -1,7 +1,7 @@
 r"""
 ---
 title: Rotary positional embeddings (RoPE) and xPos
-summary: Rotary embeddings that make attention scores depend only on relative position, in both pair layouts, with float32 tables, per-token positions, partial rotation, the xPos variant and a compiled fast path.
+summary: Rotary embeddings that make attention scores depend only on relative position, in both pair layouts, with float32 tables, per-token positions, partial rotation, the xPos variant and a one-kernel fast path (Triton on CUDA, torch.compile elsewhere).
 ---
 
 # Rotary positional embeddings (RoPE)
@@ -96,7 +96,8 @@ nor scaled.
 
 * `rotary_angles`, `rotary_tables`: the angles $m\theta_i$ and their $\cos$, $\sin$.
 * `apply_rotary`: the readable rotation of either layout, and `apply_rotary_fast`, the same
-  function compiled by `torch.compile` into one fused kernel.
+  rotation as one Triton kernel on CUDA (`apply_rotary_triton`) or compiled by `torch.compile`
+  into one fused kernel elsewhere (`apply_rotary_compiled`).
 * `rope_reference`: the whole of RoPE in one readable function that recomputes its tables on
   every call (the naive baseline of the benchmark).
 * `RotaryPositionalEmbeddings` and `XPos`: the modules, with cached float32 tables, per-token
@@ -189,11 +190,151 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, inter
 #
 # RoPE is memory-bound: per pair of features it does four multiplications and two additions,
 # against reading the pair and writing it back (in bfloat16, 1.5 operations per byte moved, when
-# an H100 needs about 20 to be limited by arithmetic rather than by memory). The readable version above launches a kernel for the
-# slice, the upcast, each product, each sum, the concatenation and the downcast, and every one
-# of them reads and writes a full tensor. `torch.compile` fuses the whole function into one
-# kernel that reads `x` once, reads the small tables (which stay in cache) and writes the output
-# once, which is the least any implementation can move.
+# an H100 needs about 20 to be limited by arithmetic rather than by memory). The readable version
+# above launches a kernel for the slice, the upcast, each product, each sum, the concatenation and
+# the downcast, and every one of them reads and writes a full tensor. The least any implementation
+# can move is one read of `x` and one write of the result: the traffic of a copy. Two fast paths
+# get there, a hand-written kernel and a compiled one.
+#
+# ### One Triton kernel, one token per program
+#
+# Program $t$ handles token $t$ = (sample $b$, position $s$): it loads that token's rows of the
+# tables *once*, `[dim / 2]` float32 each, and applies them to all `n_heads` heads of the token,
+# a `[n_heads, dim / 2]` tile of first members $x^{(1)}$ and one of second members $x^{(2)}$.
+# Every element of `x` is read once and written once; the tables are read once per token (a
+# thirty-second of the traffic for 32 heads of 128 features, and from cache). The arithmetic is
+# the readable path's, in float32, rounded once to `x`'s dtype.
+#
+# * The half layout pairs feature $i$ with $i + d/2$: the two tiles are two contiguous halves of
+#   each head. The interleaved layout pairs $2i$ with $2i + 1$: two stride-2 tiles that share
+#   cache lines, so memory still sees each byte once.
+# * Features past `dim` are copied through in the same program.
+# * `NEGATE_SIN` flips the sign of $\sin$: the rotation by $-\alpha$, which is the backward pass.
+#   The Jacobian of $y = R(\alpha)\,x$ is $R(\alpha)$, so $\partial L / \partial x =
+#   R(\alpha)^\top\, \partial L / \partial y = R(-\alpha)\, \partial L / \partial y$; for xPos's
+#   scaled tables too, since $R^\top$ of $\begin{pmatrix} c & -s \\ s & c \end{pmatrix}$ is the
+#   same matrix with $-s$.
+#
+# Triton is a dependency of CUDA builds of PyTorch; where it is missing (CPU builds) the fast
+# path is the compiled one below.
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU builds of PyTorch come without Triton
+    triton = None
+
+if triton is not None:
+    @triton.jit
+    def _rope_kernel(x_ptr, y_ptr, cos_ptr, sin_ptr, seq_len, n_heads,
+                     sx_b, sx_s, sx_h, sy_b, sy_s, sy_h, sc_b, sc_s,
+                     HALF: tl.constexpr, HALF_P2: tl.constexpr, HEADS_P2: tl.constexpr,
+                     PASS: tl.constexpr, PASS_P2: tl.constexpr,
+                     INTERLEAVED: tl.constexpr, NEGATE_SIN: tl.constexpr):
+        token = tl.program_id(0)
+        b, s = token // seq_len, token % seq_len
+        # `[dim / 2]`: this token's angles, loaded once for all heads
+        i = tl.arange(0, HALF_P2)
+        c = tl.load(cos_ptr + b * sc_b + s * sc_s + i, mask=i < HALF)
+        sn = tl.load(sin_ptr + b * sc_b + s * sc_s + i, mask=i < HALF)
+        if NEGATE_SIN:
+            sn = -sn
+        # `[n_heads, dim / 2]` tiles of both members of every pair
+        heads = tl.arange(0, HEADS_P2)[:, None]
+        i = i[None, :]
+        if INTERLEAVED:
+            first, second = 2 * i, 2 * i + 1
+        else:
+            first, second = i, i + HALF
+        m = (heads < n_heads) & (i < HALF)
+        x_row = x_ptr + b * sx_b + s * sx_s + heads * sx_h
+        y_row = y_ptr + b * sy_b + s * sy_s + heads * sy_h
+        x1 = tl.load(x_row + first, mask=m).to(tl.float32)
+        x2 = tl.load(x_row + second, mask=m).to(tl.float32)
+        # $y^{(1)} = x^{(1)} \cos - x^{(2)} \sin$, $y^{(2)} = x^{(2)} \cos + x^{(1)} \sin$
+        tl.store(y_row + first, (x1 * c[None, :] - x2 * sn[None, :]).to(y_ptr.dtype.element_ty), mask=m)
+        tl.store(y_row + second, (x2 * c[None, :] + x1 * sn[None, :]).to(y_ptr.dtype.element_ty), mask=m)
+        if PASS > 0:
+            # Features past `dim`, unchanged.
+            j = tl.arange(0, PASS_P2)[None, :]
+            mp = (heads < n_heads) & (j < PASS)
+            tl.store(y_row + 2 * HALF + j, tl.load(x_row + 2 * HALF + j, mask=mp), mask=mp)
+
+
+def _launch_rope_kernel(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool,
+                        negate_sin: bool) -> torch.Tensor:
+    # `x` `[batch, seq_len, n_heads, head_dim]` with unit stride along `head_dim` (any other
+    # strides, e.g. a slice of a fused projection); `cos`, `sin` `[1 or batch, seq_len, 1, dim / 2]`.
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    cos, sin = (t if t.stride(-1) == 1 else t.contiguous() for t in (cos, sin))
+    batch, seq_len, n_heads, head_dim = x.shape
+    half = cos.shape[-1]
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if y.numel() == 0:
+        return y
+    table_b = cos.stride(0) if cos.shape[0] > 1 else 0
+    pass_through = head_dim - 2 * half
+    with torch.cuda.device(x.device):
+        _rope_kernel[(batch * seq_len,)](
+            x, y, cos, sin, seq_len, n_heads, x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1),
+            y.stride(2), table_b, cos.stride(1), HALF=half, HALF_P2=triton.next_power_of_2(half),
+            HEADS_P2=triton.next_power_of_2(n_heads), PASS=pass_through,
+            PASS_P2=triton.next_power_of_2(max(pass_through, 1)), INTERLEAVED=interleaved,
+            NEGATE_SIN=negate_sin, num_warps=8)
+    return y
+
+
+class _RotaryTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, cos, sin, interleaved):
+        ctx.save_for_backward(cos, sin)
+        ctx.interleaved = interleaved
+        return _launch_rope_kernel(x, cos, sin, interleaved, negate_sin=False)
+
+    @staticmethod
+    def backward(ctx, dy):
+        cos, sin = ctx.saved_tensors
+        # The gradient is the inverse rotation of the incoming gradient (see above).
+        return _launch_rope_kernel(dy, cos, sin, ctx.interleaved, negate_sin=True), None, None, None
+
+
+def _triton_applies(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """Whether `apply_rotary_triton` takes these arguments (otherwise the compiled path does)."""
+    return (triton is not None and x.is_cuda and x.dim() == 4 and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+            and cos.dtype == torch.float32 and sin.dtype == torch.float32 and cos.shape == sin.shape
+            and cos.dim() == 4 and cos.shape[0] in (1, x.shape[0]) and cos.shape[1] == x.shape[1] and cos.shape[2] == 1
+            and sin.stride() == cos.stride() and cos.device == x.device
+            and not (cos.requires_grad or sin.requires_grad))
+
+
+def apply_rotary_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, interleaved: bool = False) -> torch.Tensor:
+    """The rotation as one Triton kernel (CUDA): `x` `[batch, seq_len, n_heads, head_dim]` (float16,
+    bfloat16 or float32), float32 `cos`, `sin` `[1 or batch, seq_len, 1, dim / 2]`. Differentiable in `x`."""
+    if triton is None:
+        fail("apply_rotary_triton", "a PyTorch without Triton", "a CUDA build of PyTorch (Triton comes with it)")
+    check_tensor("x", x, ndim=4, layout="[batch, seq_len, n_heads, head_dim]", floating=True)
+    if not _triton_applies(x, cos, sin):
+        fail("x, cos, sin", f"x {tuple(x.shape)} {x.dtype} on {x.device}, cos {tuple(cos.shape)} {cos.dtype}, "
+             f"sin {tuple(sin.shape)} {sin.dtype}",
+             "x on a CUDA device in float16, bfloat16 or float32, and float32 tables without gradients, "
+             "of one shape and layout, [1 or batch, seq_len, 1, dim / 2], on x's device")
+    if 2 * cos.shape[-1] > x.shape[-1]:
+        fail("cos", f"shape {tuple(cos.shape)}", f"at most head_dim / 2 = {x.shape[-1] // 2} angles per position")
+    return _RotaryTriton.apply(x, cos, sin, interleaved)
+
+
+# ### The compiled path
+#
+# The same rotation written feature by feature, compiled by `torch.compile`: every output feature
+# is $x_j \cos\alpha_j + \tilde x_j \sin\alpha_j$, where $\tilde x_j$ is its partner in the pair
+# with the rotation's sign, and the tables are widened to one angle per feature before the call.
+# The compiler emits one elementwise kernel in which each thread reads its feature and its
+# partner and the two table entries and writes one output: the memory traffic of a copy, but
+# four more loads per element from cache (x's partner, and both tables at full width). On an
+# H200 the cache, not the memory, then limits it: about 82 % of the copy bandwidth, where the
+# kernel above, which loads every table entry once per token and every element once, reaches
+# the low 90s (the notebook measures both). It is the fast path where Triton is absent, and on
+# the CPU, where Inductor emits C++.
 #
 # We compile once per process with `fullgraph=True` (a graph break would be a silent loss of
 # fusion, so it is an error instead) and `dynamic=False` (each new shape gets its own kernel,
@@ -225,13 +366,7 @@ def _rotate_feature_wise(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, 
     return y if rot_dim == x.shape[-1] else torch.cat((y, x[..., rot_dim:]), dim=-1)
 
 
-# The compiled function is that same rotation written feature by feature: every output feature is
-# $x_j \cos\alpha_j + \tilde x_j \sin\alpha_j$, where $\tilde x_j$ is its partner in the pair
-# with the rotation's sign, and the tables are widened to one angle per feature before the call
-# (a few kilobytes, outside the kernel). Written this way, the compiler emits one elementwise
-# kernel in which each thread reads its feature and its partner and writes one output. Same
-# products, same sums: the results agree with the readable path to rounding.
-def apply_rotary_fast(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, interleaved: bool = False) -> torch.Tensor:
+def apply_rotary_compiled(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, interleaved: bool = False) -> torch.Tensor:
     """The rotation compiled into one fused kernel by `torch.compile` (same arguments, same result)."""
     global _compiled_apply_rotary
     if _compiled_apply_rotary is None:
@@ -240,15 +375,26 @@ def apply_rotary_fast(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, 
     return _compiled_apply_rotary(x, cos, sin, interleaved)
 
 
-# The modules choose between the two. `fast=True` always compiles (on the CPU too: the tests use
-# it to prove the compiled kernel equal to the reference); `fast=False` never does; `fast=None`
-# (the default) compiles on CUDA only, for float32 and narrower inputs (float64 is for checking the
-# algebra, not for speed). In that automatic mode two things are guarded:
+# `apply_rotary_fast` takes the Triton kernel when it applies (CUDA, float16/bfloat16/float32,
+# the module's float32 tables) and the compiled function otherwise.
+def apply_rotary_fast(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, interleaved: bool = False) -> torch.Tensor:
+    """The fast rotation: the Triton kernel where it applies, else the compiled function (same result)."""
+    if _triton_applies(x, cos, sin) and 2 * cos.shape[-1] <= x.shape[-1]:
+        return apply_rotary_triton(x, cos, sin, interleaved=interleaved)
+    return apply_rotary_compiled(x, cos, sin, interleaved=interleaved)
+
+
+# The modules choose. `fast=True` always takes `apply_rotary_fast` (on the CPU too, where it is
+# the compiled function: the tests use it to prove the compiled kernel equal to the reference);
+# `fast=False` never does; `fast=None` (the default) takes it on CUDA only, for float32 and
+# narrower inputs (float64 is for checking the algebra, not for speed). In that automatic mode
+# two things are guarded:
 #
-# * **Recompilations.** With `dynamic=False` every new shape compiles a new kernel, and after
-#   `torch._dynamo`'s limit (8 per function) it would fall back to eager with a warning. We stop
-#   short of it: after `_MAX_FAST_SIGNATURES` distinct signatures, new ones take the readable path.
-# * **Failures.** If compilation fails (a missing compiler, an unsupported GPU), the error is
+# * **Recompilations** (compiled path only). With `dynamic=False` every new shape compiles a new
+#   kernel, and after `torch._dynamo`'s limit (8 per function) it would fall back to eager with a
+#   warning. We stop short of it: after `_MAX_FAST_SIGNATURES` distinct signatures, new ones take
+#   the readable path. The Triton kernel takes every shape with the same compiled code.
+# * **Failures.** If the fast path fails (a missing compiler, an unsupported GPU), the error is
 #   reported once as a `RuntimeWarning` that names it, and the readable path is used from then on.
 #   The result is never wrong, only slower, and the warning says so.
 #
@@ -279,16 +425,18 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: 
     signature = (tuple(x.shape), x.stride(), x.dtype, x.device, x.requires_grad, x.data_ptr() % 16 == 0,
                  tuple(cos.shape), cos.stride(), cos.dtype, interleaved, torch.is_grad_enabled(),
                  torch.is_inference_mode_enabled())
-    if signature not in _fast_signatures and len(_fast_signatures) >= _MAX_FAST_SIGNATURES:
+    triton_path = _triton_applies(x, cos, sin)
+    if not triton_path and signature not in _fast_signatures and len(_fast_signatures) >= _MAX_FAST_SIGNATURES:
         return apply_rotary(x, cos, sin, interleaved=interleaved)
     try:
         y = apply_rotary_fast(x, cos, sin, interleaved=interleaved)
     except Exception as e:  # report the failure once, then stay on the readable path
         _fast_failed = f"{type(e).__name__}: {e}"
-        warnings.warn(f"annotated_src.rope: the compiled rotation failed ({_fast_failed}); "
+        warnings.warn(f"annotated_src.rope: the fast rotation failed ({_fast_failed}); "
                       "using the readable path from now on (same results, slower)", RuntimeWarning, stacklevel=3)
         return apply_rotary(x, cos, sin, interleaved=interleaved)
-    _fast_signatures.add(signature)
+    if not triton_path:
+        _fast_signatures.add(signature)
     return y
 
 
@@ -337,7 +485,7 @@ def _check_positions(input_pos, x: torch.Tensor, max_seq_len: int) -> torch.Tens
 # * `max_seq_len` is the number of positions the tables hold
 # * `base` is the base of the frequencies, 10 000 in the paper
 # * `interleaved` picks the pair layout: `False` pairs $(i, i + d/2)$, `True` pairs $(2i, 2i+1)$
-# * `fast` picks the implementation: `None` compiles on CUDA, `True` always, `False` never
+# * `fast` picks the implementation: `None` takes the fast path on CUDA, `True` always, `False` never
 #
 # The tables are `[max_seq_len, dim / 2]` float32 buffers, registered as non-persistent so that
 # the module has no `state_dict` entries (they are a function of the arguments, not learned).
@@ -358,7 +506,7 @@ class _RotaryBase(nn.Module):
         if not isinstance(interleaved, bool):
             fail("interleaved", interleaved, "a bool", TypeError)
         if fast not in (None, True, False):
-            fail("fast", fast, "None (compile on CUDA), True or False", TypeError)
+            fail("fast", fast, "None (fast path on CUDA), True or False", TypeError)
         self.dim, self.max_seq_len, self.base = dim, max_seq_len, base
         self.interleaved, self.fast = interleaved, fast
         # On the default device: the CPU, or the device of an enclosing `with torch.device(...)`.

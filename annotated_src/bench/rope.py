@@ -1,7 +1,7 @@
 r"""
 ---
 title: Benchmark of the rotary embeddings
-summary: Naive per-call RoPE, Hugging Face's rotate-half (eager and compiled), our readable module and our compiled fast path, against the copy bandwidth measured in the same run.
+summary: Naive per-call RoPE, Hugging Face's rotate-half (eager and compiled), our readable module, our Triton kernel and our compiled rotation, against the copy bandwidth measured in the same run.
 ---
 
 # Benchmark of the rotary embeddings
@@ -21,11 +21,13 @@ The variants, on `x` `[batch, seq_len, n_heads, head_dim]` in bfloat16, position
 * **HF rotate-half (torch.compile)**: the same function compiled (CUDA only).
 * **readable module**: `RotaryPositionalEmbeddings(fast=False)`: cached float32 tables, the
   readable rotation.
-* **fast module (torch.compile)**: `RotaryPositionalEmbeddings(fast=True)`: the same rotation
-  fused into one kernel (CUDA only; on the CPU the compiled path is exercised by the tests, not
-  timed).
-* **fast path (compiled kernel only)**: the compiled rotation called directly on tables already
-  looked up, without the module's Python work: the kernel's own speed.
+* **fast module (Triton kernel)**: `RotaryPositionalEmbeddings(fast=True)` on CUDA: the rotation
+  as one Triton kernel, one token per program (CUDA only; on the CPU the fast path is the
+  compiled one, exercised by the tests, not timed).
+* **fast path (Triton kernel only)**: that kernel called directly on tables already looked up,
+  without the module's Python work: the kernel's own speed.
+* **compiled rotation (torch.compile)**: the same rotation compiled by `torch.compile`
+  (`apply_rotary_compiled`), the fast path where Triton is missing.
 
 Before timing, every variant's output is compared with the readable module's; a disagreement
 beyond bfloat16 rounding raises instead of printing a fast wrong number.
@@ -36,7 +38,7 @@ from __future__ import annotations
 import torch
 
 from annotated_src.bench.core import Result, time_ms
-from annotated_src.rope import RotaryPositionalEmbeddings, apply_rotary_fast, rope_reference
+from annotated_src.rope import RotaryPositionalEmbeddings, apply_rotary_compiled, apply_rotary_triton, rope_reference
 
 SUITE = "rope"
 
@@ -91,7 +93,7 @@ def run(device, *, quick: bool = False) -> list[Result]:
         except Exception as e:  # a failed variant shows as a row, the others still run
             rows.append(Result(SUITE, f"{name} (failed)", float("nan"), case=case, baseline=baseline,
                                extra={"error": f"{type(e).__name__}: {e}"}))
-            if "torch.compile" not in name:
+            if "torch.compile" not in name and "Triton" not in name:
                 raise
         if cuda:
             torch.cuda.empty_cache()
@@ -122,13 +124,13 @@ def run(device, *, quick: bool = False) -> list[Result]:
 
     add("readable module", lambda: readable(x), check=lambda y: y)
     if cuda:
-        add("fast module (torch.compile)", lambda: fast(x), check=lambda y: y)
-        # The compiled kernel alone, on tables already shaped `[1, seq_len, 1, dim / 2]`: what the
-        # module costs on the GPU once its Python work (checks, table lookup) is out of the way,
-        # as it is inside a model compiled as a whole.
+        add("fast module (Triton kernel)", lambda: fast(x), check=lambda y: y)
+        # The kernel alone, on tables already shaped `[1, seq_len, 1, dim / 2]`: what the module
+        # costs on the GPU once its Python work (checks, table lookup) is out of the way.
         cos_rows = readable.cos_cached[:seq_len][None, :, None]
         sin_rows = readable.sin_cached[:seq_len][None, :, None]
-        add("fast path (compiled kernel only)", lambda: apply_rotary_fast(x, cos_rows, sin_rows), check=lambda y: y)
+        add("fast path (Triton kernel only)", lambda: apply_rotary_triton(x, cos_rows, sin_rows), check=lambda y: y)
+        add("compiled rotation (torch.compile)", lambda: apply_rotary_compiled(x, cos_rows, sin_rows), check=lambda y: y)
     del x, ref
     if cuda:
         torch.cuda.empty_cache()
