@@ -1,7 +1,7 @@
 r"""
 ---
 title: LongNet dilated attention
-summary: Dilated attention computed exactly, as dense attention with a log-count bias, by one flash call per pattern combined through log-sum-exps, on one GPU or sequence-parallel over many.
+summary: Dilated attention computed exactly, as dense attention with a log-count bias, by one fused attention call per pattern (cuDNN or flash) combined through log-sum-exps, on one GPU or sequence-parallel over many.
 ---
 
 # LongNet dilated attention
@@ -44,8 +44,8 @@ And the gradient of $O$ is the gradient of that dense formula, *including* the p
 through the mixing weights $s_i / \sum s_i$; one well-known implementation detaches those weights,
 which gives the right values but not the right gradients.
 
-In log-space the mixing is a log-sum-exp: with $\ell_i = \log s_i$ (what flash attention already
-returns as `logsumexp`),
+In log-space the mixing is a log-sum-exp: with $\ell_i = \log s_i$ (what fused attention kernels
+such as flash attention already return as `logsumexp`),
 
 $$L = \log \sum_i e^{\ell_i}, \qquad O = \sum_i e^{\ell_i - L}\, O_i .$$
 
@@ -69,6 +69,7 @@ $4 N d \sum_i w_i / r_i^2$ FLOPs per head: linear in $N$ for fixed patterns.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Sequence
@@ -238,16 +239,30 @@ def dilated_attention_loop(q, k, v, segment_lengths, dilation_rates, *, is_causa
 #
 # For pattern $(w, r)$ we view `x` `[batch, seq_len, n_heads, *rest]` as
 # `[batch, n_seg, m, r, n_heads, *rest]` with $m = \lceil w / r \rceil$: segment, sparse slot $t$,
-# residue $o$ (position $o + r t$ inside the segment). Head $j$ needs residue $j \bmod r$; the heads
-# with residue $o$ are the strided slice $j = o, o + r, \dots$, so each residue's heads are a
-# *view*, and one `torch.cat` over the residues gathers the pattern into
-# `[batch * n_seg, m, n_heads, *rest]` with heads in the order `_head_order(n_heads, r)`.
-# Attention is independent per head, so the order does not matter as long as the scatter uses the
-# same one. With $r = 1$ and $w$ dividing `seq_len` the gather is a pure reshape, no copy.
+# residue $o$ (position $o + r t$ inside the segment). Head $j$ needs residue $j \bmod r$. We list
+# the heads grouped by residue (`_head_order(n_heads, r)`: $0, r, 2r, \dots, 1, 1 + r, \dots$);
+# attention is independent per head, so the order does not matter as long as the scatter uses the
+# same one. Gathered, a pattern is `[batch * n_seg, m, n_heads, *rest]`. With $r = 1$ and $w$
+# dividing `seq_len` the gather is a pure reshape, no copy.
+#
+# When $r$ divides `n_heads`, the pattern's slots are themselves a *view*: split the heads as
+# $j = o' + r i$, `[..., r, n_heads / r, r, ...]` (residue $o$, head group $i$, head residue
+# $o'$), and take the diagonal $o = o'$. Gathering is then one strided copy of that view, and
+# scattering adds in place through it, with no index tensor. Otherwise (more residues than heads,
+# or residues that do not divide the heads) one advanced index over the two dimensions (residue,
+# head), with index pairs $(j \bmod r, j)$, does the same in one gather kernel.
+#
 # When `seq_len` is not a multiple of $w$, or $r$ does not divide $w$, we zero-pad first; those
 # padding slots are *invalid* and are masked (see `_slot_valid`).
 def _head_order(n_heads: int, r: int) -> list[int]:
     return [j for o in range(r) for j in range(o, n_heads, r)]
+
+
+@functools.lru_cache(maxsize=64)
+def _residue_index(n_heads: int, r: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The index pairs (residue, head) of `_head_order(n_heads, r)`, two `[n_heads]` tensors on `device`."""
+    order = _head_order(n_heads, r)
+    return (torch.tensor([j % r for j in order], device=device), torch.tensor(order, device=device))
 
 
 def _segmented(x: torch.Tensor, w: int, r: int) -> torch.Tensor:
@@ -263,24 +278,41 @@ def _segmented(x: torch.Tensor, w: int, r: int) -> torch.Tensor:
     return x.view(batch, n_seg, m, r, *rest)
 
 
+def _slots_view(x6: torch.Tensor, r: int) -> torch.Tensor | None:
+    """The pattern's slots of `x6` `[batch, n_seg, m, r, n_heads, *rest]` as a view
+    `[batch, n_seg, m, r, n_heads / r, *rest]` (heads in `_head_order`), or None if $r$ does not divide `n_heads`."""
+    batch, n_seg, m, _, n_heads = x6.shape[:5]
+    rest = x6.shape[5:]
+    if n_heads % r:
+        return None
+    # `[batch, n_seg, m, r (o), n_heads / r (i), r (o'), *rest]`, head $o' + r i$
+    x7 = x6.view(batch, n_seg, m, r, n_heads // r, r, *rest)
+    # The diagonal $o = o'$ is appended as the last dimension; put it back in place of $o$.
+    return torch.diagonal(x7, dim1=3, dim2=5).movedim(-1, 3)
+
+
 def _gather(x: torch.Tensor, w: int, r: int) -> torch.Tensor:
     """Pattern $(w, r)$'s sparse segments: `[batch * n_seg, m, n_heads, *rest]`, heads in `_head_order`."""
     x6 = _segmented(x, w, r)
-    batch, n_seg, m = x6.shape[:3]
-    n_heads = x6.shape[4]
+    batch, n_seg, m, _, n_heads = x6.shape[:5]
+    rest = x6.shape[5:]
     if r == 1:
         g = x6[:, :, :, 0]
     else:
-        g = torch.cat([x6[:, :, :, o, o::r] for o in range(min(r, n_heads))], dim=3)
-    return g.reshape(batch * n_seg, m, *g.shape[3:])
+        view = _slots_view(x6, r)
+        if view is not None:
+            g = view  # `[batch, n_seg, m, r, n_heads / r, *rest]`, copied by the reshape below
+        else:
+            res, heads = _residue_index(n_heads, r, x.device)
+            g = x6[:, :, :, res, heads]
+    g = g.reshape(batch * n_seg, m, n_heads, *rest)
+    # A copy for $r > 1$ (the reshape of the diagonal view may still be a strided view, which the
+    # fused attention kernels are not given: their inputs are dense rows).
+    return g if r == 1 else g.contiguous()
 
 
 def _scatter_add_(dst: torch.Tensor, g: torch.Tensor, w: int, r: int, weight: torch.Tensor | None = None) -> None:
-    """The inverse of `_gather`: add `g` (times `weight` `[batch * n_seg, m, n_heads]` if given) into `dst` `[batch, seq_len, n_heads, *rest]`.
-
-    With `weight`, each residue's block is one fused `addcmul_` (read `dst`, `g`, `weight`; write
-    `dst`), with no full-size temporary.
-    """
+    """The inverse of `_gather`: add `g` (times `weight` `[batch * n_seg, m, n_heads]` if given) into `dst` `[batch, seq_len, n_heads, *rest]`."""
     batch, seq_len, n_heads = dst.shape[:3]
     padded = seq_len % w != 0 or w % r != 0
     # Without padding the segmented view of `dst` is `dst` itself: the adds land in place.
@@ -289,14 +321,19 @@ def _scatter_add_(dst: torch.Tensor, g: torch.Tensor, w: int, r: int, weight: to
     g = g.view(batch, n_seg, m, *g.shape[2:])
     if weight is not None:
         weight = weight.view(batch, n_seg, m, n_heads, *([1] * (g.dim() - 4))).to(dst.dtype)
-    start = 0
-    for o in range(min(r, n_heads)):
-        count = len(range(o, n_heads, r))
-        if weight is None:
-            buf[:, :, :, o, o::r] += g[:, :, :, start:start + count]
-        else:
-            buf[:, :, :, o, o::r].addcmul_(g[:, :, :, start:start + count], weight[:, :, :, start:start + count])
-        start += count
+    view = buf[:, :, :, 0] if r == 1 else _slots_view(buf, r)
+    if view is not None:
+        # In place through a view: `g` reshaped to the view's `[..., r, n_heads / r, ...]` when $r > 1$.
+        if r > 1:
+            g = g.view(view.shape)
+            weight = None if weight is None else weight.view(*view.shape[:5], *weight.shape[4:])
+        view.add_(g) if weight is None else view.addcmul_(g, weight)
+    else:
+        # The slots of one pattern are distinct: gather, update, store back.
+        res, heads = _residue_index(n_heads, r, dst.device)
+        cur = buf[:, :, :, res, heads]
+        cur.add_(g) if weight is None else cur.addcmul_(g, weight)
+        buf[:, :, :, res, heads] = cur
     if padded:
         full = buf.reshape(batch, n_seg, m * r, *buf.shape[4:])[:, :, :w].reshape(batch, n_seg * w, *buf.shape[4:])
         dst += full[:, :seq_len]
@@ -305,12 +342,19 @@ def _scatter_add_(dst: torch.Tensor, g: torch.Tensor, w: int, r: int, weight: to
 def _scatter_full(g: torch.Tensor, w: int, r: int, seq_len: int, fill: float) -> torch.Tensor:
     """`g` `[batch * n_seg, m, n_heads]` placed at its positions in a `[batch, seq_len, n_heads]` tensor of `fill`."""
     n_heads = g.shape[2]
-    batch = g.shape[0] // -(-seq_len // w)
-    out = torch.zeros(batch, seq_len, n_heads, dtype=g.dtype, device=g.device)
-    held = torch.zeros(batch, seq_len, n_heads, dtype=g.dtype, device=g.device)
-    _scatter_add_(out, g, w, r)
-    _scatter_add_(held, torch.ones_like(g), w, r)
-    return torch.where(held > 0, out, torch.full((), fill, dtype=g.dtype, device=g.device))
+    n_seg, m = -(-seq_len // w), -(-w // r)
+    batch = g.shape[0] // n_seg
+    # `[batch, n_seg, m * r, n_heads]`: the padded layout of `_segmented`, then cut back.
+    buf = torch.full((batch, n_seg, m * r, n_heads), fill, dtype=g.dtype, device=g.device)
+    b6 = buf.view(batch, n_seg, m, r, n_heads)
+    g = g.view(batch, n_seg, m, n_heads)
+    view = b6[:, :, :, 0] if r == 1 else _slots_view(b6, r)
+    if view is not None:
+        view.copy_(g.view(view.shape))
+    else:
+        res, heads = _residue_index(n_heads, r, g.device)
+        b6[:, :, :, res, heads] = g
+    return buf[:, :, :w].reshape(batch, n_seg * w, n_heads)[:, :seq_len]
 
 
 # ## Which gathered slots are real
@@ -333,15 +377,19 @@ def _slot_valid(seq_len: int, w: int, r: int, n_heads: int, device) -> torch.Ten
 #
 # The inner attention of one pattern works on `[B', m_q, n_heads, head_dim]` queries and
 # `[B', m_k, n_heads, head_dim]` keys and values and returns the output and
-# $\ell = \log \sum_k e^{S_{qk}}$ `[B', m_q, n_heads]` (float32). Two implementations share one
+# $\ell = \log \sum_k e^{S_{qk}}$ `[B', m_q, n_heads]` (float32). Three implementations share one
 # contract:
 #
 # * `_attn_fwd_math` / `_attn_bwd_math`: plain PyTorch, any device and dtype, with an optional
 #   key mask (CPU, float32/float64, and padded slots without causal masking);
-# * `_attn_fwd_flash` / `_attn_bwd_flash`: the flash-attention kernels behind
-#   `torch.nn.functional.scaled_dot_product_attention`, called through their aten ops
-#   `_scaled_dot_product_flash_attention` (which returns `logsumexp`) and its backward (CUDA,
-#   fp16/bf16, head_dim <= 256, no mask).
+# * `_attn_fwd_cudnn` / `_attn_bwd_cudnn`: cuDNN's fused attention, one of the kernels behind
+#   `torch.nn.functional.scaled_dot_product_attention`, called through its aten op
+#   `_scaled_dot_product_cudnn_attention` (which returns `logsumexp` when asked) and its backward
+#   (CUDA, fp16/bf16, head_dim <= 128, no mask). On Hopper GPUs it is the fastest of SDPA's
+#   kernels, and the one SDPA itself picks for these shapes;
+# * `_attn_fwd_flash` / `_attn_bwd_flash`: the flash-attention kernels behind the same function,
+#   through `_scaled_dot_product_flash_attention` and its backward (CUDA, fp16/bf16,
+#   head_dim <= 256, no mask), used where cuDNN is unavailable.
 #
 # The backward takes the output $O$ and the log-sum-exp $L$ *as arguments*: it recomputes
 # $P = e^{S - L}$ and uses $D = \operatorname{rowsum}(dO \circ O)$, so
@@ -390,8 +438,27 @@ def _attn_bwd_math(q, k, v, o, lse, do, *, causal: bool, scale: float, key_valid
     return dq, dk, dv
 
 
+def _attn_fwd_cudnn(q, k, v, *, causal: bool, scale: float):
+    # The aten op takes `[B', n_heads, m, head_dim]`: transposed views, no copy. It returns the
+    # output in the queries' memory layout and the log-sum-exp as `[B', n_heads, m_q, 1]`.
+    res = torch.ops.aten._scaled_dot_product_cudnn_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, True, 0.0, causal, False, scale=scale)
+    out, lse = res[0], res[1]
+    # What its backward expects back: sequence offsets, lengths, random-number state.
+    aux = (res[2], res[3], res[4], res[5], res[6], res[7])
+    return out.transpose(1, 2), lse[..., 0].transpose(1, 2).float(), aux
+
+
+def _attn_bwd_cudnn(q, k, v, o, lse, do, aux, *, causal: bool, scale: float):
+    cum_q, cum_k, max_q, max_k, seed, offset = aux
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+        do.transpose(1, 2), q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), o.transpose(1, 2),
+        lse.transpose(1, 2).unsqueeze(-1).contiguous(), seed, offset, None, cum_q, cum_k, max_q, max_k, 0.0, causal,
+        scale=scale)
+    return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
+
+
 def _attn_fwd_flash(q, k, v, *, causal: bool, scale: float):
-    # The aten op takes `[B', n_heads, m, head_dim]`: transposed views, no copy.
     res = torch.ops.aten._scaled_dot_product_flash_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, causal, False, scale=scale)
     out, lse = res[0], res[1]
@@ -412,82 +479,273 @@ def _attn_bwd_flash(q, k, v, o, lse, do, aux, *, causal: bool, scale: float):
 
 # ### Choosing the kernel, and never silently wrong
 #
-# Flash is used on CUDA for fp16/bf16 with `head_dim` a multiple of 8 up to 256, without a key
-# mask, and with causal masking only on square blocks (the flash kernel's causal alignment for
-# `m_q != m_k` differs between versions, so we never rely on it). If the call raises, we warn
-# once and use the plain PyTorch path from then on: slower, same numbers.
-_flash_state = {"broken": None}
+# On CUDA, for fp16/bf16 with `head_dim` a multiple of 8, without a key mask, and with causal
+# masking only on square blocks (the kernels' causal alignment for `m_q != m_k` differs between
+# versions, so we never rely on it), we try cuDNN (`head_dim` <= 128), then flash
+# (`head_dim` <= 256). If a kernel raises, we warn once, naming it, and do not use it again; the
+# next one takes over, and the plain PyTorch path is the last resort: slower, same numbers. The
+# backward uses the kernel that ran the forward (the forward's `aux` names it).
+_KERNEL_NAMES = {"cudnn": "cuDNN attention", "flash": "flash-attention"}
+_kernel_state = {"cudnn": None, "flash": None}  # the error that disabled a kernel, or None
 
 
-def _can_flash(q, k, causal: bool, key_valid) -> bool:
-    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] % 8 == 0
-            and q.shape[-1] <= 256 and key_valid is None and not (causal and q.shape[1] != k.shape[1])
-            and _flash_state["broken"] is None)
+def _kernels_for(q, k, causal: bool, key_valid) -> list[str]:
+    if not (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] % 8 == 0
+            and key_valid is None and not (causal and q.shape[1] != k.shape[1])):
+        return []
+    limits = {"cudnn": 128, "flash": 256}
+    return [name for name in ("cudnn", "flash") if q.shape[-1] <= limits[name] and _kernel_state[name] is None]
 
 
-def _flash_failed(err: Exception):
-    _flash_state["broken"] = repr(err)
-    warnings.warn(f"dilated_attention: the flash-attention kernel failed ({err!r}); using the slower "
-                  "plain PyTorch attention from now on (same results, more memory)", RuntimeWarning, stacklevel=3)
+def _kernel_failed(name: str, err: Exception):
+    _kernel_state[name] = repr(err)
+    warnings.warn(f"dilated_attention: the {_KERNEL_NAMES[name]} kernel failed ({err!r}); not using it again "
+                  "(the next kernel, or plain PyTorch attention, gives the same results)", RuntimeWarning, stacklevel=3)
 
 
 def _attn_fwd(q, k, v, *, causal, scale, key_valid=None):
-    """`(o, lse, aux)`; `aux` is the flash kernel's bookkeeping, `None` on the plain path."""
-    if _can_flash(q, k, causal, key_valid):
+    """`(o, lse, aux)`; `aux` is `(kernel name, its bookkeeping)`, `None` on the plain path."""
+    for name in _kernels_for(q, k, causal, key_valid):
+        fwd = _attn_fwd_cudnn if name == "cudnn" else _attn_fwd_flash
         try:
-            return _attn_fwd_flash(q, k, v, causal=causal, scale=scale)
-        except Exception as err:  # a kernel that refuses this input: report it, then compute correctly
-            _flash_failed(err)
+            o, lse, aux = fwd(q, k, v, causal=causal, scale=scale)
+            return o, lse, (name, aux)
+        except Exception as err:  # a kernel that refuses this input: report it, then try the next
+            _kernel_failed(name, err)
     return (*_attn_fwd_math(q, k, v, causal=causal, scale=scale, key_valid=key_valid), None)
 
 
 def _attn_bwd(q, k, v, o, lse, do, aux, *, causal, scale, key_valid=None):
-    if aux is not None and _can_flash(q, k, causal, key_valid):
+    if aux is not None and _kernel_state[aux[0]] is None:
+        name, kernel_aux = aux
+        bwd = _attn_bwd_cudnn if name == "cudnn" else _attn_bwd_flash
         try:
-            return _attn_bwd_flash(q, k, v, o, lse, do, aux, causal=causal, scale=scale)
+            return bwd(q, k, v, o, lse, do, kernel_aux, causal=causal, scale=scale)
         except Exception as err:
-            _flash_failed(err)
+            _kernel_failed(name, err)
     return _attn_bwd_math(q, k, v, o, lse, do, causal=causal, scale=scale, key_valid=key_valid)
+
+
+# ### Gathering and combining on the GPU: two Triton kernels
+#
+# At 256K tokens, 16 heads of 64 features, `q`, `k` and `v` are half a gigabyte each in
+# bfloat16, and the float32 accumulator of the readable combination (next section) a gigabyte:
+# attention itself is a few milliseconds of arithmetic, and every extra pass over those tensors
+# costs a noticeable fraction of it. On CUDA, when every pattern's slots are whole ($w$ divides
+# `seq_len`, $r$ divides $w$ and `n_heads`), two kernels keep the traffic close to the data itself:
+#
+# * `_gather_kernel` copies a pattern's slots of one tensor into the contiguous
+#   `[batch * n_seg, m, n_heads, head_dim]` layout of `_gather`, one `head_dim` row at a time
+#   (a strided copy through PyTorch's generic indexing reaches a third of the bandwidth here);
+# * `_merge_kernel` merges one pattern's $(O_i, \ell_i)$ into a running result right after its
+#   attention call, the way flash attention merges blocks of keys: with $(A, L)$ the normalised
+#   output and log-sum-exp so far,
+#
+#   $$L' = \log(e^{L} + e^{\ell_i}), \qquad A' = e^{L - L'} A + e^{\ell_i - L'} O_i ,$$
+#
+#   so that after the last pattern $L = \operatorname{logsumexp}_i \ell_i$ and
+#   $A = \sum_i e^{\ell_i - L} O_i$: the same numbers as the readable combination. Each program
+#   takes `BLOCK_T` slots of one segment, all heads: slot $t$ of gathered head $c$ (residue
+#   $o = c \,//\, (n_h / r)$, head $o + r\,(c \bmod n_h/r)$, the order of `_head_order`) sits at
+#   position $s w + o + r t$. $L$ starts at $-\infty$ and $A$ is never cleared: where
+#   $L = -\infty$ no pattern has written yet, and $A$ is not read. A pattern with $r = 1$ holds
+#   every position, so when there is one it is merged *last* and writes the output in the
+#   input's dtype directly: the float32 accumulator is then written only by the sparser
+#   patterns, and never read back in a separate pass.
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU builds of PyTorch come without Triton
+    triton = None
+
+if triton is not None:
+    @triton.jit
+    def _gather_kernel(x_ptr, g_ptr, seq_len, n_heads, heads_per_res, w, r, m, n_seg, sx_b, sx_s, sx_h,
+                       HEAD_DIM: tl.constexpr, HEAD_DIM_P2: tl.constexpr, HEADS_P2: tl.constexpr,
+                       BLOCK_T: tl.constexpr):
+        pid = tl.program_id(0)
+        n_blocks = tl.cdiv(m, BLOCK_T)
+        bs = pid // n_blocks  # sample * n_seg + segment
+        b, seg = bs // n_seg, bs % n_seg
+        t = (pid % n_blocks) * BLOCK_T + tl.arange(0, BLOCK_T)[:, None, None]  # slots
+        c = tl.arange(0, HEADS_P2)[None, :, None]  # gathered heads
+        d = tl.arange(0, HEAD_DIM_P2)[None, None, :]
+        res = c // heads_per_res
+        head = res + r * (c % heads_per_res)
+        ok = (t < m) & (c < n_heads) & (d < HEAD_DIM)
+        pos = seg.to(tl.int64) * w + res + r * t
+        src = x_ptr + b.to(tl.int64) * sx_b + pos * sx_s + head * sx_h + d
+        dst = g_ptr + ((bs.to(tl.int64) * m + t) * n_heads + c) * HEAD_DIM + d
+        tl.store(dst, tl.load(src, mask=ok), mask=ok)
+
+    @triton.jit
+    def _merge_kernel(acc_ptr, lse_ptr, out_ptr, o_ptr, l_ptr, seq_len, n_heads, heads_per_res, w, r, m, n_seg,
+                      so_b, so_t, so_h, sl_b, sl_t, sl_h,
+                      HEAD_DIM: tl.constexpr, HEAD_DIM_P2: tl.constexpr, HEADS_P2: tl.constexpr,
+                      BLOCK_T: tl.constexpr, FINAL: tl.constexpr):
+        pid = tl.program_id(0)
+        n_blocks = tl.cdiv(m, BLOCK_T)
+        bs = pid // n_blocks  # sample * n_seg + segment
+        b, seg = bs // n_seg, bs % n_seg
+        t = (pid % n_blocks) * BLOCK_T + tl.arange(0, BLOCK_T)[:, None]  # `[BLOCK_T, 1]` slots
+        c = tl.arange(0, HEADS_P2)[None, :]  # `[1, n_heads]` gathered heads
+        res = c // heads_per_res
+        head = res + r * (c % heads_per_res)
+        ok = (t < m) & (c < n_heads)
+        # `[BLOCK_T, n_heads]`: where each slot lives in `[batch, seq_len, n_heads]`
+        row = (b.to(tl.int64) * seq_len + seg * w + res + r * t) * n_heads + head
+        l_i = tl.load(l_ptr + bs.to(tl.int64) * sl_b + t * sl_t + c * sl_h, mask=ok, other=0.0)
+        lse = tl.load(lse_ptr + row, mask=ok, other=float("-inf"))
+        seen = lse > float("-inf")
+        d = tl.arange(0, HEAD_DIM_P2)[None, None, :]
+        ok3 = ok[:, :, None] & (d < HEAD_DIM)
+        at = row[:, :, None] * HEAD_DIM + d
+        # Unwritten accumulator rows hold whatever the allocation held (possibly NaN): select, never multiply.
+        acc = tl.where(seen[:, :, None], tl.load(acc_ptr + at, mask=ok3 & seen[:, :, None], other=0.0), 0.0)
+        o = tl.load(o_ptr + bs.to(tl.int64) * so_b + t[:, :, None] * so_t + c[:, :, None] * so_h + d,
+                    mask=ok3, other=0.0).to(tl.float32)
+        top = tl.maximum(lse, l_i)
+        new = top + tl.log(tl.exp(lse - top) + tl.exp(l_i - top))
+        keep, add = tl.exp(lse - new), tl.exp(l_i - new)
+        acc = acc * keep[:, :, None] + o * add[:, :, None]
+        # The program reads `lse` and `acc` where it then writes them, and a `[BLOCK_T, n_heads]`
+        # tile is held by several threads at once: every thread must have read before any writes.
+        tl.debug_barrier()
+        tl.store(lse_ptr + row, new, mask=ok)
+        if FINAL:
+            tl.store(out_ptr + at, acc.to(out_ptr.dtype.element_ty), mask=ok3)
+        else:
+            tl.store(acc_ptr + at, acc, mask=ok3)
+
+
+_gpu_combine_state = {"broken": None}
+
+
+def _gpu_kernels_apply(q: torch.Tensor, ws, rs) -> bool:
+    """Whether `_gather_gpu` and `_merge_gpu_` take this call (otherwise the readable PyTorch path does)."""
+    seq_len, n_heads = q.shape[1], q.shape[2]
+    return (triton is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+            and _gpu_combine_state["broken"] is None
+            and all(seq_len % w == 0 and w % r == 0 and n_heads % r == 0 for w, r in zip(ws, rs)))
+
+
+def _gpu_kernel_failed(err: Exception):
+    _gpu_combine_state["broken"] = repr(err)
+    warnings.warn(f"dilated_attention: a gather/combine kernel failed ({err!r}); using plain PyTorch for them "
+                  "from now on (same results, slower)", RuntimeWarning, stacklevel=3)
+
+
+def _gather_gpu(x: torch.Tensor, w: int, r: int) -> torch.Tensor:
+    """`_gather` by `_gather_kernel` (CUDA, whole slots); a view, as in `_gather`, when $r = 1$."""
+    if r == 1:
+        return _gather(x, w, r)
+    batch, seq_len, n_heads, head_dim = x.shape
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    n_seg, m = seq_len // w, w // r
+    g = torch.empty(batch * n_seg, m, n_heads, head_dim, dtype=x.dtype, device=x.device)
+    block_t = 4
+    with torch.cuda.device(x.device):
+        _gather_kernel[(batch * n_seg * triton.cdiv(m, block_t),)](
+            x, g, seq_len, n_heads, n_heads // r, w, r, m, n_seg, x.stride(0), x.stride(1), x.stride(2),
+            HEAD_DIM=head_dim, HEAD_DIM_P2=triton.next_power_of_2(head_dim),
+            HEADS_P2=triton.next_power_of_2(n_heads), BLOCK_T=block_t, num_warps=4)
+    return g
+
+
+def _merge_gpu_(acc: torch.Tensor, lse: torch.Tensor, out: torch.Tensor | None, o: torch.Tensor, l_i: torch.Tensor,
+                w: int, r: int) -> None:
+    """Merge pattern $(w, r)$'s `o` `[batch * n_seg, m, n_heads, head_dim]` and `l_i` `[batch * n_seg, m, n_heads]`
+    into `acc` (float32) and `lse`, in place; with `out`, write the merged result there instead of `acc`."""
+    batch, seq_len, n_heads, head_dim = acc.shape
+    if o.stride(-1) != 1:
+        o = o.contiguous()
+    # The kernels return `l` as `[B', n_heads, m]` in memory: made `[B', m, n_heads]` (a few
+    # megabytes), so that a program's slots and heads are adjacent, not a whole row apart.
+    l_i = l_i.float().contiguous()
+    n_seg, m = seq_len // w, w // r
+    block_t = 4
+    with torch.cuda.device(acc.device):
+        _merge_kernel[(batch * n_seg * triton.cdiv(m, block_t),)](
+            acc, lse, acc if out is None else out, o, l_i, seq_len, n_heads, n_heads // r, w, r, m, n_seg,
+            o.stride(0), o.stride(1), o.stride(2), l_i.stride(0), l_i.stride(1), l_i.stride(2),
+            HEAD_DIM=head_dim, HEAD_DIM_P2=triton.next_power_of_2(head_dim),
+            HEADS_P2=triton.next_power_of_2(n_heads), BLOCK_T=block_t, FINAL=out is not None, num_warps=4)
 
 
 # ## The combination, with an exact backward
 #
 # Forward: each pattern gives $(O_i, \ell_i)$ on its gathered slots. We first build
 # $L = \operatorname{logsumexp}_i \ell_i$ `[batch, seq_len, n_heads]` (small), then add each
-# $e^{\ell_i - L} O_i$ into a float32 accumulator at its positions (in place, through the strided
-# views of `_scatter_add_`). We keep only $O$ and $L$ for the backward.
+# $e^{\ell_i - L} O_i$ into a float32 accumulator at its positions (`_scatter_add_`: one gather,
+# one fused multiply-add, one indexed store per pattern). We keep only $O$ and $L$ for the backward.
 #
 # Backward: the combined output is one softmax over the union of the patterns,
 # $P_{qk} = \sum_i [\,k \in \text{pattern } i\,]\, e^{S_{qk} - L_q}$. Pattern $i$'s share of it is
-# $e^{S_{qk} - L_q}$ on its own pairs, exactly what an ordinary flash backward recomputes if we
+# $e^{S_{qk} - L_q}$ on its own pairs, exactly what an ordinary fused backward recomputes if we
 # hand it $L$ instead of its own $\ell_i$. And $D_q = \sum_k P_{qk}\, dP_{qk} = dO_q \cdot O_q$,
 # which the kernel computes from the $O$ we hand it, so we hand it the *combined* $O$. Then
 # pattern $i$'s backward returns its share of $dQ$, $dK$, $dV$, and the sum over patterns is the
 # exact gradient of the dense formula, mixing weights included. (A padding slot has a zero query,
 # so $S = 0$; we give it $L = 0$, hence $P = 1$, and a zero $dO$, so $dP = D = 0$, $dS = 0$ and
 # $P^\top dO = 0$: it contributes nothing.)
+def _forward_readable(q, k, v, ws, rs, is_causal, scale):
+    """`(out, L, auxes)`: one attention call per pattern, combined with PyTorch operations."""
+    batch, seq_len, n_heads, head_dim = q.shape
+    parts, auxes = [], []
+    total = torch.full((batch, seq_len, n_heads), -math.inf, dtype=_lse_dtype(q), device=q.device)
+    for w, r in zip(ws, rs):
+        valid = _slot_valid(seq_len, w, r, n_heads, q.device)
+        key_valid = None if (valid is None or is_causal) else valid.repeat(batch, 1, 1)
+        # `[batch * n_seg, m, n_heads, head_dim]`
+        o_i, l_i, aux = _attn_fwd(_gather(q, w, r), _gather(k, w, r), _gather(v, w, r),
+                                  causal=is_causal, scale=scale, key_valid=key_valid)
+        parts.append((o_i, l_i))
+        auxes.append(aux)
+        total = torch.logaddexp(total, _scatter_full(l_i, w, r, seq_len, -math.inf))
+    acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc = torch.zeros(batch, seq_len, n_heads, head_dim, dtype=acc_dtype, device=q.device)
+    for (w, r), (o_i, l_i) in zip(zip(ws, rs), parts):
+        weight = torch.exp(l_i - _gather(total, w, r))  # `[batch * n_seg, m, n_heads]`
+        _scatter_add_(acc, o_i, w, r, weight=weight)
+    return acc.to(q.dtype), total, auxes
+
+
+def _forward_gpu(q, k, v, ws, rs, is_causal, scale):
+    """The same with `_gather_gpu` and `_merge_gpu_` (CUDA, whole slots)."""
+    batch, seq_len, n_heads, head_dim = q.shape
+    total = torch.full((batch, seq_len, n_heads), -math.inf, dtype=torch.float32, device=q.device)
+    acc = torch.empty(batch, seq_len, n_heads, head_dim, dtype=torch.float32, device=q.device)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    # A pattern with $r = 1$ goes last and writes `out`; otherwise `out` is cast from `acc` at the end.
+    order = list(range(len(ws)))
+    last = next((i for i in order if rs[i] == 1), None)
+    if last is not None:
+        order.remove(last)
+        order.append(last)
+    auxes = [None] * len(ws)
+    for i in order:
+        w, r = ws[i], rs[i]
+        o_i, l_i, auxes[i] = _attn_fwd(_gather_gpu(q, w, r), _gather_gpu(k, w, r), _gather_gpu(v, w, r),
+                                       causal=is_causal, scale=scale)
+        _merge_gpu_(acc, total, out if i == last else None, o_i, l_i, w, r)
+    if last is None:
+        # Positions no pattern holds have $L = -\infty$ and an unwritten accumulator: zeros.
+        out = torch.where(total[..., None] > -math.inf, acc, 0.0).to(q.dtype)
+    return out, total, auxes
+
+
 class _DilatedAttentionFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, ws, rs, is_causal, scale):
-        batch, seq_len, n_heads, head_dim = q.shape
-        parts, auxes = [], []
-        total = torch.full((batch, seq_len, n_heads), -math.inf, dtype=_lse_dtype(q), device=q.device)
-        for w, r in zip(ws, rs):
-            valid = _slot_valid(seq_len, w, r, n_heads, q.device)
-            key_valid = None if (valid is None or is_causal) else valid.repeat(batch, 1, 1)
-            # `[batch * n_seg, m, n_heads, head_dim]`
-            o_i, l_i, aux = _attn_fwd(_gather(q, w, r), _gather(k, w, r), _gather(v, w, r),
-                                      causal=is_causal, scale=scale, key_valid=key_valid)
-            parts.append((o_i, l_i))
-            auxes.append(aux)
-            total = torch.logaddexp(total, _scatter_full(l_i, w, r, seq_len, -math.inf))
-        acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-        acc = torch.zeros(batch, seq_len, n_heads, head_dim, dtype=acc_dtype, device=q.device)
-        for (w, r), (o_i, l_i) in zip(zip(ws, rs), parts):
-            weight = torch.exp(l_i - _gather(total, w, r))  # `[batch * n_seg, m, n_heads]`
-            _scatter_add_(acc, o_i, w, r, weight=weight)
-        del parts
-        out = acc.to(q.dtype)
+        if _gpu_kernels_apply(q, ws, rs):
+            try:
+                out, total, auxes = _forward_gpu(q, k, v, ws, rs, is_causal, scale)
+            except Exception as err:  # report once, then take the readable way
+                _gpu_kernel_failed(err)
+                out, total, auxes = _forward_readable(q, k, v, ws, rs, is_causal, scale)
+        else:
+            out, total, auxes = _forward_readable(q, k, v, ws, rs, is_causal, scale)
         ctx.save_for_backward(q, k, v, out, total)
         ctx.cfg = (ws, rs, is_causal, scale)
         ctx.auxes = auxes
@@ -501,15 +759,16 @@ class _DilatedAttentionFn(torch.autograd.Function):
         grad_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         dq, dk, dv = (torch.zeros(q.shape, dtype=grad_dtype, device=q.device) for _ in range(3))
         dout = dout.contiguous().to(q.dtype)
+        gather = _gather_gpu if _gpu_kernels_apply(q, ws, rs) else _gather
         for w, r, aux in zip(ws, rs, ctx.auxes):
             valid = _slot_valid(seq_len, w, r, n_heads, q.device)
             key_valid = None if (valid is None or is_causal) else valid.repeat(batch, 1, 1)
-            qg, kg, vg = _gather(q, w, r), _gather(k, w, r), _gather(v, w, r)
+            qg, kg, vg = gather(q, w, r), gather(k, w, r), gather(v, w, r)
             lse = _gather(total, w, r)
             if valid is not None:
                 # Padding slots: any finite log-sum-exp will do (their `dO` is zero).
                 lse = torch.where(valid.repeat(batch, 1, 1), lse, torch.zeros((), dtype=lse.dtype, device=lse.device))
-            dqg, dkg, dvg = _attn_bwd(qg, kg, vg, _gather(out, w, r), lse.contiguous(), _gather(dout, w, r), aux,
+            dqg, dkg, dvg = _attn_bwd(qg, kg, vg, gather(out, w, r), lse.contiguous(), gather(dout, w, r), aux,
                                       causal=is_causal, scale=scale, key_valid=key_valid)
             _scatter_add_(dq, dqg.to(grad_dtype), w, r)
             _scatter_add_(dk, dkg.to(grad_dtype), w, r)
@@ -523,7 +782,7 @@ def dilated_attention(q, k, v, segment_lengths, dilation_rates, *, is_causal: bo
 
     Pattern $i$ is `segment_lengths[i]` ($w_i$) and `dilation_rates[i]` ($r_i$); head $j$ uses
     offset $j \bmod r_i$. Equals `softmax(QK^T * scale + log C) V` (see the module text), values and
-    gradients. Any `seq_len`. One flash-attention call per pattern on CUDA (fp16/bf16).
+    gradients. Any `seq_len`. One fused attention call per pattern on CUDA (fp16/bf16): cuDNN's, or flash.
     """
     _check_qkv(q, k, v)
     ws, rs = check_patterns(segment_lengths, dilation_rates)
@@ -617,7 +876,8 @@ class _DistributedDilatedFn(torch.autograd.Function):
             seg = ws[i] if src is None else n
             weight = torch.exp(l_b - _gather(total, seg, rs[i]))
             _scatter_add_(acc, o_b, seg, rs[i], weight=weight)
-        out = acc.to(q.dtype)
+        if acc is not None:
+            out = acc.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, total)
         ctx.cfg = (ws, rs, is_causal, scale, group)
         ctx.auxes, ctx.stats = auxes, stats

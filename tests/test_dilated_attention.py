@@ -152,6 +152,32 @@ def test_gather_is_a_view_without_padding():
     torch.testing.assert_close(acc, x * held[None, :, :, None])
 
 
+@pytest.mark.parametrize("seq_len, w, r", [(64, 16, 2), (64, 18, 3), (61, 16, 6), (64, 16, 4), (60, 20, 8)])
+def test_gather_and_scatter_by_definition(seq_len, w, r):
+    # 6 heads: r = 2, 3, 6 divide them (the diagonal view), r = 4, 8 do not (the indexed gather).
+    x = rand(2, seq_len, 6, 3, seed=5)
+    g = da._gather(x, w, r)
+    n_seg, m = -(-seq_len // w), -(-w // r)
+    assert g.shape == (2 * n_seg, m, 6, 3)
+    order = da._head_order(6, r)
+    want = torch.zeros_like(g)
+    for b in range(2):
+        for seg in range(n_seg):
+            for t in range(m):
+                for c, head in enumerate(order):
+                    inner = head % r + r * t
+                    if inner < w and seg * w + inner < seq_len:
+                        want[b * n_seg + seg, t, c] = x[b, seg * w + inner, head]
+    torch.testing.assert_close(g, want, rtol=0, atol=0)
+    # The scatter is its inverse on the pattern's positions, and leaves the others alone.
+    acc = torch.zeros_like(x)
+    da._scatter_add_(acc, g, w, r)
+    held = count_matrix(seq_len, 6, [w], [r]).diagonal(dim1=1, dim2=2).T.bool()  # `[seq_len, n_heads]`
+    torch.testing.assert_close(acc, x * held[None, :, :, None], rtol=0, atol=0)
+    full = da._scatter_full(g[..., 0].contiguous(), w, r, seq_len, -1.0)
+    torch.testing.assert_close(full, torch.where(held[None], x[..., 0], torch.full((), -1.0, dtype=x.dtype)))
+
+
 def test_flops_formula():
     assert dilated_flops(1024, 2, 8, [256, 512], [1, 2]) == 2 * sum(4 * 1024 * 8 * w / r**2 for w, r in [(256, 1), (512, 2)])
     assert dilated_flops(1024, 1, 8, 1024, 1, is_causal=True) == 4 * 1024 * 8 * 1024 / 2
@@ -278,34 +304,87 @@ def test_multihead_layer_geometric_defaults():
     assert y.shape == (1, 300, 32) and torch.isfinite(y).all()
 
 
-def test_flash_fallback_warns_once_and_stays_correct(monkeypatch):
-    # A kernel that raises must be reported and replaced by the plain path, never silently wrong.
+def test_kernel_fallback_warns_once_per_kernel_and_stays_correct(monkeypatch):
+    # A kernel that raises must be reported and replaced (cuDNN by flash, flash by the plain
+    # path), never silently wrong. On the CPU we pretend both kernels apply, and both fail.
     q, k, v = qkv(1, 32, 2, 8, seed=1)
-    monkeypatch.setattr(da, "_can_flash", lambda *a: da._flash_state["broken"] is None)
-    monkeypatch.setitem(da._flash_state, "broken", None)
+    monkeypatch.setattr(da, "_kernels_for",
+                        lambda *a: [n for n in ("cudnn", "flash") if da._kernel_state[n] is None])
+    monkeypatch.setattr(da, "_kernel_state", {"cudnn": None, "flash": None})
 
     def boom(*a, **kw):
         raise RuntimeError("no kernel")
 
+    monkeypatch.setattr(da, "_attn_fwd_cudnn", boom)
     monkeypatch.setattr(da, "_attn_fwd_flash", boom)
-    with pytest.warns(RuntimeWarning, match="flash-attention kernel failed"):
+    with pytest.warns(RuntimeWarning) as record:
         out = dilated_attention(q, k, v, [8, 16], [1, 2])
+    messages = [str(w.message) for w in record]
+    assert sum("cuDNN attention kernel failed" in m for m in messages) == 1
+    assert sum("flash-attention kernel failed" in m for m in messages) == 1
     torch.testing.assert_close(out, dilated_attention_reference(q, k, v, [8, 16], [1, 2]))
+    assert da._kernel_state["cudnn"] is not None and da._kernel_state["flash"] is not None
 
 
 @pytest.mark.cuda
-def test_cuda_flash_path_matches_reference():
+@pytest.mark.parametrize("kernel", ["cudnn", "flash"])
+def test_cuda_kernels_match_reference(kernel, monkeypatch):
+    # Each fused kernel on its own (the other disabled), values and gradients, causal and not,
+    # a length that is no multiple of the segments (the padded non-causal patterns take the
+    # plain path; the others the kernel).
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    q, k, v = qkv(1, 4096 + 100, 4, 64, seed=8)
-    for causal in (False, True):
-        ref = dilated_attention_reference(q, k, v, [512, 1024, 2048], [1, 2, 4], is_causal=causal)
-        qc, kc, vc = (x.detach().cuda().bfloat16().requires_grad_() for x in (q, k, v))
-        out = dilated_attention(qc, kc, vc, [512, 1024, 2048], [1, 2, 4], is_causal=causal)
-        torch.testing.assert_close(out.double().cpu(), ref, rtol=3e-2, atol=3e-2)
-        for a, b in zip(grads(ref, (q, k, v)), grads(out, (qc, kc, vc))):
-            torch.testing.assert_close(b.double().cpu(), a, rtol=5e-2, atol=5e-2)
-    assert da._flash_state["broken"] is None
+    other = {"cudnn": "flash", "flash": "cudnn"}[kernel]
+    monkeypatch.setattr(da, "_kernel_state", {kernel: None, other: "disabled by the test"})
+    for seq_len in (4096, 4096 + 100):
+        q, k, v = qkv(1, seq_len, 4, 64, seed=8)
+        for causal in (False, True):
+            ref = dilated_attention_reference(q, k, v, [512, 1024, 2048], [1, 2, 4], is_causal=causal)
+            qc, kc, vc = (x.detach().cuda().bfloat16().requires_grad_() for x in (q, k, v))
+            out = dilated_attention(qc, kc, vc, [512, 1024, 2048], [1, 2, 4], is_causal=causal)
+            torch.testing.assert_close(out.double().cpu(), ref, rtol=3e-2, atol=3e-2)
+            for a, b in zip(grads(ref, (q, k, v)), grads(out, (qc, kc, vc))):
+                torch.testing.assert_close(b.double().cpu(), a, rtol=5e-2, atol=5e-2)
+    assert da._kernel_state[kernel] is None
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("ws, rs", [([128, 256, 512, 1024], [1, 2, 4, 8]), ([256, 512], [2, 4])])
+def test_cuda_gather_and_merge_kernels_equal_readable_path(dtype, ws, rs, monkeypatch):
+    # float32: plain attention per pattern; bfloat16: the fused kernels. Combined by the Triton
+    # kernels or the readable way: same values, same gradients, and the same on every run. Without
+    # a pattern of rate 1 (second case) some positions are held by no pattern: zeros.
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    q, k, v = qkv(2, 1024, 8, 32, seed=12)
+    ref = dilated_attention_reference(q, k, v, ws, rs)
+    qc, kc, vc = (x.detach().cuda().to(dtype).requires_grad_() for x in (q, k, v))
+    assert da._gpu_kernels_apply(qc, ws, rs)
+    for w, r in zip(ws, rs):
+        torch.testing.assert_close(da._gather_gpu(qc.detach(), w, r), da._gather(qc.detach(), w, r), rtol=0, atol=0)
+    out = dilated_attention(qc, kc, vc, ws, rs)
+    assert all(torch.equal(out, dilated_attention(qc, kc, vc, ws, rs)) for _ in range(3))
+    g_out = grads(out, (qc, kc, vc))
+    monkeypatch.setitem(da._gpu_combine_state, "broken", "disabled by the test")
+    readable = dilated_attention(qc, kc, vc, ws, rs)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(out, readable, **tol)
+    ref_tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(out.double().cpu(), ref, **ref_tol)
+    for a, b, c in zip(grads(ref, (q, k, v)), g_out, grads(readable, (qc, kc, vc))):
+        torch.testing.assert_close(b, c, **tol)
+        torch.testing.assert_close(b.double().cpu(), a, **({"rtol": 5e-2, "atol": 5e-2} if dtype != torch.float32 else ref_tol))
+
+
+@pytest.mark.cuda
+def test_cuda_default_path_uses_a_kernel():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    q, k, v = (x.cuda().bfloat16() for x in qkv(1, 1024, 4, 64, seed=9))
+    _, _, aux = da._attn_fwd(da._gather(q, 512, 2), da._gather(k, 512, 2), da._gather(v, 512, 2),
+                             causal=False, scale=0.125)
+    assert aux is not None and aux[0] in ("cudnn", "flash")
 
 
 # ## Sequence parallel, 2 CPU processes with gloo
