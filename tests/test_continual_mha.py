@@ -412,3 +412,200 @@ def test_large_logits_as_accurate_as_regular_float32_attention():
             worst, worst_regular = max(worst, rel(r)), max(worst_regular, rel(regular))
     assert retro.refreshed_rows > 0
     assert worst <= 1.5 * worst_regular, (worst, worst_regular)
+
+
+# ## The fast paths
+#
+# 3xTF32 on the CPU: the split is exact, its parts are exact in TF32 (so a tensor core multiplies
+# exactly them), and the three products are within the bound of the module's introduction.
+from annotated_src.continual_mha import linear_3xtf32, round_tf32, split_tf32  # noqa: E402
+
+TF32_3X_BOUND = 3 * 2.0**-22 * (1 + 2.0**-11)
+
+
+def _is_tf32(x):
+    return bool(((x.contiguous().view(torch.int32) & 8191) == 0).all())
+
+
+def test_split_tf32_is_exact_and_tf32():
+    x = torch.randn(4096, generator=_gen(5)) * torch.logspace(-20, 20, 4096)
+    hi, lo = split_tf32(x)
+    assert torch.equal(hi + lo, x)
+    assert _is_tf32(hi) and _is_tf32(round_tf32(lo))
+    assert (lo.abs() <= 2.0**-11 * x.abs()).all()
+    assert ((round_tf32(lo) - lo).abs() <= 2.0**-22 * x.abs()).all()
+    with pytest.raises(ValueError, match="x"):
+        split_tf32(x.double())
+
+
+def test_3xtf32_products_within_the_bound():
+    a = torch.randn(64, 512, generator=_gen(6))
+    w = torch.randn(96, 512, generator=_gen(7))
+    (a_hi, a_lo), (w_hi, w_lo) = split_tf32(a), split_tf32(w)
+    a_lo, w_lo = round_tf32(a_lo), round_tf32(w_lo)
+    # What the tensor core computes, exactly (float64 holds every product of two TF32 values).
+    p = lambda u, v: u.double() @ v.double().T  # noqa: E731
+    three = p(a_hi, w_lo) + p(a_lo, w_hi) + p(a_hi, w_hi)
+    exact = p(a, w)
+    scale = a.double().abs() @ w.double().abs().T
+    err = (three - exact).abs()
+    assert (err <= TF32_3X_BOUND * scale).all()
+    # Plain TF32 (both operands rounded) is hundreds of times further off.
+    assert (p(round_tf32(a), round_tf32(w)) - exact).abs().amax() > 100 * err.amax()
+    # On the CPU the three products are float32 products: `linear_3xtf32` is `F.linear`.
+    b = torch.randn(96, generator=_gen(8))
+    torch.testing.assert_close(linear_3xtf32(a, w, b), torch.nn.functional.linear(a, w, b), atol=1e-4, rtol=1e-5)
+
+
+def _cuda_pair(cls, seed=0, e=64, h=4, n=40, **kw):
+    torch.manual_seed(seed)
+    mha = nn.MultiheadAttention(e, h, batch_first=True, **kw).eval().cuda()
+    with torch.no_grad():
+        for name, p in mha.named_parameters():
+            if "bias" in name:
+                p.normal_(0, 0.5)
+    fast, ref = cls.build_from(mha, n), cls.build_from(mha, n)
+    ref.fast_path = False
+    return mha, fast, ref
+
+
+def _float64_window(mha, w):
+    import copy
+    m = copy.deepcopy(mha).double()
+    w = w.double()
+    return m(w, w, w, need_weights=False)[0]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kw", [{}, dict(add_bias_kv=True, add_zero_attn=True), dict(bias=False)])
+def test_cuda_fast_single_output_equals_readable_and_float64(kw):
+    n, steps = 40, 150
+    mha, fast, ref = _cuda_pair(SingleOutputMultiheadAttention, n=n, **kw)
+    x = torch.randn(3, steps, 64, generator=_gen(11)).cuda()
+    with torch.no_grad():
+        for t in range(steps):
+            if t == 90:  # a new stream records a new graph
+                assert fast._fast is not None and "graph" in fast._fast  # the fast path did run
+                fast.clean_state()
+                ref.clean_state()
+                x = x.roll(7, dims=1)
+            if t % 17 == 5 and ref._t >= n - 1:  # a peek takes the readable path, the state stays
+                torch.testing.assert_close(fast.forward_step(x[:, t], update_state=False),
+                                           ref.forward_step(x[:, t], update_state=False), atol=1e-5, rtol=1e-5)
+            a, r = fast.forward_step(x[:, t]), ref.forward_step(x[:, t])
+            if r is None:
+                assert a is None
+                continue
+            torch.testing.assert_close(a, r, atol=1e-5, rtol=1e-5)
+            start = 90 if t >= 90 else 0
+            if t - start >= n - 1:
+                want = _float64_window(mha, x[:, t - n + 1:t + 1])[:, -1]
+                torch.testing.assert_close(a.double(), want, atol=2e-5, rtol=1e-5)
+    assert fast._fast is not None and "graph" in fast._fast  # the fast path did run
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("scale", [1.0, 30.0])
+@pytest.mark.parametrize("kw", [{}, dict(add_bias_kv=True, add_zero_attn=True), dict(bias=False)])
+def test_cuda_fast_retroactive_equals_readable_and_float64(scale, kw):
+    n, steps = 40, 120
+    mha, fast, ref = _cuda_pair(RetroactiveMultiheadAttention, n=n, **kw)
+    x = torch.randn(3, steps, 64, generator=_gen(12)).cuda() * scale
+    worst_fast = worst_ref = worst_regular = 0.0
+    with torch.no_grad():
+        for t in range(steps):
+            a, r = fast.forward_step(x[:, t]), ref.forward_step(x[:, t])
+            if r is None:
+                assert a is None
+                continue
+            w = x[:, t - n + 1:t + 1]
+            want = _float64_window(mha, w)
+            rel = lambda y: ((y.double() - want).abs().amax() / want.abs().amax()).item()  # noqa: E731
+            worst_fast, worst_ref = max(worst_fast, rel(a)), max(worst_ref, rel(r))
+            worst_regular = max(worst_regular, rel(mha(w, w, w, need_weights=False)[0]))
+            if scale == 1.0:  # no row near the refresh threshold: both paths take the same decisions
+                torch.testing.assert_close(a, r, atol=1e-5, rtol=1e-5)
+    assert fast._fast is not None
+    # As accurate as regular float32 attention over the window (at logits in the hundreds float32
+    # itself loses digits).
+    assert worst_fast <= max(1e-5, 1.5 * worst_regular), (worst_fast, worst_ref, worst_regular)
+    if scale == 30.0:
+        assert fast.refreshed_rows > 0 and ref.refreshed_rows > 0
+
+
+@pytest.mark.cuda
+def test_cuda_fast_retroactive_long_stream_and_layouts():
+    # 10^4 steps on the fast path, then the state is still exact; the readable path continues it.
+    n, steps = 16, 10_000
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(32, 2, batch_first=True).eval().cuda()
+    re = RetroactiveMultiheadAttention.build_from(mha, n)
+    x = torch.randn(1, steps, 32, generator=_gen(3)).cuda() * torch.tensor([1.0, 30.0], device="cuda").view(2, 1, 1)
+    with torch.no_grad():
+        re.forward_steps(x[:, :-1])
+        re.fast_path = False
+        out = re.forward_step(x[:, -1])
+        want = _float64_window(mha, x[:, -n:])
+    assert re.refreshed_rows > 0
+    for i, scale in enumerate((1.0, 30.0)):
+        torch.testing.assert_close(out[i].double(), want[i], atol=1e-5 * scale, rtol=1e-5)
+    # `embed_dim_second` and `batch_first=False` only change the layout of the fast path's output.
+    x = x[:1]
+    mha_t = nn.MultiheadAttention(32, 2, batch_first=False).eval().cuda()
+    mha_t.load_state_dict(mha.state_dict())
+    with torch.no_grad():
+        a = RetroactiveMultiheadAttention.build_from(mha, n, embed_dim_second=True).forward_steps(
+            x[:, :n + 5].transpose(1, 2))
+        b = RetroactiveMultiheadAttention.build_from(mha_t, n).forward_steps(x[:, :n + 5].transpose(0, 1))
+        c = RetroactiveMultiheadAttention.build_from(mha, n)
+        c.fast_path = False
+        c = c.forward_steps(x[:, :n + 5])
+    torch.testing.assert_close(a.transpose(2, 3), c, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(b.transpose(1, 2), c.transpose(0, 1), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.cuda
+def test_cuda_3xtf32_output_product_is_as_accurate_as_float32():
+    # The fused division and output projection against float64: within the bound of the module's
+    # introduction, and with an error of the size of a float32 product's (TF32 off).
+    from annotated_src import _continual_kernels as kernels
+
+    b, h, n, d = 4, 8, 256, 64
+    g = _gen(13)
+    num = torch.randn(b, h, n, d, generator=g).cuda()
+    den = (torch.rand(b, h, n, generator=g) + 0.5).cuda()
+    w = (torch.randn(h * d, h * d, generator=g) / 20).cuda()
+    bias = torch.randn(h * d, generator=g).cuda()
+    first = 37
+    out = kernels.retro_out(num, den, w, bias, first)
+    order = (first + torch.arange(n)) % n
+    a = (num / den.unsqueeze(-1))[:, :, order].transpose(1, 2).reshape(b, n, h * d)
+    exact = a.double() @ w.double().T + bias.double()
+    scale = a.double().abs() @ w.double().abs().T
+    err = (out.double() - exact).abs()
+    # The bound per product, the float32 rounding of the sums (at most `K` units of rounding), and
+    # the division's rounding (half a unit).
+    assert (err <= (TF32_3X_BOUND + (h * d + 1) * 2.0**-24) * scale + 2.0**-24 * bias.double().abs()).all()
+    rms = lambda e: e.pow(2).mean().sqrt().item()  # noqa: E731
+    fp32 = torch.nn.functional.linear(a, w, bias)  # TF32 is off by default
+    assert rms(err) <= 4 * rms(fp32.double() - exact), (rms(err), rms(fp32.double() - exact), rms(exact))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("m, k, n", [(2, 64, 192), (32, 512, 1536), (50, 100, 33)])
+def test_cuda_small_linear_equals_float64(m, k, n):
+    # The split projection of the single-output step: IEEE float32 products, slices summed in a
+    # fixed order, so within float32 rounding of the float64 product (and of cuBLAS's), every run alike.
+    from annotated_src import _continual_kernels as kernels
+
+    g = torch.Generator().manual_seed(m + k + n)
+    x, w, b = (torch.randn(*shape, generator=g, dtype=torch.float64) for shape in ((m, k), (n, k), (n,)))
+    xc, wc, bc = (t.float().cuda() for t in (x, w, b))
+    part = kernels.small_linear_scratch(m, n, "cuda")
+    y = kernels.small_linear(xc, wc, bc, part)
+    want = torch.nn.functional.linear(x, w, b)
+    scale = (x.abs() @ w.abs().T).max().item()
+    assert (y.double().cpu() - want).abs().max().item() <= 4 * k * 2 ** -24 * scale
+    torch.testing.assert_close(y, torch.nn.functional.linear(xc, wc, bc), rtol=1e-5, atol=1e-4)
+    assert torch.equal(y, kernels.small_linear(xc, wc, bc, part))
+    torch.testing.assert_close(kernels.small_linear(xc, wc, None, part) + bc, y, rtol=1e-6, atol=1e-6)

@@ -18,14 +18,18 @@ window keeps changing).
 * **continual-inference** (`continual` on PyPI, when installed): its single-output and retroactive
   `forward_step`, the reference implementation of the paper.
 * **ours**: `SingleOutputMultiheadAttention.forward_step` (baseline: recompute) and
-  `RetroactiveMultiheadAttention.forward_step` (baseline: the library's retroactive step). A
+  `RetroactiveMultiheadAttention.forward_step` (baseline: the library's retroactive step), on
+  their fast path (fused kernels; a CUDA graph for single-output), and, for comparison, the same
+  steps on the readable path (`fast_path = False`). A
   single-output step must at least read the cached keys and values ($2bnd$ elements) and the
   weights ($4d^2$); a retroactive step must read and write the numerators ($2bnd$), read the cached
   queries, keys and values ($3bnd$) and write the $n$ output rows ($bnd$). The table divides those
   bytes by the copy bandwidth measured in the run.
 
-Before any timing, each step's output is compared with regular attention over the same window
-(and ours with the library's), so a wrong fast path raises instead of producing a number.
+Before any timing, each step's output is compared with regular attention over the same window,
+so a wrong fast path raises instead of producing a number. Ours are checked after steps with the
+window already full (where the fast path applies) and once more after the timing, on the window
+the timed steps left.
 `window_sweep` (the notebook's latency plot) times the steps and the recomputations for windows
 64 to 4096.
 """
@@ -57,15 +61,20 @@ def _check(name: str, got: torch.Tensor, want: torch.Tensor) -> None:
 
 
 def _stepper(layer, tokens: torch.Tensor):
-    """A no-argument callable that feeds `layer` the next token of the pool."""
-    i = [0]
+    """A no-argument callable that feeds `layer` the next token of the pool; `step.count` tokens so far."""
 
     def step():
-        out = layer.forward_step(tokens[:, i[0] % POOL])
-        i[0] += 1
+        out = layer.forward_step(tokens[:, step.count % POOL])
+        step.count += 1
         return out
 
+    step.count = 0
     return step
+
+
+def _window(tokens: torch.Tensor, count: int, n: int) -> torch.Tensor:
+    """The window a layer holds after `count` tokens of the pool: `[batch, n, d_model]`, oldest first."""
+    return tokens[:, torch.arange(count - n, count, device=tokens.device) % POOL]
 
 
 @torch.no_grad()
@@ -96,12 +105,14 @@ def _time_case(b: int, d: int, h: int, n: int, device: torch.device, *, library:
                            case=case, flops=2 * 4 * b * n * d * d + 4 * b * n * n * d))
 
     layers = [("ours single-output step", SingleOutputMultiheadAttention, "recompute (nn.MultiheadAttention, newest query)",
-               2 * b * n * d * e + 4 * d * d * e)]
+               2 * b * n * d * e + 4 * d * d * e, True)]
     if retro:
         layers.append(("ours retroactive step", RetroactiveMultiheadAttention,
                        "continual-inference retroactive step" if library else
                        ("recompute all rows (nn.MultiheadAttention)" if all_rows_baseline else None),
-                       6 * b * n * d * e))
+                       6 * b * n * d * e, True))
+    if library:
+        layers += [(name + ", readable path", cls, base, nbytes, False) for name, cls, base, nbytes, _ in layers]
     lib = {}
     if library:
         try:
@@ -131,15 +142,23 @@ def _time_case(b: int, d: int, h: int, n: int, device: torch.device, *, library:
         finally:
             layer = step = None
             free_memory(device)
-    for name, cls, baseline, nbytes in layers:
+
+    def check_ours(name, layer, out, count):
+        w = _window(tokens, count, n)
+        want = mha(w, w, w, need_weights=False)[0]
+        _check(name, out, want if isinstance(layer, RetroactiveMultiheadAttention) else want[:, -1])
+
+    for name, cls, baseline, nbytes, fast in layers:
         layer = cls.build_from(mha, n)
+        layer.fast_path = fast
         step = _stepper(layer, tokens)
-        for _ in range(n):
+        # Fill the window, then steps with the window full (the fast path's case), checked.
+        for _ in range(n + POOL // 2 + 1):
             out = step()
-        want = ref_all if cls is RetroactiveMultiheadAttention else ref_all[:, -1]
-        _check(name, out, want)
+        check_ours(name, layer, out, step.count)
         r = Result(SUITE, name, time_ms(step, device=device), case=case, baseline=baseline, bytes_moved=nbytes)
-        lib_name = "continual-inference " + name.split(" ", 1)[1]
+        check_ours(name, layer, step(), step.count)
+        lib_name = "continual-inference " + name.split(" ", 1)[1].split(",")[0]
         lib_row = next((x for x in rows if x.name == lib_name), None)
         if lib_row is not None:
             r.extra["vs continual-inference"] = lib_row.ms / r.ms
