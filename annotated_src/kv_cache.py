@@ -50,8 +50,11 @@ preallocated at its final size, a one-token step whose every shape is fixed, pos
 cache slot passed as *tensors* (so nothing the compiler guards on changes between steps), cache writes by
 `index_copy_` at a tensor slot into buffers that never move, no read of a device value on the host
 inside the step (inputs are validated once, before the loop), no counter updated inside it, and
-`torch.compile(mode="reduce-overhead")`, which records the whole step as one CUDA graph and
-replays it each token.
+`torch.compile`, whose kernels the step runs as one CUDA graph, recorded once and replayed each
+token. Two more choices shrink the GPU's own work per token: the query, key and value projections
+are one matrix-vector product over stacked weights, and attention for the single new query is
+written out as small reductions that the compiler fuses, rather than a flash-attention kernel
+made for long sequences.
 
 ## The API
 
@@ -75,19 +78,23 @@ right: the newest query sees every filled slot.
 
 ## What this file holds
 
-* `KVCache`, `grouped_query_attention`, `MultiHeadAttention`, the two layer types and
-  `TransformerDecoder` (the cache API above, chunked output, `chunked_cross_entropy`);
+* `KVCache`, `grouped_query_attention` (and `one_query_attention`, its form for one query),
+  `MultiHeadAttention` (with `fuse_qkv`), the two layer types and `TransformerDecoder` (the cache
+  API above, chunked output, `chunked_cross_entropy`);
 * `llama_decoder`, a Llama-shaped model built from them;
 * `generate`: the uncached reference that recomputes everything, the cached loop, and the
-  compiled one-token step (`decode_one_token`, `compiled_decode_one_token`);
+  compiled one-token step (`decode_one_token`, `compiled_decode_one_token`, recorded as a CUDA
+  graph by `DecodeGraph`; `decode_step` picks the variant);
 * helpers that count the FLOPs, bytes and cache memory of a generated token (`decode_cost`,
   `kv_cache_bytes_per_token`).
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
+import weakref
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -238,6 +245,54 @@ def grouped_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
     return out.view(batch, n_kv, group, seq_len, head_dim).permute(0, 3, 1, 2, 4).reshape(batch, seq_len, n_heads, head_dim)
 
 
+# ### One query: attention written out
+#
+# A decode step has a single query per row, and its attention is two matrix-vector products per
+# head around a softmax: scores $s_j = q \cdot k_j / \sqrt{d}$ over the `kv_len` cached slots, then
+# $o = \sum_j \operatorname{softmax}(s)_j\, v_j$. Its data are tiny (TinyLlama's keys and values
+# of one layer at 1024 slots are half a megabyte each), yet SDPA sends it to a flash-attention
+# kernel built for long blocks of queries, around which the mask must be repeated for the group and
+# the inputs laid out for the kernel, each a kernel of its own. Written out as a product and a sum,
+# the same arithmetic becomes three small reductions that the compiler generates itself (scores;
+# the softmax's maximum and sum; the weighted sum, with the softmax's exponentials recomputed
+# inside it): the mask, the scaling and the conversions to float32 and back are folded into them,
+# and the keys and values are read where they lie, in their own dtype. In one measurement on an
+# H200 (TinyLlama, bfloat16, 1024 slots) the whole compiled step took 1.34 ms with this form and
+# 1.54 ms with SDPA.
+#
+# The group of query heads is folded as in `grouped_query_attention` (no copy of the cache): `q`
+# becomes `[batch, n_kv, group, head_dim]`, and query head $h$ meets key/value head $\lfloor h / g
+# \rfloor$. Scores, softmax and the weighted sum are in float32 (float64 for float64 inputs): the
+# same precision as SDPA's kernels accumulate in. The product is spelled as a broadcast
+# multiplication and a sum rather than a `matmul`: the compiler turns a matrix product only into a
+# library call, which would need float32 copies of the cache, while a sum over `head_dim` (or over
+# the slots) it generates as one reduction kernel.
+
+
+def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Attention of one query per row, `q` `[batch, 1, n_heads, head_dim]`, over `k`, `v` `[batch, kv_len,
+    n_kv_heads, head_dim]` where `mask` (`[batch or 1, 1, kv_len]` or `[1, kv_len]`, boolean) is True.
+
+    Equals `grouped_query_attention(q, k, v, mask)`; every row needs at least one True in `mask`.
+    Returns `[batch, 1, n_heads, head_dim]`.
+    """
+    batch, _, n_heads, head_dim = q.shape
+    n_kv = k.shape[2]
+    group = n_heads // n_kv
+    acc = torch.promote_types(q.dtype, torch.float32)
+    # `[batch, n_kv, group, 1, head_dim]`, scaled by $1/\sqrt{d}$ once
+    qg = (q.reshape(batch, n_kv, group, 1, head_dim).to(acc)) * head_dim ** -0.5
+    # `[batch, n_kv, 1, kv_len, head_dim]`: the cache as it lies, one key/value head per group
+    kt, vt = k.transpose(1, 2)[:, :, None], v.transpose(1, 2)[:, :, None]
+    # scores `[batch, n_kv, group, kv_len]`, $-\infty$ where the mask is False
+    scores = (qg * kt.to(acc)).sum(-1)
+    scores = scores.masked_fill(~mask.reshape(-1, 1, 1, mask.shape[-1]), float("-inf"))
+    # `[batch, n_kv, group, head_dim]`: the weighted sum over the slots
+    out = (scores.softmax(-1)[..., None] * vt.to(acc)).sum(-2)
+    # back to `[batch, 1, n_heads, head_dim]`
+    return out.reshape(batch, 1, n_heads, head_dim).to(q.dtype)
+
+
 # `MultiHeadAttention` holds the four projections, the rotary embedding (self-attention only) and,
 # once `setup_cache` has run, a `KVCache`. It serves both kinds of layer:
 #
@@ -274,6 +329,8 @@ class MultiHeadAttention(nn.Module):
         self.max_seq_len = max_seq_len
         self.is_causal = is_causal
         self.cache_enabled = kv_cache is not None
+        # `[(n_h + 2 n_kv) d, embed_dim]` once `fuse_qkv` has run (see below), else None
+        self._qkv: torch.Tensor | None = None
 
     def setup_cache(self, batch_size: int, dtype: torch.dtype, max_seq_len: int) -> None:
         """Preallocate a `KVCache` of `max_seq_len` slots on the device of the weights."""
@@ -285,6 +342,52 @@ class MultiHeadAttention(nn.Module):
         if self.kv_cache is not None:
             self.kv_cache.reset()
 
+    # #### One projection for queries, keys and values
+    #
+    # In a decode step the three projections of the same token are three matrix-vector products
+    # that each read their weights once: $W_Q$ (`[n_h d, embed_dim]`) and the two much smaller $W_K$,
+    # $W_V$ (`[n_{kv} d, embed_dim]` each, 1 MB in TinyLlama). A product that small is over before
+    # the GPU reaches its bandwidth; stacked, $[W_Q; W_K; W_V]$ is one product, one kernel, whose
+    # output is split into $q, k, v$ (as in gpt-fast).
+    #
+    # `fuse_qkv` stacks them *in place*: it copies the three weights into one tensor and makes the
+    # three parameters views of its rows. Nothing else changes: the parameters keep their names,
+    # values and shapes (the state dict is torchtune's), the readable path still calls `q_proj`,
+    # `k_proj` and `v_proj`, and whatever updates a parameter in place updates the stacked tensor.
+    # What it costs: one copy of the three weights, once. What could undo it: converting the model
+    # (`.to()`, `.cuda()`, `.bfloat16()`) replaces each parameter's storage; `_apply` below stacks
+    # them again afterwards. Anything else that replaces a parameter (`load_state_dict(...,
+    # assign=True)`, `param.data = ...`) is found by the next `fuse_qkv`, which `decode_step` (and so
+    # `generate`) calls before every generation, and which checks that the parameters are still the
+    # rows of the stacked tensor.
+    def fuse_qkv(self) -> torch.Tensor | None:
+        """Store $W_Q$, $W_K$, $W_V$ as the rows of one tensor `[(n_h + 2 n_kv) d, embed_dim]` and return
+        it; None (and nothing changed) unless the three are bias-free `nn.Linear`s of one dtype and device."""
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        if not all(type(p) is nn.Linear and p.bias is None for p in projs):
+            self._qkv = None
+            return None
+        ws = [p.weight for p in projs]
+        if self._qkv is not None and _rows_of(self._qkv, ws):
+            return self._qkv
+        if len({(w.dtype, w.device, w.shape[1]) for w in ws}) != 1:
+            self._qkv = None
+            return None
+        with torch.no_grad():
+            fused = torch.cat([w.detach() for w in ws])
+            for w, rows in zip(ws, fused.split([w.shape[0] for w in ws])):
+                w.data = rows
+        self._qkv = fused
+        return fused
+
+    def _apply(self, fn, recurse=True):
+        # A conversion gives every parameter its own new storage: stack them again.
+        fused, self._qkv = self._qkv is not None, None
+        super()._apply(fn, recurse)
+        if fused:
+            self.fuse_qkv()
+        return self
+
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None, *, mask: torch.Tensor | None = None,
                 input_pos: torch.Tensor | None = None, cache_slots: torch.Tensor | None = None) -> torch.Tensor:
         """`x` `[batch, seq_len, embed_dim]` attends to `y` `[batch, kv_len, embed_dim]` (or the cache).
@@ -293,8 +396,16 @@ class MultiHeadAttention(nn.Module):
         """
         batch, seq_len, _ = x.shape
         use_cache = self.kv_cache is not None and self.cache_enabled
+        # The decode step (`cache_slots` given) of a self-attention layer whose weights are stacked
+        # multiplies by them once: `[batch, seq_len, (n_h + 2 n_kv) d]`, split into q, k, v.
+        fused = cache_slots is not None and y is x and self._qkv is not None
+        if fused:
+            kv_width = self.num_kv_heads * self.head_dim
+            q, k, v = F.linear(x, self._qkv).split([self.num_heads * self.head_dim, kv_width, kv_width], dim=-1)
+        else:
+            q = self.q_proj(x)
         # `[batch, seq_len, n_heads, head_dim]`
-        q = self.q_proj(x).view(batch, seq_len, self.num_heads, self.head_dim)
+        q = q.view(batch, seq_len, self.num_heads, self.head_dim)
         if self.pos_embeddings is not None:
             q = self._rotate(q, input_pos, checked=cache_slots is None)
         if y is None:
@@ -303,9 +414,11 @@ class MultiHeadAttention(nn.Module):
                 fail("y", None, "the encoder's output when the layer has no enabled cache")
             k, v = self.kv_cache.k_cache[:batch], self.kv_cache.v_cache[:batch]
         else:
+            if not fused:
+                k, v = self.k_proj(y), self.v_proj(y)
             # `[batch, kv_len, n_kv_heads, head_dim]`
-            k = self.k_proj(y).view(batch, y.shape[1], self.num_kv_heads, self.head_dim)
-            v = self.v_proj(y).view(batch, y.shape[1], self.num_kv_heads, self.head_dim)
+            k = k.view(batch, y.shape[1], self.num_kv_heads, self.head_dim)
+            v = v.view(batch, y.shape[1], self.num_kv_heads, self.head_dim)
             if self.pos_embeddings is not None:
                 k = self._rotate(k, input_pos, checked=cache_slots is None)
             if use_cache:
@@ -319,6 +432,9 @@ class MultiHeadAttention(nn.Module):
             mask = (torch.arange(k.shape[1], device=x.device) < self.kv_cache.cache_pos[0])[None].expand(seq_len, -1)
         if mask is None:
             out = grouped_query_attention(q, k, v, is_causal=self.is_causal and seq_len > 1)
+        elif cache_slots is not None and seq_len == 1:
+            # The decode step: one query per row, attention written out (see `one_query_attention`).
+            out = one_query_attention(q, k, v, mask)
         else:
             out = grouped_query_attention(q, k, v, mask)
         # `[batch, seq_len, embed_dim]`
@@ -336,6 +452,18 @@ class MultiHeadAttention(nn.Module):
             return rope(x, input_pos=input_pos)
         cos, sin = rope._cos_sin(x, input_pos)
         return apply_rotary(x, cos, sin, interleaved=rope.interleaved)
+
+
+def _rows_of(fused: torch.Tensor, ws: Sequence[torch.Tensor]) -> bool:
+    """Whether `ws` are, in order, consecutive blocks of rows of `fused` (its memory, its dtype)."""
+    rows = 0
+    for w in ws:
+        start = fused.data_ptr() + rows * fused.stride(0) * fused.element_size()
+        if (w.dtype != fused.dtype or w.device != fused.device or w.shape[1:] != fused.shape[1:]
+                or not w.is_contiguous() or w.data_ptr() != start):
+            return False
+        rows += w.shape[0]
+    return rows == fused.shape[0]
 
 
 # ## Layers
@@ -478,8 +606,16 @@ class TransformerDecoder(nn.Module):
         for layer in self.layers:
             layer.reset_cache()
 
+    def fuse_qkv(self) -> None:
+        """Stack the query, key and value weights of every self-attention layer (`MultiHeadAttention.fuse_qkv`)."""
+        for layer in self.layers:
+            if isinstance(layer, TransformerSelfAttentionLayer):
+                layer.attn.fuse_qkv()
+
     def delete_caches(self) -> None:
         """Free the caches: the decoder goes back to uncached forward passes."""
+        # A decode graph recorded on these caches would write memory that is about to be freed.
+        _decode_graphs.pop(self, None)
         for layer in self.layers:
             layer.attn.kv_cache = None
             layer.attn.cache_enabled = False
@@ -780,9 +916,12 @@ def causal_padding_mask(real: torch.Tensor, kv_len: int | None = None) -> torch.
 #   and `input_pos` itself, eagerly, between replays (gpt-fast's recipe). The inputs that change
 #   are copied into the graph's own input buffers at each replay, a few bytes.
 #
-# With `mode="reduce-overhead"` the step then replays one CUDA graph per token: one launch instead
-# of a few hundred. The prefill stays eager: it runs once per call, with a length that depends on
-# the prompt, and a compiled version would recompile for every new length.
+# Recorded as one CUDA graph, the step replays with one launch per token instead of a few hundred.
+# Inside it, two of the fast path's choices live in `MultiHeadAttention`: the stacked
+# query/key/value projection (`fuse_qkv`) and attention written out for the single query
+# (`one_query_attention`); `generate` without `compile` runs the very same step eagerly. The prefill
+# stays eager: it runs once per call, with a length that depends on the prompt, and a compiled
+# version would recompile for every new length.
 
 
 def decode_one_token(model: TransformerDecoder, tokens: torch.Tensor, input_pos: torch.Tensor,
@@ -795,16 +934,18 @@ def decode_one_token(model: TransformerDecoder, tokens: torch.Tensor, input_pos:
     return model._forward(tokens, input_pos=input_pos, mask=mask, cache_slots=slot)[:, -1]
 
 
-_compiled_decode_one_token = None
+_compiled_decode_one_token: dict = {}
 
 
-def compiled_decode_one_token():
-    """`decode_one_token` through `torch.compile(mode="reduce-overhead", fullgraph=True, dynamic=False)`."""
-    global _compiled_decode_one_token
-    if _compiled_decode_one_token is None:
-        _compiled_decode_one_token = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True,
-                                                   dynamic=False)
-    return _compiled_decode_one_token
+def compiled_decode_one_token(mode: str | None = None):
+    """`decode_one_token` through `torch.compile(mode=mode, fullgraph=True, dynamic=False)`: Inductor's
+    kernels alone (`mode=None`, what `DecodeGraph` records), or with the compiler's own CUDA graphs
+    (`mode="reduce-overhead"`)."""
+    if mode not in (None, "reduce-overhead"):
+        fail("mode", mode, 'None or "reduce-overhead"')
+    if mode not in _compiled_decode_one_token:
+        _compiled_decode_one_token[mode] = torch.compile(decode_one_token, mode=mode, fullgraph=True, dynamic=False)
+    return _compiled_decode_one_token[mode]
 
 
 # One compiler setting, as gpt-fast uses it: with `coordinate_descent_tuning`, Inductor turns a
@@ -815,18 +956,139 @@ def compiled_decode_one_token():
 DECODE_INDUCTOR_CONFIG = {"coordinate_descent_tuning": True}
 
 
-def _step(step_fn, model, tokens, input_pos, slot, keys, compiled: bool) -> torch.Tensor:
-    if not compiled:
-        return step_fn(model, tokens, input_pos, slot, keys)
-    import torch._inductor.config
+# ### Recording the CUDA graph by hand
+#
+# `torch.compile(mode="reduce-overhead")` records CUDA graphs itself, through *CUDA graph trees*: a
+# general mechanism that, before every replay, runs the compiler's guards and checks that each
+# tensor the graph reads from outside is still where the recording found it. The step's inputs
+# include every weight and cache buffer, about two hundred tensors for TinyLlama. A profile on an
+# H200 found that bookkeeping longer on the CPU than the step's kernels on the GPU (about 1.55 ms
+# per token against 1.25 ms of kernels): the step waited on the CPU, not on the memory.
+#
+# The fast path therefore lets Inductor compile the step *without* CUDA graphs
+# (`compiled_decode_one_token()`) and records one call of it into a `torch.cuda.CUDAGraph` of its
+# own. A replay is then one launch and nothing else: the graph reads the weights and the caches
+# at the addresses it recorded, which is why the caches are allocated once and never move.
+#
+# * **Static inputs.** The graph reads its four inputs from tensors of its own; each call copies
+#   the new `tokens`, `input_pos`, `slot` and `keys` into them (four small copies) and
+#   replays. Its logits `[batch, vocab]` are a tensor of its own too, overwritten by the next
+#   replay: `generate` samples from them before it replays again (one stream orders the two).
+# * **Warm-up, then record.** Compiling, tuning kernels and creating library handles cannot happen
+#   while a graph records, so two calls on a side stream come first. They are real steps: they
+#   write the new token's keys and values into its slot. That is harmless because the recording is
+#   made with the first step's own inputs: the replay that follows writes the same values to the
+#   same slot.
+# * **Valid while nothing moves.** A graph stores raw addresses. `decode_graph` keeps one graph per
+#   model, with the addresses of every parameter and buffer and the shapes of the inputs it was
+#   recorded with, compares them before each generation, and records anew when anything moved (new
+#   caches, a converted model). `delete_caches` drops the graph.
+# * **Loud failures.** If compiling, recording or replaying fails, `generate` raises and says so. The
+#   flag `DECODE_CUDA_GRAPH = False` turns the hand-made graph off: `compile=True` then runs the
+#   step through `torch.compile(mode="reduce-overhead")`, correct but slower at batch 1.
+#
+# What it costs: compiling once per model shape, a recording (two warm-up steps) per model and
+# cache, and one step's intermediate tensors held in the graph's memory pool. `decode_graph_counters`
+# counts the recordings and the replays, so that a caller can check that every step was a replay.
+DECODE_CUDA_GRAPH = True
+decode_graph_counters: collections.Counter = collections.Counter()
+_decode_graphs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
-    with torch._inductor.config.patch(DECODE_INDUCTOR_CONFIG):
-        if tokens.is_cuda:
-            # A CUDA graph's outputs live in memory its next replay overwrites: start a new step
-            # and copy the logits out before anything else runs.
+
+def _graph_key(model: TransformerDecoder, inputs: Sequence[torch.Tensor]) -> tuple:
+    """What a recorded graph depends on: where every weight and buffer lies, and the inputs' shapes."""
+    tensors = [*model.parameters(), *model.buffers()]
+    tensors += [layer.attn._qkv for layer in model.layers if layer.attn._qkv is not None]
+    return (tuple((t.data_ptr(), t.shape, t.dtype) for t in tensors)
+            + tuple((t.shape, t.dtype, t.device) for t in inputs))
+
+
+class DecodeGraph:
+    """One call of the compiled `decode_one_token`, recorded into a `torch.cuda.CUDAGraph` with the
+    first step's inputs. Calling it copies the inputs into the graph's own and replays it; the
+    logits it returns, `[batch, vocab]`, are the graph's, valid until the next call."""
+
+    def __init__(self, model: TransformerDecoder, tokens: torch.Tensor, input_pos: torch.Tensor,
+                 slot: torch.Tensor, keys: torch.Tensor):
+        from torch._inductor import config as inductor_config
+
+        self.key = _graph_key(model, (tokens, input_pos, slot, keys))
+        self.inputs = tuple(t.clone() for t in (tokens, input_pos, slot, keys))
+        step = compiled_decode_one_token()
+        device = tokens.device
+        with torch.cuda.device(device), inductor_config.patch(DECODE_INDUCTOR_CONFIG):
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    step(model, *self.inputs)
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = step(model, *self.inputs)
+        decode_graph_counters["recordings"] += 1
+
+    def __call__(self, tokens: torch.Tensor, input_pos: torch.Tensor, slot: torch.Tensor,
+                 keys: torch.Tensor) -> torch.Tensor:
+        for static, new in zip(self.inputs, (tokens, input_pos, slot, keys)):
+            static.copy_(new)
+        self.graph.replay()
+        decode_graph_counters["replays"] += 1
+        return self.logits
+
+
+def decode_graph(model: TransformerDecoder, tokens: torch.Tensor, input_pos: torch.Tensor, slot: torch.Tensor,
+                 keys: torch.Tensor) -> DecodeGraph:
+    """The model's `DecodeGraph`, recorded now (with these inputs, the first step's) unless one
+    recorded on the same weights, caches and input shapes exists. Unchecked, like the step."""
+    graph = _decode_graphs.get(model)
+    if graph is None or graph.key != _graph_key(model, (tokens, input_pos, slot, keys)):
+        _decode_graphs.pop(model, None)  # free the old graph's memory before recording a new one
+        graph = DecodeGraph(model, tokens, input_pos, slot, keys)
+        _decode_graphs[model] = graph
+    return graph
+
+
+# `decode_step` is the step as `generate` runs it, a function of `(tokens, input_pos, slot, keys)`:
+# eager; compiled with the hand-made graph on CUDA (the fast path); compiled with the compiler's
+# graphs when `DECODE_CUDA_GRAPH` is False; compiled without graphs on a CPU. It stacks the
+# query/key/value weights first (a check when they already are), and looks the graph up at the
+# first call, whose inputs record it.
+
+
+def decode_step(model: TransformerDecoder, *, compile: bool, device: torch.device | str):
+    """`step(tokens, input_pos, slot, keys) -> logits [batch, vocab]` for a model whose caches are set
+    up: `decode_one_token`, eager or (`compile=True`) compiled as described above."""
+    if not isinstance(model, TransformerDecoder) or not model.caches_are_enabled():
+        fail("model", type(model).__name__, "a TransformerDecoder with caches set up and enabled")
+    device = torch.device(device)
+    model.fuse_qkv()
+    if not compile:
+        return lambda tokens, input_pos, slot, keys: decode_one_token(model, tokens, input_pos, slot, keys)
+    if device.type == "cuda" and DECODE_CUDA_GRAPH:
+        graph = None
+
+        def step(tokens, input_pos, slot, keys):
+            nonlocal graph
+            if graph is None:
+                graph = decode_graph(model, tokens, input_pos, slot, keys)
+            return graph(tokens, input_pos, slot, keys)
+
+        return step
+    from torch._inductor import config as inductor_config
+
+    compiled = compiled_decode_one_token("reduce-overhead" if device.type == "cuda" else None)
+
+    def step(tokens, input_pos, slot, keys):
+        with inductor_config.patch(DECODE_INDUCTOR_CONFIG):
+            if device.type != "cuda":
+                return compiled(model, tokens, input_pos, slot, keys)
+            # The compiler's graph outputs live in memory its next replay overwrites: start a new
+            # step and copy the logits out before anything else runs.
             torch.compiler.cudagraph_mark_step_begin()
-            return step_fn(model, tokens, input_pos, slot, keys).clone()
-        return step_fn(model, tokens, input_pos, slot, keys)
+            return compiled(model, tokens, input_pos, slot, keys).clone()
+
+    return step
 
 
 @torch.no_grad()
@@ -840,7 +1102,9 @@ def generate(model: TransformerDecoder, prompt: torch.Tensor, *, max_new_tokens:
     Returns `[batch, prompt_len + max_new_tokens]`. Uses the model's caches if they are set up and
     enabled, recomputes the whole sequence each step if not; `compile=True` runs the compiled
     static-cache step (setting up caches for the call if there are none). The model's caches are
-    left as they were found: set up or not, enabled or not, and with the same contents.
+    left as they were found: set up or not, enabled or not, and with the same contents. A cached
+    generation stacks each self-attention layer's query, key and value weights into one tensor
+    (`MultiHeadAttention.fuse_qkv`: the same parameters and values, in one piece of memory).
     """
     check_tensor("prompt", prompt, ndim=2, layout="[batch, prompt_len]", integer=True)
     check_int("max_new_tokens", max_new_tokens, min_value=1)
@@ -879,7 +1143,7 @@ def generate(model: TransformerDecoder, prompt: torch.Tensor, *, max_new_tokens:
             saved = [(c.k_cache.clone(), c.v_cache.clone(), c.cache_pos.clone()) for c in caches]
         for c in caches:
             c.reset()
-    step_fn = compiled_decode_one_token() if compile else decode_one_token
+    decode = decode_step(model, compile=compile, device=prompt.device) if cached else None
     stops = torch.tensor(list(stop_tokens or []), dtype=prompt.dtype, device=prompt.device)
     finished = torch.zeros(batch, dtype=torch.bool, device=prompt.device)
     out = [prompt]
@@ -910,12 +1174,14 @@ def generate(model: TransformerDecoder, prompt: torch.Tensor, *, max_new_tokens:
             if cached:
                 # Slot `prompt_len + step` holds the new token; the row's pads stay hidden.
                 try:
-                    logits = _step(step_fn, model, token[:, None], pos, slot, keys, compile)
+                    logits = decode(token[:, None], pos, slot, keys)
                 except Exception as e:  # the optional fast path must fail loudly, never silently
                     if not compile:
                         raise
                     raise RuntimeError(f"generate(compile=True): the compiled decode step failed ({type(e).__name__}: "
-                                       f"{e}); compile=False runs the same step eagerly") from e
+                                       f"{e}); compile=False runs the same step eagerly, and "
+                                       "annotated_src.kv_cache.DECODE_CUDA_GRAPH = False uses the compiler's "
+                                       "own CUDA graphs instead of the hand-recorded one") from e
                 slot += 1
                 pos += 1
             else:

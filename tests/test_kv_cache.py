@@ -72,6 +72,25 @@ def test_sdpa_is_causal_is_top_left_aligned_so_cached_steps_need_the_mask():
     _close(bottom_right.double(), _reference_attention(q, k, v, torch.ones(1, 1, 4, dtype=torch.bool)))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_one_query_attention_equals_grouped_query_attention_and_float64(dtype):
+    from annotated_src.kv_cache import one_query_attention
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 1, 8, 16, generator=g, dtype=dtype)
+    k, v = torch.randn(3, 11, 2, 16, generator=g, dtype=dtype), torch.randn(3, 11, 2, 16, generator=g, dtype=dtype)
+    # Random visible slots, at least one per row (a left-padded row hides its first slots).
+    mask = torch.rand(3, 1, 11, generator=g) < 0.6
+    mask[:, :, -1] = True
+    ref = _reference_attention(q, k, v, mask)
+    out = one_query_attention(q, k, v, mask)
+    assert out.shape == q.shape and out.dtype == dtype
+    _close(out.double() if dtype == torch.float32 else out, ref, dtype)
+    _close(out, grouped_query_attention(q, k, v, mask), dtype)
+    # a `[1, kv_len]` mask is shared by the batch
+    _close(one_query_attention(q, k, v, mask[:1, 0]), grouped_query_attention(q, k, v, mask[:1, 0]), dtype)
+
+
 # ## The cache
 
 
@@ -265,6 +284,59 @@ def test_decode_step_writes_its_slot_and_equals_the_counted_step():
 
 
 @torch.no_grad()
+def test_fused_qkv_views_keep_the_parameters_and_the_state_dict():
+    m = _model()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    m.fuse_qkv()
+    after = m.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], v) for k, v in before.items())
+    a = m.layers[0].attn
+    fused = a._qkv
+    assert fused.shape == (4 * 8 + 2 * 2 * 8, 32)
+    for w, rows in zip((a.q_proj.weight, a.k_proj.weight, a.v_proj.weight), fused.split([32, 16, 16])):
+        assert isinstance(w, nn.Parameter) and w.data_ptr() == rows.data_ptr() and torch.equal(w, rows)
+    # An in-place update of a parameter is an update of the stacked weights.
+    a.k_proj.weight.add_(1.0)
+    assert torch.equal(fused[32:48], a.k_proj.weight)
+    assert m.layers[0].attn.fuse_qkv() is fused  # still the rows: nothing to do
+    # A conversion gives each parameter new memory; the layer stacks them again.
+    m.double()
+    a = m.layers[0].attn
+    assert a._qkv.dtype == torch.float64 and a.fuse_qkv() is a._qkv
+    assert a.q_proj.weight.data_ptr() == a._qkv.data_ptr()
+    # Parameters replaced otherwise are found by the next fuse_qkv, which stacks them again.
+    m.load_state_dict({k: v.double() for k, v in before.items()}, assign=True)
+    a = m.layers[0].attn
+    old = a._qkv
+    new = a.fuse_qkv()
+    assert new is not old and torch.equal(new[:32], before["layers.0.attn.q_proj.weight"].double())
+    assert a.v_proj.weight.data_ptr() == new[48:].data_ptr()
+
+
+@torch.no_grad()
+def test_fused_decode_step_equals_the_unfused_step_and_the_readable_path():
+    from annotated_src.kv_cache import decode_one_token, decode_step
+
+    m = _model()
+    tok = _tokens(2, 7)
+    m.setup_caches(2, torch.float32, decoder_max_seq_len=12)
+    m(tok[:, :6])
+    readable = m(tok[:, 6:7])[:, -1]  # SDPA and three projections, slot from the counters
+    keys = torch.ones(2, 12, dtype=torch.bool)
+    keys[1, :2] = False  # a row whose first slots are hidden, as left padding is
+    args = (tok[:, 6:7], torch.full((2, 1), 6), torch.tensor([6]), keys)
+    unfused = decode_one_token(m, *args)
+    assert m.layers[0].attn._qkv is None
+    fused = decode_step(m, compile=False, device="cpu")(*args)
+    assert m.layers[0].attn._qkv is not None
+    _close(fused, unfused)
+    m.reset_caches()
+    m(tok[:, :6])
+    keys[1, :2] = True
+    _close(decode_step(m, compile=False, device="cpu")(*args), readable)
+
+
+@torch.no_grad()
 def test_cached_decode_loop_reads_no_device_value(monkeypatch):
     # Every read of a device value on the host (`.item()`, `int()`, `bool()`, `.tolist()`) is a
     # synchronisation on a GPU. `generate` makes a fixed number of them, before its loop: the count
@@ -424,6 +496,13 @@ def test_errors():
     with pytest.raises(ValueError, match="compile: got True"):
         with disable_kv_cache(m):
             generate(m, tok[:1], max_new_tokens=1, compile=True)
+    from annotated_src.kv_cache import compiled_decode_one_token, decode_step
+
+    with pytest.raises(ValueError, match="model: got 'TransformerDecoder', expected a TransformerDecoder with caches"):
+        with disable_kv_cache(m):
+            decode_step(m, compile=False, device="cpu")
+    with pytest.raises(ValueError, match="mode: got 'max-autotune'"):
+        compiled_decode_one_token("max-autotune")
     m.delete_caches()
     with pytest.raises(RuntimeError, match="setup_caches"):
         m.reset_caches()
@@ -452,6 +531,20 @@ def test_compiled_step_equals_eager_without_recompiling():
     assert counters["stats"]["unique_graphs"] == 1
     assert torch.equal(compiled, eager)
     assert not m.caches_are_setup()  # the temporary caches are gone
+
+
+@torch.no_grad()
+def test_a_failing_compiled_step_raises_and_names_the_way_out(monkeypatch):
+    import annotated_src.kv_cache as kv
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel")
+
+    monkeypatch.setattr(kv, "compiled_decode_one_token", lambda mode=None: broken)
+    m = _model(layers=1)
+    with pytest.raises(RuntimeError, match="compiled decode step failed.*no kernel.*DECODE_CUDA_GRAPH = False"):
+        generate(m, _tokens(1, 4), max_new_tokens=3, temperature=0, compile=True)
+    assert not m.caches_are_setup()  # the temporary caches are gone all the same
 
 
 # ## Costs
@@ -483,11 +576,13 @@ def test_cache_memory_formula_and_parameter_count():
 
 @pytest.mark.cuda
 @torch.no_grad()
-def test_cuda_compiled_step_with_cuda_graphs_equals_eager():
+def test_cuda_compiled_step_replays_one_recorded_graph_per_token_and_equals_eager():
     import warnings
 
     import torch._dynamo
-    from torch._dynamo.utils import counters
+
+    import annotated_src.kv_cache as kv
+    from annotated_src.kv_cache import decode_graph_counters
 
     m = _model(layers=2).cuda()
     prompt = _tokens(3, 6).cuda()
@@ -496,16 +591,65 @@ def test_cuda_compiled_step_with_cuda_graphs_equals_eager():
     m.setup_caches(3, torch.float32, decoder_max_seq_len=24)
     cached = generate(m, prompt, max_new_tokens=12, temperature=0)
     torch._dynamo.reset()
-    counters.clear()
+    before = dict(decode_graph_counters)
     with torch._dynamo.config.patch(error_on_recompile=True), warnings.catch_warnings():
         # float32 on purpose (exact agreement with eager): the compiler's TF32 advice is declined.
         warnings.filterwarnings("ignore", message="TensorFloat32 tensor cores")
         fast = generate(m, prompt, max_new_tokens=12, temperature=0, compile=True)
         again = generate(m, prompt, max_new_tokens=12, temperature=0, compile=True)
+    delta = {k: v - before.get(k, 0) for k, v in decode_graph_counters.items()}
+    # One recording, then every one of the 2 x 11 steps is a replay of it.
+    assert delta == {"recordings": 1, "replays": 22}
+    # New caches move the buffers: the graph is recorded again, and is still right.
+    m.delete_caches()
+    assert m not in kv._decode_graphs  # dropped with the caches it wrote to
+    m.setup_caches(3, torch.float32, decoder_max_seq_len=24)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="TensorFloat32 tensor cores")
+        moved = generate(m, prompt, max_new_tokens=12, temperature=0, compile=True)
+    assert decode_graph_counters["recordings"] - before.get("recordings", 0) == 2
     assert torch.equal(cached, eager) and torch.equal(fast, eager) and torch.equal(again, eager)
+    assert torch.equal(moved, eager)
     assert m._self_caches()[0].size == 0
-    # The step was recorded as a CUDA graph: the compiler skipped none.
-    assert counters["inductor"]["cudagraph_skips"] == 0
+
+
+@pytest.mark.cuda
+@torch.no_grad()
+def test_cuda_graph_step_logits_equal_the_eager_step_and_the_compilers_graphs():
+    import warnings
+
+    import annotated_src.kv_cache as kv
+    import torch._dynamo
+
+    m = _model(layers=2).cuda()
+    tok = _tokens(2, 9).cuda()
+    m.setup_caches(2, torch.float32, decoder_max_seq_len=16)
+    keys = torch.ones(2, 16, dtype=torch.bool, device="cuda")
+    keys[0, :2] = False
+
+    def run(step):
+        m.reset_caches()
+        m(tok[:, :6])
+        out = []
+        for i in range(6, 9):
+            pos, slot = torch.full((2, 1), i, device="cuda"), torch.tensor([i], device="cuda")
+            out.append(step(tok[:, i:i + 1], pos, slot, keys).clone())
+        return torch.stack(out), [c.k_cache.clone() for c in m._self_caches()]
+
+    eager, k_eager = run(kv.decode_step(m, compile=False, device="cuda"))
+    torch._dynamo.reset()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="TensorFloat32 tensor cores")
+        graph, k_graph = run(kv.decode_step(m, compile=True, device="cuda"))
+        try:
+            kv.DECODE_CUDA_GRAPH = False  # the fallback: torch.compile's own CUDA graphs
+            trees, _ = run(kv.decode_step(m, compile=True, device="cuda"))
+        finally:
+            kv.DECODE_CUDA_GRAPH = True
+    torch.testing.assert_close(graph, eager, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(trees, eager, atol=1e-4, rtol=1e-4)
+    for a, b in zip(k_graph, k_eager):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.cuda

@@ -15,7 +15,8 @@ greedy, timed as one call after a warm-up call (which also compiles), `ms` per n
 
 * **ours uncached**: every step reruns the whole sequence;
 * **ours cached eager**: prefill, then one token per step through the cache, eagerly;
-* **ours cached compiled**: the same steps through the compiled static-cache step (CUDA graphs);
+* **ours cached compiled**: the same steps through the compiled static-cache step, replayed as one
+  hand-recorded CUDA graph per token (`generate(..., compile=True)`);
 * **HF default cache** and **HF static cache + compile**: `LlamaForCausalLM` of the same shape
   and `generate`, the second with `cache_implementation="static"`, with which `generate` compiles
   the forward pass (`mode="reduce-overhead"`) on a GPU. A failure there is recorded in the row's
@@ -25,10 +26,13 @@ greedy, timed as one call after a warm-up call (which also compiles), `ms` per n
 uncached, one forward pass over `c` tokens; cached, 16 consecutive steps from slot `c`, eager and
 compiled, timed together and divided by 16.
 
-**Diagnostics** in each compiled row's `extra`: `cudagraph_counters`, the change in the compiler's
-counters whose name contains "cudagraph" (`cudagraph_skips` > 0 means that the step ran without
-a CUDA graph, launch by launch), and `cudagraph_skip_reasons`, the compiler's messages for those
-skips.
+**Diagnostics** in each compiled row's `extra`: `decode_steps`, the steps the row ran (warm-up and
+checks included), next to `graph_replays` and `graph_recordings`, the change in
+`decode_graph_counters` meanwhile: `graph_replays` equal to `decode_steps` means that every step
+was one replay of a recorded CUDA graph. Also `cudagraph_counters`, the change in the compiler's
+counters whose name contains "cudagraph", and `cudagraph_skip_reasons`, the compiler's messages
+for steps it ran without a graph; they concern the compiler's own CUDA graphs, which the step uses
+only when `DECODE_CUDA_GRAPH` is turned off.
 
 `bytes_moved` is the least a token must read: every weight once (one row of the embedding) and the
 cache up to the context (the mean context for generation), `decode_cost` of
@@ -46,8 +50,8 @@ import warnings
 import torch
 
 from annotated_src.bench.core import Result, ceilings, free_memory, time_ms
-from annotated_src.kv_cache import (_step, compiled_decode_one_token, decode_cost, decode_one_token,
-                                    disable_kv_cache, generate, llama_decoder)
+from annotated_src.kv_cache import (decode_cost, decode_graph_counters, decode_step, disable_kv_cache, generate,
+                                    llama_decoder)
 from annotated_src.notebook_utils import randint
 
 SUITE = "kv_cache"
@@ -98,9 +102,12 @@ def _result(name: str, case: str, ms_per_token: float, bytes_per_token: float, c
 
 # ## Whether the compiled step runs as a CUDA graph
 #
-# When the compiler cannot record a graph (an input mutated in place that is not a static buffer,
-# an operation on the CPU, a synchronisation, ...), it logs the reason, counts a "cudagraph skip",
-# and runs the step kernel by kernel: correct, but as slow as eager launches. The rows record both.
+# The fast path counts its graph recordings and replays (`decode_graph_counters`): a compiled row
+# whose replays fall short of its steps ran some steps without a graph. With `DECODE_CUDA_GRAPH`
+# off, the compiler records the graphs; when it cannot (an input mutated in place that is not a
+# static buffer, an operation on the CPU, a synchronisation, ...), it logs the reason, counts a
+# "cudagraph skip", and runs the step kernel by kernel: correct, but as slow as eager launches.
+# The rows record all of it.
 
 
 def _cudagraph_counters() -> dict:
@@ -131,6 +138,7 @@ def _cudagraph_diagnostics(extra: dict):
     except Exception:  # a torch without this module: the counters still tell
         pass
     before = _cudagraph_counters()
+    graphs_before = dict(decode_graph_counters)
     try:
         with warnings.catch_warnings():
             # The models here are bfloat16: the compiler's advice to use TF32 for float32 matrix
@@ -143,6 +151,8 @@ def _cudagraph_diagnostics(extra: dict):
         after = _cudagraph_counters()
         extra["cudagraph_counters"] = {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
         extra["cudagraph_skips"] = extra["cudagraph_counters"].get("cudagraph_skips", 0)
+        for k in ("recordings", "replays"):
+            extra[f"graph_{k}"] = decode_graph_counters[k] - graphs_before.get(k, 0)
         if reasons:
             extra["cudagraph_skip_reasons"] = sorted(set(reasons))[:5]
 
@@ -172,12 +182,16 @@ def generation_rows(model, s: dict, device: torch.device, copy_gbps: float) -> l
         run = lambda: generate(model, prompt, max_new_tokens=n, temperature=0, **kwargs)  # noqa: E731
         base = {"ours cached eager": "ours uncached", "ours cached compiled": "HF static cache + compile"}.get(name)
         diag: dict = {}
+        calls = 2 if kwargs or name != "ours uncached" else 1
         try:
             with _cudagraph_diagnostics(diag) if kwargs else contextlib.nullcontext():
                 t0 = time.perf_counter()
                 outputs[name] = run()  # warm-up (and compilation)
                 first_s = time.perf_counter() - t0
-                ms = min(_wall_ms(run, device) for _ in range(2 if kwargs or name != "ours uncached" else 1)) / n
+                ms = min(_wall_ms(run, device) for _ in range(calls)) / n
+            if kwargs:
+                # The prefill's logits give the first token; each later one is a step.
+                diag["decode_steps"] = (1 + calls) * (n - 1)
             rows.append(_result(name, case, ms, nbytes, copy_gbps, base, first_call_s=round(first_s, 1), **diag))
         except Exception as e:  # only the optional fast path may fail here; say so in its row
             if not kwargs:
@@ -206,7 +220,6 @@ def context_rows(model, s: dict, device: torch.device, copy_gbps: float) -> list
     cache_len = model.decoder_max_cache_seq_len
     # No left padding: every slot up to the new one is visible.
     keys = torch.ones(1, cache_len, dtype=torch.bool, device=device)
-    compiled = compiled_decode_one_token()
     for c in s["contexts"]:
         case = f"context {c}"
         tokens = randint(1, vocab, (1, c), seed=2, device=device)
@@ -223,18 +236,26 @@ def context_rows(model, s: dict, device: torch.device, copy_gbps: float) -> list
         pos = [torch.tensor([[c + i]], device=device) for i in range(STEPS_PER_TIMING)]
         slots = [torch.tensor([c + i], device=device) for i in range(STEPS_PER_TIMING)]
         logits = {}
-        for name, fn, is_compiled in (("ours cached eager", decode_one_token, False),
-                                      ("ours cached compiled", compiled, True)):
+        for name, is_compiled in (("ours cached eager", False), ("ours cached compiled", True)):
+            # The step exactly as `generate` runs it (for the compiled one: the recorded graph,
+            # recorded at its first call unless `generate` already recorded it on these caches).
+            step = decode_step(model, compile=is_compiled, device=device)
+            done = [0]
+
             def steps(n=STEPS_PER_TIMING):
                 with torch.no_grad():
-                    return [_step(fn, model, step_tokens[i], pos[i], slots[i], keys, is_compiled) for i in range(n)][-1]
+                    for i in range(n):
+                        out = step(step_tokens[i], pos[i], slots[i], keys)
+                done[0] += n
+                return out
 
             extra = {}
             try:
                 # Checked before timed: the compiled step's logits must be the eager step's, up to
                 # rounding (bf16 on a GPU), or the row reports the disagreement instead of a time.
                 with _cudagraph_diagnostics(extra) if is_compiled else contextlib.nullcontext():
-                    logits[name] = steps(1).float()
+                    # (a copy: the graph's logits are overwritten by its next replay)
+                    logits[name] = steps(1).float().clone()
                     if is_compiled:
                         ref = logits["ours cached eager"]
                         err = ((logits[name] - ref).abs().max() / ref.abs().max()).item()
@@ -242,6 +263,8 @@ def context_rows(model, s: dict, device: torch.device, copy_gbps: float) -> list
                         if not err < 0.05:
                             raise RuntimeError(f"compiled step differs from the eager one: relative error {err:.3g}")
                     ms = time_ms(steps, device=device) / STEPS_PER_TIMING
+                if is_compiled:
+                    extra["decode_steps"] = done[0]
                 rows.append(_result(name, case, ms, nbytes, copy_gbps, "ours uncached", **extra))
             except Exception as e:
                 if not is_compiled:
