@@ -266,8 +266,11 @@ print("xPos scores invariant under a shift of all positions:",
 # RoPE reads every element once and writes it once, with six floating-point operations in between:
 # it is bound by memory bandwidth, and the readable version, one kernel per operation, moves the
 # tensor through memory about a dozen times. `RotaryPositionalEmbeddings(fast=True)` (the default
-# on CUDA) runs the same function compiled by `torch.compile` into one kernel. First, that it
-# computes the same thing (a GPU cell: on the CPU the tests check it on a small input):
+# on CUDA) runs the same arithmetic as one Triton kernel: one program per token loads that token's
+# $\cos$ and $\sin$ rows once and rotates all of its heads, so every element of `x` is read once and
+# written once. (Without Triton, the fast path is the same function compiled by `torch.compile`.)
+# First, that it computes the same thing (a GPU cell: on the CPU the tests check the compiled path
+# on a small input, and on a GPU the tests check the kernel's values and gradients):
 
 # %% tags=["gpu-only", "nbval-ignore-output"]
 if device.type == "cuda":
@@ -279,14 +282,14 @@ if device.type == "cuda":
         err = (impl(xb).double() - exact).abs().max().item()
         print(f"{name:>8}: max |error| vs float64 = {err:.3g}")
     y_fast, y_readable = fast(xb), readable(xb)
-    # The fused kernel may contract a product and a sum into one fused multiply-add, so the two
-    # can round to neighbouring bfloat16 values: agreement is within one unit in the last place.
+    # The kernel may contract a product and a sum into one fused multiply-add, so the two can
+    # round to neighbouring bfloat16 values: agreement is within one unit in the last place.
     print("fast == readable within one bf16 ulp:", torch.allclose(y_fast, y_readable, rtol=2 ** -7, atol=1e-6))
     print("fraction of elements bit-identical:", round((y_fast == y_readable).double().mean().item(), 4))
     del xb, exact, y_fast, y_readable
     torch.cuda.empty_cache()
 else:
-    print("needs a CUDA GPU (the tests check the compiled path on the CPU at a small size)")
+    print("needs a CUDA GPU (the tests check the compiled fast path on the CPU at a small size)")
 
 # %% [markdown]
 # ## Timing
@@ -294,7 +297,8 @@ else:
 # The benchmark suite `annotated_src.bench.rope` (also run by `python -m annotated_src.bench rope`)
 # times, on `x` `[8, 4096, 32, 128]` in bfloat16: a copy of `x` (the ceiling), the naive per-call
 # version that recomputes $\theta$, $\cos$ and $\sin$ every call, Hugging Face's rotate-half in eager
-# mode and compiled, our readable module and our fast path. `bytes_moved` is one read of `x` plus
+# mode and compiled, our readable module, our Triton kernel (through the module, and alone) and our
+# rotation compiled by `torch.compile`. `bytes_moved` is one read of `x` plus
 # one write of the output, so "of copy" is the fraction of the copy bandwidth measured in the
 # same run.
 
@@ -311,17 +315,20 @@ else:
 # %% [markdown]
 # The goal for the fast path: at least 90 % of the copy bandwidth, and at least 10 times faster
 # than the naive per-call version. Two rows measure it: the module called on a tensor (its Python
-# checks and table lookup included, which at 0.2 ms per call is not free), and the compiled kernel
-# alone, which is what remains when the module runs inside a model compiled as a whole.
+# checks and table lookup included), and the kernel alone, which is what remains when the
+# module's Python work is out of the way. The compiled rotation is shown for comparison: it moves
+# the same bytes but loads each element's partner and both table entries again for every feature,
+# and on a recent GPU the cache, not the memory, then sets its pace.
 
 # %% tags=["gpu-only", "nbval-ignore-output"]
 if device.type == "cuda":
     by_name = {r.name: r for r in results}
-    fast_r, naive_r = by_name.get("fast module (torch.compile)"), by_name["naive per-call"]
+    fast_r, naive_r = by_name.get("fast module (Triton kernel)"), by_name["naive per-call"]
     if fast_r is None:
-        print("the fast path failed to compile:", by_name["fast module (torch.compile) (failed)"].extra["error"])
+        print("the fast path failed:", by_name["fast module (Triton kernel) (failed)"].extra["error"])
     else:
-        for label, r in (("fast module", fast_r), ("compiled kernel only", by_name.get("fast path (compiled kernel only)"))):
+        for label, r in (("fast module", fast_r), ("Triton kernel only", by_name.get("fast path (Triton kernel only)")),
+                         ("compiled rotation", by_name.get("compiled rotation (torch.compile)"))):
             if r is None:
                 continue
             fraction = r.bytes_moved / (r.ms * 1e-3) / 1e9 / ceilings(device).copy_gbps
@@ -342,4 +349,5 @@ else:
 # * The angles must not be computed in bfloat16: above 256, positions collapse. The module keeps
 #   float32 tables built from float64 angles, even in a bfloat16 model.
 # * xPos adds a per-pair decay $\zeta_i^{(m-n)/\gamma}$ that keeps the relative-position property.
-# * The compiled fast path reads and writes each element once, at the speed of a copy.
+# * The fast path, one Triton kernel, reads and writes each element once, at close to the speed
+#   of a copy.

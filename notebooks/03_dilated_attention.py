@@ -5,7 +5,7 @@
 # mixing sparse patterns: pattern $i$ cuts the sequence into segments of $w_i$ tokens and keeps
 # every $r_i$-th token of each segment, head $j$ starting at offset $j \bmod r_i$. This notebook
 # shows what that computes (a dense softmax with a $\log C$ bias), checks the fast path against
-# that formula, and times it against dense flash attention up to a million tokens.
+# that formula, and times it against dense fused attention (SDPA) up to a million tokens.
 # The code is `annotated_src/dilated_attention.py`.
 
 # %% tags=["nbval-ignore-output"]
@@ -66,8 +66,9 @@ print("largest count:", int(C.max()), "| pairs per head with C=1, 2, 3:",
 # So a pair held by two patterns counts twice ($+\log 2$ on its logit): overlapping patterns
 # do not average, they re-weight. In log-space the mixing is $L = \operatorname{logsumexp}_i \ell_i$,
 # $O = \sum_i e^{\ell_i - L} O_i$ with $\ell_i = \log s_i$, which is what flash attention returns.
-# The fast path runs one flash call per pattern on gathered segments and combines them that way; its
-# backward feeds each pattern's flash backward the *combined* $O$ and $L$, which gives exactly the
+# The fast path runs one fused attention call per pattern on gathered segments (cuDNN's kernel, the
+# one SDPA itself picks on Hopper GPUs, or flash attention) and combines them that way; its
+# backward feeds each pattern's fused backward the *combined* $O$ and $L$, which gives exactly the
 # gradient of the dense formula. Checks on random inputs in float64 (a length that is no multiple
 # of any segment, a rate that does not divide its segment, causal and not):
 
@@ -134,10 +135,11 @@ plt.tight_layout()
 plt.show()
 
 # %% [markdown]
-# ## Dense flash attention against dilated attention, 4K to 1M tokens (CUDA)
+# ## Dense attention against dilated attention, 4K to 1M tokens (CUDA)
 #
 # Batch 1, 16 heads, head dimension 64, bfloat16, $w = 2048 \dots 32768$, $r = 1 \dots 16$. Dense
-# SDPA is timed up to 256K tokens; beyond that one call takes seconds, so the dense line is
+# SDPA (with the kernel PyTorch picks, cuDNN's on Hopper; dilated attention uses the same one per
+# pattern) is timed up to 256K tokens; beyond that one call takes seconds, so the dense line is
 # *extrapolated* as $t \propto N^2$ from the 256K measurement (dashed, labelled). The timings come
 # from the benchmark suite `annotated_src.bench.dilated`, so `make bench` reports the same numbers.
 
@@ -149,12 +151,12 @@ if device.type == "cuda":  # timing at full size: CUDA only
     sizes = [4096, 16384, 65536, 262144, 1048576]
     rows = bench_dilated.scaling(device, sizes, dense_max=262144)
     print(format_table(rows))
-    dense = {int(r.case[2:-1]) * 1024: r.ms for r in rows if r.name == "dense flash SDPA"}
+    dense = {int(r.case[2:-1]) * 1024: r.ms for r in rows if r.name == "dense SDPA"}
     dil = {int(r.case[2:-1]) * 1024: r.ms for r in rows if r.name == "dilated (ours)"}
     n_last = max(dense)
     extra_n = [n for n in sizes if n >= n_last]
     plt.figure(figsize=(6, 4), dpi=90)
-    plt.loglog(list(dense), list(dense.values()), "o-", label="dense flash SDPA (measured)")
+    plt.loglog(list(dense), list(dense.values()), "o-", label="dense SDPA (measured)")
     plt.loglog(extra_n, [dense[n_last] * (n / n_last) ** 2 for n in extra_n], "o--", color="C0", alpha=0.5,
                label="dense, extrapolated ∝ N² (not measured)")
     plt.loglog(list(dil), list(dil.values()), "s-", label="dilated attention (measured)")

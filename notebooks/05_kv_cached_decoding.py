@@ -156,8 +156,9 @@ with torch.no_grad():
 #
 # The cached eager step launches a few hundred kernels per token; at batch 1 on a GPU the CPU
 # cannot launch them as fast as they run. `generate(..., compile=True)` compiles the one-token
-# step with `torch.compile(mode="reduce-overhead", fullgraph=True, dynamic=False)` and replays it
-# as one CUDA graph per token. Three choices make the step capturable as a graph:
+# step with `torch.compile(fullgraph=True, dynamic=False)`, records one call of it into a
+# `torch.cuda.CUDAGraph` (`DecodeGraph`), and replays that graph once per token. Three choices
+# make the step capturable as a graph:
 #
 # * **fixed shapes, tensor inputs**: the token, each row's position `[batch, 1]` and the cache slot
 #   `[1]` are tensors; the mask is built inside the step from the slot and the padding; nothing the
@@ -169,8 +170,9 @@ with torch.no_grad():
 #   the slot into the cache buffers, allocated once and never moved; it updates no counter. The
 #   slot and positions are advanced by `generate`, eagerly, between replays, as gpt-fast does.
 #
-# On the GPU, the compiled tokens equal the eager ones, and the compiler reports how many steps it
-# could not record as a CUDA graph (0 when the step is one graph):
+# On the GPU, the compiled tokens equal the eager ones, and `decode_graph_counters` shows one
+# recording and one replay per step (9 replays for 10 new tokens: the first token comes from the
+# prefill):
 
 # %% tags=["gpu-only", "nbval-ignore-output"]
 import warnings
@@ -178,16 +180,20 @@ import warnings
 import torch._dynamo
 from torch._dynamo.utils import counters
 
+from annotated_src.kv_cache import decode_graph_counters
+
 # (On a CPU this cell is skipped: the tests compile the step there once, which takes a while.)
 if not SMALL:
     counters.clear()
+    before = dict(decode_graph_counters)
     with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True), warnings.catch_warnings():
         # This model is float32 and the check wants full float32 products in both paths, so the
         # compiler's advice to switch float32 matrix products to TF32 is declined, and silenced.
         warnings.filterwarnings("ignore", message="TensorFloat32 tensor cores")
         fast = generate(model, padded, max_new_tokens=10, temperature=0, compile=True)
     print("compiled == eager:", torch.equal(fast, batch), "| graphs compiled:", counters["stats"]["unique_graphs"],
-          "| CUDA graphs skipped:", counters["inductor"]["cudagraph_skips"])
+          "| CUDA graph recordings:", decode_graph_counters["recordings"] - before.get("recordings", 0),
+          "| replays:", decode_graph_counters["replays"] - before.get("replays", 0))
 
 # %% [markdown]
 # ## Timing on the GPU
