@@ -618,19 +618,19 @@ if triton is not None:
             tl.store(acc_ptr + at, acc, mask=ok3)
 
 
-_gpu_combine_state = {"broken": None}
+_gpu_kernels_state = {"broken": None}
 
 
 def _gpu_kernels_apply(q: torch.Tensor, ws, rs) -> bool:
     """Whether `_gather_gpu` and `_merge_gpu_` take this call (otherwise the readable PyTorch path does)."""
     seq_len, n_heads = q.shape[1], q.shape[2]
     return (triton is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
-            and _gpu_combine_state["broken"] is None
+            and _gpu_kernels_state["broken"] is None
             and all(seq_len % w == 0 and w % r == 0 and n_heads % r == 0 for w, r in zip(ws, rs)))
 
 
 def _gpu_kernel_failed(err: Exception):
-    _gpu_combine_state["broken"] = repr(err)
+    _gpu_kernels_state["broken"] = repr(err)
     warnings.warn(f"dilated_attention: a gather/combine kernel failed ({err!r}); using plain PyTorch for them "
                   "from now on (same results, slower)", RuntimeWarning, stacklevel=3)
 

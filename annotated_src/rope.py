@@ -303,7 +303,7 @@ def _triton_applies(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bo
     return (triton is not None and x.is_cuda and x.dim() == 4 and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
             and cos.dtype == torch.float32 and sin.dtype == torch.float32 and cos.shape == sin.shape
             and cos.dim() == 4 and cos.shape[0] in (1, x.shape[0]) and cos.shape[1] == x.shape[1] and cos.shape[2] == 1
-            and sin.stride() == cos.stride() and cos.device == x.device
+            and sin.stride() == cos.stride() and cos.device == x.device and 2 * cos.shape[-1] <= x.shape[-1]
             and not (cos.requires_grad or sin.requires_grad))
 
 
@@ -317,9 +317,7 @@ def apply_rotary_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *
         fail("x, cos, sin", f"x {tuple(x.shape)} {x.dtype} on {x.device}, cos {tuple(cos.shape)} {cos.dtype}, "
              f"sin {tuple(sin.shape)} {sin.dtype}",
              "x on a CUDA device in float16, bfloat16 or float32, and float32 tables without gradients, "
-             "of one shape and layout, [1 or batch, seq_len, 1, dim / 2], on x's device")
-    if 2 * cos.shape[-1] > x.shape[-1]:
-        fail("cos", f"shape {tuple(cos.shape)}", f"at most head_dim / 2 = {x.shape[-1] // 2} angles per position")
+             f"of one shape and layout, [1 or batch, seq_len, 1, dim / 2 <= {x.shape[-1] // 2}], on x's device")
     return _RotaryTriton.apply(x, cos, sin, interleaved)
 
 
@@ -379,7 +377,7 @@ def apply_rotary_compiled(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
 # the module's float32 tables) and the compiled function otherwise.
 def apply_rotary_fast(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, interleaved: bool = False) -> torch.Tensor:
     """The fast rotation: the Triton kernel where it applies, else the compiled function (same result)."""
-    if _triton_applies(x, cos, sin) and 2 * cos.shape[-1] <= x.shape[-1]:
+    if _triton_applies(x, cos, sin):
         return apply_rotary_triton(x, cos, sin, interleaved=interleaved)
     return apply_rotary_compiled(x, cos, sin, interleaved=interleaved)
 

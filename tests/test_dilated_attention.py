@@ -366,7 +366,7 @@ def test_cuda_gather_and_merge_kernels_equal_readable_path(dtype, ws, rs, monkey
     out = dilated_attention(qc, kc, vc, ws, rs)
     assert all(torch.equal(out, dilated_attention(qc, kc, vc, ws, rs)) for _ in range(3))
     g_out = grads(out, (qc, kc, vc))
-    monkeypatch.setitem(da._gpu_combine_state, "broken", "disabled by the test")
+    monkeypatch.setitem(da._gpu_kernels_state, "broken", "disabled by the test")
     readable = dilated_attention(qc, kc, vc, ws, rs)
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(out, readable, **tol)
