@@ -1,7 +1,7 @@
 r"""
 ---
 title: KV-cached decoding
-summary: A decoder with grouped-query attention and preallocated key/value caches, generate() for left-padded batches, and a static-cache decode step compiled into CUDA graphs.
+summary: A decoder with grouped-query attention and preallocated key/value caches, generate() for left-padded batches, and a static-cache decode step, compiled or written in Triton, replayed as a CUDA graph.
 ---
 
 # KV-cached decoding
@@ -56,6 +56,14 @@ are one matrix-vector product over stacked weights, and attention for the single
 written out as small reductions that the compiler fuses, rather than a flash-attention kernel
 made for long sequences.
 
+Even then a compiled layer is about a dozen kernels, and at batch 1 each is so short that its
+start and its tail, when the memory idles, weigh as much as its reading. For Llama-shaped layers
+on a CUDA GPU the step is therefore written by hand in Triton (`_decode_kernels.py`): five kernels
+per layer, each one block of weights streamed with the norm, rotation, cache write, activation or
+residual around it folded in, each launched so that it overlaps the tail of the one before. Other
+models keep the compiled step. The prompt's own pass, the *prefill*, is recorded as a CUDA graph
+too once its shape comes back.
+
 ## The API
 
 It follows [torchtune](https://github.com/pytorch/torchtune)'s: `KVCache`, `MultiHeadAttention`
@@ -82,9 +90,10 @@ right: the newest query sees every filled slot.
   `MultiHeadAttention` (with `fuse_qkv`), the two layer types and `TransformerDecoder` (the cache
   API above, chunked output, `chunked_cross_entropy`);
 * `llama_decoder`, a Llama-shaped model built from them;
-* `generate`: the uncached reference that recomputes everything, the cached loop, and the
-  compiled one-token step (`decode_one_token`, `compiled_decode_one_token`, recorded as a CUDA
-  graph by `DecodeGraph`; `decode_step` picks the variant);
+* `generate`: the uncached reference that recomputes everything, the cached loop, and the fast
+  one-token step (`decode_one_token`; compiled by `compiled_decode_one_token`, or run by the
+  Triton kernels that `decode_kernels_for` sets up; recorded as a CUDA graph by `DecodeGraph`;
+  `decode_step` picks the variant), with the prefill recorded by `PrefillGraph`;
 * helpers that count the FLOPs, bytes and cache memory of a generated token (`decode_cost`,
   `kv_cache_bytes_per_token`).
 """
@@ -94,6 +103,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import copy
+import os
 import weakref
 from collections.abc import Iterator, Sequence
 
@@ -616,6 +626,7 @@ class TransformerDecoder(nn.Module):
         """Free the caches: the decoder goes back to uncached forward passes."""
         # A decode graph recorded on these caches would write memory that is about to be freed.
         _decode_graphs.pop(self, None)
+        _prefill_graphs.pop(self, None)
         for layer in self.layers:
             layer.attn.kv_cache = None
             layer.attn.cache_enabled = False
@@ -659,7 +670,8 @@ class TransformerDecoder(nn.Module):
     # the cache slots to write: the caches' counters are then neither read nor advanced.
     def _forward(self, tokens: torch.Tensor, *, mask: torch.Tensor | None = None,
                  encoder_input: torch.Tensor | None = None, encoder_mask: torch.Tensor | None = None,
-                 input_pos: torch.Tensor | None = None, cache_slots: torch.Tensor | None = None):
+                 input_pos: torch.Tensor | None = None, cache_slots: torch.Tensor | None = None,
+                 last_only: bool = False):
         cached = self.caches_are_enabled()
         seq_len = tokens.shape[1]
         if cached and self._self_caches():
@@ -678,6 +690,9 @@ class TransformerDecoder(nn.Module):
                 hidden.append(h)
             h = layer(h, mask=mask, encoder_input=encoder_input, encoder_mask=encoder_mask, input_pos=input_pos,
                       cache_slots=cache_slots)
+        if last_only:
+            # (a prefill needs the logits of its last position only)
+            h = h[:, -1:]
         h = self.norm(h)
         # `[batch, seq_len, vocab]`, at least float32 for the softmax and the loss
         output = self.chunked_output(h) if self.num_output_chunks > 0 else _at_least_float32(self.output(h))
@@ -956,6 +971,89 @@ def compiled_decode_one_token(mode: str | None = None):
 DECODE_INDUCTOR_CONFIG = {"coordinate_descent_tuning": True}
 
 
+# ### Hand-written kernels for Llama-shaped layers
+#
+# Even compiled, a layer's step is about a dozen kernels, and at batch 1 each of them is so short
+# that its start and its tail, when the memory idles, weigh as much as its reading does. For the
+# layers `llama_decoder` builds, `_decode_kernels.py` has the step as five Triton kernels per layer,
+# each a matrix-vector product (or attention) with the norm, rotation, cache write, activation or
+# residual around it folded in, and (on Hopper GPUs) each launched so that it may start while the
+# one before finishes. `decode_kernels_for` collects a model's weights, norms, rotary tables and
+# caches for them, or says why it cannot: the kernels cover exactly this layer (RMSNorm, stacked
+# bias-free query/key/value projections, `RotaryPositionalEmbeddings` over the whole head, a
+# power-of-two head size of at least 16, SwiGLU `FeedForward`, no cross-attention), on CUDA with
+# Triton, in float32, bfloat16 or float16, for batches of at most `DECODE_KERNELS_MAX_BATCH` rows
+# (each row re-reads most of the weights, from the L2 cache). Any other model keeps the compiled
+# step; `DecodeGraph.why_not_triton` says why. The flag `DECODE_KERNELS = False` turns them off.
+#
+# In one run on an H200 (TinyLlama's shape, bfloat16, prompt 128 + 256 tokens), the compiled step
+# replayed in 1.27 ms per token and these kernels in 0.85 ms.
+DECODE_KERNELS = True
+DECODE_KERNELS_MAX_BATCH = 8
+
+
+def decode_kernels_for(model: TransformerDecoder, batch: int):
+    """A `_decode_kernels.DecodeKernels` running `decode_one_token` for `model` (caches set up, query/key/
+    value weights stacked) at `batch` rows, or a string saying why the kernels do not apply."""
+    from annotated_src import _decode_kernels as dk
+    from annotated_src.rope import RotaryPositionalEmbeddings
+
+    if not DECODE_KERNELS:
+        return "turned off (DECODE_KERNELS = False)"
+    if dk.triton is None:
+        return "triton is not installed"
+    emb = model.tok_embeddings.weight
+    # (Triton's interpreter, `TRITON_INTERPRET=1`, runs them on the CPU, slowly: for checking them.)
+    on_device = emb.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    if not on_device or emb.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return f"weights on {emb.device} in {emb.dtype}, not CUDA float32/bfloat16/float16"
+    if batch > DECODE_KERNELS_MAX_BATCH:
+        return f"batch {batch} > DECODE_KERNELS_MAX_BATCH={DECODE_KERNELS_MAX_BATCH}"
+    if model.output_hidden_states or model.num_output_chunks or type(model.tok_embeddings) is not nn.Embedding:
+        return "hidden states or chunked output requested, or a custom embedding"
+
+    def rms(norm):
+        return type(norm) is nn.RMSNorm and norm.weight is not None and norm.weight.shape == (emb.shape[1],)
+
+    def plain(linear):
+        return type(linear) is nn.Linear and linear.bias is None and linear.weight.dtype == emb.dtype
+
+    if not (rms(model.norm) and plain(model.output)):
+        return "the final norm is not an RMSNorm or the output not a bias-free Linear"
+    layers = []
+    rope = None
+    for i, layer in enumerate(model.layers):
+        attn = getattr(layer, "attn", None)
+        ok = (type(layer) is TransformerSelfAttentionLayer and type(layer.mlp) is FeedForward
+              and rms(layer.sa_norm) and rms(layer.mlp_norm) and attn._qkv is not None
+              and attn._qkv.dtype == emb.dtype and plain(attn.output_proj)
+              and all(plain(w) for w in (layer.mlp.w1, layer.mlp.w2, layer.mlp.w3))
+              and type(attn.pos_embeddings) is RotaryPositionalEmbeddings and attn.pos_embeddings.dim == attn.head_dim
+              and attn.head_dim >= 16 and attn.head_dim & (attn.head_dim - 1) == 0
+              and attn.kv_cache is not None and attn.cache_enabled and attn.kv_cache.k_cache.dtype == emb.dtype)
+        if not ok:
+            return (f"layer {i} is not a Llama-shaped self-attention layer with stacked projections, full "
+                    "rotary embeddings, a power-of-two head_dim >= 16 and an enabled cache")
+        if rope is None:
+            rope = attn.pos_embeddings
+        elif attn.pos_embeddings is not rope and not (attn.pos_embeddings.cos_cached.equal(rope.cos_cached)
+                                                      and attn.pos_embeddings.interleaved == rope.interleaved):
+            return f"layer {i} has rotary tables of its own"
+        eps = lambda n: n.eps if n.eps is not None else torch.finfo(emb.dtype).eps  # noqa: E731
+        layers.append(dict(qkv=attn._qkv, wo=attn.output_proj.weight, w1=layer.mlp.w1.weight, w3=layer.mlp.w3.weight,
+                           w2=layer.mlp.w2.weight, sa_norm=layer.sa_norm.weight, sa_eps=eps(layer.sa_norm),
+                           mlp_norm=layer.mlp_norm.weight, mlp_eps=eps(layer.mlp_norm),
+                           k_cache=attn.kv_cache.k_cache, v_cache=attn.kv_cache.v_cache))
+    if not layers:
+        return "no layers"
+    a = model.layers[0].attn
+    return dk.DecodeKernels(layers=layers, embedding=emb, norm=model.norm.weight,
+                            norm_eps=model.norm.eps if model.norm.eps is not None else torch.finfo(emb.dtype).eps,
+                            output=model.output.weight, cos=rope.cos_cached, sin=rope.sin_cached,
+                            interleaved=rope.interleaved, num_heads=a.num_heads, num_kv_heads=a.num_kv_heads,
+                            head_dim=a.head_dim, batch=batch)
+
+
 # ### Recording the CUDA graph by hand
 #
 # `torch.compile(mode="reduce-overhead")` records CUDA graphs itself, through *CUDA graph trees*: a
@@ -965,10 +1063,11 @@ DECODE_INDUCTOR_CONFIG = {"coordinate_descent_tuning": True}
 # H200 found that bookkeeping longer on the CPU than the step's kernels on the GPU (about 1.55 ms
 # per token against 1.25 ms of kernels): the step waited on the CPU, not on the memory.
 #
-# The fast path therefore lets Inductor compile the step *without* CUDA graphs
-# (`compiled_decode_one_token()`) and records one call of it into a `torch.cuda.CUDAGraph` of its
-# own. A replay is then one launch and nothing else: the graph reads the weights and the caches
-# at the addresses it recorded, which is why the caches are allocated once and never move.
+# The fast path therefore records one call of the step into a `torch.cuda.CUDAGraph` of its own:
+# the Triton kernels where they apply, else the step compiled by Inductor *without* CUDA graphs
+# (`compiled_decode_one_token()`). A replay is then one launch and nothing else: the graph reads
+# the weights and the caches at the addresses it recorded, which is why the caches are allocated
+# once and never move.
 #
 # * **Static inputs.** The graph reads its four inputs from tensors of its own; each call copies
 #   the new `tokens`, `input_pos`, `slot` and `keys` into them (four small copies) and
@@ -987,9 +1086,11 @@ DECODE_INDUCTOR_CONFIG = {"coordinate_descent_tuning": True}
 #   flag `DECODE_CUDA_GRAPH = False` turns the hand-made graph off: `compile=True` then runs the
 #   step through `torch.compile(mode="reduce-overhead")`, correct but slower at batch 1.
 #
-# What it costs: compiling once per model shape, a recording (two warm-up steps) per model and
-# cache, and one step's intermediate tensors held in the graph's memory pool. `decode_graph_counters`
-# counts the recordings and the replays, so that a caller can check that every step was a replay.
+# What it costs: compiling once per model shape (for the compiled step), a recording (two warm-up
+# steps) per model and cache, and one step's intermediate tensors held in the graph's memory pool.
+# `decode_graph_counters` counts the recordings (also by kind: `recordings_triton`,
+# `recordings_compiled`) and the replays, and the prefill's (`prefill_recordings`,
+# `prefill_replays`, below), so that a caller can check that every step was a replay.
 DECODE_CUDA_GRAPH = True
 decode_graph_counters: collections.Counter = collections.Counter()
 _decode_graphs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -1003,38 +1104,66 @@ def _graph_key(model: TransformerDecoder, inputs: Sequence[torch.Tensor]) -> tup
             + tuple((t.shape, t.dtype, t.device) for t in inputs))
 
 
-class DecodeGraph:
-    """One call of the compiled `decode_one_token`, recorded into a `torch.cuda.CUDAGraph` with the
-    first step's inputs. Calling it copies the inputs into the graph's own and replays it; the
-    logits it returns, `[batch, vocab]`, are the graph's, valid until the next call."""
+def _record(step, inputs: Sequence[torch.Tensor], config: dict):
+    """Two warm-up calls of `step(*inputs)` on a side stream, then one recorded into a CUDA graph:
+    `(graph, output)`."""
+    from torch._inductor import config as inductor_config
+
+    with torch.cuda.device(inputs[0].device), inductor_config.patch(config):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                step(*inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = step(*inputs)
+    return graph, out
+
+
+class _Replay:
+    """Copy new inputs into the graph's own, replay, return the graph's output."""
+
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        for static, new in zip(self.inputs, inputs):
+            if static is not new:
+                static.copy_(new)
+        self.graph.replay()
+        decode_graph_counters[self.counter] += 1
+        return self.out
+
+
+class DecodeGraph(_Replay):
+    """One call of the decode step, recorded into a `torch.cuda.CUDAGraph` with the first step's
+    inputs: the hand-written kernels (`decode_kernels_for`) where they apply, else the compiled
+    `decode_one_token`. Calling it with `(tokens, input_pos, slot, keys)` copies the inputs into the
+    graph's own and replays it; the logits it returns, `[batch, vocab]`, are the graph's, valid until
+    the next call. `inputs` are the graph's input tensors: a caller that writes them in place itself
+    and passes them back saves the copies."""
+
+    counter = "replays"
 
     def __init__(self, model: TransformerDecoder, tokens: torch.Tensor, input_pos: torch.Tensor,
-                 slot: torch.Tensor, keys: torch.Tensor):
-        from torch._inductor import config as inductor_config
-
-        self.key = _graph_key(model, (tokens, input_pos, slot, keys))
+                 slot: torch.Tensor, keys: torch.Tensor, key: tuple | None = None):
+        self.key = key if key is not None else _graph_key(model, (tokens, input_pos, slot, keys))
         self.inputs = tuple(t.clone() for t in (tokens, input_pos, slot, keys))
-        step = compiled_decode_one_token()
-        device = tokens.device
-        with torch.cuda.device(device), inductor_config.patch(DECODE_INDUCTOR_CONFIG):
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    step(model, *self.inputs)
-            torch.cuda.current_stream().wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.logits = step(model, *self.inputs)
+        # The hand-written kernels where they apply, else the compiled step; `kernels` says which,
+        # `why_not_triton` why not.
+        self.step = decode_kernels_for(model, tokens.shape[0])
+        if isinstance(self.step, str):
+            self.kernels, self.why_not_triton = "compiled", self.step
+            compiled = compiled_decode_one_token()
+            self.step = lambda *inputs: compiled(model, *inputs)  # noqa: E731
+        else:
+            self.kernels, self.why_not_triton = "triton", None
+        self.graph, self.out = _record(self.step, self.inputs, DECODE_INDUCTOR_CONFIG)
         decode_graph_counters["recordings"] += 1
+        decode_graph_counters[f"recordings_{self.kernels}"] += 1
 
-    def __call__(self, tokens: torch.Tensor, input_pos: torch.Tensor, slot: torch.Tensor,
-                 keys: torch.Tensor) -> torch.Tensor:
-        for static, new in zip(self.inputs, (tokens, input_pos, slot, keys)):
-            static.copy_(new)
-        self.graph.replay()
-        decode_graph_counters["replays"] += 1
-        return self.logits
+    @property
+    def logits(self) -> torch.Tensor:
+        return self.out
 
 
 def decode_graph(model: TransformerDecoder, tokens: torch.Tensor, input_pos: torch.Tensor, slot: torch.Tensor,
@@ -1042,11 +1171,66 @@ def decode_graph(model: TransformerDecoder, tokens: torch.Tensor, input_pos: tor
     """The model's `DecodeGraph`, recorded now (with these inputs, the first step's) unless one
     recorded on the same weights, caches and input shapes exists. Unchecked, like the step."""
     graph = _decode_graphs.get(model)
-    if graph is None or graph.key != _graph_key(model, (tokens, input_pos, slot, keys)):
+    key = _graph_key(model, (tokens, input_pos, slot, keys))
+    if graph is None or graph.key != key:
         _decode_graphs.pop(model, None)  # free the old graph's memory before recording a new one
-        graph = DecodeGraph(model, tokens, input_pos, slot, keys)
+        graph = DecodeGraph(model, tokens, input_pos, slot, keys, key)
         _decode_graphs[model] = graph
     return graph
+
+
+# ### The prefill, recorded too
+#
+# The prompt's pass through the cached model (the *prefill*) runs eagerly: a compiled version would
+# recompile for every new prompt length. Eagerly it is a few hundred kernel launches, each waiting
+# on the CPU (about 23 ms for TinyLlama and 128 tokens on an H200, against roughly 2 ms of GPU
+# work), which a generation of 256 tokens pays once, about 0.09 ms per token. The fast path records
+# it as a CUDA graph too, `PrefillGraph`, once a prompt shape comes back: the first generation with
+# a new `[batch, prompt_len]` runs the prefill eagerly and only notes the shape (a prompt of a new
+# length costs nothing more than before), a second one with the same shape records the graph
+# (three eager passes' worth of time, once), and every later one replays it. The recorded call is
+# the unchecked `_forward` with explicit cache slots $0, \dots, $ `prompt_len` $- 1$ (the caches
+# are empty at the start of a generation); `generate` checks its inputs once before. One graph per
+# model is kept, the latest shape's.
+_prefill_graphs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _prefill(model: TransformerDecoder, prompt: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+             slots: torch.Tensor) -> torch.Tensor:
+    """Float logits `[batch, vocab]` of the last position; writes the prompt into cache slots `slots`."""
+    return model._forward(prompt, input_pos=positions, mask=mask, cache_slots=slots, last_only=True)[:, -1]
+
+
+class PrefillGraph(_Replay):
+    """`_prefill` recorded into a CUDA graph; called like it, returns its logits (the graph's)."""
+
+    counter = "prefill_replays"
+
+    def __init__(self, model: TransformerDecoder, inputs: Sequence[torch.Tensor], key: tuple):
+        self.key = key
+        self.inputs = tuple(t.clone() for t in inputs)
+        self.graph, self.out = _record(lambda *a: _prefill(model, *a), self.inputs, {})
+        decode_graph_counters["prefill_recordings"] += 1
+
+
+def prefill_logits(model: TransformerDecoder, prompt: torch.Tensor, positions: torch.Tensor,
+                   mask: torch.Tensor) -> torch.Tensor:
+    """The cached prefill of `generate`'s fast path: eager for a prompt shape seen for the first time,
+    recorded at the second, replayed after. Unchecked."""
+    slots = torch.arange(prompt.shape[1], device=prompt.device)
+    inputs = (prompt, positions, mask, slots)
+    key = _graph_key(model, inputs)
+    entry = _prefill_graphs.get(model)
+    if isinstance(entry, PrefillGraph) and entry.key == key:
+        return entry(*inputs)
+    if entry != key:
+        # A new shape: note it and run eagerly.
+        _prefill_graphs[model] = key
+        return _prefill(model, *inputs)
+    _prefill_graphs.pop(model, None)
+    graph = PrefillGraph(model, inputs, key)
+    _prefill_graphs[model] = graph
+    return graph(*inputs)
 
 
 # `decode_step` is the step as `generate` runs it, a function of `(tokens, input_pos, slot, keys)`:
@@ -1149,9 +1333,18 @@ def generate(model: TransformerDecoder, prompt: torch.Tensor, *, max_new_tokens:
     out = [prompt]
     try:
         if cached:
-            # Prefill: the whole prompt in one eager pass, `[batch, prompt_len, cache_len]` mask.
+            # Prefill: the whole prompt in one pass, `[batch, prompt_len, cache_len]` mask; on the
+            # fast path recorded as a CUDA graph once its shape comes back (`prefill_logits`).
             mask = causal_padding_mask(real, cache_len)
-            logits = model(prompt, input_pos=positions, mask=mask)[:, -1]
+            if compile and prompt.is_cuda and DECODE_CUDA_GRAPH:
+                model._check_inputs(prompt, mask, None, None, positions, cached)
+                try:
+                    logits = prefill_logits(model, prompt, positions, mask)
+                except Exception as e:  # as loud as the decode step's failures below
+                    raise RuntimeError(f"generate(compile=True): the recorded prefill failed ({type(e).__name__}: {e}); "
+                                       "annotated_src.kv_cache.DECODE_CUDA_GRAPH = False runs it eagerly") from e
+            else:
+                logits = model(prompt, input_pos=positions, mask=mask)[:, -1]
             # `[batch, cache_len]`: every slot but the left padding; the step masks the slots past
             # the new token.
             keys = torch.ones(batch, cache_len, dtype=torch.bool, device=prompt.device)
@@ -1179,9 +1372,10 @@ def generate(model: TransformerDecoder, prompt: torch.Tensor, *, max_new_tokens:
                     if not compile:
                         raise
                     raise RuntimeError(f"generate(compile=True): the compiled decode step failed ({type(e).__name__}: "
-                                       f"{e}); compile=False runs the same step eagerly, and "
-                                       "annotated_src.kv_cache.DECODE_CUDA_GRAPH = False uses the compiler's "
-                                       "own CUDA graphs instead of the hand-recorded one") from e
+                                       f"{e}); compile=False runs the same step eagerly, "
+                                       "annotated_src.kv_cache.DECODE_KERNELS = False records the compiled step "
+                                       "instead of the Triton kernels, and DECODE_CUDA_GRAPH = False uses the "
+                                       "compiler's own CUDA graphs instead of the hand-recorded one") from e
                 slot += 1
                 pos += 1
             else:

@@ -15,8 +15,10 @@ greedy, timed as one call after a warm-up call (which also compiles), `ms` per n
 
 * **ours uncached**: every step reruns the whole sequence;
 * **ours cached eager**: prefill, then one token per step through the cache, eagerly;
-* **ours cached compiled**: the same steps through the compiled static-cache step, replayed as one
-  hand-recorded CUDA graph per token (`generate(..., compile=True)`);
+* **ours cached compiled**: the same steps through the fast static-cache step, replayed as one
+  hand-recorded CUDA graph per token (`generate(..., compile=True)`): on a GPU, the hand-written
+  Triton kernels of `_decode_kernels.py` (`extra["decode_kernels"]` says which step the graph
+  holds), with the prefill recorded as a graph too from the second call on;
 * **HF default cache** and **HF static cache + compile**: `LlamaForCausalLM` of the same shape
   and `generate`, the second with `cache_implementation="static"`, with which `generate` compiles
   the forward pass (`mode="reduce-overhead"`) on a GPU. A failure there is recorded in the row's
@@ -29,7 +31,8 @@ compiled, timed together and divided by 16.
 **Diagnostics** in each compiled row's `extra`: `decode_steps`, the steps the row ran (warm-up and
 checks included), next to `graph_replays` and `graph_recordings`, the change in
 `decode_graph_counters` meanwhile: `graph_replays` equal to `decode_steps` means that every step
-was one replay of a recorded CUDA graph. Also `cudagraph_counters`, the change in the compiler's
+was one replay of a recorded CUDA graph; `graph_recordings_triton` and `graph_recordings_compiled`
+say which kernels the graphs were recorded from (the hand-written Triton step or the compiled one). Also `cudagraph_counters`, the change in the compiler's
 counters whose name contains "cudagraph", and `cudagraph_skip_reasons`, the compiler's messages
 for steps it ran without a graph; they concern the compiler's own CUDA graphs, which the step uses
 only when `DECODE_CUDA_GRAPH` is turned off.
@@ -50,8 +53,8 @@ import warnings
 import torch
 
 from annotated_src.bench.core import Result, ceilings, free_memory, time_ms
-from annotated_src.kv_cache import (decode_cost, decode_graph_counters, decode_step, disable_kv_cache, generate,
-                                    llama_decoder)
+from annotated_src.kv_cache import (_decode_graphs, decode_cost, decode_graph_counters, decode_step, disable_kv_cache,
+                                    generate, llama_decoder)
 from annotated_src.notebook_utils import randint
 
 SUITE = "kv_cache"
@@ -151,7 +154,7 @@ def _cudagraph_diagnostics(extra: dict):
         after = _cudagraph_counters()
         extra["cudagraph_counters"] = {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
         extra["cudagraph_skips"] = extra["cudagraph_counters"].get("cudagraph_skips", 0)
-        for k in ("recordings", "replays"):
+        for k in sorted({"recordings", "replays", *decode_graph_counters}):
             extra[f"graph_{k}"] = decode_graph_counters[k] - graphs_before.get(k, 0)
         if reasons:
             extra["cudagraph_skip_reasons"] = sorted(set(reasons))[:5]
@@ -192,6 +195,12 @@ def generation_rows(model, s: dict, device: torch.device, copy_gbps: float) -> l
             if kwargs:
                 # The prefill's logits give the first token; each later one is a step.
                 diag["decode_steps"] = (1 + calls) * (n - 1)
+                graph = _decode_graphs.get(model)
+                if graph is not None:
+                    # which step the graph holds: the Triton kernels, or the compiled step and why
+                    diag["decode_kernels"] = graph.kernels
+                    if graph.why_not_triton:
+                        diag["why_not_triton"] = graph.why_not_triton
             rows.append(_result(name, case, ms, nbytes, copy_gbps, base, first_call_s=round(first_s, 1), **diag))
         except Exception as e:  # only the optional fast path may fail here; say so in its row
             if not kwargs:
