@@ -155,10 +155,9 @@ with torch.no_grad():
 # ## The fast path
 #
 # The cached eager step launches a few hundred kernels per token; at batch 1 on a GPU the CPU
-# cannot launch them as fast as they run. `generate(..., compile=True)` compiles the one-token
-# step with `torch.compile(fullgraph=True, dynamic=False)`, records one call of it into a
-# `torch.cuda.CUDAGraph` (`DecodeGraph`), and replays that graph once per token. Three choices
-# make the step capturable as a graph:
+# cannot launch them as fast as they run. `generate(..., compile=True)` records one call of the
+# one-token step into a `torch.cuda.CUDAGraph` (`DecodeGraph`) and replays that graph once per
+# token. Three choices make the step capturable as a graph:
 #
 # * **fixed shapes, tensor inputs**: the token, each row's position `[batch, 1]` and the cache slot
 #   `[1]` are tensors; the mask is built inside the step from the slot and the padding; nothing the
@@ -166,13 +165,20 @@ with torch.no_grad():
 # * **no host reads**: no `.item()` or checks inside the step; `generate` validates once, before
 #   the loop (which also makes the *eager* cached step faster: a check that reads a device value
 #   stalls the CPU until the GPU has caught up, at every layer of every token);
-# * **writes only to static buffers**: the step writes its keys and values with `index_copy_` at
-#   the slot into the cache buffers, allocated once and never moved; it updates no counter. The
-#   slot and positions are advanced by `generate`, eagerly, between replays, as gpt-fast does.
+# * **writes only to static buffers**: the step writes its keys and values at the slot into the
+#   cache buffers, allocated once and never moved; it updates no counter. The slot and positions
+#   are advanced by `generate`, eagerly, between replays, as gpt-fast does.
 #
-# On the GPU, the compiled tokens equal the eager ones, and `decode_graph_counters` shows one
-# recording and one replay per step (9 replays for 10 new tokens: the first token comes from the
-# prefill):
+# Which step the graph holds depends on the model. Any model gets the step compiled by
+# `torch.compile(fullgraph=True, dynamic=False)`. Llama-shaped layers with a head size of at least 16
+# get five hand-written Triton kernels per layer instead (`_decode_kernels.py`): each streams one
+# block of weights with the norm, rotation, cache write, activation or residual around it folded in,
+# and on Hopper GPUs each may start while the one before finishes. The prompt's prefill is
+# recorded as a graph too, from the second generation with the same prompt shape on.
+#
+# The model above has a head size of 8, so its graph holds the compiled step. On the GPU, its
+# tokens equal the eager ones, and `decode_graph_counters` shows one recording and one replay per
+# step (9 replays for 10 new tokens: the first token comes from the prefill):
 
 # %% tags=["gpu-only", "nbval-ignore-output"]
 import warnings
@@ -180,7 +186,7 @@ import warnings
 import torch._dynamo
 from torch._dynamo.utils import counters
 
-from annotated_src.kv_cache import decode_graph_counters
+from annotated_src.kv_cache import _decode_graphs, decode_graph_counters
 
 # (On a CPU this cell is skipped: the tests compile the step there once, which takes a while.)
 if not SMALL:
@@ -194,6 +200,26 @@ if not SMALL:
     print("compiled == eager:", torch.equal(fast, batch), "| graphs compiled:", counters["stats"]["unique_graphs"],
           "| CUDA graph recordings:", decode_graph_counters["recordings"] - before.get("recordings", 0),
           "| replays:", decode_graph_counters["replays"] - before.get("replays", 0))
+    print("the graph holds:", _decode_graphs[model].kernels, "|", _decode_graphs[model].why_not_triton)
+
+# %% [markdown]
+# The same model with a head size of 16 gets the Triton kernels. Three generations with the same
+# prompt: the first runs the prefill eagerly and records the decode step, the second records the
+# prefill, the third replays both. All equal the eager cached generation:
+
+# %% tags=["gpu-only", "nbval-ignore-output"]
+if not SMALL:
+    wide = llama_decoder(vocab_size=97, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=64,
+                         max_seq_len=64).to(device).eval()
+    with torch.no_grad():
+        wide.setup_caches(2, torch.float32, decoder_max_seq_len=32)
+        ref = generate(wide, padded, max_new_tokens=10, temperature=0)
+        before = dict(decode_graph_counters)
+        runs = [generate(wide, padded, max_new_tokens=10, temperature=0, compile=True) for _ in range(3)]
+    delta = {k: v - before.get(k, 0) for k, v in decode_graph_counters.items() if v != before.get(k, 0)}
+    print("Triton step == eager:", all(torch.equal(r, ref) for r in runs), "| the graph holds:",
+          _decode_graphs[wide].kernels)
+    print("counters:", dict(sorted(delta.items())))
 
 # %% [markdown]
 # ## Timing on the GPU
@@ -237,5 +263,7 @@ plt.show()
 # What the numbers say: the uncached step slows down as the context grows, since its work does;
 # the cached steps barely move, because at these lengths the weights, not the cache, are what a
 # token reads. The eager cached step is limited by kernel launches, far below the bound; the
-# compiled step, one CUDA graph per token, is the one that approaches it (the table above gives the
-# fraction measured in this run).
+# fast step ("ours cached compiled": TinyLlama's layers get the Triton kernels, replayed as one CUDA
+# graph per token) is the one that approaches it. The table above gives the fraction measured in
+# this run; the rest of the gap is the start and tail of about a hundred kernels per token, the
+# small products that never reach full bandwidth, and the prefill.
