@@ -35,10 +35,14 @@ from __future__ import annotations
 
 import torch
 
+from annotated_src._pdl import launch_options, pdl_applies  # noqa: F401 (pdl_applies: for the callers)
+
 try:
     import triton
     import triton.language as tl
     from triton.language.extra import libdevice
+
+    from annotated_src._pdl import pdl_start, pdl_wait
 except ImportError:  # CPU-only installs: the readable steps are used
     triton = None
 
@@ -61,7 +65,9 @@ if triton is not None:
     @triton.jit
     def scatter_qkv(src_ptr, s_b, t_ptr, n_ring, q_ptr, sq_b, sq_h, sq_s, kv_ptr, skv_0, skv_b, skv_h, skv_s,
                     old_ptr, B, E: tl.constexpr, D: tl.constexpr, E_P2: tl.constexpr, WRITE_Q: tl.constexpr,
-                    SAVE_OLD: tl.constexpr):
+                    SAVE_OLD: tl.constexpr, PDL: tl.constexpr = False):
+        pdl_start(PDL)
+        pdl_wait(PDL)
         bi = tl.program_id(0)
         cols = tl.arange(0, E_P2)
         mask = cols < E
@@ -89,23 +95,39 @@ if triton is not None:
     # $e^{m_\text{old} - m}$). Every chunk holds at least one key, so $m$ is finite after its first block.
     @triton.jit
     def decode_partial(q_ptr, sq_b, sq_h, k_ptr, v_ptr, s_b, s_h, s_n, n_keys, scale, H, S,
-                       m_ptr, l_ptr, acc_ptr, D: tl.constexpr, CHUNK: tl.constexpr, BLOCK_N: tl.constexpr):
+                       m_ptr, l_ptr, acc_ptr, t_ptr, n_ring, D: tl.constexpr, CHUNK: tl.constexpr,
+                       BLOCK_N: tl.constexpr, PDL: tl.constexpr = False):
+        pdl_start(PDL)
         pair = tl.program_id(0)
         chunk = tl.program_id(1)
         bi = pair // H
         hi = pair % H
         dims = tl.arange(0, D)
-        q = tl.load(q_ptr + bi * sq_b + hi * sq_h + dims) * scale
         base = bi * s_b + hi * s_h
+        # The chunk's first block of keys and values was written by earlier steps: with `PDL` it is
+        # loaded before the wait, while the projection ahead finishes, and its row for this step's
+        # slot (`t mod n_ring`, just written by the kernel ahead) is read again after.
+        keys = chunk * CHUNK + tl.arange(0, BLOCK_N)
+        kmask = keys < n_keys
+        ptrs = base + keys[:, None] * s_n + dims[None, :]
+        k = tl.load(k_ptr + ptrs, mask=kmask[:, None], other=0.0)
+        v = tl.load(v_ptr + ptrs, mask=kmask[:, None], other=0.0)
+        pdl_wait(PDL)
+        if PDL:
+            fresh = (keys == tl.load(t_ptr) % n_ring) & kmask
+            k = tl.where(fresh[:, None], tl.load(k_ptr + ptrs, mask=fresh[:, None], other=0.0), k)
+            v = tl.where(fresh[:, None], tl.load(v_ptr + ptrs, mask=fresh[:, None], other=0.0), v)
+        q = tl.load(q_ptr + bi * sq_b + hi * sq_h + dims) * scale
         m_i = tl.full((), float("-inf"), tl.float32)
         l_i = tl.zeros((), tl.float32)
         acc = tl.zeros((D,), tl.float32)
         for off in range(chunk * CHUNK, chunk * CHUNK + CHUNK, BLOCK_N):
-            keys = off + tl.arange(0, BLOCK_N)
-            kmask = keys < n_keys
-            ptrs = base + keys[:, None] * s_n + dims[None, :]
-            k = tl.load(k_ptr + ptrs, mask=kmask[:, None], other=0.0)
-            v = tl.load(v_ptr + ptrs, mask=kmask[:, None], other=0.0)
+            if off > chunk * CHUNK:
+                keys = off + tl.arange(0, BLOCK_N)
+                kmask = keys < n_keys
+                ptrs = base + keys[:, None] * s_n + dims[None, :]
+                k = tl.load(k_ptr + ptrs, mask=kmask[:, None], other=0.0)
+                v = tl.load(v_ptr + ptrs, mask=kmask[:, None], other=0.0)
             s = tl.where(kmask, tl.sum(k * q[None, :], axis=1), float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=0))
             alpha = tl.exp(m_i - m_new)
@@ -128,7 +150,9 @@ if triton is not None:
     @triton.jit(do_not_specialize=["slot"])
     def decode_combine(m_ptr, l_ptr, acc_ptr, H, S, out_ptr, so_b, so_h, den_ptr, max_ptr, peak_ptr,
                        sd_b, sd_h, slot, t_ptr, D: tl.constexpr, S_P2: tl.constexpr, STATE: tl.constexpr,
-                       INCREMENT: tl.constexpr):
+                       INCREMENT: tl.constexpr, PDL: tl.constexpr = False):
+        pdl_start(PDL)
+        pdl_wait(PDL)
         pair = tl.program_id(0)
         if INCREMENT:
             if pair == 0:
@@ -334,23 +358,34 @@ if triton is not None:
     # cuBLAS's only by the order of the additions.
     @triton.jit
     def small_linear_partial(x_ptr, w_ptr, part_ptr, M, N, K, sx, sw, k_per_split,
-                             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr = False):
+        pdl_start(PDL)
         i, j, sp = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         rows = i * BM + tl.arange(0, BM)
         cols = j * BN + tl.arange(0, BN)
+        # The first tile of weights does not depend on the kernel ahead: loaded before the wait.
+        first = sp * k_per_split
+        ks = first + tl.arange(0, BK)
+        kmask = ks < K
+        w = tl.load(w_ptr + cols[:, None] * sw + ks[None, :], mask=(cols[:, None] < N) & kmask[None, :], other=0.0)
+        pdl_wait(PDL)
         acc = tl.zeros((BM, BN), tl.float32)
-        for k0 in range(sp * k_per_split, sp * k_per_split + k_per_split, BK):
-            ks = k0 + tl.arange(0, BK)
-            kmask = ks < K
+        for k0 in range(first, first + k_per_split, BK):
+            if k0 > first:
+                ks = k0 + tl.arange(0, BK)
+                kmask = ks < K
+                w = tl.load(w_ptr + cols[:, None] * sw + ks[None, :], mask=(cols[:, None] < N) & kmask[None, :],
+                            other=0.0)
             x = tl.load(x_ptr + rows[:, None] * sx + ks[None, :], mask=(rows[:, None] < M) & kmask[None, :], other=0.0)
-            w = tl.load(w_ptr + cols[:, None] * sw + ks[None, :], mask=(cols[:, None] < N) & kmask[None, :], other=0.0)
             acc += tl.dot(x, tl.trans(w), input_precision="ieee")
         tl.store(part_ptr + (sp * M + rows[:, None]) * N + cols[None, :], acc,
                  mask=(rows[:, None] < M) & (cols[None, :] < N))
 
     @triton.jit
     def small_linear_reduce(part_ptr, b_ptr, y_ptr, total, N, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                            BLOCK: tl.constexpr):
+                            BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+        pdl_start(PDL)
+        pdl_wait(PDL)
         idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = idx < total
         acc = tl.zeros((BLOCK,), tl.float32)
@@ -379,22 +414,25 @@ def small_linear_scratch(m: int, n: int, device) -> torch.Tensor:
     return torch.empty(SMALL_SPLIT, m, n, device=device, dtype=torch.float32)
 
 
-def small_linear(x, w, bias, part, out=None):
-    """`F.linear(x, w, bias)` for float32 `x` `[m, k]` with few rows, split along `k` (see above)."""
+def small_linear(x, w, bias, part, out=None, pdl=False):
+    """`F.linear(x, w, bias)` for float32 `x` `[m, k]` with few rows, split along `k` (see above);
+    `pdl`: launch with programmatic dependent launch (`_pdl.py`)."""
     m, k = x.shape
     n = w.shape[0]
     out = torch.empty(m, n, device=x.device, dtype=torch.float32) if out is None else out
     bm = max(16, min(64, triton.next_power_of_2(m)))
     k_per = triton.cdiv(triton.cdiv(k, SMALL_SPLIT), SMALL_BK) * SMALL_BK
     small_linear_partial[(triton.cdiv(m, bm), triton.cdiv(n, SMALL_BN), SMALL_SPLIT)](
-        x, w, part, m, n, k, x.stride(0), w.stride(0), k_per, BM=bm, BN=SMALL_BN, BK=SMALL_BK, num_warps=4)
+        x, w, part, m, n, k, x.stride(0), w.stride(0), k_per, BM=bm, BN=SMALL_BN, BK=SMALL_BK, PDL=pdl,
+        **launch_options(pdl, 4))
     block = 1024
     small_linear_reduce[(triton.cdiv(m * n, block),)](part, w if bias is None else bias, out, m * n, n,
-                                                      SPLIT=SMALL_SPLIT, HAS_BIAS=bias is not None, BLOCK=block)
+                                                      SPLIT=SMALL_SPLIT, HAS_BIAS=bias is not None, BLOCK=block,
+                                                      PDL=pdl, **launch_options(pdl, 4))
     return out
 
 
-def qkv_into_ring(qkv, t_dev, kv, n, head_dim, q_ring=None, old=None):
+def qkv_into_ring(qkv, t_dev, kv, n, head_dim, q_ring=None, old=None, pdl=False):
     """Copy the projected token `qkv` `[batch, 3 d_model]`: $k, v$ into slot `t_dev mod n` of `kv`.
 
     `q_ring` `[batch, n_heads, n, head_dim]`, when given, receives $q$ at the same slot; `old`
@@ -405,7 +443,7 @@ def qkv_into_ring(qkv, t_dev, kv, n, head_dim, q_ring=None, old=None):
     sq = (0, 0, 0) if q_ring is None else q_ring.stride()[:3]
     scatter_qkv[(b,)](qkv, qkv.stride(0), t_dev, n, kv if q_ring is None else q_ring, *sq, kv, ss[0], ss[1], ss[2],
                       ss[3], kv if old is None else old, b, E=e, D=head_dim, E_P2=triton.next_power_of_2(e),
-                      WRITE_Q=q_ring is not None, SAVE_OLD=old is not None)
+                      WRITE_Q=q_ring is not None, SAVE_OLD=old is not None, PDL=pdl, **launch_options(pdl, 4))
 
 
 # About 1024 programs fill the GPU's 132 multiprocessors several times over.
@@ -426,22 +464,25 @@ def decode_scratch(pairs: int, n_keys: int, head_dim: int, device) -> tuple:
     return torch.empty(pairs * s, **f), torch.empty(pairs * s, **f), torch.empty(pairs * s * head_dim, **f)
 
 
-def decode(q, k, v, scale, scratch, out=None, state=None, slot=0, t_dev=None):
+def decode(q, k, v, scale, scratch, out=None, state=None, slot=0, t_dev=None, pdl=False, n_ring=None):
     """One query per `(batch, head)` over all keys.
 
     `q` `[batch, n_heads, head_dim]` (any strides but the last), `k`, `v` `[batch, n_heads, n_keys,
     head_dim]` with equal strides. Writes $o$ to `out` `[batch, n_heads * head_dim]` (and adds one
     to `t_dev` when given), or, with `state = (num, den, max, peak)`, the row's statistics to slot
-    `slot` of the retroactive state."""
+    `slot` of the retroactive state. `pdl` (with `t_dev`, whose slot `t_dev mod n_ring` the kernel
+    ahead has just written): launch with programmatic dependent launch (`_pdl.py`)."""
+    pdl = pdl and t_dev is not None
     b, h, nk, d = k.shape
     s, chunk = decode_splits(b * h, nk)
     m_s, l_s, a_s = scratch
     decode_partial[(b * h, s)](q, q.stride(0), q.stride(1), k, v, k.stride(0), k.stride(1), k.stride(2), nk, scale,
-                               h, s, m_s, l_s, a_s, D=d, CHUNK=chunk, BLOCK_N=DECODE_BLOCK_N)
+                               h, s, m_s, l_s, a_s, k if t_dev is None else t_dev, n_ring or nk, D=d, CHUNK=chunk,
+                               BLOCK_N=DECODE_BLOCK_N, PDL=pdl, **launch_options(pdl, 4))
     if state is None:
         decode_combine[(b * h,)](m_s, l_s, a_s, h, s, out, out.stride(0), d, out, out, out, 0, 0, 0,
                                  out if t_dev is None else t_dev, D=d, S_P2=triton.next_power_of_2(s), STATE=False,
-                                 INCREMENT=t_dev is not None)
+                                 INCREMENT=t_dev is not None, PDL=pdl, **launch_options(pdl, 4))
     else:
         num, den, mx, peak = state
         decode_combine[(b * h,)](m_s, l_s, a_s, h, s, num, num.stride(0), num.stride(1), den, mx, peak,

@@ -64,8 +64,8 @@ merge costs more than the shorter loops save.
 
 **Kernels that overlap.** On Hopper GPUs each kernel is launched with *programmatic dependent
 launch*: it may start while the kernel before it finishes, load its first tile of weights (which
-nothing in the step writes), and only then wait for the earlier kernel's results (see `_pdl_wait`
-below). The tail of one kernel, when few of its programs are left and the memory would idle,
+nothing in the step writes), and only then wait for the earlier kernel's results (`_pdl.py`
+explains the mechanism). The tail of one kernel, when few of its programs are left and the memory would idle,
 overlaps the start of the next. In one run on an H200 this took a chain of TinyLlama's
 `[2048, 2048]` products from 4.6 to 3.2 µs each.
 
@@ -76,34 +76,18 @@ from __future__ import annotations
 
 import torch
 
+from annotated_src._pdl import launch_options, pdl_applies
+
 try:
     import triton
     import triton.language as tl
+
+    from annotated_src._pdl import pdl_start, pdl_wait
 except ImportError:  # CPU-only installs: the compiled step is used
     triton = None
 
 
 if triton is not None:
-
-    # ## Overlapping a kernel with the one before
-    #
-    # On Hopper, a kernel launched with *programmatic dependent launch* (`launch_pdl=True`) may start
-    # before the kernel ahead of it in the stream has finished, as soon as every program of that
-    # kernel has signalled `gdc_launch_dependents` (each of ours does so first thing). It must then
-    # call `gdc_wait` before touching anything the earlier kernel writes: the wait returns once that
-    # kernel has completed and its writes are visible. What comes before the wait may only read
-    # memory no earlier kernel of the step writes: the weights. So each kernel below loads its first
-    # tile of weights, *then* waits, and the ramp-up of one kernel overlaps the tail of the other.
-    # With `PDL` off (other GPUs, Triton's interpreter) the two calls are left out.
-    @triton.jit
-    def _pdl_start(PDL: tl.constexpr):
-        if PDL:
-            tl.extra.cuda.gdc_launch_dependents()
-
-    @triton.jit
-    def _pdl_wait(PDL: tl.constexpr):
-        if PDL:
-            tl.extra.cuda.gdc_wait()
 
     # A `[rows, cols]` tile of a row-major matrix with row stride `stride`, masked to `N` rows and
     # `K` columns unless `EVEN` (every block full).
@@ -152,13 +136,13 @@ if triton is not None:
     def gemv(x_ptr, s_xb, w_ptr, w2_ptr, s_wn, g_ptr, eps, out_ptr, s_ob, N, K, B,
              NORM: tl.constexpr, GATED: tl.constexpr, RESIDUAL: tl.constexpr,
              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr, PDL: tl.constexpr):
-        _pdl_start(PDL)
+        pdl_start(PDL)
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         cols0 = tl.arange(0, BLOCK_K)
         w_first = _tile(w_ptr, rows, cols0, s_wn, N, K, EVEN).to(tl.float32)
         if GATED:
             w2_first = _tile(w2_ptr, rows, cols0, s_wn, N, K, EVEN).to(tl.float32)
-        _pdl_wait(PDL)
+        pdl_wait(PDL)
         for b in range(B):
             x_row = x_ptr + b * s_xb
             inv = 1.0
@@ -195,7 +179,7 @@ if triton is not None:
                  q_ptr, s_qb, k_cache, v_cache, s_cb, s_cs, s_ch,
                  N_HEADS: tl.constexpr, N_KV: tl.constexpr, HEAD_DIM: tl.constexpr, INTERLEAVED: tl.constexpr,
                  BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr):
-        _pdl_start(PDL)
+        pdl_start(PDL)
         HALF: tl.constexpr = HEAD_DIM // 2
         PER_HEAD: tl.constexpr = HALF // BLOCK_J
         N_ROWS: tl.constexpr = (N_HEADS + 2 * N_KV) * HEAD_DIM
@@ -213,7 +197,7 @@ if triton is not None:
         cols0 = tl.arange(0, BLOCK_K)
         w1_first = _tile(w_ptr, rows1, cols0, s_wn, N_ROWS, K, EVEN_K).to(tl.float32)
         w2_first = _tile(w_ptr, rows2, cols0, s_wn, N_ROWS, K, EVEN_K).to(tl.float32)
-        _pdl_wait(PDL)
+        pdl_wait(PDL)
         slot = tl.load(slot_ptr)
         for b in range(B):
             x_row = x_ptr + b * s_xb
@@ -256,7 +240,7 @@ if triton is not None:
                   m_ptr, l_ptr, a_ptr, count_ptr, out_ptr, s_ob,
                   N_KV: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
                   N_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr):
-        _pdl_start(PDL)
+        pdl_start(PDL)
         bh = tl.program_id(0)
         split = tl.program_id(1)
         b = bh // N_KV
@@ -265,7 +249,7 @@ if triton is not None:
         d = tl.arange(0, HEAD_DIM)
         gmask = g < GROUP
         # (everything this kernel reads was written by the step's earlier kernels)
-        _pdl_wait(PDL)
+        pdl_wait(PDL)
         # `[BLOCK_G, HEAD_DIM]`: the group's queries (rows past GROUP are zeros)
         q = tl.load(q_ptr + b * s_qb + (kvh * GROUP + g)[:, None] * HEAD_DIM + d[None, :], mask=gmask[:, None],
                     other=0.0)
@@ -349,19 +333,6 @@ def gemv_blocks(n: int, k: int, gated: bool = False) -> tuple[int, int, int]:
 # per key/value head.
 QKV_BLOCK_J, QKV_BLOCK_K = 4, 1024
 ATTENTION_BLOCK_S, ATTENTION_SPLITS = 256, 2
-# Programmatic dependent launch where the GPU has it (compute capability 9.0 and later).
-USE_PDL = True
-
-
-def pdl_applies(device: torch.device) -> bool:
-    """Whether the kernels launch with programmatic dependent launch on `device`."""
-    return USE_PDL and device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
-
-
-def _launch_options(pdl: bool, warps: int) -> dict:
-    return {"num_warps": warps, **({"launch_pdl": True} if pdl else {})}
-
-
 def launch_gemv(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *, norm: torch.Tensor | None = None,
                 eps: float = 0.0, gate_with: torch.Tensor | None = None, residual: bool = False,
                 pdl: bool = False) -> torch.Tensor:
@@ -374,7 +345,7 @@ def launch_gemv(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *, norm: to
         x, x.stride(0), w, w if gate_with is None else gate_with, w.stride(0), w if norm is None else norm, eps,
         out, out.stride(0), n, k, batch, NORM=norm is not None, GATED=gate_with is not None, RESIDUAL=residual,
         BLOCK_N=block_n, BLOCK_K=block_k, EVEN=n % block_n == 0 and k % block_k == 0, PDL=pdl,
-        **_launch_options(pdl, warps))
+        **launch_options(pdl, warps))
     return out
 
 
@@ -429,12 +400,12 @@ class DecodeKernels:
                 self.cos, self.sin, self.cos.stride(0), input_pos, input_pos.stride(0), slot,
                 q, q.stride(0), kc, vc, kc.stride(0), kc.stride(1), kc.stride(2),
                 N_HEADS=h, N_KV=kv, HEAD_DIM=d, INTERLEAVED=self.interleaved, BLOCK_J=self.block_j,
-                BLOCK_K=block_k, EVEN_K=dim % block_k == 0, PDL=pdl, **_launch_options(pdl, 4))
+                BLOCK_K=block_k, EVEN_K=dim % block_k == 0, PDL=pdl, **launch_options(pdl, 4))
             attention[(b * kv, self.n_splits)](
                 q, q.stride(0), kc, vc, kc.stride(0), kc.stride(1), kc.stride(2), keys, keys.stride(0),
                 slot, d ** -0.5, self.m, self.l, self.a, self.count, attn, attn.stride(0),
                 N_KV=kv, GROUP=self.group, BLOCK_G=self.block_g, HEAD_DIM=d, N_SPLITS=self.n_splits,
-                BLOCK_S=ATTENTION_BLOCK_S, IEEE=x.dtype == torch.float32, PDL=pdl, **_launch_options(pdl, 4))
+                BLOCK_S=ATTENTION_BLOCK_S, IEEE=x.dtype == torch.float32, PDL=pdl, **launch_options(pdl, 4))
             launch_gemv(attn, layer["wo"], x, residual=True, pdl=pdl)
             launch_gemv(x, layer["w1"], self.act, norm=layer["mlp_norm"], eps=layer["mlp_eps"],
                         gate_with=layer["w3"], pdl=pdl)

@@ -594,13 +594,17 @@ class SingleOutputMultiheadAttention(_ContinualMultiheadAttention):
         part_in = kernels.small_linear_scratch(b, 3 * e, query.device)
         part_out = kernels.small_linear_scratch(b, e, query.device)
 
+        # On Hopper GPUs each kernel may start while the one ahead finishes (`_pdl.py`).
+        pdl = kernels.pdl_applies(query.device)
+
         def step():
             # `[batch, 3 d_model]`; $k, v$ into ring slot `t mod n`.
-            qkv = kernels.small_linear(x, self.in_proj_weight, self.in_proj_bias, part_in)
-            kernels.qkv_into_ring(qkv, t, self._kv, n, d)
+            qkv = kernels.small_linear(x, self.in_proj_weight, self.in_proj_bias, part_in, pdl=pdl)
+            kernels.qkv_into_ring(qkv, t, self._kv, n, d, pdl=pdl)
             # `[batch, n_heads * head_dim]`: the query over all `n + n_extra_keys` keys.
-            kernels.decode(qkv[:, :e].view(b, h, d), self._kv[0], self._kv[1], d ** -0.5, scratch, out=o, t_dev=t)
-            return kernels.small_linear(o, self.out_proj.weight, self.out_proj.bias, part_out)
+            kernels.decode(qkv[:, :e].view(b, h, d), self._kv[0], self._kv[1], d ** -0.5, scratch, out=o, t_dev=t,
+                           pdl=pdl, n_ring=n)
+            return kernels.small_linear(o, self.out_proj.weight, self.out_proj.bias, part_out, pdl=pdl)
 
         # Run once before recording, on a side stream as CUDA graphs ask: it compiles the kernels
         # and sets up cuBLAS, and it is the step the first replay repeats (it writes the same slot
