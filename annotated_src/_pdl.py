@@ -1,7 +1,7 @@
 r"""
 ---
 title: Overlapping a kernel with the one before
-summary: Programmatic dependent launch for our Triton kernels: a kernel may start while the one before it finishes, load what does not depend on it, then wait.
+summary: Programmatic dependent launch for our Triton kernels, so that a kernel may start while the one before it finishes, load what does not depend on it, then wait.
 ---
 
 # Overlapping a kernel with the one before
