@@ -43,8 +43,10 @@ USE_PDL = True
 
 
 def pdl_applies(device: torch.device) -> bool:
-    """Whether kernels launched on `device` use programmatic dependent launch."""
-    return USE_PDL and device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
+    """Whether kernels launched on `device` use programmatic dependent launch: a Hopper or later GPU,
+    and a Triton that has the two calls."""
+    return (USE_PDL and triton is not None and hasattr(tl.extra.cuda, "gdc_wait") and device.type == "cuda"
+            and torch.cuda.get_device_capability(device) >= (9, 0))
 
 
 def launch_options(pdl: bool, warps: int) -> dict:
