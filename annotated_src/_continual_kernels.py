@@ -181,6 +181,14 @@ if triton is not None:
         else:
             tl.store(out_ptr + bi * so_b + hi * so_h + dims, num / den)
 
+    # Program `(pair, block)` of the two kernels below: its `(batch, head)` pair, the pair's batch
+    # and head, its `BLOCK_R` rows of the window and which of them exist.
+    @triton.jit
+    def _pair_rows(H, n, BLOCK_R: tl.constexpr):
+        pair = tl.program_id(0)
+        rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+        return pair, pair // H, pair % H, rows, rows < n
+
     # ## The retroactive update of every row
     #
     # Program `(pair, block)` updates `BLOCK_R` rows of one `(batch, head)` pair: the two scores of
@@ -193,12 +201,7 @@ if triton is not None:
     def retro_update(q_ptr, sq_b, sq_h, sq_n, kv_ptr, skv_0, skv_b, skv_h, skv_n, old_ptr, so_0,
                      num_ptr, den_ptr, max_ptr, peak_ptr, stale_ptr, count_ptr, n, H, slot, scale, tau, max_growth,
                      D: tl.constexpr, BLOCK_R: tl.constexpr):
-        pair = tl.program_id(0)
-        blk = tl.program_id(1)
-        bi = pair // H
-        hi = pair % H
-        rows = blk * BLOCK_R + tl.arange(0, BLOCK_R)
-        rmask = rows < n
+        pair, bi, hi, rows, rmask = _pair_rows(H, n, BLOCK_R)
         dims = tl.arange(0, D)
         new = bi * skv_b + hi * skv_h + slot * skv_n + dims
         k_in = tl.load(kv_ptr + new)
@@ -244,12 +247,7 @@ if triton is not None:
     def retro_refresh(q_ptr, sq_b, sq_h, sq_n, kv_ptr, skv_0, skv_b, skv_h, skv_n, n_keys,
                       num_ptr, den_ptr, max_ptr, peak_ptr, stale_ptr, n, H, scale,
                       D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
-        pair = tl.program_id(0)
-        blk = tl.program_id(1)
-        bi = pair // H
-        hi = pair % H
-        rows = blk * BLOCK_R + tl.arange(0, BLOCK_R)
-        rmask = rows < n
+        pair, bi, hi, rows, rmask = _pair_rows(H, n, BLOCK_R)
         r = pair * n + rows
         stale = tl.load(stale_ptr + r, mask=rmask, other=0) != 0
         if tl.sum(stale.to(tl.int32), axis=0) > 0:
