@@ -998,6 +998,9 @@ def decode_kernels_for(model: TransformerDecoder, batch: int):
     from annotated_src import _decode_kernels as dk
     from annotated_src.rope import RotaryPositionalEmbeddings
 
+    if not isinstance(model, TransformerDecoder):
+        fail("model", type(model).__name__, "a TransformerDecoder", TypeError)
+    check_int("batch", batch, min_value=1)
     if not DECODE_KERNELS:
         return "turned off (DECODE_KERNELS = False)"
     if dk.triton is None:

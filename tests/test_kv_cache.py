@@ -720,6 +720,10 @@ def test_decode_kernels_say_why_they_do_not_apply():
         assert kv.decode_kernels_for(m, 1).startswith("turned off")
     finally:
         kv.DECODE_KERNELS = True
+    with pytest.raises(TypeError, match="model"):
+        kv.decode_kernels_for(m.layers[0], 1)
+    with pytest.raises(ValueError, match="batch"):
+        kv.decode_kernels_for(m, 0)
 
 
 @pytest.mark.cuda
