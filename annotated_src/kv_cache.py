@@ -1130,8 +1130,7 @@ class _Replay:
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         for static, new in zip(self.inputs, inputs):
-            if static is not new:
-                static.copy_(new)
+            static.copy_(new)
         self.graph.replay()
         decode_graph_counters[self.counter] += 1
         return self.out
@@ -1142,8 +1141,7 @@ class DecodeGraph(_Replay):
     inputs: the hand-written kernels (`decode_kernels_for`) where they apply, else the compiled
     `decode_one_token`. Calling it with `(tokens, input_pos, slot, keys)` copies the inputs into the
     graph's own and replays it; the logits it returns, `[batch, vocab]`, are the graph's, valid until
-    the next call. `inputs` are the graph's input tensors: a caller that writes them in place itself
-    and passes them back saves the copies."""
+    the next call."""
 
     counter = "replays"
 

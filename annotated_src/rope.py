@@ -378,7 +378,7 @@ def apply_rotary_compiled(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
 def apply_rotary_fast(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, interleaved: bool = False) -> torch.Tensor:
     """The fast rotation: the Triton kernel where it applies, else the compiled function (same result)."""
     if _triton_applies(x, cos, sin):
-        return apply_rotary_triton(x, cos, sin, interleaved=interleaved)
+        return _RotaryTriton.apply(x, cos, sin, interleaved)
     return apply_rotary_compiled(x, cos, sin, interleaved=interleaved)
 
 
