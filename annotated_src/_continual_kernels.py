@@ -10,11 +10,12 @@ summary: The Triton kernels behind the fast streaming steps of continual attenti
 kernel does, in one pass over memory, what several PyTorch operations of the readable step do
 one after the other, in float32 throughout:
 
-* `scatter_qkv`: the new token's $q$, $k$, $v$ (projected by cuBLAS) into their ring slots, the
-  slot read from device memory so that a CUDA graph can replay it.
+* `scatter_qkv`: the retroactive step's new token's $q$, $k$, $v$ (projected by cuBLAS) into their
+  ring slots, the slot read from device memory.
 * `decode_partial` and `decode_combine`: one query against all cached keys (flash decoding:
   the keys are split into chunks, each chunk's softmax statistics are computed on its own and
-  then merged exactly). Keys and values are read once.
+  then merged exactly, for the single-output step by the last program of each pair, for the
+  retroactive state by `decode_combine`). Keys and values are read once.
 * `retro_update`: the stabilised retroactive update of every row of the window, scores, weights,
   numerators, denominators, peaks and the stale flags of rule 2, in one pass.
 * `retro_refresh`: rule 2's exact recomputation of the stale rows, gated on the device by the
@@ -22,8 +23,9 @@ one after the other, in float32 throughout:
 * `retro_output`: the division $\tilde N_i / \tilde D_i$, the reordering oldest first and the
   output projection, as one matrix product in "3xTF32" (see `split_tf32` in `continual_mha.py`).
 
-* `small_linear_partial` and `small_linear_reduce`: the single-output step's two projections of a
-  few rows, split along the inner dimension so that enough programs share the work.
+* `small_linear_kernel`: the single-output step's two projections of a few rows, split along the
+  inner dimension so that enough programs share the work, the slices added by the last program of
+  each tile; the in-projection's also copies $k, v$ into the ring.
 
 The retroactive step's in-projection stays cuBLAS's.
 
@@ -93,10 +95,18 @@ if triton is not None:
     # `(batch, head)` pair and keeps the running maximum $m$, the sum $l = \sum_j e^{s_j - m}$ and
     # $a = \sum_j e^{s_j - m} v_j$ (online softmax: when $m$ grows, both are rescaled by
     # $e^{m_\text{old} - m}$). Every chunk holds at least one key, so $m$ is finite after its first block.
+    #
+    # With `MERGE`, the chunks are merged in the same kernel: after writing its statistics each
+    # program draws a ticket from the pair's counter (an atomic addition), and the program that
+    # draws the last one merges all the pair's chunks, in the order of the chunks (so the result
+    # does not depend on which program finished last), writes $o$ to `out` (`[batch, n_heads *
+    # head_dim]`) and sets the counter back to zero for the next step. A barrier before the ticket
+    # makes every thread's statistics visible before the count says they are there.
     @triton.jit
     def decode_partial(q_ptr, sq_b, sq_h, k_ptr, v_ptr, s_b, s_h, s_n, n_keys, scale, H, S,
-                       m_ptr, l_ptr, acc_ptr, t_ptr, n_ring, D: tl.constexpr, CHUNK: tl.constexpr,
-                       BLOCK_N: tl.constexpr, PDL: tl.constexpr = False):
+                       m_ptr, l_ptr, acc_ptr, t_ptr, n_ring, count_ptr, out_ptr, so_b, so_h, D: tl.constexpr,
+                       CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, MERGE: tl.constexpr = False,
+                       S_P2: tl.constexpr = 1, PDL: tl.constexpr = False):
         pdl_start(PDL)
         pair = tl.program_id(0)
         chunk = tl.program_id(1)
@@ -139,27 +149,28 @@ if triton is not None:
         tl.store(m_ptr + out, m_i)
         tl.store(l_ptr + out, l_i)
         tl.store(acc_ptr + out * D + dims, acc)
+        if MERGE:
+            tl.debug_barrier()
+            if tl.atomic_add(count_ptr + pair, 1, sem="acq_rel") == S - 1:
+                # All chunks at once from the L2 cache (`.cg`: this SM's L1 cache is not kept
+                # coherent with the others').
+                cs = tl.arange(0, S_P2)
+                cmask = cs < S
+                m = tl.load(m_ptr + pair * S + cs, mask=cmask, other=float("-inf"), cache_modifier=".cg")
+                l = tl.load(l_ptr + pair * S + cs, mask=cmask, other=0.0, cache_modifier=".cg")
+                a = tl.load(acc_ptr + (pair * S + cs)[:, None] * D + dims[None, :], mask=cmask[:, None], other=0.0,
+                            cache_modifier=".cg")
+                w = tl.where(cmask, tl.exp(m - tl.max(m, axis=0)), 0.0)
+                tl.store(out_ptr + bi * so_b + hi * so_h + dims, tl.sum(a * w[:, None], axis=0) / tl.sum(l * w, axis=0))
+                tl.atomic_xchg(count_ptr + pair, 0)
 
-    # Merge the chunks of one pair: with $M = \max_c m_c$, $N = \sum_c e^{m_c - M} a_c$ and
-    # $D = \sum_c e^{m_c - M} l_c$. Either $N / D$ goes to `out` (`[batch, n_heads * head_dim]`,
-    # single-output) or, with `STATE`, $N$, $D$, $M$ and the peak $D$ go to slot `slot` of the
-    # retroactive state: the new query's row, computed exactly.
-    #
-    # With `INCREMENT`, program 0 also advances the stream step at `t_ptr` by one (the graph of the
-    # single-output step then needs no host write per step; nothing after this kernel reads it).
+    # Merge the chunks of one pair for the retroactive state: with $M = \max_c m_c$,
+    # $N = \sum_c e^{m_c - M} a_c$ and $D = \sum_c e^{m_c - M} l_c$, write $N$, $D$, $M$ and the
+    # peak $D$ to slot `slot`: the new query's row, computed exactly.
     @triton.jit(do_not_specialize=["slot"])
     def decode_combine(m_ptr, l_ptr, acc_ptr, H, S, out_ptr, so_b, so_h, den_ptr, max_ptr, peak_ptr,
-                       sd_b, sd_h, slot, t_ptr, D: tl.constexpr, S_P2: tl.constexpr, STATE: tl.constexpr,
-                       INCREMENT: tl.constexpr, PDL: tl.constexpr = False):
-        pdl_start(PDL)
-        pdl_wait(PDL)
+                       sd_b, sd_h, slot, D: tl.constexpr, S_P2: tl.constexpr):
         pair = tl.program_id(0)
-        if INCREMENT:
-            if pair == 0:
-                # Every thread of the program reads the step before any writes it: one increment.
-                step = tl.load(t_ptr)
-                tl.debug_barrier()
-                tl.store(t_ptr, step + 1)
         bi = pair // H
         hi = pair % H
         cs = tl.arange(0, S_P2)
@@ -172,14 +183,11 @@ if triton is not None:
         w = tl.where(cmask, tl.exp(m - big), 0.0)
         den = tl.sum(l * w, axis=0)
         num = tl.sum(a * w[:, None], axis=0)
-        if STATE:
-            tl.store(out_ptr + bi * so_b + hi * so_h + slot * D + dims, num)
-            r = bi * sd_b + hi * sd_h + slot
-            tl.store(den_ptr + r, den)
-            tl.store(max_ptr + r, big)
-            tl.store(peak_ptr + r, den)
-        else:
-            tl.store(out_ptr + bi * so_b + hi * so_h + dims, num / den)
+        tl.store(out_ptr + bi * so_b + hi * so_h + slot * D + dims, num)
+        r = bi * sd_b + hi * sd_h + slot
+        tl.store(den_ptr + r, den)
+        tl.store(max_ptr + r, big)
+        tl.store(peak_ptr + r, den)
 
     # Program `(pair, block)` of the two kernels below: its `(batch, head)` pair, the pair's batch
     # and head, its `BLOCK_R` rows of the window and which of them exist.
@@ -300,6 +308,13 @@ if triton is not None:
         hi = round_tf32(x)
         return hi, round_tf32(x - hi)
 
+    # The three products of the split parts, the small ones first, in a fresh accumulator.
+    @triton.jit
+    def dot_3xtf32(a_hi, a_lo, b_hi, b_lo):
+        part = tl.dot(a_hi, b_lo, input_precision="tf32")
+        part = tl.dot(a_lo, b_hi, part, input_precision="tf32")
+        return tl.dot(a_hi, b_hi, part, input_precision="tf32")
+
     @triton.jit(do_not_specialize=["first"])
     def retro_output(num_ptr, den_ptr, w_ptr, b_ptr, out_ptr, M, n, E, first,
                      D: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
@@ -333,10 +348,7 @@ if triton is not None:
             b = tl.load(w_ptr + cols[None, :] * E + ks[:, None], mask=cmask[None, :], other=0.0)
             a_hi, a_lo = split_tf32(a)
             b_hi, b_lo = split_tf32(b)
-            part = tl.dot(a_hi, b_lo, input_precision="tf32")
-            part = tl.dot(a_lo, b_hi, part, input_precision="tf32")
-            part = tl.dot(a_hi, b_hi, part, input_precision="tf32")
-            acc = acc + part
+            acc = acc + dot_3xtf32(a_hi, a_lo, b_hi, b_lo)
         if HAS_BIAS:
             acc += tl.load(b_ptr + cols, mask=cmask, other=0.0)[None, :]
         tl.store(out_ptr + rows[:, None] * E + cols[None, :], acc, mask=rmask[:, None] & cmask[None, :])
@@ -350,13 +362,27 @@ if triton is not None:
     # a few megabytes of weights and a few dozen megaflops, far too little work for a library
     # matrix product to fill the GPU with (its tiles of 32 rows and the full inner dimension leave
     # most multiprocessors idle and run for about 19 microseconds). Here program `(i, j, s)` takes
-    # rows block `i`, output columns block `j` and inner slice `s` (`split` slices), and writes its
-    # partial product to `part[s]`; `small_linear_reduce` adds the slices in a fixed order and the
-    # bias. Products and sums are IEEE float32 (`input_precision="ieee"`): the result differs from
-    # cuBLAS's only by the order of the additions.
+    # rows block `i`, output columns block `j` and inner slice `s` (`SPLIT` slices), and writes its
+    # partial product to `part[s]`. Then it draws a ticket from its tile's counter, as
+    # `decode_partial` does, and the program with the last ticket adds the `SPLIT` slices in a
+    # fixed order (so every run gives the same bits) and the bias, and resets the counter.
+    #
+    # The products are 3xTF32 on the tensor cores (see `split_tf32`), each block of `BK` products
+    # in a fresh accumulator and the blocks added in float32; the error stays within float32's
+    # (a test checks it against the float64 product). IEEE float32 products (`tl.dot` with
+    # `input_precision="ieee"`) ran on the general cores at 2.4 times the time here (11 against 4.6
+    # microseconds for the in-projection at the benchmark's size, on an H100).
+    #
+    # With `RING`, the last program of a tile of the stacked in-projection also copies the $k, v$
+    # columns (`d_model ...` of each row) into slot `t mod n_ring` of the
+    # `[2, batch, n_heads, n_keys, head_dim]` ring; with `INCREMENT`, the last program of tile
+    # `(0, 0)` advances the stream step `t` by one (for the last kernel of a step).
     @triton.jit
-    def small_linear_partial(x_ptr, w_ptr, part_ptr, M, N, K, sx, sw, k_per_split,
-                             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr = False):
+    def small_linear_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, count_ptr, M, N, K, sx, sw, k_per_split,
+                            t_ptr, n_ring, kv_ptr, skv_0, skv_b, skv_h, skv_s,
+                            BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr,
+                            HAS_BIAS: tl.constexpr, RING: tl.constexpr = False, D: tl.constexpr = 1,
+                            INCREMENT: tl.constexpr = False, PDL: tl.constexpr = False):
         pdl_start(PDL)
         i, j, sp = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         rows = i * BM + tl.arange(0, BM)
@@ -375,30 +401,40 @@ if triton is not None:
                 w = tl.load(w_ptr + cols[:, None] * sw + ks[None, :], mask=(cols[:, None] < N) & kmask[None, :],
                             other=0.0)
             x = tl.load(x_ptr + rows[:, None] * sx + ks[None, :], mask=(rows[:, None] < M) & kmask[None, :], other=0.0)
-            acc += tl.dot(x, tl.trans(w), input_precision="ieee")
-        tl.store(part_ptr + (sp * M + rows[:, None]) * N + cols[None, :], acc,
-                 mask=(rows[:, None] < M) & (cols[None, :] < N))
-
-    @triton.jit
-    def small_linear_reduce(part_ptr, b_ptr, y_ptr, total, N, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                            BLOCK: tl.constexpr, PDL: tl.constexpr = False):
-        pdl_start(PDL)
-        pdl_wait(PDL)
-        idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        mask = idx < total
-        acc = tl.zeros((BLOCK,), tl.float32)
-        for sp in tl.static_range(SPLIT):
-            acc += tl.load(part_ptr + sp * total + idx, mask=mask, other=0.0)
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + idx % N, mask=mask, other=0.0)
-        tl.store(y_ptr + idx, acc, mask=mask)
+            x_hi, x_lo = split_tf32(x)
+            w_hi, w_lo = split_tf32(tl.trans(w))
+            acc += dot_3xtf32(x_hi, x_lo, w_hi, w_lo)
+        mask = (rows[:, None] < M) & (cols[None, :] < N)
+        tile = rows[:, None] * N + cols[None, :]
+        tl.store(part_ptr + sp * M * N + tile, acc, mask=mask)
+        tl.debug_barrier()
+        counter = count_ptr + i * tl.num_programs(1) + j
+        if tl.atomic_add(counter, 1, sem="acq_rel") == SPLIT - 1:
+            y = tl.zeros((BM, BN), tl.float32)
+            for s in tl.static_range(SPLIT):
+                y += tl.load(part_ptr + s * M * N + tile, mask=mask, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                y += tl.load(b_ptr + cols, mask=cols < N, other=0.0)[None, :]
+            tl.store(y_ptr + tile, y, mask=mask)
+            if RING or INCREMENT:
+                step = tl.load(t_ptr)
+            if RING:
+                e = N // 3
+                part, within = cols // e - 1, cols % e
+                dst = (kv_ptr + part[None, :] * skv_0 + rows[:, None] * skv_b + (within // D)[None, :] * skv_h
+                       + (step % n_ring) * skv_s + (within % D)[None, :])
+                tl.store(dst, y, mask=mask & (cols >= e)[None, :])
+            if INCREMENT:
+                if i + j == 0:
+                    tl.store(t_ptr, step + 1)
+            tl.atomic_xchg(counter, 0)
 
 
 # ## Launchers
 #
 # Plain functions that pick the grid and the block sizes. The block sizes were chosen on an H200
 # at the benchmark's size (batch 32, `d_model` 512, 8 heads, window 1024).
-DECODE_BLOCK_N = 128
+DECODE_BLOCK_N, DECODE_WARPS = 128, 4
 RETRO_BLOCK_R = 128
 REFRESH_BLOCK_R, REFRESH_BLOCK_N = 64, 32
 OUT_BM, OUT_BN, OUT_BK, OUT_GROUP, OUT_WARPS, OUT_STAGES = 128, 128, 64, 8, 8, 2
@@ -407,26 +443,37 @@ OUT_BM, OUT_BN, OUT_BK, OUT_GROUP, OUT_WARPS, OUT_STAGES = 128, 128, 64, 8, 8, 2
 SMALL_BN, SMALL_BK, SMALL_SPLIT = 32, 64, 8
 
 
-def small_linear_scratch(m: int, n: int, device) -> torch.Tensor:
-    """The partial products of `small_linear`: `[SMALL_SPLIT, m, n]` float32."""
-    return torch.empty(SMALL_SPLIT, m, n, device=device, dtype=torch.float32)
+def small_linear_scratch(m: int, n: int, device) -> tuple:
+    """The partial products of `small_linear` (`[SMALL_SPLIT, m, n]` float32) and its tiles' ticket
+    counters (zero between calls)."""
+    tiles = triton.cdiv(m, _small_bm(m)) * triton.cdiv(n, SMALL_BN)
+    return (torch.empty(SMALL_SPLIT, m, n, device=device, dtype=torch.float32),
+            torch.zeros(tiles, device=device, dtype=torch.int32))
 
 
-def small_linear(x, w, bias, part, out=None, pdl=False):
+def _small_bm(m: int) -> int:
+    return max(16, min(64, triton.next_power_of_2(m)))
+
+
+def small_linear(x, w, bias, scratch, out=None, pdl=False, ring=None, t_dev=None):
     """`F.linear(x, w, bias)` for float32 `x` `[m, k]` with few rows, split along `k` (see above);
-    `pdl`: launch with programmatic dependent launch (`_pdl.py`)."""
+    `scratch` from `small_linear_scratch`; `pdl`: launch with programmatic dependent launch (`_pdl.py`).
+
+    `ring = (kv, n, head_dim)` (with `t_dev`, for the stacked in-projection): also copy $k, v$ into
+    slot `t_dev mod n` of `kv`. `t_dev` without `ring`: advance it by one."""
     m, k = x.shape
     n = w.shape[0]
+    part, count = scratch
     out = torch.empty(m, n, device=x.device, dtype=torch.float32) if out is None else out
-    bm = max(16, min(64, triton.next_power_of_2(m)))
+    bm = _small_bm(m)
     k_per = triton.cdiv(triton.cdiv(k, SMALL_SPLIT), SMALL_BK) * SMALL_BK
-    small_linear_partial[(triton.cdiv(m, bm), triton.cdiv(n, SMALL_BN), SMALL_SPLIT)](
-        x, w, part, m, n, k, x.stride(0), w.stride(0), k_per, BM=bm, BN=SMALL_BN, BK=SMALL_BK, PDL=pdl,
-        **launch_options(pdl, 4))
-    block = 1024
-    small_linear_reduce[(triton.cdiv(m * n, block),)](part, w if bias is None else bias, out, m * n, n,
-                                                      SPLIT=SMALL_SPLIT, HAS_BIAS=bias is not None, BLOCK=block,
-                                                      PDL=pdl, **launch_options(pdl, 4))
+    kv, n_ring, d = (out, 1, 1) if ring is None else ring
+    ss = (0, 0, 0, 0) if ring is None else kv.stride()[:4]
+    small_linear_kernel[(triton.cdiv(m, bm), triton.cdiv(n, SMALL_BN), SMALL_SPLIT)](
+        x, w, w if bias is None else bias, out, part, count, m, n, k, x.stride(0), w.stride(0), k_per,
+        out if t_dev is None else t_dev, n_ring, kv, *ss, BM=bm, BN=SMALL_BN, BK=SMALL_BK, SPLIT=SMALL_SPLIT,
+        HAS_BIAS=bias is not None, RING=ring is not None, D=d, INCREMENT=t_dev is not None and ring is None,
+        PDL=pdl, **launch_options(pdl, 4))
     return out
 
 
@@ -457,35 +504,35 @@ def decode_splits(pairs: int, n_keys: int) -> tuple[int, int]:
 
 
 def decode_scratch(pairs: int, n_keys: int, head_dim: int, device) -> tuple:
+    """The chunks' statistics and the pairs' ticket counters (zero between steps)."""
     s, _ = decode_splits(pairs, n_keys)
     f = dict(device=device, dtype=torch.float32)
-    return torch.empty(pairs * s, **f), torch.empty(pairs * s, **f), torch.empty(pairs * s * head_dim, **f)
+    return (torch.empty(pairs * s, **f), torch.empty(pairs * s, **f), torch.empty(pairs * s * head_dim, **f),
+            torch.zeros(pairs, device=device, dtype=torch.int32))
 
 
 def decode(q, k, v, scale, scratch, out=None, state=None, slot=0, t_dev=None, pdl=False, n_ring=None):
     """One query per `(batch, head)` over all keys.
 
     `q` `[batch, n_heads, head_dim]` (any strides but the last), `k`, `v` `[batch, n_heads, n_keys,
-    head_dim]` with equal strides. Writes $o$ to `out` `[batch, n_heads * head_dim]` (and adds one
-    to `t_dev` when given), or, with `state = (num, den, max, peak)`, the row's statistics to slot
-    `slot` of the retroactive state. `pdl` (with `t_dev`, whose slot `t_dev mod n_ring` the kernel
-    ahead has just written): launch with programmatic dependent launch (`_pdl.py`)."""
+    head_dim]` with equal strides. Writes $o$ to `out` `[batch, n_heads * head_dim]` (the chunks
+    merged in the same kernel), or, with `state = (num, den, max, peak)`, the row's statistics to
+    slot `slot` of the retroactive state. `pdl` (with `t_dev`, whose slot `t_dev mod n_ring` the
+    kernel ahead has just written): launch with programmatic dependent launch (`_pdl.py`)."""
     pdl = pdl and t_dev is not None
     b, h, nk, d = k.shape
     s, chunk = decode_splits(b * h, nk)
-    m_s, l_s, a_s = scratch
+    m_s, l_s, a_s, count = scratch
+    merge = state is None
     decode_partial[(b * h, s)](q, q.stride(0), q.stride(1), k, v, k.stride(0), k.stride(1), k.stride(2), nk, scale,
-                               h, s, m_s, l_s, a_s, k if t_dev is None else t_dev, n_ring or nk, D=d, CHUNK=chunk,
-                               BLOCK_N=DECODE_BLOCK_N, PDL=pdl, **launch_options(pdl, 4))
-    if state is None:
-        decode_combine[(b * h,)](m_s, l_s, a_s, h, s, out, out.stride(0), d, out, out, out, 0, 0, 0,
-                                 out if t_dev is None else t_dev, D=d, S_P2=triton.next_power_of_2(s), STATE=False,
-                                 INCREMENT=t_dev is not None, PDL=pdl, **launch_options(pdl, 4))
-    else:
+                               h, s, m_s, l_s, a_s, k if t_dev is None else t_dev, n_ring or nk, count,
+                               out if merge else m_s, out.stride(0) if merge else 0, d, D=d, CHUNK=chunk,
+                               BLOCK_N=DECODE_BLOCK_N, MERGE=merge, S_P2=triton.next_power_of_2(s), PDL=pdl,
+                               **launch_options(pdl, DECODE_WARPS))
+    if not merge:
         num, den, mx, peak = state
         decode_combine[(b * h,)](m_s, l_s, a_s, h, s, num, num.stride(0), num.stride(1), den, mx, peak,
-                                 den.stride(0), den.stride(1), slot, num, D=d, S_P2=triton.next_power_of_2(s),
-                                 STATE=True, INCREMENT=False)
+                                 den.stride(0), den.stride(1), slot, D=d, S_P2=triton.next_power_of_2(s))
 
 
 def retro_step(q_ring, kv, old, state, stale, count, slot, scale, tau, max_growth):

@@ -110,17 +110,23 @@ window full and the default options (`update_state=True`, self-attention, the ne
 step has a fast path that computes the same numbers with fewer, fused kernels
 (`_continual_kernels.py`); both are tested against each other and against float64.
 
-**Single-output.** The projection of the new token (32 rows by a small weight: split along the
-inner dimension so that a hundred programs share it, then summed in a fixed order), one small
-kernel that copies $k, v$
-into their ring slot, one query against the cached keys as *flash decoding* (the keys are cut into
-chunks, each chunk's softmax statistics are computed by its own program and merged exactly, so
-that the whole GPU reads keys and values once, at close to the memory bandwidth), and the output
-projection (split like the first). Nothing is rounded below float32. At these sizes the step takes tens of microseconds of GPU time, less than
-Python needs to launch its kernels, so the step is recorded once as a **CUDA graph** and replayed:
-the token is copied into the graph's input, the graph's output is copied out, and the stream step
-lives in a one-element device tensor that the kernels compute the ring slot from and that the graph
-itself advances.
+**Single-output.** Three kernels:
+
+1. The projection of the new token: 32 rows by a small weight, split along the inner dimension so
+   that a few hundred programs share it. The last program of each output tile adds the slices in a
+   fixed order and copies its $k, v$ into their ring slot.
+2. One query against the cached keys as *flash decoding*: the keys are cut into chunks, each
+   chunk's softmax statistics are computed by its own program, and the last program of each
+   `(batch, head)` pair merges them exactly. The whole GPU reads keys and values once, at close to
+   the memory bandwidth.
+3. The output projection, split like the first.
+
+The products of both projections are 3xTF32 on the tensor cores (below), within float32's error;
+nothing else is rounded below float32. At these sizes the step takes tens of microseconds of GPU
+time, less than Python needs to launch its kernels, so the step is recorded once as a **CUDA
+graph** and replayed: the token is copied into the graph's input, the graph's output is copied
+out, and the stream step lives in a one-element device tensor that the kernels compute the ring
+slot from and that the graph itself advances.
 
 **Retroactive.** Seven kernels and no host synchronisation: the projection and its copy into the
 rings (which also saves the key and value that leave), one pass that updates every row and flags the rows that rules 1 and 2 say
@@ -561,7 +567,7 @@ class SingleOutputMultiheadAttention(_ContinualMultiheadAttention):
                 self._q[:, :, slot] = saved[1]
         return out
 
-    # ### The fast single-output step: seven kernels, replayed as a CUDA graph
+    # ### The fast single-output step: three kernels, replayed as a CUDA graph
     #
     # The graph records kernel launches with fixed addresses: the token is copied into its input
     # buffer and the output is copied out (the next replay overwrites the graph's own); the stream
@@ -598,13 +604,14 @@ class SingleOutputMultiheadAttention(_ContinualMultiheadAttention):
         pdl = kernels.pdl_applies(query.device)
 
         def step():
-            # `[batch, 3 d_model]`; $k, v$ into ring slot `t mod n`.
-            qkv = kernels.small_linear(x, self.in_proj_weight, self.in_proj_bias, part_in, pdl=pdl)
-            kernels.qkv_into_ring(qkv, t, self._kv, n, d, pdl=pdl)
+            # `[batch, 3 d_model]`, and $k, v$ into ring slot `t mod n`.
+            qkv = kernels.small_linear(x, self.in_proj_weight, self.in_proj_bias, part_in, pdl=pdl,
+                                       ring=(self._kv, n, d), t_dev=t)
             # `[batch, n_heads * head_dim]`: the query over all `n + n_extra_keys` keys.
             kernels.decode(qkv[:, :e].view(b, h, d), self._kv[0], self._kv[1], d ** -0.5, scratch, out=o, t_dev=t,
                            pdl=pdl, n_ring=n)
-            return kernels.small_linear(o, self.out_proj.weight, self.out_proj.bias, part_out, pdl=pdl)
+            # The output projection, which also advances `t`.
+            return kernels.small_linear(o, self.out_proj.weight, self.out_proj.bias, part_out, pdl=pdl, t_dev=t)
 
         # Run once before recording, on a side stream as CUDA graphs ask: it compiles the kernels
         # and sets up cuBLAS, and it is the step the first replay repeats (it writes the same slot

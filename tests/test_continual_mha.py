@@ -502,6 +502,8 @@ def test_cuda_fast_single_output_equals_readable_and_float64(kw):
                 want = _float64_window(mha, x[:, t - n + 1:t + 1])[:, -1]
                 torch.testing.assert_close(a.double(), want, atol=2e-5, rtol=1e-5)
     assert fast._fast is not None and "graph" in fast._fast  # the fast path did run
+    _, decode_scratch, part_in, part_out = fast._fast["buffers"]
+    assert not (decode_scratch[3].any() or part_in[1].any() or part_out[1].any())  # ticket counters reset
 
 
 @pytest.mark.cuda
@@ -594,8 +596,9 @@ def test_cuda_3xtf32_output_product_is_as_accurate_as_float32():
 @pytest.mark.cuda
 @pytest.mark.parametrize("m, k, n", [(2, 64, 192), (32, 512, 1536), (50, 100, 33)])
 def test_cuda_small_linear_equals_float64(m, k, n):
-    # The split projection of the single-output step: IEEE float32 products, slices summed in a
-    # fixed order, so within float32 rounding of the float64 product (and of cuBLAS's), every run alike.
+    # The split projection of the single-output step: 3xTF32 products, slices summed in a fixed
+    # order by the last program of each tile, so within float32 rounding of the float64 product
+    # (and of cuBLAS's), every run alike, and the tiles' ticket counters back at zero.
     from annotated_src import _continual_kernels as kernels
 
     g = torch.Generator().manual_seed(m + k + n)
@@ -608,4 +611,5 @@ def test_cuda_small_linear_equals_float64(m, k, n):
     assert (y.double().cpu() - want).abs().max().item() <= 4 * k * 2 ** -24 * scale
     torch.testing.assert_close(y, torch.nn.functional.linear(xc, wc, bc), rtol=1e-5, atol=1e-4)
     assert torch.equal(y, kernels.small_linear(xc, wc, bc, part))
+    assert not part[1].any()
     torch.testing.assert_close(kernels.small_linear(xc, wc, None, part) + bc, y, rtol=1e-6, atol=1e-6)
