@@ -269,6 +269,10 @@ def test_results_table_rows_and_missing_date(tmp_path):
     assert rows[1]["vs"] == "1.60× vs naive"
     assert rows[0]["frac"] == "1,500 GB/s = 50% of copy"
     assert rows[2]["frac"] == "350.0 TFLOP/s = 50% of matmul"
+    # A row from another device: its own ceilings, and its case names the device.
+    other = dict(data["results"][0], extra={"ceilings": {"device": "Other GPU", "copy_gbps": 1500.0}})
+    row = results_rows(dict(data, results=[other]))[0]
+    assert row["frac"] == "1,500 GB/s = 100% of copy" and row["case"].endswith("(Other GPU)")
     del data["date"]
     p = tmp_path / "results.json"
     p.write_text(json.dumps(data))

@@ -91,8 +91,11 @@ def read_results(path: Path) -> dict | None:
 
 
 def results_rows(data: dict) -> list[dict]:
-    """The rows of the headline table, with the ratio against the baseline and the ceiling fraction."""
-    ceil = data.get("ceilings") or {}
+    """The rows of the headline table, with the ratio against the baseline and the ceiling fraction.
+
+    A row measured on another device than the rest carries its run's ceilings in `extra.ceilings`;
+    its fraction is of those, and its case names that device."""
+    top = data.get("ceilings") or {}
     results = [r for r in data.get("results", []) if isinstance(r, dict)]
     by_key = {(r.get("suite"), r.get("case"), r.get("name")): r for r in results}
     rows = []
@@ -103,6 +106,11 @@ def results_rows(data: dict) -> list[dict]:
         base = by_key.get((r.get("suite"), r.get("case"), r.get("baseline"))) if r.get("baseline") else None
         if base is not None and ms_ok and isinstance(base.get("ms"), (int, float)):
             vs = f"{base['ms'] / ms:.2f}× vs {r['baseline']}"
+        own = (r.get("extra") or {}).get("ceilings") if isinstance(r.get("extra"), dict) else None
+        ceil = own if isinstance(own, dict) else top
+        case = r.get("case", "")
+        if ceil is not top and ceil.get("device") and ceil.get("device") != top.get("device"):
+            case = f"{case} ({ceil['device']})"
         frac = ""
         if ms_ok and r.get("bytes_moved") and ceil.get("copy_gbps"):
             gbps = r["bytes_moved"] / (ms * 1e-3) / 1e9
@@ -110,7 +118,7 @@ def results_rows(data: dict) -> list[dict]:
         elif ms_ok and r.get("flops") and ceil.get("matmul_tflops"):
             tf = r["flops"] / (ms * 1e-3) / 1e12
             frac = f"{tf:,.1f} TFLOP/s = {tf / ceil['matmul_tflops']:.0%} of matmul"
-        rows.append({"suite": r.get("suite", ""), "case": r.get("case", ""), "name": r.get("name", ""),
+        rows.append({"suite": r.get("suite", ""), "case": case, "name": r.get("name", ""),
                      "ms": f"{ms:.4g}" if ms_ok else "—", "vs": vs, "frac": frac})
     return rows
 
