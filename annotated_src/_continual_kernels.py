@@ -152,37 +152,36 @@ if triton is not None:
         if MERGE:
             tl.debug_barrier()
             if tl.atomic_add(count_ptr + pair, 1, sem="acq_rel") == S - 1:
-                # All chunks at once from the L2 cache (`.cg`: this SM's L1 cache is not kept
-                # coherent with the others').
-                cs = tl.arange(0, S_P2)
-                cmask = cs < S
-                m = tl.load(m_ptr + pair * S + cs, mask=cmask, other=float("-inf"), cache_modifier=".cg")
-                l = tl.load(l_ptr + pair * S + cs, mask=cmask, other=0.0, cache_modifier=".cg")
-                a = tl.load(acc_ptr + (pair * S + cs)[:, None] * D + dims[None, :], mask=cmask[:, None], other=0.0,
-                            cache_modifier=".cg")
-                w = tl.where(cmask, tl.exp(m - tl.max(m, axis=0)), 0.0)
-                tl.store(out_ptr + bi * so_b + hi * so_h + dims, tl.sum(a * w[:, None], axis=0) / tl.sum(l * w, axis=0))
+                num, den, _ = _merge_chunks(m_ptr, l_ptr, acc_ptr, pair, S, D, S_P2)
+                tl.store(out_ptr + bi * so_b + hi * so_h + dims, num / den)
                 tl.atomic_xchg(count_ptr + pair, 0)
 
-    # Merge the chunks of one pair for the retroactive state: with $M = \max_c m_c$,
-    # $N = \sum_c e^{m_c - M} a_c$ and $D = \sum_c e^{m_c - M} l_c$, write $N$, $D$, $M$ and the
-    # peak $D$ to slot `slot`: the new query's row, computed exactly.
+    # Merge the chunks of one pair: with $M = \max_c m_c$, $N = \sum_c e^{m_c - M} a_c$ and
+    # $D = \sum_c e^{m_c - M} l_c$. The loads go to the L2 cache (`.cg`): the chunks were written
+    # by other programs, and an SM's L1 cache is not kept coherent with the others'.
+    @triton.jit
+    def _merge_chunks(m_ptr, l_ptr, acc_ptr, pair, S, D: tl.constexpr, S_P2: tl.constexpr):
+        cs = tl.arange(0, S_P2)
+        cmask = cs < S
+        dims = tl.arange(0, D)
+        m = tl.load(m_ptr + pair * S + cs, mask=cmask, other=float("-inf"), cache_modifier=".cg")
+        l = tl.load(l_ptr + pair * S + cs, mask=cmask, other=0.0, cache_modifier=".cg")
+        a = tl.load(acc_ptr + (pair * S + cs)[:, None] * D + dims[None, :], mask=cmask[:, None], other=0.0,
+                    cache_modifier=".cg")
+        big = tl.max(m, axis=0)
+        w = tl.where(cmask, tl.exp(m - big), 0.0)
+        return tl.sum(a * w[:, None], axis=0), tl.sum(l * w, axis=0), big
+
+    # For the retroactive state: $N$, $D$, $M$ and the peak $D$ to slot `slot`, the new query's
+    # row, computed exactly.
     @triton.jit(do_not_specialize=["slot"])
     def decode_combine(m_ptr, l_ptr, acc_ptr, H, S, out_ptr, so_b, so_h, den_ptr, max_ptr, peak_ptr,
                        sd_b, sd_h, slot, D: tl.constexpr, S_P2: tl.constexpr):
         pair = tl.program_id(0)
         bi = pair // H
         hi = pair % H
-        cs = tl.arange(0, S_P2)
-        cmask = cs < S
         dims = tl.arange(0, D)
-        m = tl.load(m_ptr + pair * S + cs, mask=cmask, other=float("-inf"))
-        l = tl.load(l_ptr + pair * S + cs, mask=cmask, other=0.0)
-        a = tl.load(acc_ptr + (pair * S + cs)[:, None] * D + dims[None, :], mask=cmask[:, None], other=0.0)
-        big = tl.max(m, axis=0)
-        w = tl.where(cmask, tl.exp(m - big), 0.0)
-        den = tl.sum(l * w, axis=0)
-        num = tl.sum(a * w[:, None], axis=0)
+        num, den, big = _merge_chunks(m_ptr, l_ptr, acc_ptr, pair, S, D, S_P2)
         tl.store(out_ptr + bi * so_b + hi * so_h + slot * D + dims, num)
         r = bi * sd_b + hi * sd_h + slot
         tl.store(den_ptr + r, den)
