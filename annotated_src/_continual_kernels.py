@@ -102,6 +102,14 @@ if triton is not None:
     # does not depend on which program finished last), writes $o$ to `out` (`[batch, n_heads *
     # head_dim]`) and sets the counter back to zero for the next step. A barrier before the ticket
     # makes every thread's statistics visible before the count says they are there.
+    #
+    # Keys and values are loaded with `eviction_policy="evict_first"`. Each step reads them once,
+    # and the ring (134 MB at the benchmark's size) is larger than the GPU's L2 cache (50 MB on an
+    # H100), so keeping them there helps no one. Marked first to evict, they push out each other
+    # rather than what else the cache holds: the weights, the step's small tensors, or, under the
+    # benchmark's measure, the lines its cache flush has left to write back. On an H100 the step
+    # went from 82.6 to 78.5 µs under the benchmark's measure and from 65.7 to 61.4 µs replayed
+    # back to back.
     @triton.jit
     def decode_partial(q_ptr, sq_b, sq_h, k_ptr, v_ptr, s_b, s_h, s_n, n_keys, scale, H, S,
                        m_ptr, l_ptr, acc_ptr, t_ptr, n_ring, count_ptr, out_ptr, so_b, so_h, D: tl.constexpr,
@@ -120,8 +128,8 @@ if triton is not None:
         keys = chunk * CHUNK + tl.arange(0, BLOCK_N)
         kmask = keys < n_keys
         ptrs = base + keys[:, None] * s_n + dims[None, :]
-        k = tl.load(k_ptr + ptrs, mask=kmask[:, None], other=0.0)
-        v = tl.load(v_ptr + ptrs, mask=kmask[:, None], other=0.0)
+        k = tl.load(k_ptr + ptrs, mask=kmask[:, None], other=0.0, eviction_policy="evict_first")
+        v = tl.load(v_ptr + ptrs, mask=kmask[:, None], other=0.0, eviction_policy="evict_first")
         pdl_wait(PDL)
         if PDL:
             fresh = (keys == tl.load(t_ptr) % n_ring) & kmask
@@ -136,8 +144,8 @@ if triton is not None:
                 keys = off + tl.arange(0, BLOCK_N)
                 kmask = keys < n_keys
                 ptrs = base + keys[:, None] * s_n + dims[None, :]
-                k = tl.load(k_ptr + ptrs, mask=kmask[:, None], other=0.0)
-                v = tl.load(v_ptr + ptrs, mask=kmask[:, None], other=0.0)
+                k = tl.load(k_ptr + ptrs, mask=kmask[:, None], other=0.0, eviction_policy="evict_first")
+                v = tl.load(v_ptr + ptrs, mask=kmask[:, None], other=0.0, eviction_policy="evict_first")
             s = tl.where(kmask, tl.sum(k * q[None, :], axis=1), float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=0))
             alpha = tl.exp(m_i - m_new)
