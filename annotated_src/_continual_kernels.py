@@ -112,9 +112,10 @@ if triton is not None:
     # back to back.
     @triton.jit
     def decode_partial(q_ptr, sq_b, sq_h, k_ptr, v_ptr, s_b, s_h, s_n, n_keys, scale, H, S,
-                       m_ptr, l_ptr, acc_ptr, t_ptr, n_ring, count_ptr, out_ptr, so_b, so_h, D: tl.constexpr,
-                       CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, MERGE: tl.constexpr = False,
-                       S_P2: tl.constexpr = 1, PDL: tl.constexpr = False):
+                       m_ptr, l_ptr, acc_ptr, t_ptr, n_ring, count_ptr, out_ptr, so_b, so_h, s_part, bias_ptr,
+                       D: tl.constexpr, CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, MERGE: tl.constexpr = False,
+                       S_P2: tl.constexpr = 1, PARTS: tl.constexpr = 0, HAS_BIAS: tl.constexpr = False,
+                       PDL: tl.constexpr = False):
         pdl_start(PDL)
         pair = tl.program_id(0)
         chunk = tl.program_id(1)
@@ -123,19 +124,31 @@ if triton is not None:
         dims = tl.arange(0, D)
         base = bi * s_b + hi * s_h
         # The chunk's first block of keys and values was written by earlier steps: with `PDL` it is
-        # loaded before the wait, while the projection ahead finishes, and its row for this step's
-        # slot (`t mod n_ring`, just written by the kernel ahead) is read again after.
+        # loaded before the wait, while the projection ahead finishes.
         keys = chunk * CHUNK + tl.arange(0, BLOCK_N)
         kmask = keys < n_keys
         ptrs = base + keys[:, None] * s_n + dims[None, :]
         k = tl.load(k_ptr + ptrs, mask=kmask[:, None], other=0.0, eviction_policy="evict_first")
         v = tl.load(v_ptr + ptrs, mask=kmask[:, None], other=0.0, eviction_policy="evict_first")
         pdl_wait(PDL)
-        if PDL:
-            fresh = (keys == tl.load(t_ptr) % n_ring) & kmask
-            k = tl.where(fresh[:, None], tl.load(k_ptr + ptrs, mask=fresh[:, None], other=0.0), k)
-            v = tl.where(fresh[:, None], tl.load(v_ptr + ptrs, mask=fresh[:, None], other=0.0), v)
-        q = tl.load(q_ptr + bi * sq_b + hi * sq_h + dims) * scale
+        if PARTS > 0:
+            # The new token's row of the in-projection, from its slices: $q$ for every program, $k, v$
+            # for the program whose chunk holds this step's slot, which also writes them to the ring.
+            slot = tl.load(t_ptr) % n_ring
+            mine = (slot >= chunk * CHUNK) & (slot < chunk * CHUNK + CHUNK)
+            row = q_ptr + bi * sq_b
+            col = hi * D + dims
+            q = _in_projection_row(row, s_part, bias_ptr, col, dims < D, D, PARTS, HAS_BIAS) * scale
+            e = H * D
+            k_new = _in_projection_row(row, s_part, bias_ptr, e + col, mine & (dims < D), D, PARTS, HAS_BIAS)
+            v_new = _in_projection_row(row, s_part, bias_ptr, 2 * e + col, mine & (dims < D), D, PARTS, HAS_BIAS)
+        else:
+            q = tl.load(q_ptr + bi * sq_b + hi * sq_h + dims) * scale
+            if PDL:
+                # The row of this step's slot (`t mod n_ring`) was just written by the kernel ahead.
+                fresh = (keys == tl.load(t_ptr) % n_ring) & kmask
+                k = tl.where(fresh[:, None], tl.load(k_ptr + ptrs, mask=fresh[:, None], other=0.0), k)
+                v = tl.where(fresh[:, None], tl.load(v_ptr + ptrs, mask=fresh[:, None], other=0.0), v)
         m_i = tl.full((), float("-inf"), tl.float32)
         l_i = tl.zeros((), tl.float32)
         acc = tl.zeros((D,), tl.float32)
@@ -146,6 +159,12 @@ if triton is not None:
                 ptrs = base + keys[:, None] * s_n + dims[None, :]
                 k = tl.load(k_ptr + ptrs, mask=kmask[:, None], other=0.0, eviction_policy="evict_first")
                 v = tl.load(v_ptr + ptrs, mask=kmask[:, None], other=0.0, eviction_policy="evict_first")
+            if PARTS > 0:
+                if mine:
+                    # The slot's row in the ring still holds the token that leaves.
+                    fresh = keys == slot
+                    k = tl.where(fresh[:, None], k_new[None, :], k)
+                    v = tl.where(fresh[:, None], v_new[None, :], v)
             s = tl.where(kmask, tl.sum(k * q[None, :], axis=1), float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=0))
             alpha = tl.exp(m_i - m_new)
@@ -153,6 +172,11 @@ if triton is not None:
             l_i = l_i * alpha + tl.sum(p, axis=0)
             acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
             m_i = m_new
+        if PARTS > 0:
+            # No other program reads this slot in this step.
+            if mine:
+                tl.store(k_ptr + base + slot * s_n + dims, k_new)
+                tl.store(v_ptr + base + slot * s_n + dims, v_new)
         out = pair * S + chunk
         tl.store(m_ptr + out, m_i)
         tl.store(l_ptr + out, l_i)
@@ -163,6 +187,20 @@ if triton is not None:
                 num, den, _ = _merge_chunks(m_ptr, l_ptr, acc_ptr, pair, S, D, S_P2)
                 tl.store(out_ptr + bi * so_b + hi * so_h + dims, num / den)
                 tl.atomic_xchg(count_ptr + pair, 0)
+
+    # Columns `col` of one row of the in-projection from the `PARTS` slices that `small_linear`
+    # leaves unreduced (`row` is the row in slice 0, `s_part` the slices' stride), added in order
+    # and then the bias: the bits its own last program would have written. Loaded from the L2
+    # cache (`.cg`), as they were written by the kernel ahead.
+    @triton.jit
+    def _in_projection_row(row, s_part, bias_ptr, col, mask, D: tl.constexpr, PARTS: tl.constexpr,
+                           HAS_BIAS: tl.constexpr):
+        y = tl.zeros((D,), tl.float32)
+        for sp in tl.static_range(PARTS):
+            y += tl.load(row + sp * s_part + col, mask=mask, other=0.0, cache_modifier=".cg")
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + col, mask=mask, other=0.0)
+        return y
 
     # Merge the chunks of one pair: with $M = \max_c m_c$, $N = \sum_c e^{m_c - M} a_c$ and
     # $D = \sum_c e^{m_c - M} l_c$. The loads go to the L2 cache (`.cg`): the chunks were written
@@ -380,16 +418,15 @@ if triton is not None:
     # `input_precision="ieee"`) ran on the general cores at 2.4 times the time here (11 against 4.6
     # microseconds for the in-projection at the benchmark's size, on an H100).
     #
-    # With `RING`, the last program of a tile of the stacked in-projection also copies the $k, v$
-    # columns (`d_model ...` of each row) into slot `t mod n_ring` of the
-    # `[2, batch, n_heads, n_keys, head_dim]` ring; with `INCREMENT`, the last program of tile
-    # `(0, 0)` advances the stream step `t` by one (for the last kernel of a step).
+    # With `REDUCE` off, the slices are left in `part` for the kernel after to add (the single-output
+    # step's attention does, for the in-projection: one round of tickets less before it can start).
+    # With `INCREMENT`, the last program of tile `(0, 0)` advances the stream step `t` by one (for
+    # the last kernel of a step).
     @triton.jit
-    def small_linear_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, count_ptr, M, N, K, sx, sw, k_per_split,
-                            t_ptr, n_ring, kv_ptr, skv_0, skv_b, skv_h, skv_s,
+    def small_linear_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, count_ptr, M, N, K, sx, sw, k_per_split, t_ptr,
                             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr,
-                            HAS_BIAS: tl.constexpr, RING: tl.constexpr = False, D: tl.constexpr = 1,
-                            INCREMENT: tl.constexpr = False, PDL: tl.constexpr = False):
+                            HAS_BIAS: tl.constexpr, REDUCE: tl.constexpr = True, INCREMENT: tl.constexpr = False,
+                            PDL: tl.constexpr = False):
         pdl_start(PDL)
         i, j, sp = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         rows = i * BM + tl.arange(0, BM)
@@ -414,6 +451,8 @@ if triton is not None:
         mask = (rows[:, None] < M) & (cols[None, :] < N)
         tile = rows[:, None] * N + cols[None, :]
         tl.store(part_ptr + sp * M * N + tile, acc, mask=mask)
+        if not REDUCE:
+            return
         tl.debug_barrier()
         counter = count_ptr + i * tl.num_programs(1) + j
         if tl.atomic_add(counter, 1, sem="acq_rel") == SPLIT - 1:
@@ -423,17 +462,9 @@ if triton is not None:
             if HAS_BIAS:
                 y += tl.load(b_ptr + cols, mask=cols < N, other=0.0)[None, :]
             tl.store(y_ptr + tile, y, mask=mask)
-            if RING or INCREMENT:
-                step = tl.load(t_ptr)
-            if RING:
-                e = N // 3
-                part, within = cols // e - 1, cols % e
-                dst = (kv_ptr + part[None, :] * skv_0 + rows[:, None] * skv_b + (within // D)[None, :] * skv_h
-                       + (step % n_ring) * skv_s + (within % D)[None, :])
-                tl.store(dst, y, mask=mask & (cols >= e)[None, :])
             if INCREMENT:
                 if i + j == 0:
-                    tl.store(t_ptr, step + 1)
+                    tl.store(t_ptr, tl.load(t_ptr) + 1)
             tl.atomic_xchg(counter, 0)
 
 
@@ -462,26 +493,23 @@ def _small_bm(m: int) -> int:
     return max(16, min(64, triton.next_power_of_2(m)))
 
 
-def small_linear(x, w, bias, scratch, out=None, pdl=False, ring=None, t_dev=None):
+def small_linear(x, w, bias, scratch, out=None, pdl=False, t_dev=None, reduce=True):
     """`F.linear(x, w, bias)` for float32 `x` `[m, k]` with few rows, split along `k` (see above);
     `scratch` from `small_linear_scratch`; `pdl`: launch with programmatic dependent launch (`_pdl.py`).
 
-    `ring = (kv, n, head_dim)` (with `t_dev`, for the stacked in-projection): also copy $k, v$ into
-    slot `t_dev mod n` of `kv`. `t_dev` without `ring`: advance it by one."""
+    `reduce=False`: return the `[SMALL_SPLIT, m, n]` slices unreduced, without the bias (for
+    `decode(qkv_parts=...)`). `t_dev`: advance it by one."""
     m, k = x.shape
     n = w.shape[0]
     part, count = scratch
     out = torch.empty(m, n, device=x.device, dtype=torch.float32) if out is None else out
     bm = _small_bm(m)
     k_per = triton.cdiv(triton.cdiv(k, SMALL_SPLIT), SMALL_BK) * SMALL_BK
-    kv, n_ring, d = (out, 1, 1) if ring is None else ring
-    ss = (0, 0, 0, 0) if ring is None else kv.stride()[:4]
     small_linear_kernel[(triton.cdiv(m, bm), triton.cdiv(n, SMALL_BN), SMALL_SPLIT)](
         x, w, w if bias is None else bias, out, part, count, m, n, k, x.stride(0), w.stride(0), k_per,
-        out if t_dev is None else t_dev, n_ring, kv, *ss, BM=bm, BN=SMALL_BN, BK=SMALL_BK, SPLIT=SMALL_SPLIT,
-        HAS_BIAS=bias is not None, RING=ring is not None, D=d, INCREMENT=t_dev is not None and ring is None,
-        PDL=pdl, **launch_options(pdl, 4))
-    return out
+        out if t_dev is None else t_dev, BM=bm, BN=SMALL_BN, BK=SMALL_BK, SPLIT=SMALL_SPLIT,
+        HAS_BIAS=bias is not None, REDUCE=reduce, INCREMENT=t_dev is not None, PDL=pdl, **launch_options(pdl, 4))
+    return out if reduce else part
 
 
 def qkv_into_ring(qkv, t_dev, kv, n, head_dim, q_ring=None, old=None, pdl=False):
@@ -518,24 +546,36 @@ def decode_scratch(pairs: int, n_keys: int, head_dim: int, device) -> tuple:
             torch.zeros(pairs, device=device, dtype=torch.int32))
 
 
-def decode(q, k, v, scale, scratch, out=None, state=None, slot=0, t_dev=None, pdl=False, n_ring=None):
+def decode(q, k, v, scale, scratch, out=None, state=None, slot=0, t_dev=None, pdl=False, n_ring=None,
+           qkv_parts=None):
     """One query per `(batch, head)` over all keys.
 
     `q` `[batch, n_heads, head_dim]` (any strides but the last), `k`, `v` `[batch, n_heads, n_keys,
     head_dim]` with equal strides. Writes $o$ to `out` `[batch, n_heads * head_dim]` (the chunks
     merged in the same kernel), or, with `state = (num, den, max, peak)`, the row's statistics to
     slot `slot` of the retroactive state. `pdl` (with `t_dev`, whose slot `t_dev mod n_ring` the
-    kernel ahead has just written): launch with programmatic dependent launch (`_pdl.py`)."""
+    kernel ahead has just written): launch with programmatic dependent launch (`_pdl.py`).
+
+    `qkv_parts = (parts, bias)` (with `t_dev` and `out`; `q` unused): the new token's stacked
+    in-projection as `small_linear(..., reduce=False)` leaves it, `[SMALL_SPLIT, batch, 3 d_model]`,
+    and its bias; the kernel adds the slices itself and writes the token's $k, v$ to ring slot
+    `t_dev mod n_ring`."""
     pdl = pdl and t_dev is not None
     b, h, nk, d = k.shape
     s, chunk = decode_splits(b * h, nk)
     m_s, l_s, a_s, count = scratch
     merge = state is None
-    decode_partial[(b * h, s)](q, q.stride(0), q.stride(1), k, v, k.stride(0), k.stride(1), k.stride(2), nk, scale,
+    if qkv_parts is not None:
+        parts, bias = qkv_parts
+        q, sq, s_part = parts, (parts.stride(1), d), parts.stride(0)
+    else:
+        bias, sq, s_part = None, q.stride()[:2], 0
+    decode_partial[(b * h, s)](q, *sq, k, v, k.stride(0), k.stride(1), k.stride(2), nk, scale,
                                h, s, m_s, l_s, a_s, k if t_dev is None else t_dev, n_ring or nk, count,
-                               out if merge else m_s, out.stride(0) if merge else 0, d, D=d, CHUNK=chunk,
-                               BLOCK_N=DECODE_BLOCK_N, MERGE=merge, S_P2=triton.next_power_of_2(s), PDL=pdl,
-                               **launch_options(pdl, DECODE_WARPS))
+                               out if merge else m_s, out.stride(0) if merge else 0, d, s_part,
+                               k if bias is None else bias, D=d, CHUNK=chunk, BLOCK_N=DECODE_BLOCK_N, MERGE=merge,
+                               S_P2=triton.next_power_of_2(s), PARTS=0 if qkv_parts is None else parts.shape[0],
+                               HAS_BIAS=bias is not None, PDL=pdl, **launch_options(pdl, DECODE_WARPS))
     if not merge:
         num, den, mx, peak = state
         decode_combine[(b * h,)](m_s, l_s, a_s, h, s, num, num.stride(0), num.stride(1), den, mx, peak,

@@ -604,12 +604,12 @@ class SingleOutputMultiheadAttention(_ContinualMultiheadAttention):
         pdl = kernels.pdl_applies(query.device)
 
         def step():
-            # `[batch, 3 d_model]`, and $k, v$ into ring slot `t mod n`.
-            qkv = kernels.small_linear(x, self.in_proj_weight, self.in_proj_bias, part_in, pdl=pdl,
-                                       ring=(self._kv, n, d), t_dev=t)
-            # `[batch, n_heads * head_dim]`: the query over all `n + n_extra_keys` keys.
-            kernels.decode(qkv[:, :e].view(b, h, d), self._kv[0], self._kv[1], d ** -0.5, scratch, out=o, t_dev=t,
-                           pdl=pdl, n_ring=n)
+            # `[SMALL_SPLIT, batch, 3 d_model]`: the in-projection's slices, not yet added.
+            parts = kernels.small_linear(x, self.in_proj_weight, None, part_in, pdl=pdl, reduce=False)
+            # `[batch, n_heads * head_dim]`: the query over all `n + n_extra_keys` keys; the kernel adds
+            # the slices and the bias, and writes $k, v$ into ring slot `t mod n`.
+            kernels.decode(None, self._kv[0], self._kv[1], d ** -0.5, scratch, out=o, t_dev=t, pdl=pdl, n_ring=n,
+                           qkv_parts=(parts, self.in_proj_bias))
             # The output projection, which also advances `t`.
             return kernels.small_linear(o, self.out_proj.weight, self.out_proj.bias, part_out, pdl=pdl, t_dev=t)
 
