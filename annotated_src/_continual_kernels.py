@@ -23,9 +23,12 @@ one after the other, in float32 throughout:
 * `retro_output`: the division $\tilde N_i / \tilde D_i$, the reordering oldest first and the
   output projection, as one matrix product in "3xTF32" (see `split_tf32` in `continual_mha.py`).
 
+* `stage_step_kernel`: the single-output step's token into the graph's input, and the address of
+  the step's output into the slot the graph's last kernel writes through.
 * `small_linear_kernel`: the single-output step's two projections of a few rows, split along the
-  inner dimension so that enough programs share the work, the slices added by the last program of
-  each tile; the in-projection's also copies $k, v$ into the ring.
+  inner dimension so that enough programs share the work. The output projection's slices are
+  added by the last program of each tile; the in-projection's by `decode_partial`, which also
+  writes the new $k, v$ into the ring.
 
 The retroactive step's in-projection stays cuBLAS's.
 
@@ -89,6 +92,22 @@ if triton is not None:
                 tl.debug_barrier()
             tl.store(dst, x, mask=mask)
 
+    # ## The step's token in, and the address its output goes to
+    #
+    # A CUDA graph replays its kernels with the addresses they were recorded with. The single-output
+    # step's graph reads the token from its own buffer, so program `b` copies row `b` of the
+    # caller's token (any strides) there; and it writes its output wherever the address in
+    # `slot_ptr` points, so program 0 stores there the address of the tensor this step returns.
+    # Kernel arguments are copied when the kernel is launched: the next step may change them at once.
+    @triton.jit
+    def stage_step_kernel(src_ptr, s_b, s_e, dst_ptr, slot_ptr, out_address, E: tl.constexpr, E_P2: tl.constexpr):
+        bi = tl.program_id(0)
+        cols = tl.arange(0, E_P2)
+        mask = cols < E
+        tl.store(dst_ptr + bi * E + cols, tl.load(src_ptr + bi * s_b + cols * s_e, mask=mask), mask=mask)
+        if bi == 0:
+            tl.store(slot_ptr, out_address)
+
     # ## One query over the cached keys, in chunks
     #
     # Program `(pair, chunk)` reads keys and values `chunk * CHUNK ... + CHUNK` of one
@@ -102,6 +121,13 @@ if triton is not None:
     # does not depend on which program finished last), writes $o$ to `out` (`[batch, n_heads *
     # head_dim]`) and sets the counter back to zero for the next step. A barrier before the ticket
     # makes every thread's statistics visible before the count says they are there.
+    #
+    # With `PARTS`, the single-output step's in-projection has left its `PARTS` slices unreduced
+    # (`small_linear(..., reduce=False)`): every program adds its query's slices and the bias
+    # itself, in the order the projection's last program would have used, so the bits are the same
+    # and the projection needs no round of tickets before attention may start. The new token's key
+    # and value are needed by one program per pair, the one whose chunk holds this step's ring slot:
+    # it adds their slices, uses them in place of the slot's old row, and writes them to the ring.
     #
     # Keys and values are loaded with `eviction_policy="evict_first"`. Each step reads them once,
     # and the ring (134 MB at the benchmark's size) is larger than the GPU's L2 cache (50 MB on an
@@ -420,13 +446,14 @@ if triton is not None:
     #
     # With `REDUCE` off, the slices are left in `part` for the kernel after to add (the single-output
     # step's attention does, for the in-projection: one round of tickets less before it can start).
+    # With `OUT_SLOT`, `y_ptr` holds the address of the output rather than being it (`stage_step`).
     # With `INCREMENT`, the last program of tile `(0, 0)` advances the stream step `t` by one (for
     # the last kernel of a step).
     @triton.jit
     def small_linear_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, count_ptr, M, N, K, sx, sw, k_per_split, t_ptr,
                             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr,
                             HAS_BIAS: tl.constexpr, REDUCE: tl.constexpr = True, INCREMENT: tl.constexpr = False,
-                            PDL: tl.constexpr = False):
+                            OUT_SLOT: tl.constexpr = False, PDL: tl.constexpr = False):
         pdl_start(PDL)
         i, j, sp = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         rows = i * BM + tl.arange(0, BM)
@@ -461,7 +488,10 @@ if triton is not None:
                 y += tl.load(part_ptr + s * M * N + tile, mask=mask, other=0.0, cache_modifier=".cg")
             if HAS_BIAS:
                 y += tl.load(b_ptr + cols, mask=cols < N, other=0.0)[None, :]
-            tl.store(y_ptr + tile, y, mask=mask)
+            if OUT_SLOT:
+                tl.store(tl.load(y_ptr).to(tl.pointer_type(tl.float32)) + tile, y, mask=mask)
+            else:
+                tl.store(y_ptr + tile, y, mask=mask)
             if INCREMENT:
                 if i + j == 0:
                     tl.store(t_ptr, tl.load(t_ptr) + 1)
@@ -478,7 +508,7 @@ REFRESH_BLOCK_R, REFRESH_BLOCK_N = 64, 32
 OUT_BM, OUT_BN, OUT_BK, OUT_GROUP, OUT_WARPS, OUT_STAGES = 128, 128, 64, 8, 8, 2
 
 
-SMALL_BN, SMALL_BK, SMALL_SPLIT = 32, 64, 8
+SMALL_BN, SMALL_BK, SMALL_SPLIT = 16, 64, 8
 
 
 def small_linear_scratch(m: int, n: int, device) -> tuple:
@@ -493,23 +523,36 @@ def _small_bm(m: int) -> int:
     return max(16, min(64, triton.next_power_of_2(m)))
 
 
-def small_linear(x, w, bias, scratch, out=None, pdl=False, t_dev=None, reduce=True):
+def small_linear(x, w, bias, scratch, out=None, pdl=False, t_dev=None, reduce=True, out_slot=None):
     """`F.linear(x, w, bias)` for float32 `x` `[m, k]` with few rows, split along `k` (see above);
     `scratch` from `small_linear_scratch`; `pdl`: launch with programmatic dependent launch (`_pdl.py`).
 
     `reduce=False`: return the `[SMALL_SPLIT, m, n]` slices unreduced, without the bias (for
-    `decode(qkv_parts=...)`). `t_dev`: advance it by one."""
+    `decode(qkv_parts=...)`). `out_slot` (int64, one element): write the output to the address it
+    holds, and return `None`. `t_dev`: advance it by one."""
     m, k = x.shape
     n = w.shape[0]
     part, count = scratch
-    out = torch.empty(m, n, device=x.device, dtype=torch.float32) if out is None else out
+    if out is None and out_slot is None:
+        out = torch.empty(m, n, device=x.device, dtype=torch.float32)
     bm = _small_bm(m)
     k_per = triton.cdiv(triton.cdiv(k, SMALL_SPLIT), SMALL_BK) * SMALL_BK
     small_linear_kernel[(triton.cdiv(m, bm), triton.cdiv(n, SMALL_BN), SMALL_SPLIT)](
-        x, w, w if bias is None else bias, out, part, count, m, n, k, x.stride(0), w.stride(0), k_per,
-        out if t_dev is None else t_dev, BM=bm, BN=SMALL_BN, BK=SMALL_BK, SPLIT=SMALL_SPLIT,
-        HAS_BIAS=bias is not None, REDUCE=reduce, INCREMENT=t_dev is not None, PDL=pdl, **launch_options(pdl, 4))
+        x, w, w if bias is None else bias, out if out_slot is None else out_slot, part, count, m, n, k, x.stride(0),
+        w.stride(0), k_per, out if t_dev is None else t_dev, BM=bm, BN=SMALL_BN, BK=SMALL_BK, SPLIT=SMALL_SPLIT,
+        HAS_BIAS=bias is not None, REDUCE=reduce, INCREMENT=t_dev is not None, OUT_SLOT=out_slot is not None, PDL=pdl,
+        **launch_options(pdl, 4))
+    if out_slot is not None:
+        return None
     return out if reduce else part
+
+
+def stage_step(token, x, slot, out):
+    """Copy `token` `[batch, d_model]` (any strides) into `x` (contiguous) and the address of `out`
+    into `slot` (int64, one element)."""
+    b, e = token.shape
+    stage_step_kernel[(b,)](token, token.stride(0), token.stride(1), x, slot, out.data_ptr(), E=e,
+                            E_P2=triton.next_power_of_2(e))
 
 
 def qkv_into_ring(qkv, t_dev, kv, n, head_dim, q_ring=None, old=None, pdl=False):

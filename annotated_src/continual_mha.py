@@ -110,23 +110,27 @@ window full and the default options (`update_state=True`, self-attention, the ne
 step has a fast path that computes the same numbers with fewer, fused kernels
 (`_continual_kernels.py`); both are tested against each other and against float64.
 
-**Single-output.** Three kernels:
+**Single-output.** Three kernels, replayed as a CUDA graph, and one small kernel ahead of them:
 
+0. The token into the graph's input buffer, and the address of the tensor this step returns into a
+   device slot that the last kernel reads, so that the graph writes the output where it goes.
 1. The projection of the new token: 32 rows by a small weight, split along the inner dimension so
-   that a few hundred programs share it. The last program of each output tile adds the slices in a
-   fixed order and copies its $k, v$ into their ring slot.
+   that a few hundred programs share it. Each program leaves its slice of the product for the next
+   kernel to add.
 2. One query against the cached keys as *flash decoding*: the keys are cut into chunks, each
    chunk's softmax statistics are computed by its own program, and the last program of each
-   `(batch, head)` pair merges them exactly. The whole GPU reads keys and values once, at close to
-   the memory bandwidth.
-3. The output projection, split like the first.
+   `(batch, head)` pair merges them exactly. Each program first adds the projection's slices of
+   its query, in a fixed order, and the program whose chunk holds the new token's ring slot adds
+   those of its key and value and writes them there. The whole GPU reads keys and values once,
+   at close to the memory bandwidth, and asks the L2 cache to evict them first.
+3. The output projection, split like the first; the last program of each output tile adds the
+   slices in a fixed order.
 
 The products of both projections are 3xTF32 on the tensor cores (below), within float32's error;
 nothing else is rounded below float32. At these sizes the step takes tens of microseconds of GPU
-time, less than Python needs to launch its kernels, so the step is recorded once as a **CUDA
-graph** and replayed: the token is copied into the graph's input, the graph's output is copied
-out, and the stream step lives in a one-element device tensor that the kernels compute the ring
-slot from and that the graph itself advances.
+time, less than Python needs to launch its kernels, so kernels 1 to 3 are recorded once as a
+**CUDA graph** and replayed; the stream step lives in a one-element device tensor that the
+kernels compute the ring slot from and that the graph itself advances.
 
 **Retroactive.** Seven kernels and no host synchronisation: the projection and its copy into the
 rings (which also saves the key and value that leave), one pass that updates every row and flags the rows that rules 1 and 2 say
@@ -570,10 +574,11 @@ class SingleOutputMultiheadAttention(_ContinualMultiheadAttention):
     # ### The fast single-output step: three kernels, replayed as a CUDA graph
     #
     # The graph records kernel launches with fixed addresses: the token is copied into its input
-    # buffer and the output is copied out (the next replay overwrites the graph's own); the stream
-    # step lives in a one-element tensor that the graph advances, written from the host only when
-    # the previous step was not this graph's (a new graph, or steps on the readable path in
-    # between). A graph stays valid while the ring and the weights keep
+    # buffer, and the output projection writes to the address that `stage_step` puts in
+    # `out_slot`, that of a new tensor each step (so a later step never overwrites what an
+    # earlier one returned, and no copy of the output is needed); the stream step lives in a
+    # one-element tensor that the graph advances, written from the host only when the previous
+    # step was not this graph's (a new graph, or steps on the readable path in between). A graph stays valid while the ring and the weights keep
     # their addresses (in-place changes of the weights, as `load_state_dict` makes, are seen by the
     # next replay); `clean_state` or moving the module records a new one.
     def _fast_step(self, query):
@@ -582,13 +587,15 @@ class SingleOutputMultiheadAttention(_ContinualMultiheadAttention):
         g = self._fast
         if g is None or g["key"] != key:
             g = self._fast = self._record_fast_step(query, key)
-        g["x"].copy_(query)
+        out = torch.empty(query.shape[0], self.embed_dim, device=query.device, dtype=torch.float32)
+        # One small kernel: the token into the graph's input, the address of `out` into its slot.
+        kernels.stage_step(query, g["x"], g["out_slot"], out)
         if g["t_next"] != self._t:  # the graph advances `t` itself; written only when it was not its own step
             g["t"].fill_(self._t)
         g["graph"].replay()
         self._t += 1
         g["t_next"] = self._t
-        return g["out"].clone()
+        return out
 
     def _record_fast_step(self, query, key):
         b, h, d, e, n = query.shape[0], self.num_heads, self.head_dim, self.embed_dim, self.sequence_len
@@ -596,6 +603,9 @@ class SingleOutputMultiheadAttention(_ContinualMultiheadAttention):
         x.copy_(query)
         t = torch.full((1,), self._t, device=query.device, dtype=torch.int64)
         o = torch.empty(b, e, device=query.device, dtype=torch.float32)  # attention output, all heads
+        # The address the output projection writes to, set by each step; until then, a buffer of ours.
+        sink = torch.empty(b, e, device=query.device, dtype=torch.float32)
+        out_slot = torch.full((1,), sink.data_ptr(), device=query.device, dtype=torch.int64)
         scratch = kernels.decode_scratch(b * h, self._kv.shape[3], d, query.device)
         part_in = kernels.small_linear_scratch(b, 3 * e, query.device)
         part_out = kernels.small_linear_scratch(b, e, query.device)
@@ -610,8 +620,9 @@ class SingleOutputMultiheadAttention(_ContinualMultiheadAttention):
             # the slices and the bias, and writes $k, v$ into ring slot `t mod n`.
             kernels.decode(None, self._kv[0], self._kv[1], d ** -0.5, scratch, out=o, t_dev=t, pdl=pdl, n_ring=n,
                            qkv_parts=(parts, self.in_proj_bias))
-            # The output projection, which also advances `t`.
-            return kernels.small_linear(o, self.out_proj.weight, self.out_proj.bias, part_out, pdl=pdl, t_dev=t)
+            # The output projection, to the address in `out_slot`; it also advances `t`.
+            kernels.small_linear(o, self.out_proj.weight, self.out_proj.bias, part_out, pdl=pdl, t_dev=t,
+                                 out_slot=out_slot)
 
         # Run once before recording, on a side stream as CUDA graphs ask: it compiles the kernels
         # and sets up cuBLAS, and it is the step the first replay repeats (it writes the same slot
@@ -623,8 +634,9 @@ class SingleOutputMultiheadAttention(_ContinualMultiheadAttention):
         torch.cuda.current_stream(query.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            out = step()
-        return dict(key=key, graph=graph, x=x, t=t, t_next=None, out=out, buffers=(o, scratch, part_in, part_out))
+            step()
+        return dict(key=key, graph=graph, x=x, t=t, t_next=None, out_slot=out_slot,
+                    buffers=dict(o=o, sink=sink, decode=scratch, part_in=part_in, part_out=part_out))
 
 
 class RetroactiveMultiheadAttention(_ContinualMultiheadAttention):
