@@ -96,17 +96,20 @@ if triton is not None:
     #
     # A CUDA graph replays its kernels with the addresses they were recorded with. The single-output
     # step's graph reads the token from its own buffer, so program `b` copies row `b` of the
-    # caller's token (any strides) there; and it writes its output wherever the address in
-    # `slot_ptr` points, so program 0 stores there the address of the tensor this step returns.
-    # Kernel arguments are copied when the kernel is launched: the next step may change them at once.
+    # caller's token (any strides) there; it writes its output wherever the address in `slot_ptr`
+    # points, so program 0 stores there the address of the tensor this step returns; and it reads
+    # the stream step from `t_ptr`, so program 0 stores it there too. Kernel arguments are copied
+    # when the kernel is launched: the next step may change them at once.
     @triton.jit
-    def stage_step_kernel(src_ptr, s_b, s_e, dst_ptr, slot_ptr, out_address, E: tl.constexpr, E_P2: tl.constexpr):
+    def stage_step_kernel(src_ptr, s_b, s_e, dst_ptr, slot_ptr, out_address, t_ptr, t, E: tl.constexpr,
+                          E_P2: tl.constexpr):
         bi = tl.program_id(0)
         cols = tl.arange(0, E_P2)
         mask = cols < E
         tl.store(dst_ptr + bi * E + cols, tl.load(src_ptr + bi * s_b + cols * s_e, mask=mask), mask=mask)
         if bi == 0:
             tl.store(slot_ptr, out_address)
+            tl.store(t_ptr, t)
 
     # ## One query over the cached keys, in chunks
     #
@@ -446,14 +449,13 @@ if triton is not None:
     #
     # With `REDUCE` off, the slices are left in `part` for the kernel after to add (the single-output
     # step's attention does, for the in-projection: one round of tickets less before it can start).
-    # With `OUT_SLOT`, `y_ptr` holds the address of the output rather than being it (`stage_step`).
-    # With `INCREMENT`, the last program of tile `(0, 0)` advances the stream step `t` by one (for
-    # the last kernel of a step).
+    # With `OUT_SLOT`, `y_ptr` holds the address of the output rather than being it (`stage_step`);
+    # the address is loaded before the wait, as `stage_step` wrote it before the step's first kernel.
     @triton.jit
-    def small_linear_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, count_ptr, M, N, K, sx, sw, k_per_split, t_ptr,
+    def small_linear_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, count_ptr, M, N, K, sx, sw, k_per_split,
                             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr,
-                            HAS_BIAS: tl.constexpr, REDUCE: tl.constexpr = True, INCREMENT: tl.constexpr = False,
-                            OUT_SLOT: tl.constexpr = False, PDL: tl.constexpr = False):
+                            HAS_BIAS: tl.constexpr, REDUCE: tl.constexpr = True, OUT_SLOT: tl.constexpr = False,
+                            PDL: tl.constexpr = False):
         pdl_start(PDL)
         i, j, sp = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         rows = i * BM + tl.arange(0, BM)
@@ -463,6 +465,8 @@ if triton is not None:
         ks = first + tl.arange(0, BK)
         kmask = ks < K
         w = tl.load(w_ptr + cols[:, None] * sw + ks[None, :], mask=(cols[:, None] < N) & kmask[None, :], other=0.0)
+        if OUT_SLOT:
+            y_ptr = tl.load(y_ptr).to(tl.pointer_type(tl.float32))
         pdl_wait(PDL)
         acc = tl.zeros((BM, BN), tl.float32)
         for k0 in range(first, first + k_per_split, BK):
@@ -488,13 +492,7 @@ if triton is not None:
                 y += tl.load(part_ptr + s * M * N + tile, mask=mask, other=0.0, cache_modifier=".cg")
             if HAS_BIAS:
                 y += tl.load(b_ptr + cols, mask=cols < N, other=0.0)[None, :]
-            if OUT_SLOT:
-                tl.store(tl.load(y_ptr).to(tl.pointer_type(tl.float32)) + tile, y, mask=mask)
-            else:
-                tl.store(y_ptr + tile, y, mask=mask)
-            if INCREMENT:
-                if i + j == 0:
-                    tl.store(t_ptr, tl.load(t_ptr) + 1)
+            tl.store(y_ptr + tile, y, mask=mask)
             tl.atomic_xchg(counter, 0)
 
 
@@ -523,13 +521,13 @@ def _small_bm(m: int) -> int:
     return max(16, min(64, triton.next_power_of_2(m)))
 
 
-def small_linear(x, w, bias, scratch, out=None, pdl=False, t_dev=None, reduce=True, out_slot=None):
+def small_linear(x, w, bias, scratch, out=None, pdl=False, reduce=True, out_slot=None):
     """`F.linear(x, w, bias)` for float32 `x` `[m, k]` with few rows, split along `k` (see above);
     `scratch` from `small_linear_scratch`; `pdl`: launch with programmatic dependent launch (`_pdl.py`).
 
     `reduce=False`: return the `[SMALL_SPLIT, m, n]` slices unreduced, without the bias (for
     `decode(qkv_parts=...)`). `out_slot` (int64, one element): write the output to the address it
-    holds, and return `None`. `t_dev`: advance it by one."""
+    holds, and return `None`."""
     m, k = x.shape
     n = w.shape[0]
     part, count = scratch
@@ -539,19 +537,18 @@ def small_linear(x, w, bias, scratch, out=None, pdl=False, t_dev=None, reduce=Tr
     k_per = triton.cdiv(triton.cdiv(k, SMALL_SPLIT), SMALL_BK) * SMALL_BK
     small_linear_kernel[(triton.cdiv(m, bm), triton.cdiv(n, SMALL_BN), SMALL_SPLIT)](
         x, w, w if bias is None else bias, out if out_slot is None else out_slot, part, count, m, n, k, x.stride(0),
-        w.stride(0), k_per, out if t_dev is None else t_dev, BM=bm, BN=SMALL_BN, BK=SMALL_BK, SPLIT=SMALL_SPLIT,
-        HAS_BIAS=bias is not None, REDUCE=reduce, INCREMENT=t_dev is not None, OUT_SLOT=out_slot is not None, PDL=pdl,
-        **launch_options(pdl, 4))
+        w.stride(0), k_per, BM=bm, BN=SMALL_BN, BK=SMALL_BK, SPLIT=SMALL_SPLIT, HAS_BIAS=bias is not None,
+        REDUCE=reduce, OUT_SLOT=out_slot is not None, PDL=pdl, **launch_options(pdl, 4))
     if out_slot is not None:
         return None
     return out if reduce else part
 
 
-def stage_step(token, x, slot, out):
-    """Copy `token` `[batch, d_model]` (any strides) into `x` (contiguous) and the address of `out`
-    into `slot` (int64, one element)."""
+def stage_step(token, x, slot, out, t_dev, t):
+    """Copy `token` `[batch, d_model]` (any strides) into `x` (contiguous), the address of `out`
+    into `slot` and the step `t` into `t_dev` (int64, one element each)."""
     b, e = token.shape
-    stage_step_kernel[(b,)](token, token.stride(0), token.stride(1), x, slot, out.data_ptr(), E=e,
+    stage_step_kernel[(b,)](token, token.stride(0), token.stride(1), x, slot, out.data_ptr(), t_dev, t, E=e,
                             E_P2=triton.next_power_of_2(e))
 
 

@@ -112,8 +112,9 @@ step has a fast path that computes the same numbers with fewer, fused kernels
 
 **Single-output.** Three kernels, replayed as a CUDA graph, and one small kernel ahead of them:
 
-0. The token into the graph's input buffer, and the address of the tensor this step returns into a
-   device slot that the last kernel reads, so that the graph writes the output where it goes.
+0. The token into the graph's input buffer, the stream step into a one-element device tensor, and
+   the address of the tensor this step returns into a device slot that the last kernel reads, so
+   that the graph writes the output where it goes.
 1. The projection of the new token: 32 rows by a small weight, split along the inner dimension so
    that a few hundred programs share it. Each program leaves its slice of the product for the next
    kernel to add.
@@ -129,8 +130,7 @@ step has a fast path that computes the same numbers with fewer, fused kernels
 The products of both projections are 3xTF32 on the tensor cores (below), within float32's error;
 nothing else is rounded below float32. At these sizes the step takes tens of microseconds of GPU
 time, less than Python needs to launch its kernels, so kernels 1 to 3 are recorded once as a
-**CUDA graph** and replayed; the stream step lives in a one-element device tensor that the
-kernels compute the ring slot from and that the graph itself advances.
+**CUDA graph** and replayed; the kernels compute the ring slot from the step that kernel 0 wrote.
 
 **Retroactive.** Seven kernels and no host synchronisation: the projection and its copy into the
 rings (which also saves the key and value that leave), one pass that updates every row and flags the rows that rules 1 and 2 say
@@ -573,14 +573,14 @@ class SingleOutputMultiheadAttention(_ContinualMultiheadAttention):
 
     # ### The fast single-output step: three kernels, replayed as a CUDA graph
     #
-    # The graph records kernel launches with fixed addresses: the token is copied into its input
-    # buffer, and the output projection writes to the address that `stage_step` puts in
-    # `out_slot`, that of a new tensor each step (so a later step never overwrites what an
-    # earlier one returned, and no copy of the output is needed); the stream step lives in a
-    # one-element tensor that the graph advances, written from the host only when the previous
-    # step was not this graph's (a new graph, or steps on the readable path in between). A graph stays valid while the ring and the weights keep
-    # their addresses (in-place changes of the weights, as `load_state_dict` makes, are seen by the
-    # next replay); `clean_state` or moving the module records a new one.
+    # The graph records kernel launches with fixed addresses. So `stage_step`, launched before
+    # each replay with this step's arguments, copies the token into the graph's input buffer,
+    # writes the stream step into a one-element tensor (whatever path the steps before took), and
+    # writes into `out_slot` the address of a new tensor, which the output projection writes to:
+    # a later step never overwrites what an earlier one returned, and no copy of the output is
+    # needed. A graph stays valid while the ring and the weights keep their addresses (in-place
+    # changes of the weights, as `load_state_dict` makes, are seen by the next replay);
+    # `clean_state` or moving the module records a new one.
     def _fast_step(self, query):
         params = (self.in_proj_weight, self.in_proj_bias, self.out_proj.weight, self.out_proj.bias)
         key = (query.shape[0], self._kv.data_ptr(), *(0 if p is None else p.data_ptr() for p in params))
@@ -588,13 +588,11 @@ class SingleOutputMultiheadAttention(_ContinualMultiheadAttention):
         if g is None or g["key"] != key:
             g = self._fast = self._record_fast_step(query, key)
         out = torch.empty(query.shape[0], self.embed_dim, device=query.device, dtype=torch.float32)
-        # One small kernel: the token into the graph's input, the address of `out` into its slot.
-        kernels.stage_step(query, g["x"], g["out_slot"], out)
-        if g["t_next"] != self._t:  # the graph advances `t` itself; written only when it was not its own step
-            g["t"].fill_(self._t)
+        # One small kernel: the token into the graph's input, the address of `out` and the step into
+        # their slots.
+        kernels.stage_step(query, g["x"], g["out_slot"], out, g["t"], self._t)
         g["graph"].replay()
         self._t += 1
-        g["t_next"] = self._t
         return out
 
     def _record_fast_step(self, query, key):
@@ -620,9 +618,8 @@ class SingleOutputMultiheadAttention(_ContinualMultiheadAttention):
             # the slices and the bias, and writes $k, v$ into ring slot `t mod n`.
             kernels.decode(None, self._kv[0], self._kv[1], d ** -0.5, scratch, out=o, t_dev=t, pdl=pdl, n_ring=n,
                            qkv_parts=(parts, self.in_proj_bias))
-            # The output projection, to the address in `out_slot`; it also advances `t`.
-            kernels.small_linear(o, self.out_proj.weight, self.out_proj.bias, part_out, pdl=pdl, t_dev=t,
-                                 out_slot=out_slot)
+            # The output projection, to the address in `out_slot`.
+            kernels.small_linear(o, self.out_proj.weight, self.out_proj.bias, part_out, pdl=pdl, out_slot=out_slot)
 
         # Run once before recording, on a side stream as CUDA graphs ask: it compiles the kernels
         # and sets up cuBLAS, and it is the step the first replay repeats (it writes the same slot
@@ -635,7 +632,7 @@ class SingleOutputMultiheadAttention(_ContinualMultiheadAttention):
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             step()
-        return dict(key=key, graph=graph, x=x, t=t, t_next=None, out_slot=out_slot,
+        return dict(key=key, graph=graph, x=x, t=t, out_slot=out_slot,
                     buffers=dict(o=o, sink=sink, decode=scratch, part_in=part_in, part_out=part_out))
 
 
