@@ -101,8 +101,8 @@ if triton is not None:
     # the stream step from `t_ptr`, so program 0 stores it there too. Kernel arguments are copied
     # when the kernel is launched: the next step may change them at once.
     #
-    # No argument is specialised on its value or its alignment, so that one compiled kernel serves
-    # every step (see `stage_step`).
+    # No argument is specialised on its value or its alignment: one compiled kernel serves every
+    # step, whatever the token's layout and the step's number.
     @triton.jit(do_not_specialize=["s_b", "s_e", "out_address", "t"], do_not_specialize_on_alignment=["src_ptr"])
     def stage_step_kernel(src_ptr, s_b, s_e, dst_ptr, slot_ptr, out_address, t_ptr, t, E: tl.constexpr,
                           E_P2: tl.constexpr):
@@ -547,27 +547,12 @@ def small_linear(x, w, bias, scratch, out=None, pdl=False, reduce=True, out_slot
     return out if reduce else part
 
 
-# Triton's launcher binds and specialises every argument in Python, which took 16 µs of host time
-# per call on the benchmark's machine, against 7 for a PyTorch copy: for a kernel launched before
-# every step, enough to make a stream of steps wait on the CPU rather than the GPU. As no argument
-# of `stage_step_kernel` is specialised, the compiled kernel that the first launch returns is kept
-# (per device, size and integer width) and later launched directly.
-_staged: dict = {}
-
-
 def stage_step(token, x, slot, out, t_dev, t):
     """Copy `token` `[batch, d_model]` (any strides) into `x` (contiguous), the address of `out`
     into `slot` and the step `t` into `t_dev` (int64, one element each)."""
     b, e = token.shape
-    args = (token, token.stride(0), token.stride(1), x, slot, out.data_ptr(), t_dev, t, e, triton.next_power_of_2(e))
-    key = (token.device, e, all(-2 ** 31 <= v < 2 ** 31 for v in args[1:3] + args[7:8]))
-    compiled = _staged.get(key)
-    if compiled is not None:
-        compiled[(b, 1, 1)](*args)
-        return
-    compiled = stage_step_kernel[(b,)](*args[:-2], E=args[-2], E_P2=args[-1])
-    if callable(getattr(compiled, "__getitem__", None)):  # not under Triton's interpreter
-        _staged[key] = compiled
+    stage_step_kernel[(b,)](token, token.stride(0), token.stride(1), x, slot, out.data_ptr(), t_dev, t, E=e,
+                            E_P2=triton.next_power_of_2(e))
 
 
 def qkv_into_ring(qkv, t_dev, kv, n, head_dim, q_ring=None, old=None, pdl=False):

@@ -513,8 +513,8 @@ def test_cuda_fast_single_output_equals_readable_and_float64(kw):
 
 @pytest.mark.cuda
 def test_cuda_fast_single_output_takes_tokens_of_any_layout():
-    # The staging kernel is compiled once and launched directly after: it must copy a contiguous
-    # token, one that starts 4 bytes past an aligned address and one with a stride of 2 alike.
+    # The staging kernel is compiled once, for every layout: it must copy a contiguous token, one
+    # that starts 4 bytes past an aligned address and one with a stride of 2 alike.
     n = 16
     _, fast, ref = _cuda_pair(SingleOutputMultiheadAttention, n=n)
     big = torch.randn(3, 60, 2 * 64 + 1, generator=_gen(21)).cuda()
