@@ -176,11 +176,6 @@ if triton is not None:
             v_new = _in_projection_row(row, s_part, bias_ptr, 2 * e + col, mine & (dims < D), D, PARTS, HAS_BIAS)
         else:
             q = tl.load(q_ptr + bi * sq_b + hi * sq_h + dims) * scale
-            if PDL:
-                # The row of this step's slot (`t mod n_ring`) was just written by the kernel ahead.
-                fresh = (keys == tl.load(t_ptr) % n_ring) & kmask
-                k = tl.where(fresh[:, None], tl.load(k_ptr + ptrs, mask=fresh[:, None], other=0.0), k)
-                v = tl.where(fresh[:, None], tl.load(v_ptr + ptrs, mask=fresh[:, None], other=0.0), v)
         m_i = tl.full((), float("-inf"), tl.float32)
         l_i = tl.zeros((), tl.float32)
         acc = tl.zeros((D,), tl.float32)
@@ -596,14 +591,15 @@ def decode(q, k, v, scale, scratch, out=None, state=None, slot=0, t_dev=None, pd
     `q` `[batch, n_heads, head_dim]` (any strides but the last), `k`, `v` `[batch, n_heads, n_keys,
     head_dim]` with equal strides. Writes $o$ to `out` `[batch, n_heads * head_dim]` (the chunks
     merged in the same kernel), or, with `state = (num, den, max, peak)`, the row's statistics to
-    slot `slot` of the retroactive state. `pdl` (with `t_dev`, whose slot `t_dev mod n_ring` the
-    kernel ahead has just written): launch with programmatic dependent launch (`_pdl.py`).
+    slot `slot` of the retroactive state.
 
     `qkv_parts = (parts, bias)` (with `t_dev` and `out`; `q` unused): the new token's stacked
     in-projection as `small_linear(..., reduce=False)` leaves it, `[SMALL_SPLIT, batch, 3 d_model]`,
     and its bias; the kernel adds the slices itself and writes the token's $k, v$ to ring slot
-    `t_dev mod n_ring`."""
-    pdl = pdl and t_dev is not None
+    `t_dev mod n_ring`. Only then may `pdl` launch it with programmatic dependent launch
+    (`_pdl.py`): the kernel ahead is that projection, and nothing it reads before its wait is
+    written by it."""
+    pdl = pdl and qkv_parts is not None
     b, h, nk, d = k.shape
     s, chunk = decode_splits(b * h, nk)
     m_s, l_s, a_s, count = scratch
