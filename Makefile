@@ -11,11 +11,13 @@ GPU_TORCH ?= torch>=2.4
 NBVAL := --nbval --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cfg
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9]*.py))
 
-.PHONY: setup site test unit nbval browser notebooks lab bench clean help
+.PHONY: setup site test unit kernels lint nbval browser notebooks lab bench clean help
 
 help:
 	@echo "make site       build the site into site/_build/ (sets everything up first)"
-	@echo "make test       unit tests, nbval on every notebook, site build and browser check"
+	@echo "make test       unit tests, kernels, lint, nbval on every notebook, site build and browser check"
+	@echo "make kernels    every Triton kernel under Triton's interpreter on the CPU, against its reference"
+	@echo "make lint       ruff over the package, tests, notebooks and site generator"
 	@echo "make notebooks  re-execute every notebook in place on the best device here"
 	@echo "make lab        open JupyterLab on notebooks/"
 	@echo "make bench      run the benchmark suites (python -m annotated_src.bench)"
@@ -47,10 +49,18 @@ browser:
 unit: $(STAMP) browser
 	$(PY) -m pytest tests -q -p no:cacheprovider
 
+# Every Triton kernel, run by Triton's interpreter on CPU tensors and compared with its readable
+# reference. TRITON_INTERPRET is read when a kernel is defined, so it is set for the whole run.
+kernels: $(STAMP)
+	TRITON_INTERPRET=1 $(PY) -m pytest tests -q -p no:cacheprovider -m kernel
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
 nbval: $(STAMP)
 	$(PY) -m pytest $(NBVAL) notebooks -q -p no:cacheprovider
 
-test: unit nbval
+test: lint unit kernels nbval
 	@echo "make test: all passed"
 
 notebooks: $(STAMP)

@@ -11,7 +11,7 @@
 # Everything comes from `annotated_src.kv_cache`; this notebook defines no model.
 
 # %% tags=["nbval-ignore-output"]
-from annotated_src.notebook_utils import provenance, pick_device, randn
+from annotated_src.notebook_utils import provenance, pick_device
 device = pick_device()
 provenance()
 

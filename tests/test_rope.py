@@ -10,8 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from annotated_src import rope
-from annotated_src.rope import (RotaryPositionalEmbeddings, XPos, apply_rotary, apply_rotary_fast,
-                                convert_half_to_interleaved, convert_interleaved_to_half,
+from annotated_src.rope import (RotaryPositionalEmbeddings, XPos, apply_rotary, convert_half_to_interleaved, convert_interleaved_to_half,
                                 interleaved_to_half_permutation, rope_reference, rotary_angles, rotary_tables)
 
 

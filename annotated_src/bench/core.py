@@ -67,7 +67,7 @@ class Ceilings:
     matmul_tflops: float
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _ceilings(device_str: str) -> Ceilings:
     device = torch.device(device_str)
     cuda = device.type == "cuda"

@@ -115,7 +115,7 @@ class Renderer:
         env: dict = {}
         tokens = self.md.parse(text, env)
         line = first_line
-        for i, tok in enumerate(tokens):
+        for tok in tokens:
             if tok.map:
                 line = first_line + tok.map[0]
             if tok.type in ("math_block", "math_block_label"):
