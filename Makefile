@@ -24,7 +24,7 @@ help:
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
@@ -33,6 +33,10 @@ $(STAMP): pyproject.toml
 	  echo "setup: no GPU, installing the CPU build $(CPU_TORCH)"; $(PY) -m pip install -q '$(CPU_TORCH)'; \
 	fi
 	$(PY) -m pip install -q -e '.[dev]'
+	@# labml_nn, for the RETRO chapter's comparison with labml's implementation. Its declared
+	@# requirements (torchtext, torchvision, fairscale) are not needed for that module, and
+	@# torchtext and torchvision pin other torch releases, so it is installed without them.
+	$(PY) -m pip install -q --no-deps 'labml-nn>=0.5'
 	@touch $@
 
 site: $(STAMP)
@@ -67,8 +71,11 @@ notebooks: $(STAMP)
 	@for nb in $(NOTEBOOKS); do echo "executing $$nb"; \
 	  PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m jupytext --set-kernel python3 --execute --to ipynb $$nb || exit 1; done
 
+# JupyterLab on notebooks/, where the jupytext configuration lives: opening a .py shows the outputs
+# of its .ipynb, and saving writes both. Root (as in a container) needs --allow-root.
+LAB_OPTS ?=
 lab: $(STAMP)
-	$(PY) -m jupyter lab notebooks/
+	cd notebooks && $(abspath $(PY)) -m jupyter lab $$([ "$$(id -u)" = 0 ] && echo --allow-root) $(LAB_OPTS)
 
 bench: $(STAMP)
 	$(PY) -m annotated_src.bench --json bench-results.json

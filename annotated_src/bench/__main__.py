@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 
 import torch
@@ -23,7 +24,14 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [s for s in args.suites if s not in SUITES]
     if unknown:
         parser.error(f"suites: got {unknown}, expected names from {list(SUITES)}")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _device(parser, args.device)
+    if args.json:
+        # Fail now, not after every suite has run.
+        folder = os.path.dirname(os.path.abspath(args.json))
+        if not os.path.isdir(folder):
+            parser.error(f"--json: got {args.json!r}, expected a path in an existing folder ({folder} does not exist)")
+        if not os.access(folder, os.W_OK):
+            parser.error(f"--json: got {args.json!r}, expected a path in a writable folder")
     c = ceilings(device)
     results, failures = [], {}
     for name in args.suites or list(SUITES):
@@ -41,6 +49,24 @@ def main(argv: list[str] | None = None) -> int:
             json.dump({"ceilings": c.__dict__, "torch": torch.__version__,
                        "results": [r.to_dict() for r in results], "failures": failures}, f, indent=1)
     return 1 if failures else 0
+
+
+def _device(parser: argparse.ArgumentParser, name: str | None) -> torch.device:
+    """The device to time on: `name` if given and present, else CUDA when present, else the CPU."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        parser.error(f"--device: got {name!r}, expected cpu, cuda or cuda:N")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device: got {name!r}, expected cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            parser.error(f"--device: got {name!r}, but no CUDA GPU is available here (use --device cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            parser.error(f"--device: got {name!r}, expected an index below {torch.cuda.device_count()}")
+    return device
 
 
 if __name__ == "__main__":

@@ -14,8 +14,12 @@ Three rules keep the numbers honest.
 * **Compare within one run.** Every speed-up in the table is a ratio of two medians measured by
   the same process on the same device, one after the other.
 * **Compare against the device, not a datasheet.** `ceilings()` measures the copy bandwidth
-  (bytes read plus bytes written, over time) and the bf16 matrix throughput of this device now;
-  a memory-bound kernel is judged by the fraction of the first, a compute-bound one by the second.
+  (bytes read plus bytes written, over time) and the matrix throughput of this device now, in
+  bf16 and in float32 with TF32 tensor cores allowed; a memory-bound kernel is judged by the
+  fraction of the copy, a compute-bound one by the matrix ceiling of its own dtype (`flops_dtype`).
+
+On a CPU the table shows no fractions: the suites' CPU sizes are small enough to stay in the
+caches, so they would read as more than 100 % of a copy that leaves them.
 """
 
 from __future__ import annotations
@@ -60,11 +64,13 @@ def relative_rms_error(got: torch.Tensor, want: torch.Tensor) -> float:
 
 @dataclasses.dataclass(frozen=True)
 class Ceilings:
-    """What this device measured in this run: copy bandwidth and bf16 matmul throughput."""
+    """What this device measured in this run: copy bandwidth, bf16 matmul throughput, and float32
+    matmul throughput with TF32 allowed (`None` in records made before it was measured)."""
 
     device: str
     copy_gbps: float
     matmul_tflops: float
+    tf32_matmul_tflops: float | None = None
 
 
 @functools.cache
@@ -84,8 +90,17 @@ def _ceilings(device_str: str) -> Ceilings:
     b = torch.randn(m, m, device=device, dtype=torch.bfloat16)
     t = time_ms(lambda: a @ b, device=device)
     matmul_tflops = 2 * m**3 / (t * 1e-3) / 1e12
+    # The same product in float32, TF32 tensor cores allowed: the ceiling of float32 work.
+    a, b = a.float(), b.float()
+    allowed = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        t = time_ms(lambda: a @ b, device=device)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = allowed
+    tf32_tflops = 2 * m**3 / (t * 1e-3) / 1e12
     name = torch.cuda.get_device_name(device) if cuda else "CPU"
-    return Ceilings(device=name, copy_gbps=copy_gbps, matmul_tflops=matmul_tflops)
+    return Ceilings(device=name, copy_gbps=copy_gbps, matmul_tflops=matmul_tflops, tf32_matmul_tflops=tf32_tflops)
 
 
 def ceilings(device: torch.device | str) -> Ceilings:
@@ -105,6 +120,8 @@ class Result:
     * `baseline`: the `name` of the row this one is compared to (same suite and `case`).
     * `bytes_moved` / `flops`: the least bytes the operation must move through device memory, or the
       floating-point operations it must do; the table divides by the ceiling to give a fraction.
+    * `flops_dtype`: which matrix ceiling `flops` are judged by: `"bf16"` (bf16 or fp16 work) or
+      `"tf32"` (float32 work).
     * `case`: the problem size, shown in the table and used to pair a row with its baseline.
     """
 
@@ -116,19 +133,32 @@ class Result:
     bytes_moved: float | None = None
     flops: float | None = None
     extra: dict = dataclasses.field(default_factory=dict)
+    flops_dtype: str = "bf16"
+
+    def __post_init__(self):
+        if self.flops_dtype not in ("bf16", "tf32"):
+            raise ValueError(f"flops_dtype: got {self.flops_dtype!r}, expected 'bf16' or 'tf32'")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
 def fraction_of_ceiling(r: Result, c: Ceilings) -> str:
-    """`r`'s achieved bandwidth or throughput as a fraction of the device's ceiling."""
+    """`r`'s achieved bandwidth or throughput as a fraction of the device's ceiling of its kind
+    (copy; bf16 or TF32 matmul). Empty on a CPU (see the module's note) and where no ceiling of
+    that kind was measured."""
+    if c.device == "CPU" or not r.ms > 0:
+        return ""
     if r.bytes_moved:
         gbps = r.bytes_moved / (r.ms * 1e-3) / 1e9
         return f"{gbps:,.0f} GB/s = {gbps / c.copy_gbps:.0%} of copy"
     if r.flops:
         tflops = r.flops / (r.ms * 1e-3) / 1e12
-        return f"{tflops:,.1f} TFLOP/s = {tflops / c.matmul_tflops:.0%} of matmul"
+        if r.flops_dtype == "tf32":
+            if not c.tf32_matmul_tflops:
+                return ""
+            return f"{tflops:,.1f} TFLOP/s = {tflops / c.tf32_matmul_tflops:.0%} of TF32 matmul"
+        return f"{tflops:,.1f} TFLOP/s = {tflops / c.matmul_tflops:.0%} of bf16 matmul"
     return ""
 
 
@@ -154,5 +184,9 @@ def format_table(results: list[Result], c: Ceilings | None = None) -> str:
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     if c is not None:
-        lines.insert(0, f"{c.device}: copy {c.copy_gbps:,.0f} GB/s, bf16 matmul {c.matmul_tflops:,.1f} TFLOP/s (measured in this run)")
+        tf32 = f", TF32 matmul {c.tf32_matmul_tflops:,.1f} TFLOP/s" if c.tf32_matmul_tflops else ""
+        lines.insert(0, f"{c.device}: copy {c.copy_gbps:,.0f} GB/s, bf16 matmul {c.matmul_tflops:,.1f} TFLOP/s{tf32} "
+                        "(measured in this run)")
+        if c.device == "CPU":
+            lines.insert(1, "no fractions of the ceiling on a CPU: these sizes stay in cache, a copy of 64 MiB does not")
     return "\n".join(lines)
