@@ -23,8 +23,9 @@ def _bench(*args: str) -> subprocess.CompletedProcess:
 
 def test_readme_headline_table_is_generated_from_the_record():
     record = json.loads(headline.RECORD.read_text())
+    dist = json.loads(headline.DISTRIBUTED.read_text())
     readme = headline.README.read_text()
-    assert headline.readme_with_table(readme, record) == readme, (
+    assert headline.readme_with_table(readme, record, dist) == readme, (
         "README.md's headline table differs from the record: run python -m annotated_src.bench.headline --write")
 
 
