@@ -235,7 +235,7 @@ def render_notebook_page(nb: Notebook, modules: dict[str, Module], chapter: dict
             elif o.kind == "markdown":
                 outputs.append({"kind": "html", "html": r.render(o.content, path=rel_path, first_line=nb.json_line(row.cell_index, 1) or 1)})
             elif o.kind in ("html", "svg"):
-                outputs.append({"kind": o.kind, "html": o.content})
+                outputs.append({"kind": o.kind, "html": r.clean(o.content)})
             else:
                 outputs.append({"kind": o.kind, "text": o.content.rstrip("\n")})
         rid = r.unique_id(f"cell-{row.cell_index if row.cell_index is not None else row.prose[0][0]}")
