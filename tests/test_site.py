@@ -438,6 +438,10 @@ BAD_INPUTS = {
                               '"execution_count": 3,,', "not valid JSON"),
     "broken LaTeX in a notebook": ("notebooks/01_tiny.ipynb", lambda t: t.replace(r"for every query $i$.", r"for every $\\foo$."),
                                    r"for every $\\foo$.", "broken LaTeX"),
+    "corrupt base64 image": ("notebooks/01_tiny.ipynb", lambda t: t.replace('"image/png": "iVBORw0KGgo', '"image/png": "iVBOR%w0KGgo', 1),
+                             '"image/png": "iVBOR%w0KGgo', "cell 6: output 1: image/png is not valid base64"),
+    "image that is not a PNG": ("notebooks/01_tiny.ipynb", lambda t: t.replace('"image/png": "iVBORw0KGgo', '"image/png": "R0lGODlh', 1),
+                                '"image/png": "R0lGODlh', "cell 6: output 1: image/png does not hold a PNG image"),
     "cross-link to a missing name": ("notebooks/01_tiny.ipynb", lambda t: t.replace("scale)", "scale, nothing_here)", 1),
                                      "nothing_here", "cross-link to missing name annotated_src.tiny.nothing_here"),
 }
@@ -462,6 +466,34 @@ def test_bad_input_stops_the_build_with_file_and_line_and_keeps_the_old_site(tmp
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
     assert (out / "index.html").read_bytes() == index_before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
+
+
+@pytest.mark.parametrize("rel, needle, message", [
+    ("notebooks/01_tiny.ipynb", "The output of a single query", "cell 4: invalid UTF-8 (byte 0xff)"),
+    ("annotated_src/tiny.py", "keeps the scores' variance", "invalid UTF-8 (byte 0xff)"),
+])
+def test_invalid_utf8_names_file_line_and_cell(tmp_path, rel, needle, message):
+    root = copy_fixture(tmp_path)
+    path = root / rel
+    line = line_of(path, needle)
+    data = path.read_bytes()
+    at = data.index(needle.encode())
+    path.write_bytes(data[:at] + b"\xff" + data[at:])
+    with pytest.raises(BuildError) as e:
+        build(root, tmp_path / "out")
+    assert (e.value.path, e.value.line) == (rel, line) and message in e.value.message, str(e.value)
+
+
+def test_stale_build_directories_are_removed_and_ignored(tmp_path):
+    out = tmp_path / "_build"
+    # What a build killed hard leaves: its fresh directory, or the old one it was swapping out.
+    for stale in ("._build-new-999999999-abcd", "._build-old-999999998-efgh"):
+        (tmp_path / stale / "assets").mkdir(parents=True)
+    (tmp_path / ".other").mkdir()
+    build(FIXTURE, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other", "_build"]
+    ignore = (REPO / "site" / ".gitignore").read_text().split()
+    assert ".*-new-*" in ignore and ".*-old-*" in ignore
 
 
 def test_command_line_prints_the_file_uri_or_the_error(tmp_path, capsys):
