@@ -107,63 +107,13 @@ that enters or leaves the module is batch first.
 
 The readable steps below are a handful of PyTorch operations each. On a GPU, in float32, with the
 window full and the default options (`update_state=True`, self-attention, the newest query), each
-step has a fast path that computes the same numbers with fewer, fused kernels
-(`_continual_kernels.py`); both are tested against each other and against float64.
-
-**Single-output.** Three kernels, replayed as a CUDA graph, and one small kernel ahead of them:
-
-0. The token into the graph's input buffer, the stream step into a one-element device tensor, and
-   the address of the tensor this step returns into a device slot that the last kernel reads, so
-   that the graph writes the output where it goes.
-1. The projection of the new token: 32 rows by a small weight, split along the inner dimension so
-   that a few hundred programs share it. Each program leaves its slice of the product for the next
-   kernel to add.
-2. One query against the cached keys as *flash decoding*: the keys are cut into chunks, each
-   chunk's softmax statistics are computed by its own program, and the last program of each
-   `(batch, head)` pair merges them exactly. Each program first adds the projection's slices of
-   its query, in a fixed order, and the program whose chunk holds the new token's ring slot adds
-   those of its key and value and writes them there. The whole GPU reads keys and values once,
-   at close to the memory bandwidth, and asks the L2 cache to evict them first.
-3. The output projection, split like the first; the last program of each output tile adds the
-   slices in a fixed order.
-
-The products of both projections are 3xTF32 on the tensor cores (below), within float32's error;
-nothing else is rounded below float32. At these sizes the step takes tens of microseconds of GPU
-time, less than Python needs to launch its kernels, so kernels 1 to 3 are recorded once as a
-**CUDA graph** and replayed; the kernels compute the ring slot from the step that kernel 0 wrote.
-
-**Retroactive.** Seven kernels and no host synchronisation: the projection and its copy into the
-rings (which also saves the key and value that leave), one pass that updates every row and flags the rows that rules 1 and 2 say
-to recompute, the new query's exact row, a recomputation kernel whose programs look at the flags
-on the device and return at once when their rows are clean, and one matrix product that divides
-$\tilde N_i / \tilde D_i$ as it loads each row, in the order oldest first, and applies the output
-projection. The count of recomputed rows stays on the device until `refreshed_rows` is read.
-
-That last product, $b n \times d_\text{model} \times d_\text{model}$, is the largest cost of the
-step, and in float32 it runs on the GPU's general cores. Tensor cores multiply TF32, which keeps
-only 10 of float32's 23 mantissa bits. **3xTF32** gets float32-level accuracy from them: split each
-operand exactly as $a = a_\text{hi} + a_\text{lo}$ (`split_tf32`: $a_\text{hi}$ is $a$ rounded to
-TF32, an integer operation on its bits, and $a_\text{lo} = a - a_\text{hi}$ exactly) and compute
-
-$$a b \approx a_\text{hi} b_\text{hi} + a_\text{hi} b_\text{lo} + a_\text{lo} b_\text{hi}.$$
-
-The first product is exact. $|a_\text{lo}| \le 2^{-11} |a|$, and $a_\text{lo}$ is rounded to TF32
-too before it enters the tensor core (`round_tf32`), an error of at most
-$2^{-11} |a_\text{lo}| \le 2^{-22} |a|$; the omitted $a_\text{lo} b_\text{lo}$ is below
-$2^{-22} |a b|$. So each product is off by at most
-
-$$|\,\text{3xTF32}(a, b) - a b\,| \le 3 \cdot 2^{-22} (1 + 2^{-11})\, |a b| \approx 7.2 \cdot 10^{-7} |a b|,$$
-
-and a sum $\sum_k a_k b_k$ by at most that times $\sum_k |a_k b_k|$ plus the rounding of the sums
-themselves, which any float32 matrix product has (the kernel adds blocks of 64 products in float32,
-because the tensor cores' own accumulator drops more bits than float32 does). Against float64 its
-error is within four times that of a float32 product (a test measures both). Plain TF32, both
-operands rounded, is off by up to $2^{-10} |a b|$, a bound 1400 times larger.
-
-On an H200 at batch 32, window 1024 and `d_model` 512, this one kernel (division, reordering and
-three products) takes about as long as the float32 product alone on the general cores (0.37 ms),
-and saves the division's passes over the state; with the tensor cores' accumulator used across all
-512 columns it took 0.28 ms, at several times a float32 product's error.
+step forks to a fast path that computes the same numbers with fewer, fused Triton kernels: three
+kernels replayed as a CUDA graph for single-output, cuBLAS's projection and six kernels without host
+synchronisation for retroactive. They live on their own page,
+[`annotated_src/continual_mha_fast.py`](annotated_src/continual_mha_fast.py), which says which
+lines of this file each kernel stands for. `annotated_src.fastpath` switches them off
+(`fastpath.set_enabled("continual_mha", False)`); the tests check both paths against each other
+and against float64.
 """
 
 from __future__ import annotations
@@ -174,7 +124,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from annotated_src import _continual_kernels as kernels
+from annotated_src import continual_mha_fast, fastpath
 from annotated_src._checks import check_int, check_tensor, fail
 
 # $\tau$ of rule 2: a row whose denominator falls below $\tau$ times its peak is recomputed.
@@ -250,38 +200,6 @@ def retroactive_update(num, den, mx, peak, s_in, v_in, s_out=None, v_out=None, t
     return ~(den >= tau * peak) | (grow > MAX_GROWTH)
 
 
-# ## 3xTF32, readable
-#
-# Rounding a float32 to TF32 is an integer operation on its bits: adding `0x1000` and clearing the
-# 13 lowest bits rounds the mantissa to 10 bits (half-way cases away from zero).
-def round_tf32(x: torch.Tensor) -> torch.Tensor:
-    """`x` (float32) rounded to the nearest TF32 value, kept as float32."""
-    check_tensor("x", x, floating=True)
-    if x.dtype != torch.float32:
-        fail("x", f"dtype {x.dtype}", "a float32 tensor")
-    return ((x.contiguous().view(torch.int32) + 0x1000) & -8192).view(torch.float32).view(x.shape)
-
-
-# The split: `hi + lo == x` exactly (the subtraction is exact because `hi` is within a factor 2 of
-# `x`), and `|lo| <= 2^-11 |x|`. The fast path then rounds `lo` to TF32 as well, so that the tensor
-# cores multiply exactly what they are given.
-def split_tf32(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(hi, lo)` with `hi + lo == x` exactly and `hi` representable in TF32 (`x` float32)."""
-    hi = round_tf32(x)
-    return hi, x - hi
-
-
-# `x @ w.T + bias` as the fast retroactive path's product computes it: three products of the
-# TF32 parts, the small ones first. On a GPU with `torch.backends.cuda.matmul.allow_tf32` these run
-# on the tensor cores; on the CPU they are float32 products of the same parts.
-def linear_3xtf32(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear(x, w, bias)` from three products of TF32 parts (float32 inputs)."""
-    x_hi, x_lo = split_tf32(x)
-    w_hi, w_lo = split_tf32(w)
-    x_lo, w_lo = round_tf32(x_lo), round_tf32(w_lo)
-    return F.linear(x_hi, w_lo) + F.linear(x_lo, w_hi) + F.linear(x_hi, w_hi, bias)
-
-
 class _ContinualMultiheadAttention(nn.MultiheadAttention):
     r"""
     Shared by both kinds: `nn.MultiheadAttention` with a sliding-window state.
@@ -301,11 +219,13 @@ class _ContinualMultiheadAttention(nn.MultiheadAttention):
     state is written in place and would otherwise keep every step's graph alive) and without
     dropout. Train with `forward` over whole windows, whose weights the steps share.
 
-    The attribute `fast_path` (default `True`) lets steps take the fused GPU path where it applies
-    (see the module's introduction); `False` keeps every step on the readable one.
+    Where it applies, a step takes the fast path of `annotated_src/continual_mha_fast.py`;
+    `annotated_src.fastpath.set_enabled("continual_mha", False)` keeps every step on the readable one.
     """
 
     _retroactive = False
+    # The attributes that hold the stream's state (`forward_steps(..., update_state=False)` restores them).
+    _STATE = ("_t", "_kv", "_q", "_row", "_fast", "_refreshed_rows")
 
     def __init__(self, embed_dim, num_heads, dropout=0.0, bias=True, add_bias_kv=False, add_zero_attn=False,
                  kdim=None, vdim=None, batch_first=True, device=None, dtype=None, sequence_len=None,
@@ -330,7 +250,6 @@ class _ContinualMultiheadAttention(nn.MultiheadAttention):
         self.embed_dim_second = embed_dim_second
         # Keys that every query sees besides the window: `bias_k` and the zero key of `add_zero_attn`.
         self.n_extra_keys = int(add_bias_kv) + int(add_zero_attn)
-        self.fast_path = True
         self.clean_state()
 
     @classmethod
@@ -360,15 +279,17 @@ class _ContinualMultiheadAttention(nn.MultiheadAttention):
         # float32 for float32, bf16 and fp16 streams; float64 stays float64.
         return torch.promote_types(like.dtype, torch.float32)
 
-    # The fast path applies to the common case: a float32 stream on a GPU with Triton, the window
-    # already full, the state updated, self-attention with the fused `in_proj_weight`, head
-    # dimensions the kernels' blocks divide. Every other step takes the readable path, on the same state.
-    def _fast_applies(self, query, key, value, update_state) -> bool:
-        return (self.fast_path and update_state and key is None and value is None and self._qkv_same_embed_dim
-                and self._t >= self.sequence_len and query.dtype == torch.float32 and kernels.available(query)
-                and self.head_dim in (16, 32, 64, 128)
-                and all(p is None or p.is_contiguous() for p in (self.in_proj_weight, self.in_proj_bias,
-                                                                self.out_proj.weight, self.out_proj.bias)))
+    # The fast path covers the common case: the state updated, self-attention with the stacked
+    # `in_proj_weight`, the window already full (`fastpath.applies` and `continual_mha_fast.supports`
+    # add what the kernels need: a device they run on, float32, a head dimension they are built
+    # for). Every other step takes the readable path, on the same state.
+    def _fast_case(self, query, key, value, update_state) -> bool:
+        return (update_state and key is None and value is None and self._qkv_same_embed_dim
+                and self._t >= self.sequence_len and fastpath.applies("continual_mha", query, self.in_proj_weight)
+                and continual_mha_fast.supports(query, self.head_dim, self.in_proj_weight, self._weights()))
+
+    def _weights(self) -> tuple:
+        return self.in_proj_weight, self.in_proj_bias, self.out_proj.weight, self.out_proj.bias
 
     def _stream_layout(self, out: torch.Tensor) -> torch.Tensor:
         # `[batch, n, d_model]` to the layout of the stream.
@@ -470,12 +391,13 @@ class _ContinualMultiheadAttention(nn.MultiheadAttention):
         Steps that return `None` (the window still filling) are left out; `None` if all are."""
         time_dim = 2 if self.embed_dim_second else (1 if self.batch_first else 0)
         check_tensor("query", query, ndim=3, layout="a stream of 3 dimensions", floating=True)
-        saved = (self._t, self._kv, self._q, self._row)
+        # With `update_state=False` the steps run on a copy of the state, and everything is put back after.
+        saved = {name: value for name, value in vars(self).items() if name in self._STATE}
         if not update_state:
-            self._t = self._t
             self._kv = None if self._kv is None else self._kv.clone()
             self._q = None if self._q is None else self._q.clone()
             self._row = None if self._row is None else {k: v.clone() for k, v in self._row.items()}
+            self._fast = None
         outs = []
         for i in range(query.shape[time_dim]):
             def pick(x):
@@ -484,7 +406,7 @@ class _ContinualMultiheadAttention(nn.MultiheadAttention):
             if o is not None:
                 outs.append(o)
         if not update_state:
-            self._t, self._kv, self._q, self._row = saved
+            vars(self).update(saved)
         if not outs:
             return None
         if self._retroactive:
@@ -528,8 +450,8 @@ class SingleOutputMultiheadAttention(_ContinualMultiheadAttention):
         query, key, value = self._step_input(query), self._step_input(key), self._step_input(value)
         self._check_step(query)
         b, n, t = query.shape[0], self.sequence_len, self._t
-        if self.query_index == n - 1 and self._fast_applies(query, key, value, update_state):
-            return self._fast_step(query)
+        if self.query_index == n - 1 and self._fast_case(query, key, value, update_state):
+            return fastpath.run("continual_mha", self._fast_step, query)
         if self._kv is None:
             self._allocate(b, query)
         # `[batch, n_heads, head_dim]` each
@@ -571,69 +493,16 @@ class SingleOutputMultiheadAttention(_ContinualMultiheadAttention):
                 self._q[:, :, slot] = saved[1]
         return out
 
-    # ### The fast single-output step: three kernels, replayed as a CUDA graph
+    # ### The fast single-output step
     #
-    # The graph records kernel launches with fixed addresses. So `stage_step`, launched before
-    # each replay with this step's arguments, copies the token into the graph's input buffer,
-    # writes the stream step into a one-element tensor (whatever path the steps before took), and
-    # writes into `out_slot` the address of a new tensor, which the output projection writes to:
-    # a later step never overwrites what an earlier one returned, and no copy of the output is
-    # needed. A graph stays valid while the ring and the weights keep their addresses (in-place
-    # changes of the weights, as `load_state_dict` makes, are seen by the next replay);
-    # `clean_state` or moving the module records a new one.
+    # `continual_mha_fast.single_output_step` writes the new token's key and value into the ring
+    # and returns the newest row, from three kernels replayed as a CUDA graph; it keeps the graph
+    # and its buffers in `self._fast` between steps.
     def _fast_step(self, query):
-        params = (self.in_proj_weight, self.in_proj_bias, self.out_proj.weight, self.out_proj.bias)
-        key = (query.shape[0], self._kv.data_ptr(), *(0 if p is None else p.data_ptr() for p in params))
-        g = self._fast
-        if g is None or g["key"] != key:
-            g = self._fast = self._record_fast_step(query, key)
-        out = torch.empty(query.shape[0], self.embed_dim, device=query.device, dtype=torch.float32)
-        # One small kernel: the token into the graph's input, the address of `out` and the step into
-        # their slots.
-        kernels.stage_step(query, g["x"], g["out_slot"], out, g["t"], self._t)
-        g["graph"].replay()
+        self._fast, out = continual_mha_fast.single_output_step(self._fast, query, self._t, self._kv,
+                                                                self.sequence_len, self.num_heads, self._weights())
         self._t += 1
         return out
-
-    def _record_fast_step(self, query, key):
-        b, h, d, e, n = query.shape[0], self.num_heads, self.head_dim, self.embed_dim, self.sequence_len
-        x = torch.empty(b, e, device=query.device, dtype=torch.float32)
-        x.copy_(query)
-        t = torch.full((1,), self._t, device=query.device, dtype=torch.int64)
-        o = torch.empty(b, e, device=query.device, dtype=torch.float32)  # attention output, all heads
-        # The address the output projection writes to, set by each step; until then, a buffer of ours.
-        sink = torch.empty(b, e, device=query.device, dtype=torch.float32)
-        out_slot = torch.full((1,), sink.data_ptr(), device=query.device, dtype=torch.int64)
-        scratch = kernels.decode_scratch(b * h, self._kv.shape[3], d, query.device)
-        part_in = kernels.small_linear_scratch(b, 3 * e, query.device)
-        part_out = kernels.small_linear_scratch(b, e, query.device)
-
-        # On Hopper GPUs each kernel may start while the one ahead finishes (`_pdl.py`).
-        pdl = kernels.pdl_applies(query.device)
-
-        def step():
-            # `[SMALL_SPLIT, batch, 3 d_model]`: the in-projection's slices, not yet added.
-            parts = kernels.small_linear(x, self.in_proj_weight, None, part_in, pdl=pdl, reduce=False)
-            # `[batch, n_heads * head_dim]`: the query over all `n + n_extra_keys` keys; the kernel adds
-            # the slices and the bias, and writes $k, v$ into ring slot `t mod n`.
-            kernels.decode(None, self._kv[0], self._kv[1], d ** -0.5, scratch, out=o, t_dev=t, pdl=pdl, n_ring=n,
-                           qkv_parts=(parts, self.in_proj_bias))
-            # The output projection, to the address in `out_slot`.
-            kernels.small_linear(o, self.out_proj.weight, self.out_proj.bias, part_out, pdl=pdl, out_slot=out_slot)
-
-        # Run once before recording, on a side stream as CUDA graphs ask: it compiles the kernels
-        # and sets up cuBLAS, and it is the step the first replay repeats (it writes the same slot
-        # with the same values).
-        side = torch.cuda.Stream(device=query.device)
-        side.wait_stream(torch.cuda.current_stream(query.device))
-        with torch.cuda.stream(side):
-            step()
-        torch.cuda.current_stream(query.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            step()
-        return dict(key=key, graph=graph, x=x, t=t, out_slot=out_slot,
-                    buffers=dict(o=o, sink=sink, decode=scratch, part_in=part_in, part_out=part_out))
 
 
 class RetroactiveMultiheadAttention(_ContinualMultiheadAttention):
@@ -653,7 +522,6 @@ class RetroactiveMultiheadAttention(_ContinualMultiheadAttention):
                  forward_returns_attn_mask=True, embed_dim_second=False):
         super().__init__(embed_dim, num_heads, dropout, bias, add_bias_kv, add_zero_attn, kdim, vdim, batch_first,
                          device, dtype, sequence_len, -1, forward_returns_attn_mask, embed_dim_second)
-        self.refreshed_rows = 0
 
     def clean_state(self) -> None:
         super().clean_state()
@@ -663,22 +531,22 @@ class RetroactiveMultiheadAttention(_ContinualMultiheadAttention):
     # fast path counts on the device; reading the number waits for the GPU, the steps never do.
     @property
     def refreshed_rows(self) -> int:
-        on_device = 0 if self._fast is None else int(self._fast["count"].item())
+        on_device = 0 if self._fast is None else int(self._fast.count.item())
         return self._refreshed_rows + on_device
 
     @refreshed_rows.setter
     def refreshed_rows(self, value: int) -> None:
         self._refreshed_rows = value
         if self._fast is not None:
-            self._fast["count"].zero_()
+            self._fast.count.zero_()
 
     @torch.no_grad()
     def forward_step(self, query, key=None, value=None, update_state: bool = True):
         """Add one token to the window; all rows `[batch, sequence_len, d_model]`, or `None` while filling."""
         query, key, value = self._step_input(query), self._step_input(key), self._step_input(value)
         self._check_step(query)
-        if self._fast_applies(query, key, value, update_state):
-            return self._fast_step(query)
+        if self._fast_case(query, key, value, update_state):
+            return fastpath.run("continual_mha", self._fast_step, query)
         b, n, t, h, d = query.shape[0], self.sequence_len, self._t, self.num_heads, self.head_dim
         if self._kv is None:
             self._allocate(b, query)
@@ -723,6 +591,8 @@ class RetroactiveMultiheadAttention(_ContinualMultiheadAttention):
         st["peak"][:, :, slot] = d_new[:, :, 0]
         # Rule 2: recompute the rows whose denominator cancelled (one host synchronisation per step).
         if stale is not None and bool(stale.any()):
+            if update_state:
+                self.refreshed_rows += int(stale.sum())
             self._refresh(stale, st["num"], st["den"], st["max"], st["peak"], scale, mask)
         num, den = st["num"], st["den"]
 
@@ -744,41 +614,21 @@ class RetroactiveMultiheadAttention(_ContinualMultiheadAttention):
             self._q[:, :, slot] = saved[1]
         return out
 
-    # ### The fast retroactive step: seven kernels, no host synchronisation
+    # ### The fast retroactive step
     #
     # The same state as the readable step, in the same places: the rings `_q` and `_kv` and the
-    # per-row `num`, `den`, `max`, `peak`. The kernels are launched one after the other without
-    # waiting for the GPU, so Python's launch overhead hides behind the GPU's work.
+    # per-row `num`, `den`, `max`, `peak`, updated by `continual_mha_fast.retroactive_step` without
+    # waiting for the GPU (its device buffers stay in `self._fast`).
     def _fast_step(self, query):
-        b, n, t, h, d, e = query.shape[0], self.sequence_len, self._t, self.num_heads, self.head_dim, self.embed_dim
-        slot, scale = t % n, d ** -0.5
-        f = self._fast
-        if f is None:
-            i64 = dict(device=query.device, dtype=torch.int64)
-            f = self._fast = dict(
-                t=torch.zeros(1, **i64), count=torch.zeros(1, **i64),
-                old=torch.empty(2, b, e, device=query.device, dtype=torch.float32),  # leaving $k, v$
-                stale=torch.empty(b, h, n, device=query.device, dtype=torch.int8),   # rule 2's flags
-                scratch=kernels.decode_scratch(b * h, self._kv.shape[3], d, query.device))
-        st = tuple(self._row[name] for name in ("num", "den", "max", "peak"))
-        f["t"].fill_(t)
-        # $q$ into the query ring, $k, v$ into the key-value ring, the leaving $k, v$ into `old`.
-        qkv = F.linear(query, self.in_proj_weight, self.in_proj_bias)
-        kernels.qkv_into_ring(qkv, f["t"], self._kv, n, d, q_ring=self._q, old=f["old"])
-        # Rules 1 and 2 on every row, then the new query's row exactly, then the flagged rows exactly.
-        kernels.retro_step(self._q, self._kv, f["old"], st, f["stale"], f["count"], slot, scale,
-                           REFRESH_RATIO, MAX_GROWTH)
-        kernels.decode(self._q[:, :, slot], self._kv[0], self._kv[1], scale, f["scratch"], state=st, slot=slot)
-        kernels.retro_refresh_rows(self._q, self._kv, st, f["stale"], scale)
-        # $\tilde N_i / \tilde D_i$ oldest first times $W_o^\top$ plus $b_o$: `[batch, n, d_model]`.
-        out = kernels.retro_out(st[0], st[1], self.out_proj.weight, self.out_proj.bias, (t + 1) % n)
-        self._t = t + 1
+        state = tuple(self._row[name] for name in ("num", "den", "max", "peak"))
+        self._fast, out = continual_mha_fast.retroactive_step(self._fast, query, self._t, self._q, self._kv, state,
+                                                              self._weights(), REFRESH_RATIO, MAX_GROWTH)
+        self._t += 1
         return self._stream_layout(out)
 
     def _refresh(self, stale, num, den, mx, peak, scale, mask):
         # Recompute every row of each `(batch, head)` pair that has a stale row, a few pairs at a
         # time, and keep the exact values where the row was stale. `stale` is `[batch, n_heads, n]`.
-        self.refreshed_rows += int(stale.sum())
         pairs = stale.any(-1).nonzero()  # `[n_pairs, 2]`
         for c in range(0, pairs.shape[0], _REFRESH_PAIRS_PER_CHUNK):
             bi, hi = pairs[c:c + _REFRESH_PAIRS_PER_CHUNK].unbind(-1)

@@ -1,7 +1,7 @@
 r"""
 ---
 title: Rotary positional embeddings (RoPE) and xPos
-summary: Rotary embeddings that make attention scores depend only on relative position, in both pair layouts, with float32 tables, per-token positions, partial rotation, the xPos variant and a one-kernel fast path (Triton on CUDA, torch.compile elsewhere).
+summary: Rotary embeddings that make attention scores depend only on relative position, in both pair layouts, with float32 tables, per-token positions, partial rotation, the xPos variant, and the fork to a fast path of one Triton kernel.
 ---
 
 # Rotary positional embeddings (RoPE)
@@ -95,9 +95,10 @@ nor scaled.
 ## What this file holds
 
 * `rotary_angles`, `rotary_tables`: the angles $m\theta_i$ and their $\cos$, $\sin$.
-* `apply_rotary`: the readable rotation of either layout, and `apply_rotary_fast`, the same
-  rotation as one Triton kernel on CUDA (`apply_rotary_triton`) or compiled by `torch.compile`
-  into one fused kernel elsewhere (`apply_rotary_compiled`).
+* `apply_rotary`: the readable rotation of either layout, and the fork to its fast path, on a page
+  of its own: [`annotated_src/rope_fast.py`](rope_fast.py) (`apply_rotary_fast`: one Triton
+  kernel, `apply_rotary_triton`, or the rotation compiled by `torch.compile`,
+  `apply_rotary_compiled`; all three importable from here too).
 * `rope_reference`: the whole of RoPE in one readable function that recomputes its tables on
   every call (the naive baseline of the benchmark).
 * `RotaryPositionalEmbeddings` and `XPos`: the modules, with cached float32 tables, per-token
@@ -108,12 +109,14 @@ nor scaled.
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch import nn
 
+from annotated_src import fastpath, rope_fast
 from annotated_src._checks import check_int, check_same, check_tensor, fail
+
+# The fast path's entry points, importable from here as before (they are defined in `rope_fast.py`).
+from annotated_src.rope_fast import apply_rotary_compiled, apply_rotary_fast, apply_rotary_triton  # noqa: F401
 
 # ## The angles
 #
@@ -128,7 +131,26 @@ from annotated_src._checks import check_int, check_same, check_tensor, fail
 
 def rotary_angles(positions: torch.Tensor, dim: int, base: float = 10_000, *,
                   dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """The angles $m\\theta_i$, shape `positions.shape + (dim // 2,)`, computed in `dtype`."""
+    r"""The angles $m\theta_i$ of every position and pair.
+
+    Args:
+        positions (torch.Tensor): positions $m$, any shape, integer (or real) values.
+        dim (int): the number of rotated features $d$, even, at least 2.
+        base (float): the base of the frequencies $\theta_i = \text{base}^{-2i/d}$, > 1. Default 10 000.
+        dtype (torch.dtype): the floating-point type the angles are computed in. Default float64.
+
+    Returns:
+        torch.Tensor: `positions.shape + (dim // 2,)` in `dtype`, on `positions`' device.
+
+    Raises:
+        TypeError: `positions` is not a real tensor, or `dtype` is not a floating-point type.
+        ValueError: `dim` is not an even int >= 2, or `base` is not a number > 1.
+    """
+    _check_real("positions", positions)
+    _check_dim(dim)
+    _check_base(base)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        fail("dtype", dtype, "a floating-point torch.dtype", TypeError)
     # $\theta_i$ for $i = 0, \dots, d/2 - 1$: `[dim / 2]`
     exponents = torch.arange(0, dim, 2, device=positions.device, dtype=torch.float64) / dim
     theta = (float(base) ** -exponents).to(dtype)
@@ -142,7 +164,23 @@ def rotary_angles(positions: torch.Tensor, dim: int, base: float = 10_000, *,
 
 def rotary_tables(positions: torch.Tensor, dim: int, base: float = 10_000, *,
                   dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """$\\cos$ and $\\sin$ of the angles (computed in float64), each `positions.shape + (dim // 2,)` in `dtype`."""
+    r"""$\cos m\theta_i$ and $\sin m\theta_i$, from angles computed in float64.
+
+    Args:
+        positions (torch.Tensor): positions $m$, any shape, integer (or real) values.
+        dim (int): the number of rotated features $d$, even, at least 2.
+        base (float): the base of the frequencies, > 1. Default 10 000.
+        dtype (torch.dtype): the floating-point type of the tables. Default float32.
+
+    Returns:
+        tuple[torch.Tensor, torch.Tensor]: `(cos, sin)`, each `positions.shape + (dim // 2,)` in `dtype`.
+
+    Raises:
+        TypeError: `positions` is not a real tensor, or `dtype` is not a floating-point type.
+        ValueError: `dim` is not an even int >= 2, or `base` is not a number > 1.
+    """
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        fail("dtype", dtype, "a floating-point torch.dtype", TypeError)
     angles = rotary_angles(positions, dim, base, dtype=torch.float64)
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
@@ -165,7 +203,27 @@ def rotary_tables(positions: torch.Tensor, dim: int, base: float = 10_000, *,
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, interleaved: bool = False) -> torch.Tensor:
-    """Rotate the first `2 * cos.shape[-1]` features of `x` (readable reference; same shape and dtype as `x`)."""
+    r"""Rotate pairs of features of `x` by the angles whose cosines and sines are `cos`, `sin` (the readable reference).
+
+    Shapes: `b` batch, `s` sequence length, `n_h` heads, `h_d` head dimension, `dim` rotated features.
+
+    Args:
+        x (torch.Tensor): `[..., h_d]`, floating point, typically `[b, s, n_h, h_d]`.
+        cos (torch.Tensor): `[..., dim / 2]` $\cos m\theta_i$, floating point, broadcastable against
+            `x[..., :dim]` without changing its shape (`[1 or b, s, 1, dim / 2]` for `[b, s, n_h, h_d]`).
+        sin (torch.Tensor): `[..., dim / 2]` $\sin m\theta_i$, of `cos`'s shape, dtype and device.
+        interleaved (bool): pairs $(2i, 2i+1)$ if True, $(i, i + dim/2)$ if False. Default False.
+
+    Returns:
+        torch.Tensor: `x`'s shape and dtype; the first `dim = 2 * cos.shape[-1]` features rotated,
+        the rest unchanged. Computed in the wider of `x`'s and `cos`'s dtypes, rounded once.
+
+    Raises:
+        TypeError: `x`, `cos` or `sin` is not a floating-point tensor, or `sin`'s dtype is not `cos`'s.
+        ValueError: `dim` exceeds `h_d`, `sin`'s shape or device is not `cos`'s, the tables are not on
+            `x`'s device, or they do not broadcast against `x`.
+    """
+    _check_tables(x, cos, sin)
     rot_dim = 2 * cos.shape[-1]
     compute = torch.promote_types(x.dtype, cos.dtype)
     x_rot, x_pass = x[..., :rot_dim].to(compute), x[..., rot_dim:]
@@ -186,256 +244,32 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, inter
     return torch.cat((y.to(x.dtype), x_pass), dim=-1)
 
 
-# ## The fast path
+# ## The fork to the fast path
 #
-# RoPE is memory-bound: per pair of features it does four multiplications and two additions,
-# against reading the pair and writing it back (in bfloat16, 1.5 operations per byte moved, when
-# an H100 needs about 20 to be limited by arithmetic rather than by memory). The readable version
-# above launches a kernel for the slice, the upcast, each product, each sum, the concatenation and
-# the downcast, and every one of them reads and writes a full tensor. The least any implementation
-# can move is one read of `x` and one write of the result: the traffic of a copy. Two fast paths
-# get there, a hand-written kernel and a compiled one.
+# The rotation above is the whole method. Its fast path, one Triton kernel that reads and writes
+# every element once, lives on a page of its own, [`annotated_src/rope_fast.py`](rope_fast.py),
+# with the autograd Function whose backward is the same kernel with the opposite angle and a
+# `torch.compile` version for where the kernel does not run. The modules below rotate through this
+# fork: the fast path where it applies, else the readable rotation.
 #
-# ### One Triton kernel, one token per program
+# * `fast=None` (the modules' default) follows the switch `annotated_src.fastpath` (on unless
+#   turned off) and takes the kernel where it runs (a CUDA GPU, or the CPU under Triton's
+#   interpreter) and `rope_fast.supports` the arguments: float16, bfloat16 or float32 `x`, the
+#   modules' float32 tables. float64 inputs, used to check the algebra, take the readable path.
+# * `fast=True` and `fast=False` override the switch for one module: always the fast path (the
+#   kernel where it runs and takes the arguments, the compiled rotation elsewhere), or never.
 #
-# Program $t$ handles token $t$ = (sample $b$, position $s$): it loads that token's rows of the
-# tables *once*, `[dim / 2]` float32 each, and applies them to all `n_heads` heads of the token,
-# a `[n_heads, dim / 2]` tile of first members $x^{(1)}$ and one of second members $x^{(2)}$.
-# Every element of `x` is read once and written once; the tables are read once per token (a
-# thirty-second of the traffic for 32 heads of 128 features, and from cache). The arithmetic is
-# the readable path's, in float32, rounded once to `x`'s dtype.
-#
-# * The half layout pairs feature $i$ with $i + d/2$: the two tiles are two contiguous halves of
-#   each head. The interleaved layout pairs $2i$ with $2i + 1$: two stride-2 tiles that share
-#   cache lines, so memory still sees each byte once.
-# * Features past `dim` are copied through in the same program.
-# * `NEGATE_SIN` flips the sign of $\sin$: the rotation by $-\alpha$, which is the backward pass.
-#   The Jacobian of $y = R(\alpha)\,x$ is $R(\alpha)$, so $\partial L / \partial x =
-#   R(\alpha)^\top\, \partial L / \partial y = R(-\alpha)\, \partial L / \partial y$; for xPos's
-#   scaled tables too, since $R^\top$ of $\begin{pmatrix} c & -s \\ s & c \end{pmatrix}$ is the
-#   same matrix with $-s$.
-#
-# Triton is a dependency of CUDA builds of PyTorch; where it is missing (CPU builds) the fast
-# path is the compiled one below.
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU builds of PyTorch come without Triton
-    triton = None
-
-if triton is not None:
-    @triton.jit
-    def _rope_kernel(x_ptr, y_ptr, cos_ptr, sin_ptr, seq_len, n_heads,
-                     sx_b, sx_s, sx_h, sy_b, sy_s, sy_h, sc_b, sc_s,
-                     HALF: tl.constexpr, HALF_P2: tl.constexpr, HEADS_P2: tl.constexpr,
-                     PASS: tl.constexpr, PASS_P2: tl.constexpr,
-                     INTERLEAVED: tl.constexpr, NEGATE_SIN: tl.constexpr):
-        token = tl.program_id(0)
-        b, s = token // seq_len, token % seq_len
-        # `[dim / 2]`: this token's angles, loaded once for all heads
-        i = tl.arange(0, HALF_P2)
-        c = tl.load(cos_ptr + b * sc_b + s * sc_s + i, mask=i < HALF)
-        sn = tl.load(sin_ptr + b * sc_b + s * sc_s + i, mask=i < HALF)
-        if NEGATE_SIN:
-            sn = -sn
-        # `[n_heads, dim / 2]` tiles of both members of every pair
-        heads = tl.arange(0, HEADS_P2)[:, None]
-        i = i[None, :]
-        if INTERLEAVED:
-            first, second = 2 * i, 2 * i + 1
-        else:
-            first, second = i, i + HALF
-        m = (heads < n_heads) & (i < HALF)
-        x_row = x_ptr + b * sx_b + s * sx_s + heads * sx_h
-        y_row = y_ptr + b * sy_b + s * sy_s + heads * sy_h
-        x1 = tl.load(x_row + first, mask=m).to(tl.float32)
-        x2 = tl.load(x_row + second, mask=m).to(tl.float32)
-        # $y^{(1)} = x^{(1)} \cos - x^{(2)} \sin$, $y^{(2)} = x^{(2)} \cos + x^{(1)} \sin$
-        tl.store(y_row + first, (x1 * c[None, :] - x2 * sn[None, :]).to(y_ptr.dtype.element_ty), mask=m)
-        tl.store(y_row + second, (x2 * c[None, :] + x1 * sn[None, :]).to(y_ptr.dtype.element_ty), mask=m)
-        if PASS > 0:
-            # Features past `dim`, unchanged.
-            j = tl.arange(0, PASS_P2)[None, :]
-            mp = (heads < n_heads) & (j < PASS)
-            tl.store(y_row + 2 * HALF + j, tl.load(x_row + 2 * HALF + j, mask=mp), mask=mp)
-
-
-def _launch_rope_kernel(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool,
-                        negate_sin: bool) -> torch.Tensor:
-    # `x` `[batch, seq_len, n_heads, head_dim]` with unit stride along `head_dim` (any other
-    # strides, e.g. a slice of a fused projection); `cos`, `sin` `[1 or batch, seq_len, 1, dim / 2]`.
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    cos, sin = (t if t.stride(-1) == 1 else t.contiguous() for t in (cos, sin))
-    batch, seq_len, n_heads, head_dim = x.shape
-    half = cos.shape[-1]
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    if y.numel() == 0:
-        return y
-    table_b = cos.stride(0) if cos.shape[0] > 1 else 0
-    pass_through = head_dim - 2 * half
-    with torch.cuda.device(x.device):
-        _rope_kernel[(batch * seq_len,)](
-            x, y, cos, sin, seq_len, n_heads, x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1),
-            y.stride(2), table_b, cos.stride(1), HALF=half, HALF_P2=triton.next_power_of_2(half),
-            HEADS_P2=triton.next_power_of_2(n_heads), PASS=pass_through,
-            PASS_P2=triton.next_power_of_2(max(pass_through, 1)), INTERLEAVED=interleaved,
-            NEGATE_SIN=negate_sin, num_warps=8)
-    return y
-
-
-class _RotaryTriton(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, cos, sin, interleaved):
-        ctx.save_for_backward(cos, sin)
-        ctx.interleaved = interleaved
-        return _launch_rope_kernel(x, cos, sin, interleaved, negate_sin=False)
-
-    @staticmethod
-    def backward(ctx, dy):
-        cos, sin = ctx.saved_tensors
-        # The gradient is the inverse rotation of the incoming gradient (see above).
-        return _launch_rope_kernel(dy, cos, sin, ctx.interleaved, negate_sin=True), None, None, None
-
-
-def _triton_applies(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
-    """Whether `apply_rotary_triton` takes these arguments (otherwise the compiled path does)."""
-    return (triton is not None and x.is_cuda and x.dim() == 4 and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
-            and cos.dtype == torch.float32 and sin.dtype == torch.float32 and cos.shape == sin.shape
-            and cos.dim() == 4 and cos.shape[0] in (1, x.shape[0]) and cos.shape[1] == x.shape[1] and cos.shape[2] == 1
-            and sin.stride() == cos.stride() and cos.device == x.device and 2 * cos.shape[-1] <= x.shape[-1]
-            and not (cos.requires_grad or sin.requires_grad))
-
-
-def apply_rotary_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, interleaved: bool = False) -> torch.Tensor:
-    """The rotation as one Triton kernel (CUDA): `x` `[batch, seq_len, n_heads, head_dim]` (float16,
-    bfloat16 or float32), float32 `cos`, `sin` `[1 or batch, seq_len, 1, dim / 2]`. Differentiable in `x`."""
-    if triton is None:
-        fail("apply_rotary_triton", "a PyTorch without Triton", "a CUDA build of PyTorch (Triton comes with it)")
-    check_tensor("x", x, ndim=4, layout="[batch, seq_len, n_heads, head_dim]", floating=True)
-    if not _triton_applies(x, cos, sin):
-        fail("x, cos, sin", f"x {tuple(x.shape)} {x.dtype} on {x.device}, cos {tuple(cos.shape)} {cos.dtype}, "
-             f"sin {tuple(sin.shape)} {sin.dtype}",
-             "x on a CUDA device in float16, bfloat16 or float32, and float32 tables without gradients, "
-             f"of one shape and layout, [1 or batch, seq_len, 1, dim / 2 <= {x.shape[-1] // 2}], on x's device")
-    return _RotaryTriton.apply(x, cos, sin, interleaved)
-
-
-# ### The compiled path
-#
-# The same rotation written feature by feature, compiled by `torch.compile`: every output feature
-# is $x_j \cos\alpha_j + \tilde x_j \sin\alpha_j$, where $\tilde x_j$ is its partner in the pair
-# with the rotation's sign, and the tables are widened to one angle per feature before the call.
-# The compiler emits one elementwise kernel in which each thread reads its feature and its
-# partner and the two table entries and writes one output: the memory traffic of a copy, but
-# four more loads per element from cache (x's partner, and both tables at full width). On an
-# H200 the cache, not the memory, then limits it: about 82 % of the copy bandwidth, where the
-# kernel above, which loads every table entry once per token and every element once, reaches
-# the low 90s (the notebook measures both). It is the fast path where Triton is absent, and on
-# the CPU, where Inductor emits C++.
-#
-# We compile once per process with `fullgraph=True` (a graph break would be a silent loss of
-# fusion, so it is an error instead) and `dynamic=False` (each new shape gets its own kernel,
-# specialised to its sizes).
-
-_compiled_apply_rotary = None
-
-
-def _widen_tables(cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The tables with one angle per rotated feature, `[..., dim]`, in the order of the layout."""
-    if interleaved:
-        return cos.repeat_interleave(2, dim=-1), sin.repeat_interleave(2, dim=-1)
-    return torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)
-
-
-def _rotate_feature_wise(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
-    """The rotation as one elementwise expression, on full-width tables `cos`, `sin` `[..., dim]`."""
-    rot_dim = cos.shape[-1]
-    compute = torch.promote_types(x.dtype, cos.dtype)
-    x_rot = x[..., :rot_dim].to(compute)
-    # Every feature's partner in its pair, with the sign the rotation gives it: `[..., dim]`.
-    if interleaved:
-        partner = torch.stack((-x_rot[..., 1::2], x_rot[..., 0::2]), dim=-1).flatten(-2)
-    else:
-        half = rot_dim // 2
-        partner = torch.cat((-x_rot[..., half:], x_rot[..., :half]), dim=-1)
-    # $y = x \cos + \operatorname{partner}(x) \sin$, feature by feature.
-    y = (x_rot * cos + partner * sin).to(x.dtype)
-    return y if rot_dim == x.shape[-1] else torch.cat((y, x[..., rot_dim:]), dim=-1)
-
-
-def apply_rotary_compiled(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, interleaved: bool = False) -> torch.Tensor:
-    """The rotation compiled into one fused kernel by `torch.compile` (same arguments, same result)."""
-    global _compiled_apply_rotary
-    if _compiled_apply_rotary is None:
-        _compiled_apply_rotary = torch.compile(_rotate_feature_wise, fullgraph=True, dynamic=False)
-    cos, sin = _widen_tables(cos, sin, interleaved)
-    return _compiled_apply_rotary(x, cos, sin, interleaved)
-
-
-# `apply_rotary_fast` takes the Triton kernel when it applies (CUDA, float16/bfloat16/float32,
-# the module's float32 tables) and the compiled function otherwise.
-def apply_rotary_fast(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, interleaved: bool = False) -> torch.Tensor:
-    """The fast rotation: the Triton kernel where it applies, else the compiled function (same result)."""
-    if _triton_applies(x, cos, sin):
-        return _RotaryTriton.apply(x, cos, sin, interleaved)
-    return apply_rotary_compiled(x, cos, sin, interleaved=interleaved)
-
-
-# The modules choose. `fast=True` always takes `apply_rotary_fast` (on the CPU too, where it is
-# the compiled function: the tests use it to prove the compiled kernel equal to the reference);
-# `fast=False` never does; `fast=None` (the default) takes it on CUDA only, for float32 and
-# narrower inputs (float64 is for checking the algebra, not for speed). In that automatic mode
-# two things are guarded:
-#
-# * **Recompilations** (compiled path only). With `dynamic=False` every new shape compiles a new
-#   kernel, and after `torch._dynamo`'s limit (8 per function) it would fall back to eager with a
-#   warning. We stop short of it: after `_MAX_FAST_SIGNATURES` distinct signatures, new ones take
-#   the readable path. The Triton kernel takes every shape with the same compiled code.
-# * **Failures.** If the fast path fails (a missing compiler, an unsupported GPU), the error is
-#   reported once as a `RuntimeWarning` that names it, and the readable path is used from then on.
-#   The result is never wrong, only slower, and the warning says so.
-#
-# Inside someone else's `torch.compile` region the readable path is used: the outer compiler
-# fuses it anyway.
-
-_AUTO_FAST_DEVICES = ("cuda",)
-_MAX_FAST_SIGNATURES = 6
-_fast_signatures: set = set()
-_fast_failed: str | None = None
-
-
-def _is_compiling() -> bool:
-    is_compiling = getattr(torch.compiler, "is_compiling", None)
-    return bool(is_compiling()) if is_compiling is not None else False
+# A fast path that fails raises a `FastPathError` naming the chapter and the switch, rather than
+# falling back quietly to slower code. Inside someone else's `torch.compile` region the readable
+# rotation is used: the outer compiler fuses it anyway.
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool, fast: bool | None) -> torch.Tensor:
-    global _fast_failed
-    if fast is False or _is_compiling():
-        return apply_rotary(x, cos, sin, interleaved=interleaved)
-    if fast is True:
-        return apply_rotary_fast(x, cos, sin, interleaved=interleaved)
-    if x.device.type not in _AUTO_FAST_DEVICES or x.dtype == torch.float64 or _fast_failed is not None:
-        return apply_rotary(x, cos, sin, interleaved=interleaved)
-    # What the compiled function specialises on: sizes, strides, dtypes, the layout, autograd
-    # state, and whether `x` starts on a 16-byte boundary (a slice at an offset may not).
-    signature = (tuple(x.shape), x.stride(), x.dtype, x.device, x.requires_grad, x.data_ptr() % 16 == 0,
-                 tuple(cos.shape), cos.stride(), cos.dtype, interleaved, torch.is_grad_enabled(),
-                 torch.is_inference_mode_enabled())
-    triton_path = _triton_applies(x, cos, sin)
-    if not triton_path and signature not in _fast_signatures and len(_fast_signatures) >= _MAX_FAST_SIGNATURES:
-        return apply_rotary(x, cos, sin, interleaved=interleaved)
-    try:
-        y = apply_rotary_fast(x, cos, sin, interleaved=interleaved)
-    except Exception as e:  # report the failure once, then stay on the readable path
-        _fast_failed = f"{type(e).__name__}: {e}"
-        warnings.warn(f"annotated_src.rope: the fast rotation failed ({_fast_failed}); "
-                      "using the readable path from now on (same results, slower)", RuntimeWarning, stacklevel=3)
-        return apply_rotary(x, cos, sin, interleaved=interleaved)
-    if not triton_path:
-        _fast_signatures.add(signature)
-    return y
+    if fast is None:
+        fast = fastpath.applies("rope", x, cos, sin) and rope_fast.supports(x, cos, sin)
+    if fast and not torch.compiler.is_compiling():
+        return fastpath.run("rope", rope_fast.apply_rotary_fast, x, cos, sin, interleaved=interleaved)
+    return apply_rotary(x, cos, sin, interleaved=interleaved)
 
 
 # ## Checking the inputs
@@ -445,6 +279,47 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: 
 # step at an offset) or `[batch, seq_len]` (per sample: left-padded batches, packed sequences).
 
 
+def _check_dim(dim, name: str = "dim") -> int:
+    check_int(name, dim, min_value=2)
+    if dim % 2:
+        fail(name, dim, "an even number (the features are rotated in pairs)")
+    return dim
+
+
+def _check_base(base, name: str = "base") -> float:
+    if isinstance(base, bool) or not isinstance(base, (int, float)) or not base > 1 or base == float("inf"):
+        fail(name, base, "a finite number > 1")
+    return base
+
+
+def _check_real(name: str, t) -> torch.Tensor:
+    check_tensor(name, t)
+    if t.is_complex() or t.dtype == torch.bool:
+        fail(name, f"dtype {t.dtype}", "an integer or floating-point tensor", TypeError)
+    return t
+
+
+# `apply_rotary`'s tables: `cos` and `sin` alike, on `x`'s device, at most `head_dim / 2` pairs,
+# and broadcasting against `x[..., :dim]` without changing its shape.
+def _check_tables(x, cos, sin) -> None:
+    check_tensor("x", x, floating=True)
+    check_tensor("cos", cos, floating=True)
+    check_tensor("sin", sin, floating=True)
+    check_same("sin", sin, "cos", cos)
+    if cos.device != x.device:
+        fail("cos", f"device {cos.device}", f"x's device, {x.device}")
+    half = cos.shape[-1] if cos.ndim else 0
+    if not 1 <= half <= x.shape[-1] // 2:
+        fail("cos", f"shape {tuple(cos.shape)}", f"a last dimension dim / 2 between 1 and head_dim / 2 = {x.shape[-1] // 2}")
+    target = (*x.shape[:-1], half)
+    try:
+        ok = torch.broadcast_shapes(target, cos.shape) == target
+    except RuntimeError:
+        ok = False
+    if not ok:
+        fail("cos", f"shape {tuple(cos.shape)}", f"a shape that broadcasts to x's {target} (x[..., :dim] with dim / 2 pairs)")
+
+
 def _check_x(name: str, x, dim: int) -> torch.Tensor:
     check_tensor(name, x, ndim=4, layout="4 dimensions [batch, seq_len, n_heads, head_dim]", floating=True)
     if x.shape[-1] < dim:
@@ -452,10 +327,10 @@ def _check_x(name: str, x, dim: int) -> torch.Tensor:
     return x
 
 
-def _check_positions(input_pos, x: torch.Tensor, max_seq_len: int) -> torch.Tensor | None:
+def _check_positions(input_pos, x: torch.Tensor, max_seq_len: int | None) -> torch.Tensor | None:
     batch, seq_len = x.shape[0], x.shape[1]
     if input_pos is None:
-        if seq_len > max_seq_len:
+        if max_seq_len is not None and seq_len > max_seq_len:
             raise ValueError(f"x: got seq_len {seq_len}, expected seq_len <= max_seq_len = {max_seq_len} "
                              f"(positions 0..seq_len-1 would reach position {seq_len - 1})")
         return None
@@ -463,11 +338,14 @@ def _check_positions(input_pos, x: torch.Tensor, max_seq_len: int) -> torch.Tens
     if input_pos.shape[-1] != seq_len or (input_pos.ndim == 2 and input_pos.shape[0] != batch):
         want = f"[{seq_len}] or [{batch}, {seq_len}] to match x's [batch, seq_len] = [{batch}, {seq_len}]"
         fail("input_pos", f"shape {tuple(input_pos.shape)}", want)
+    # Positions are indices: like PyTorch's indexing, we take them on the CPU or on `x`'s device,
+    # and move them to `x`'s device.
+    input_pos = input_pos.to(x.device)
     # Reading the extreme positions costs one device synchronisation per call. Without it a
     # position past the table would be an out-of-bounds gather: on CUDA a device-side assert that
     # names neither the argument nor the limit, and that leaves the CUDA context unusable.
     # Inside `torch.compile` the check is skipped (it would break the graph).
-    if input_pos.numel() and not _is_compiling():
+    if max_seq_len is not None and input_pos.numel() and not torch.compiler.is_compiling():
         lo, hi = (int(v) for v in torch.aminmax(input_pos))
         if lo < 0:
             raise ValueError(f"input_pos: got position {lo}, expected positions >= 0")
@@ -483,7 +361,8 @@ def _check_positions(input_pos, x: torch.Tensor, max_seq_len: int) -> torch.Tens
 # * `max_seq_len` is the number of positions the tables hold
 # * `base` is the base of the frequencies, 10 000 in the paper
 # * `interleaved` picks the pair layout: `False` pairs $(i, i + d/2)$, `True` pairs $(2i, 2i+1)$
-# * `fast` picks the implementation: `None` takes the fast path on CUDA, `True` always, `False` never
+# * `fast` overrides the fast-path switch for this module: `None` follows it, `True` always takes
+#   the fast path, `False` never (see the fork above)
 #
 # The tables are `[max_seq_len, dim / 2]` float32 buffers, registered as non-persistent so that
 # the module has no `state_dict` entries (they are a function of the arguments, not learned).
@@ -495,16 +374,13 @@ def _check_positions(input_pos, x: torch.Tensor, max_seq_len: int) -> torch.Tens
 class _RotaryBase(nn.Module):
     def __init__(self, dim: int, max_seq_len: int, base: float, interleaved: bool, fast: bool | None):
         super().__init__()
-        check_int("dim", dim, min_value=2)
-        if dim % 2:
-            fail("dim", dim, "an even number (the features are rotated in pairs)")
+        _check_dim(dim)
         check_int("max_seq_len", max_seq_len, min_value=1)
-        if isinstance(base, bool) or not isinstance(base, (int, float)) or not base > 1:
-            fail("base", base, "a number > 1")
+        _check_base(base)
         if not isinstance(interleaved, bool):
             fail("interleaved", interleaved, "a bool", TypeError)
-        if fast not in (None, True, False):
-            fail("fast", fast, "None (fast path on CUDA), True or False", TypeError)
+        if fast is not None and not isinstance(fast, bool):
+            fail("fast", fast, "None (follow annotated_src.fastpath), True or False", TypeError)
         self.dim, self.max_seq_len, self.base = dim, max_seq_len, base
         self.interleaved, self.fast = interleaved, fast
         # On the default device: the CPU, or the device of an enclosing `with torch.device(...)`.
@@ -534,7 +410,7 @@ class _RotaryBase(nn.Module):
     def _rows(table: torch.Tensor, input_pos: torch.Tensor | None, seq_len: int) -> torch.Tensor:
         if input_pos is None:
             return table[:seq_len].unsqueeze(0).unsqueeze(2)
-        rows = table[input_pos.to(table.device)]
+        rows = table[input_pos]
         return (rows.unsqueeze(0) if input_pos.ndim == 1 else rows).unsqueeze(2)
 
     # float64 inputs get float64 tables computed on the fly from the positions, so that float64
@@ -542,7 +418,7 @@ class _RotaryBase(nn.Module):
     def _positions(self, input_pos: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
         if input_pos is None:
             return torch.arange(x.shape[1], device=x.device).unsqueeze(0)
-        return input_pos.to(x.device) if input_pos.ndim == 2 else input_pos.to(x.device).unsqueeze(0)
+        return input_pos if input_pos.ndim == 2 else input_pos.unsqueeze(0)
 
     def _cos_sin(self, x: torch.Tensor, input_pos: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         if x.dtype == torch.float64:
@@ -559,9 +435,43 @@ class _RotaryBase(nn.Module):
 class RotaryPositionalEmbeddings(_RotaryBase):
     r"""Rotate the first `dim` features of every head by position-dependent angles (RoPE).
 
-    `forward(x, *, input_pos=None)`: `x` is `[batch, seq_len, n_heads, head_dim]`, `input_pos` is
-    `None`, `[seq_len]` or `[batch, seq_len]` integers below `max_seq_len`. Returns a tensor of
-    `x`'s shape and dtype.
+    Shapes: `b` batch, `s` sequence length, `n_h` heads, `h_d` head dimension.
+
+    Args:
+        dim (int): the number of rotated features $d$, even, at most `h_d` (the rest pass through).
+        max_seq_len (int): the number of positions the cached tables hold, at least 1. Default 4096.
+        base (float): the base of the frequencies $\theta_i = \text{base}^{-2i/d}$, > 1. Default 10 000.
+        interleaved (bool): pairs $(2i, 2i+1)$ if True (the paper, Meta's LLaMA), $(i, i + d/2)$ if
+            False (GPT-NeoX, Hugging Face). Default False.
+        fast (bool | None): a per-instance override of the fast path (`annotated_src/rope_fast.py`).
+            None (default) follows the switch `annotated_src.fastpath` and takes the Triton kernel
+            where it runs and `rope_fast.supports` the input; True always takes the fast path, even
+            with the switch off (the kernel where it runs, the `torch.compile` rotation elsewhere);
+            False never does.
+
+    Raises:
+        TypeError: an argument has the wrong type (`dim`, `max_seq_len` not ints, `interleaved` not a bool,
+            `fast` not None or a bool).
+        ValueError: `dim` is odd or below 2, `max_seq_len` below 1, or `base` not a finite number > 1.
+
+    `forward(x, *, input_pos=None)`:
+
+    Args:
+        x (torch.Tensor): `[b, s, n_h, h_d]`, floating point, on the module's device. float16,
+            bfloat16 and float32 use the float32 tables; float64 uses float64 tables computed from
+            the positions.
+        input_pos (torch.Tensor | None): integer positions below `max_seq_len`, `[s]` (shared by
+            the batch) or `[b, s]` (per sample), on the CPU or `x`'s device. Default None: $0, \dots, s - 1$.
+
+    Returns:
+        torch.Tensor: `[b, s, n_h, h_d]` in `x`'s dtype.
+
+    Raises:
+        TypeError: `x` is not a floating-point tensor or `input_pos` not an integer tensor.
+        ValueError: `x` is not 4-D, its `h_d` is below `dim`, it is not on the module's device,
+            `input_pos` has the wrong shape or a position outside `[0, max_seq_len)`, or, without
+            `input_pos`, `s > max_seq_len`.
+        annotated_src.fastpath.FastPathError: the fast path was taken and failed.
     """
 
     def __init__(self, dim: int, max_seq_len: int = 4096, base: float = 10_000, *, interleaved: bool = False,
@@ -597,22 +507,56 @@ class RotaryPositionalEmbeddings(_RotaryBase):
 
 
 class XPos(_RotaryBase):
-    r"""RoPE with the xPos decay: returns `(q_rot, k_rot)` whose dot products decay as $\zeta^{(m-n)/\gamma}$.
+    r"""RoPE with the xPos decay: rotated queries and keys whose dot products scale by $\zeta_i^{(m-n)/\gamma}$.
 
-    `forward(q, k, *, input_pos=None)`: `q` and `k` are `[batch, seq_len, n_heads, head_dim]` of
-    the same shape and dtype (queries and keys at the same positions, as in self-attention).
-    `scale_base` is the paper's $\gamma$.
+    Shapes: `b` batch, `s` sequence length, `n_h` heads, `h_d` head dimension.
+
+    Args:
+        dim (int): the number of rotated and scaled features $d$, even, at most `h_d`.
+        max_seq_len (int): the number of positions the cached tables hold, at least 1. Default 4096.
+        base (float): the base of the frequencies, > 1. Default 10 000.
+        scale_base (float): $\gamma$, the number of positions over which the decay of pair $i$ is
+            $\zeta_i$, > 0. Default 512.
+        interleaved (bool): pairs $(2i, 2i+1)$ if True, $(i, i + d/2)$ if False. Default False.
+        fast (bool | None): a per-instance override of the fast path, as in
+            `RotaryPositionalEmbeddings`. Default None.
+
+    Raises:
+        TypeError: an argument has the wrong type.
+        ValueError: `dim` is odd or below 2, `max_seq_len` below 1, `base` not a finite number
+            > 1, or `scale_base` not a finite number > 0.
+
+    `forward(q, k, *, input_pos=None)`:
+
+    Args:
+        q (torch.Tensor): queries `[b, s, n_h, h_d]`, floating point, on the module's device.
+        k (torch.Tensor): keys at the same positions (as in self-attention), `q`'s shape, dtype and device.
+        input_pos (torch.Tensor | None): as in `RotaryPositionalEmbeddings`. Default None: $0, \dots, s - 1$.
+
+    Returns:
+        tuple[torch.Tensor, torch.Tensor]: `(q_rot, k_rot)`, each `[b, s, n_h, h_d]` in `q`'s dtype.
+
+    Raises:
+        TypeError: `q` or `k` is not a floating-point tensor, `k`'s dtype is not `q`'s, or
+            `input_pos` is not an integer tensor.
+        ValueError: as `RotaryPositionalEmbeddings.forward`, for `q`; `k`'s shape or device is not `q`'s.
+        annotated_src.fastpath.FastPathError: the fast path was taken and failed.
     """
 
     def __init__(self, dim: int, max_seq_len: int = 4096, base: float = 10_000, scale_base: float = 512, *,
                  interleaved: bool = False, fast: bool | None = None):
-        if isinstance(scale_base, bool) or not isinstance(scale_base, (int, float)) or not scale_base > 0:
-            fail("scale_base", scale_base, "a number > 0")
+        if (isinstance(scale_base, bool) or not isinstance(scale_base, (int, float)) or not scale_base > 0
+                or scale_base == float("inf")):
+            fail("scale_base", scale_base, "a finite number > 0")
         self.scale_base = scale_base
         super().__init__(dim, max_seq_len, base, interleaved, fast)
 
-    # $\zeta_i = (2i/d + 0.4)/1.4$, `[dim / 2]`, in float64.
     def zeta(self) -> torch.Tensor:
+        r"""The decay of each pair per `scale_base` positions, $\zeta_i = (2i/d + 0.4)/1.4$.
+
+        Returns:
+            torch.Tensor: `[dim / 2]` float64 on the CPU, rising from $0.4/1.4 \approx 0.29$ towards 1.
+        """
         return (torch.arange(0, self.dim, 2, dtype=torch.float64) / self.dim + 0.4) / 1.4
 
     # $\zeta_i^{(n - c)/\gamma}$ for positions $n$: `positions.shape + (dim / 2,)`.
@@ -656,19 +600,37 @@ class XPos(_RotaryBase):
 
 def rope_reference(x: torch.Tensor, *, dim: int | None = None, base: float = 10_000,
                    input_pos: torch.Tensor | None = None, interleaved: bool = False) -> torch.Tensor:
-    """RoPE on `x` `[batch, seq_len, n_heads, head_dim]`, recomputing its tables on every call."""
+    r"""RoPE in one function that recomputes $\theta$, the angles and their tables on every call.
+
+    Args:
+        x (torch.Tensor): `[b, s, n_h, h_d]`, floating point.
+        dim (int | None): the number of rotated features, even, at most `h_d`. Default None: all of `h_d`.
+        base (float): the base of the frequencies, > 1. Default 10 000.
+        input_pos (torch.Tensor | None): integer positions, `[s]` or `[b, s]`. Default None: $0, \dots, s - 1$.
+        interleaved (bool): pairs $(2i, 2i+1)$ if True, $(i, i + dim/2)$ if False. Default False.
+
+    Returns:
+        torch.Tensor: `x`'s shape and dtype, the first `dim` features rotated.
+
+    Raises:
+        TypeError: `x` is not a floating-point tensor, or `input_pos` not an integer tensor.
+        ValueError: `x` is not 4-D, `dim` is odd, below 2 or above `h_d`, `base` is not > 1, or
+            `input_pos` does not match `[s]` or `[b, s]`.
+    """
     dim = x.shape[-1] if isinstance(x, torch.Tensor) and dim is None else dim
-    check_int("dim", dim, min_value=2)
-    if dim % 2:
-        fail("dim", dim, "an even number (the features are rotated in pairs)")
+    _check_dim(dim)
+    _check_base(base)
     _check_x("x", x, dim)
+    if not isinstance(interleaved, bool):
+        fail("interleaved", interleaved, "a bool", TypeError)
+    input_pos = _check_positions(input_pos, x, None)
     compute = torch.promote_types(x.dtype, torch.float32)
     if input_pos is None:
         input_pos = torch.arange(x.shape[1], device=x.device)
     # $\theta_i$: `[dim / 2]`
     theta = base ** -(torch.arange(0, dim, 2, device=x.device, dtype=compute) / dim)
     # $m\theta_i$: `[seq_len, dim / 2]` or `[batch, seq_len, dim / 2]`
-    angles = input_pos.to(device=x.device, dtype=compute).unsqueeze(-1) * theta
+    angles = input_pos.to(compute).unsqueeze(-1) * theta
     if angles.ndim == 2:
         angles = angles.unsqueeze(0)
     # `[1 or batch, seq_len, 1, dim / 2]`
@@ -685,13 +647,23 @@ def rope_reference(x: torch.Tensor, *, dim: int | None = None, base: float = 10_
 
 
 def interleaved_to_half_permutation(dim: int, head_dim: int | None = None) -> torch.Tensor:
-    """Index vector `perm` with `x_half = x_interleaved[..., perm]`, `[head_dim]` (identity past `dim`)."""
-    check_int("dim", dim, min_value=2)
-    if dim % 2:
-        fail("dim", dim, "an even number")
+    """The permutation $P$ that takes a head from the interleaved layout to the half layout.
+
+    Args:
+        dim (int): the number of rotated features, even, at least 2.
+        head_dim (int | None): the features of a head, at least `dim`. Default None: `dim`.
+
+    Returns:
+        torch.Tensor: `[head_dim]` int64 `perm` with `x_half = x_interleaved[..., perm]`:
+        `[0, 2, ..., dim - 2, 1, 3, ..., dim - 1, dim, dim + 1, ..., head_dim - 1]`.
+
+    Raises:
+        TypeError: `dim` or `head_dim` is not an int.
+        ValueError: `dim` is odd or below 2, or `head_dim` is below `dim`.
+    """
+    _check_dim(dim)
     head_dim = dim if head_dim is None else check_int("head_dim", head_dim, min_value=dim)
-    perm = torch.cat((torch.arange(0, dim, 2), torch.arange(1, dim, 2), torch.arange(dim, head_dim)))
-    return perm
+    return torch.cat((torch.arange(0, dim, 2), torch.arange(1, dim, 2), torch.arange(dim, head_dim)))
 
 
 # A query projection `nn.Linear(d_model, n_heads * head_dim)` has a weight of shape
@@ -719,18 +691,50 @@ def _check_projection(weight: torch.Tensor, n_heads: int, dim: int | None) -> tu
     if weight.shape[0] % n_heads:
         fail("weight", f"shape {tuple(weight.shape)}", f"a number of rows divisible by n_heads = {n_heads}")
     head_dim = weight.shape[0] // n_heads
-    dim = head_dim if dim is None else dim
+    if dim is None:
+        dim = head_dim
+    elif _check_dim(dim) > head_dim:
+        fail("dim", dim, f"at most head_dim = {head_dim} (weight's {weight.shape[0]} rows over n_heads = {n_heads})")
     return head_dim, dim
 
 
 def convert_interleaved_to_half(weight: torch.Tensor, n_heads: int, dim: int | None = None) -> torch.Tensor:
-    """Permute the rows of a query/key projection weight `[n_heads * head_dim, d_model]` (or bias) from interleaved to half pairs."""
+    """Permute a query or key projection from interleaved pairs to half pairs, head by head.
+
+    Args:
+        weight (torch.Tensor): a weight `[n_heads * head_dim, d_model]` or a bias `[n_heads * head_dim]`.
+        n_heads (int): the number of heads whose rows `weight` stacks, at least 1.
+        dim (int | None): the rotated features of a head, even, at most `head_dim`. Default None: all.
+
+    Returns:
+        torch.Tensor: `weight`'s shape, dtype and device, each head's rows permuted by $P$.
+
+    Raises:
+        TypeError: `weight` is not a tensor, or `n_heads` or `dim` is not an int.
+        ValueError: `weight` is not 1-D or 2-D, its rows are not a multiple of `n_heads`, or `dim` is
+            odd, below 2 or above `head_dim`.
+    """
     head_dim, dim = _check_projection(weight, n_heads, dim)
     return _permute_heads(weight, interleaved_to_half_permutation(dim, head_dim), n_heads)
 
 
 def convert_half_to_interleaved(weight: torch.Tensor, n_heads: int, dim: int | None = None) -> torch.Tensor:
-    """The inverse of `convert_interleaved_to_half`."""
+    """Permute a query or key projection from half pairs back to interleaved pairs (the inverse of
+    `convert_interleaved_to_half`).
+
+    Args:
+        weight (torch.Tensor): a weight `[n_heads * head_dim, d_model]` or a bias `[n_heads * head_dim]`.
+        n_heads (int): the number of heads whose rows `weight` stacks, at least 1.
+        dim (int | None): the rotated features of a head, even, at most `head_dim`. Default None: all.
+
+    Returns:
+        torch.Tensor: `weight`'s shape, dtype and device, each head's rows permuted by $P^{-1}$.
+
+    Raises:
+        TypeError: `weight` is not a tensor, or `n_heads` or `dim` is not an int.
+        ValueError: `weight` is not 1-D or 2-D, its rows are not a multiple of `n_heads`, or `dim` is
+            odd, below 2 or above `head_dim`.
+    """
     head_dim, dim = _check_projection(weight, n_heads, dim)
     inverse = torch.argsort(interleaved_to_half_permutation(dim, head_dim))
     return _permute_heads(weight, inverse, n_heads)

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from annotated_src import rope
+from annotated_src import fastpath, rope, rope_fast
 from annotated_src.rope import (RotaryPositionalEmbeddings, XPos, apply_rotary, convert_half_to_interleaved, convert_interleaved_to_half,
                                 interleaved_to_half_permutation, rope_reference, rotary_angles, rotary_tables)
 
@@ -259,18 +259,62 @@ def test_tables_stay_float32_after_dtype_moves_and_state_dict_is_empty():
     container.load_state_dict(container.state_dict(), strict=True)
 
 
-# ## Fast path
+# ## Fast path: the fork
 
 
-def test_auto_mode_on_cpu_uses_readable_path():
+def test_auto_mode_without_kernels_uses_readable_path(monkeypatch):
+    # Where the kernels do not run (here: the CPU without the interpreter), `fast=None` takes the
+    # readable rotation and never calls the fast path.
+    monkeypatch.setattr(fastpath, "INTERPRET", False)
+
+    def not_called(*args, **kwargs):
+        raise AssertionError("the fast path was taken")
+
+    monkeypatch.setattr(rope_fast, "apply_rotary_fast", not_called)
     x = randn(2, 7, 3, 8, seed=19)
     module = RotaryPositionalEmbeddings(8)
     assert torch.equal(module(x), apply_rotary(x, module.cos_cached[:7][None, :, None], module.sin_cached[:7][None, :, None]))
-    assert rope._compiled_apply_rotary is None or not rope._fast_signatures
 
 
-def test_fast_path_forced_on_cpu_equals_reference():
-    # One compilation (inductor's C++ backend), forward and backward, interleaved layout, partial.
+def test_switch_off_takes_readable_path_and_fast_false_overrides(monkeypatch, no_fast_path):
+    calls = []
+
+    def spy(x, cos, sin, *, interleaved=False):
+        calls.append(tuple(x.shape))
+        return apply_rotary(x, cos, sin, interleaved=interleaved)
+
+    monkeypatch.setattr(fastpath, "INTERPRET", True)  # pretend the kernels run on the CPU
+    monkeypatch.setattr(fastpath, "HAS_TRITON", True)
+    monkeypatch.setattr(rope_fast, "apply_rotary_fast", spy)
+    x = randn(1, 3, 2, 8, seed=43)
+    RotaryPositionalEmbeddings(8)(x)
+    assert len(calls) == 1  # switch on, kernel "runs", supported: the fast path
+    RotaryPositionalEmbeddings(8, fast=False)(x)
+    RotaryPositionalEmbeddings(8)(x.double())  # float64 is not what the kernel takes
+    assert len(calls) == 1
+    no_fast_path("rope")
+    RotaryPositionalEmbeddings(8)(x)
+    assert len(calls) == 1  # the switch is off
+    RotaryPositionalEmbeddings(8, fast=True)(x)
+    assert len(calls) == 2  # the per-instance override wins over the switch
+
+
+def test_failing_fast_path_raises_naming_chapter_and_switch(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(rope_fast, "apply_rotary_fast", broken)
+    x = randn(1, 1, 1, 8, seed=42)
+    with pytest.raises(fastpath.FastPathError, match=r"rope: .*no compiler here.*set_enabled\('rope', False\)"):
+        RotaryPositionalEmbeddings(8, fast=True)(x)
+    with pytest.raises(fastpath.FastPathError, match="no compiler here"):
+        XPos(8, fast=True)(x, x)
+
+
+def test_fast_path_forced_on_cpu_equals_reference(monkeypatch):
+    # Without the kernels, `fast=True` is the compiled rotation (Inductor's C++ backend): forward
+    # and backward, interleaved layout, partial rotation, per-sample positions.
+    monkeypatch.setattr(fastpath, "INTERPRET", False)
     x = randn(2, 16, 3, 12, seed=20, dtype=torch.float32).requires_grad_(True)
     grad = randn(2, 16, 3, 12, seed=21)
     pos = torch.tensor([[3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18],
@@ -286,42 +330,6 @@ def test_fast_path_forced_on_cpu_equals_reference():
     torch.testing.assert_close(y_fast.double(), slow(x.detach().double(), input_pos=pos), rtol=0, atol=1e-5)
 
 
-def test_auto_mode_guards(monkeypatch):
-    # Pretend the CPU is a GPU for the automatic mode, with a stand-in for the compiled function.
-    calls = []
-
-    def fake_fast(x, cos, sin, *, interleaved=False):
-        calls.append(tuple(x.shape))
-        return apply_rotary(x, cos, sin, interleaved=interleaved)
-
-    monkeypatch.setattr(rope, "_AUTO_FAST_DEVICES", ("cpu",))
-    monkeypatch.setattr(rope, "_fast_signatures", set())
-    monkeypatch.setattr(rope, "_fast_failed", None)
-    monkeypatch.setattr(rope, "apply_rotary_fast", fake_fast)
-    module = RotaryPositionalEmbeddings(8, max_seq_len=64)
-    # At most _MAX_FAST_SIGNATURES shapes take the fast path; later new shapes take the readable one.
-    for seq_len in range(1, 10):
-        module(randn(1, seq_len, 1, 8, seed=seq_len))
-    assert len(calls) == rope._MAX_FAST_SIGNATURES
-    module(randn(1, 1, 1, 8, seed=40))  # a shape already compiled keeps its kernel
-    assert len(calls) == rope._MAX_FAST_SIGNATURES + 1
-    # float64 never takes the fast path in automatic mode.
-    module(randn(1, 1, 1, 8, seed=41, dtype=torch.float64))
-    assert len(calls) == rope._MAX_FAST_SIGNATURES + 1
-
-    # A failing compilation warns once, names the error, and the result is still right.
-    def broken(*args, **kwargs):
-        raise RuntimeError("no compiler here")
-
-    monkeypatch.setattr(rope, "apply_rotary_fast", broken)
-    x = randn(1, 1, 1, 8, seed=42)
-    with pytest.warns(RuntimeWarning, match="no compiler here"):
-        y = module(x)
-    assert torch.equal(y, RotaryPositionalEmbeddings(8, fast=False)(x))
-    assert rope._fast_failed is not None
-    module(x)  # no second warning: the readable path is used from now on
-
-
 def test_gradient_is_inverse_rotation():
     # The Jacobian of a rotation is the rotation; gradcheck in float64 (per-sample positions).
     module = RotaryPositionalEmbeddings(4, interleaved=True)
@@ -330,86 +338,129 @@ def test_gradient_is_inverse_rotation():
     assert torch.autograd.gradcheck(lambda t: module(t, input_pos=pos), (x,))
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("interleaved", [False, True])
-def test_fast_path_on_cuda(interleaved):
-    x = randn(2, 256, 4, 128, seed=23, dtype=torch.bfloat16).cuda()
-    ref = RotaryPositionalEmbeddings(96, interleaved=interleaved, fast=False).cuda()
-    fast = RotaryPositionalEmbeddings(96, interleaved=interleaved, fast=True).cuda()
-    auto = RotaryPositionalEmbeddings(96, interleaved=interleaved).cuda()
-    y = ref(x)
-    torch.testing.assert_close(fast(x), y, rtol=2 ** -7, atol=1e-5)
-    torch.testing.assert_close(auto(x), y, rtol=2 ** -7, atol=1e-5)
-    # The float64 yardstick on the CPU, from a module that lives there.
-    want = RotaryPositionalEmbeddings(96, interleaved=interleaved, fast=False)(x.double().cpu()).cuda()
-    torch.testing.assert_close(fast(x).double(), want, rtol=2 ** -7, atol=1e-5)
+def test_triton_kernel_refused_where_kernels_do_not_run(monkeypatch):
+    # On the CPU without the interpreter the Triton kernel is refused by name.
+    monkeypatch.setattr(fastpath, "INTERPRET", False)
+    x = randn(1, 4, 2, 8, seed=63)
+    cos = torch.ones(1, 4, 1, 4)
+    with pytest.raises((ValueError, RuntimeError), match=r"x: got 'device cpu', expected a CUDA device|apply_rotary_triton"):
+        rope.apply_rotary_triton(x, cos, cos)
 
 
-@pytest.mark.cuda
-def test_xpos_fast_path_on_cuda():
-    q = randn(2, 128, 4, 64, seed=31, dtype=torch.bfloat16).cuda()
-    k = randn(2, 128, 4, 64, seed=32, dtype=torch.bfloat16).cuda()
-    pos = torch.arange(1000, 1128, device="cuda")
-    ref = XPos(64, fast=False).cuda()(q, k, input_pos=pos)
-    fast = XPos(64, fast=True).cuda()(q, k, input_pos=pos)
-    want = XPos(64)(q.double().cpu(), k.double().cpu(), input_pos=pos.cpu())
-    for f, r, w in zip(fast, ref, want):
-        torch.testing.assert_close(f, r, rtol=2 ** -7, atol=1e-5)
-        torch.testing.assert_close(r.double().cpu(), w, rtol=2 ** -7, atol=1e-5)
+# ## The Triton kernel (a GPU, or the CPU under TRITON_INTERPRET=1)
+
+KERNEL_TOL = {torch.float32: dict(rtol=1e-6, atol=1e-6), torch.float16: dict(rtol=2 ** -10, atol=1e-5),
+              torch.bfloat16: dict(rtol=2 ** -7, atol=1e-5)}
 
 
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("interleaved", [False, True])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_triton_kernel_equals_readable_values_and_gradients(interleaved, dtype):
-    # Partial rotation (48 of 64 features), per-sample positions, 6 heads (not a power of two),
-    # and `x` a slice of a fused projection (heads not adjacent in memory).
-    fused = randn(3, 50, 18, 64, seed=60, dtype=dtype).cuda()
-    x = fused[:, :, 6:12].requires_grad_(False)
-    pos = torch.stack([torch.arange(50) + 7 * i for i in range(3)]).cuda()
-    module = RotaryPositionalEmbeddings(48, max_seq_len=256, interleaved=interleaved, fast=False).cuda()
+def _kernel_case(gen, device, dtype, interleaved, *, dim=12, head_dim=16, n_heads=3):
+    """`x` a slice of a fused projection (heads not adjacent in memory), per-sample positions,
+    partial rotation (`dim` of `head_dim`), a number of heads that is not a power of two."""
+    fused = torch.randn(2, 9, 3 * n_heads, head_dim, generator=gen).to(device=device, dtype=dtype)
+    x = fused[:, :, n_heads:2 * n_heads]
+    pos = torch.stack((torch.arange(9) + 5, torch.tensor([0, 0, 0, 1, 2, 3, 4, 60, 63]))).to(device)
+    module = RotaryPositionalEmbeddings(dim, max_seq_len=64, interleaved=interleaved, fast=False).to(device)
     cos, sin = module._cos_sin(x, pos)
-    assert rope._triton_applies(x, cos, sin)
-    x_leaf = x.detach().clone().requires_grad_(True)
-    y = rope.apply_rotary_triton(x_leaf, cos, sin, interleaved=interleaved)
+    return x, pos, cos, sin, module
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_triton_kernel_equals_readable_rotation(kernel_device, gen, dtype, interleaved):
+    x, pos, cos, sin, module = _kernel_case(gen, kernel_device, dtype, interleaved)
+    assert rope_fast.supports(x, cos, sin)
+    y = rope.apply_rotary_triton(x, cos, sin, interleaved=interleaved)
+    assert y.dtype == dtype and y.shape == x.shape
     want = apply_rotary(x, cos, sin, interleaved=interleaved)
     # Same float32 arithmetic, one rounding: equal up to the last bit of the dtype.
-    tol = dict(rtol=2 ** -7, atol=1e-5) if dtype != torch.float32 else dict(rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(y, want, **tol)
-    # The float64 yardstick.
-    exact = RotaryPositionalEmbeddings(48, max_seq_len=256, interleaved=interleaved)(x.double().cpu(), input_pos=pos.cpu())
-    torch.testing.assert_close(y.double().cpu(), exact, **tol)
-    # The backward kernel (the inverse rotation) against autograd through the readable path.
-    grad = randn(3, 50, 6, 64, seed=61, dtype=dtype).cuda()
-    (g_fast,) = torch.autograd.grad(y, x_leaf, grad)
+    torch.testing.assert_close(y, want, **KERNEL_TOL[dtype])
+    # Both against the float64 yardstick.
+    exact = module.cpu()(x.double().cpu(), input_pos=pos.cpu())
+    torch.testing.assert_close(y.double().cpu(), exact, **KERNEL_TOL[dtype])
+    # The features past `dim` are copied bit for bit.
+    assert torch.equal(y[..., 12:], x[..., 12:])
+    # Tables shared by the batch (`[1, seq_len, 1, dim / 2]`, positions 0..seq_len-1).
+    cos1, sin1 = module.to(kernel_device)._cos_sin(x, None)
+    torch.testing.assert_close(rope.apply_rotary_triton(x, cos1, sin1, interleaved=interleaved),
+                               apply_rotary(x, cos1, sin1, interleaved=interleaved), **KERNEL_TOL[dtype])
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_kernel_gradients_equal_readable(kernel_device, gen, dtype, interleaved):
+    x, pos, cos, sin, _ = _kernel_case(gen, kernel_device, dtype, interleaved)
+    x_fast = x.detach().clone().requires_grad_(True)
     x_ref = x.detach().float().clone().requires_grad_(True)
+    grad = torch.randn(x.shape, generator=gen).to(device=kernel_device, dtype=dtype)
+    (g_fast,) = torch.autograd.grad(rope.apply_rotary_triton(x_fast, cos, sin, interleaved=interleaved), x_fast, grad)
     (g_ref,) = torch.autograd.grad(apply_rotary(x_ref, cos, sin, interleaved=interleaved), x_ref, grad.float())
-    torch.testing.assert_close(g_fast.float(), g_ref, **tol)
-    # The module's automatic mode takes this kernel on CUDA.
-    auto = RotaryPositionalEmbeddings(48, max_seq_len=256, interleaved=interleaved).cuda()
-    torch.testing.assert_close(auto(x, input_pos=pos), y.detach(), rtol=0, atol=0)
+    assert g_fast.dtype == dtype
+    torch.testing.assert_close(g_fast.float(), g_ref, **KERNEL_TOL[dtype])
 
 
-@pytest.mark.cuda
-def test_triton_kernel_rejects_what_it_cannot_take():
-    x = randn(1, 4, 2, 8, seed=62).cuda()
-    cos = torch.ones(1, 4, 1, 4, device="cuda")
+@pytest.mark.kernel
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_triton_kernel_double_backward_is_correct(kernel_device, gen, interleaved):
+    # The backward is the same Function with -sin, so it is itself differentiable: the gradient of
+    # <dL/dx, v> with respect to the incoming gradient is the forward rotation of v.
+    x, _, cos, sin, _ = _kernel_case(gen, kernel_device, torch.float32, interleaved)
+
+    def grads(rotate):
+        xx = x.detach().clone().requires_grad_(True)
+        gy = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(kernel_device).requires_grad_(True)
+        (gx,) = torch.autograd.grad(rotate(xx, cos, sin, interleaved=interleaved), xx, gy, create_graph=True)
+        v = torch.randn(x.shape, generator=torch.Generator().manual_seed(2)).to(kernel_device)
+        (ggy,) = torch.autograd.grad(gx, gy, v)
+        return gx.detach(), ggy
+
+    gx_fast, ggy_fast = grads(rope.apply_rotary_triton)
+    gx_ref, ggy_ref = grads(apply_rotary)
+    torch.testing.assert_close(gx_fast, gx_ref, **KERNEL_TOL[torch.float32])
+    torch.testing.assert_close(ggy_fast, ggy_ref, **KERNEL_TOL[torch.float32])
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_modules_take_the_kernel_where_it_runs(kernel_device, gen, monkeypatch, interleaved):
+    launches = []
+    launch = rope_fast.rope_kernel
+
+    def counting(*args, **kwargs):
+        launches.append(1)
+        return launch(*args, **kwargs)
+
+    monkeypatch.setattr(rope_fast, "rope_kernel", counting)
+    x = torch.randn(2, 6, 3, 8, generator=gen).to(device=kernel_device, dtype=torch.bfloat16)
+    k = torch.randn(2, 6, 3, 8, generator=gen).to(device=kernel_device, dtype=torch.bfloat16)
+    pos = torch.arange(40, 46, device=kernel_device)
+    auto = RotaryPositionalEmbeddings(8, max_seq_len=64, interleaved=interleaved).to(kernel_device)
+    readable = RotaryPositionalEmbeddings(8, max_seq_len=64, interleaved=interleaved, fast=False).to(kernel_device)
+    torch.testing.assert_close(auto(x, input_pos=pos), readable(x, input_pos=pos), **KERNEL_TOL[torch.bfloat16])
+    assert len(launches) == 1
+    # xPos: two launches (query and key), on its scaled tables.
+    xq, xk = XPos(8, max_seq_len=64, interleaved=interleaved).to(kernel_device)(x, k, input_pos=pos)
+    rq, rk = XPos(8, max_seq_len=64, interleaved=interleaved, fast=False).to(kernel_device)(x, k, input_pos=pos)
+    torch.testing.assert_close(xq, rq, **KERNEL_TOL[torch.bfloat16])
+    torch.testing.assert_close(xk, rk, **KERNEL_TOL[torch.bfloat16])
+    assert len(launches) == 3
+
+
+@pytest.mark.kernel
+def test_triton_kernel_rejects_what_it_cannot_take(kernel_device, gen):
+    x = torch.randn(1, 4, 2, 8, generator=gen).to(kernel_device)
+    cos = torch.randn(1, 4, 1, 4, generator=gen).to(kernel_device)
     with pytest.raises(ValueError, match="x, cos, sin"):
         rope.apply_rotary_triton(x.double(), cos, cos)
     with pytest.raises(ValueError, match="x, cos, sin"):
         rope.apply_rotary_triton(x, cos.half(), cos.half())
     with pytest.raises(ValueError, match="x, cos, sin"):
         rope.apply_rotary_triton(x, cos[:, :3], cos[:, :3])
-
-
-def test_triton_kernel_needs_cuda():
-    # On the CPU the Triton kernel is refused by name; the fast path is the compiled one.
-    x = randn(1, 4, 2, 8, seed=63)
-    cos = torch.ones(1, 4, 1, 4)
-    assert not rope._triton_applies(x, cos, cos)
-    with pytest.raises(ValueError, match="apply_rotary_triton|x, cos, sin"):
-        rope.apply_rotary_triton(x, cos, cos)
+    with pytest.raises(ValueError, match="x, cos, sin"):
+        rope.apply_rotary_triton(x, cos.requires_grad_(True), cos)
+    with pytest.raises(ValueError, match=r"x: got .shape \(4, 2, 8\)"):
+        rope.apply_rotary_triton(x[0], cos, cos)
 
 
 # ## xPos

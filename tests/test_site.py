@@ -8,6 +8,8 @@ deterministic build.
 from __future__ import annotations
 
 import filecmp
+import functools
+import html.parser
 import importlib.util
 import json
 import re
@@ -27,6 +29,7 @@ from sitegen.errors import BuildError  # noqa: E402
 from sitegen.highlight import highlight_lines  # noqa: E402
 from sitegen.markdown import Renderer, latex_to_mathml, split_front_matter  # noqa: E402
 from sitegen.notebook import notebook_imports, read_notebook  # noqa: E402
+from sitegen.sanitize import clean  # noqa: E402
 from sitegen.source import parse_module  # noqa: E402
 
 TINY = FIXTURE / "annotated_src" / "tiny.py"
@@ -318,8 +321,108 @@ def test_build_output_files(built):
     assert not any(re.search(r"\$|\\[a-z]", e["h"] + e["t"] + e["x"]) for e in entries)
     for page in built.glob("*.html"):
         text = page.read_text()
-        assert "http://" not in text.replace('xmlns="http://www.w3.org/1998/Math/MathML"', "")
+        namespaces = ('xmlns="http://www.w3.org/1998/Math/MathML"', 'xmlns="http://www.w3.org/2000/svg"')
+        assert "http://" not in functools.reduce(lambda s, ns: s.replace(ns, ""), namespaces, text)
         assert 'src="/' not in text and 'href="/' not in text
+
+
+# ---------------------------------------------------------------- hostile input is made harmless
+
+
+class Elements(html.parser.HTMLParser):
+    """Every element of a page: (tag, attributes, the text of a script or style element)."""
+
+    def __init__(self, text: str):
+        super().__init__(convert_charrefs=True)
+        self.found: list[tuple[str, dict, str]] = []
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        self.found.append((tag, dict(attrs), ""))
+
+    def handle_startendtag(self, tag, attrs):
+        self.handle_starttag(tag, attrs)
+
+    def handle_data(self, data):
+        if self.found and self.found[-1][0] in ("script", "style"):
+            tag, attrs, text = self.found[-1]
+            self.found[-1] = (tag, attrs, text + data)
+
+
+OWN_SCRIPTS = ("assets/search-index.js", "assets/site.js")
+# Where a reference to another host may appear: a link the reader follows, never a fetch.
+FOLLOWED = {("a", "href")}
+
+
+def active_content(page_html: str) -> list[str]:
+    """What in a page could run, or make a request leave the site, and is not the site's own."""
+    bad = []
+    for tag, attrs, text in Elements(page_html).found:
+        if tag == "script" and not (attrs.get("src") in OWN_SCRIPTS or text.startswith("try{var t=localStorage")):
+            bad.append(f"script {attrs} {text[:60]!r}")
+        if tag in ("iframe", "frame", "object", "embed", "form", "input", "base", "style", "foreignobject",
+                   "animate", "set") or (tag == "meta" and "http-equiv" in attrs):
+            bad.append(f"<{tag} {attrs}>")
+        if tag == "link" and not (attrs.get("href") or "").startswith("assets/"):
+            bad.append(f"<link {attrs}>")
+        for name, value in attrs.items():
+            value = (value or "").strip()
+            if name.startswith("on"):
+                bad.append(f"<{tag} {name}={value!r}>")
+            if name in ("href", "src", "xlink:href", "action", "data", "srcset", "formaction"):
+                remote = re.match(r"^[a-z][a-z0-9+.-]*:|^//", value, re.I) and not value.startswith("data:image/")
+                if re.match(r"^\s*javascript:", value, re.I) or remote and (tag, name) not in FOLLOWED:
+                    bad.append(f"<{tag} {name}={value!r}>")
+            if re.search(r"url\(\s*['\"]?(?!#)", value, re.I):
+                bad.append(f"<{tag} {name}={value!r}>")
+    return bad
+
+
+@pytest.mark.parametrize("page", ["hostile.html", "99_hostile.html", "index.html"])
+def test_hostile_prose_and_outputs_are_made_harmless(built, page):
+    text = (built / page).read_text()
+    main = text[text.index("<main"):text.index("</main>")]
+    assert active_content(main) == []
+    assert [a.get("src") for tag, a, _ in Elements(text).found if tag == "script" and a.get("src")] == list(OWN_SCRIPTS)
+    assert "__pwned" not in "".join(t for tag, _, t in Elements(text).found if tag == "script")
+
+
+def test_sanitising_keeps_what_pages_need(built):
+    nb = (built / "99_hostile.html").read_text()
+    tags = [tag for tag, _, _ in Elements(nb).found]
+    for kept in ("table", "td", "svg", "clippath", "use", "text", "math", "msup", "strong", "img"):
+        assert kept in tags, kept
+    assert 'xlink:href="#bar"' in nb and 'clip-path="url(#clip-a)"' in nb and 'style="fill: #1f77b4"' in nb
+    module = (built / "hostile.html").read_text()
+    assert 'src="data:image/gif;base64,' in module and 'href="https://arxiv.org/abs/2104.09864"' in module
+    assert '<span class="removed-image">a remote image</span>' in module
+    assert "<details" in module and "<summary>A docstring</summary>" in module
+    # An id written in the prose never takes one of the page's own.
+    assert module.count('id="search-box"') == 1
+
+
+@pytest.mark.parametrize("dirty, expected", [
+    ('<img src="x.png" onerror="alert(1)">', '<img src="x.png">'),
+    ('<a href="javascript:alert(1)">a</a>', "<a>a</a>"),
+    ('<a href=" JaVaScRiPt:alert(1)">a</a>', "<a>a</a>"),
+    ('<a href="https://example.org/">a</a>', '<a href="https://example.org/">a</a>'),
+    ('<img src="//cdn.invalid/x.png" alt="far">', '<span class="removed-image">far</span>'),
+    ('<img src="data:image/svg+xml,<svg onload=alert(1)>">', '<span class="removed-image"></span>'),
+    ('<p style="color: red; background: url(https://x.invalid/)">p</p>', "<p>p</p>"),
+    ('<p style="color: red">p</p>', '<p style="color: red">p</p>'),
+    ('<p style="background: u\\72l(https://x.invalid/)">p</p>', "<p>p</p>"),
+    ("<svg><use href='https://x.invalid/a.svg#b'></use></svg>", "<svg><use></use></svg>"),
+    ("<svg><a xlink:href='javascript:alert(1)'><text>t</text></a></svg>", "<svg><a><text>t</text></a></svg>"),
+    ("<math><mi href='javascript:alert(1)'>x</mi></math>", "<math><mi>x</mi></math>"),
+    ("<iframe src='https://x.invalid'></iframe><object data='x'></object><embed src='x'>", ""),
+    ("<script>alert(1)</script><style>p{}</style><noscript>n</noscript>", "n"),
+    ("<form action='https://x.invalid'><input name=q><button>b</button></form>", "b"),
+    ("<meta http-equiv=refresh content='0;url=https://x.invalid'><base href='https://x.invalid/'>", ""),
+    ("<svg><foreignObject><img src=x onerror=alert(1)></foreignObject></svg>", "<svg></svg>"),
+    ("<svg><animate attributeName='href' to='javascript:alert(1)'/></svg>", "<svg></svg>"),
+])
+def test_sanitiser_removes_what_runs_or_fetches(dirty, expected):
+    assert clean(dirty) == expected
 
 
 # ---------------------------------------------------------------- bad input stops the build
@@ -335,6 +438,10 @@ BAD_INPUTS = {
                               '"execution_count": 3,,', "not valid JSON"),
     "broken LaTeX in a notebook": ("notebooks/01_tiny.ipynb", lambda t: t.replace(r"for every query $i$.", r"for every $\\foo$."),
                                    r"for every $\\foo$.", "broken LaTeX"),
+    "corrupt base64 image": ("notebooks/01_tiny.ipynb", lambda t: t.replace('"image/png": "iVBORw0KGgo', '"image/png": "iVBOR%w0KGgo', 1),
+                             '"image/png": "iVBOR%w0KGgo', "cell 6: output 1: image/png is not valid base64"),
+    "image that is not a PNG": ("notebooks/01_tiny.ipynb", lambda t: t.replace('"image/png": "iVBORw0KGgo', '"image/png": "R0lGODlh', 1),
+                                '"image/png": "R0lGODlh', "cell 6: output 1: image/png does not hold a PNG image"),
     "cross-link to a missing name": ("notebooks/01_tiny.ipynb", lambda t: t.replace("scale)", "scale, nothing_here)", 1),
                                      "nothing_here", "cross-link to missing name annotated_src.tiny.nothing_here"),
 }
@@ -359,6 +466,34 @@ def test_bad_input_stops_the_build_with_file_and_line_and_keeps_the_old_site(tmp
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
     assert (out / "index.html").read_bytes() == index_before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
+
+
+@pytest.mark.parametrize("rel, needle, message", [
+    ("notebooks/01_tiny.ipynb", "The output of a single query", "cell 4: invalid UTF-8 (byte 0xff)"),
+    ("annotated_src/tiny.py", "keeps the scores' variance", "invalid UTF-8 (byte 0xff)"),
+])
+def test_invalid_utf8_names_file_line_and_cell(tmp_path, rel, needle, message):
+    root = copy_fixture(tmp_path)
+    path = root / rel
+    line = line_of(path, needle)
+    data = path.read_bytes()
+    at = data.index(needle.encode())
+    path.write_bytes(data[:at] + b"\xff" + data[at:])
+    with pytest.raises(BuildError) as e:
+        build(root, tmp_path / "out")
+    assert (e.value.path, e.value.line) == (rel, line) and message in e.value.message, str(e.value)
+
+
+def test_stale_build_directories_are_removed_and_ignored(tmp_path):
+    out = tmp_path / "_build"
+    # What a build killed hard leaves: its fresh directory, or the old one it was swapping out.
+    for stale in ("._build-new-999999999-abcd", "._build-old-999999998-efgh"):
+        (tmp_path / stale / "assets").mkdir(parents=True)
+    (tmp_path / ".other").mkdir()
+    build(FIXTURE, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other", "_build"]
+    ignore = (REPO / "site" / ".gitignore").read_text().split()
+    assert ".*-new-*" in ignore and ".*-old-*" in ignore
 
 
 def test_command_line_prints_the_file_uri_or_the_error(tmp_path, capsys):

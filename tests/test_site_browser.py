@@ -139,6 +139,10 @@ def check_page(page, name: str, url: str, width: int, problems: list[str], seen:
     page.evaluate("document.fonts.ready")
     report = page.evaluate(PAGE_REPORT_JS)
     where = f"{name} at {width}px"
+    # The fixture's hostile pages try every way to run a script: none may have run.
+    pwned = page.evaluate("window.__pwned")
+    if pwned is not None:
+        problems.append(f"{where}: a script from the content ran ({pwned!r})")
     for m in RAW_LATEX.finditer(report["text"]):
         context = report["text"][max(0, m.start() - 40): m.end() + 40]
         problems.append(f"{where}: raw LaTeX in the visible text: ...{context}...")

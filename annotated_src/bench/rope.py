@@ -27,7 +27,7 @@ The variants, on `x` `[batch, seq_len, n_heads, head_dim]` in bfloat16, position
 * **fast path (Triton kernel only)**: that kernel called directly on tables already looked up,
   without the module's Python work: the kernel's own speed.
 * **compiled rotation (torch.compile)**: the same rotation compiled by `torch.compile`
-  (`apply_rotary_compiled`), the fast path where Triton is missing.
+  (`apply_rotary_compiled`), the fast path where the Triton kernel does not run.
 
 Before timing, every variant's output is compared with the readable module's; a disagreement
 beyond bfloat16 rounding raises instead of printing a fast wrong number.
@@ -38,7 +38,8 @@ from __future__ import annotations
 import torch
 
 from annotated_src.bench.core import Result, time_ms
-from annotated_src.rope import RotaryPositionalEmbeddings, apply_rotary_compiled, apply_rotary_triton, rope_reference
+from annotated_src.rope import RotaryPositionalEmbeddings, rope_reference
+from annotated_src.rope_fast import apply_rotary_compiled, apply_rotary_triton
 
 SUITE = "rope"
 

@@ -63,6 +63,16 @@ def read_chapters(init_path: Path, display: str | None = None) -> list[tuple[str
     return []
 
 
+def read_text(path: Path, shown: str) -> str:
+    """A source file's text; bytes that are not UTF-8 stop the build at their line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise BuildError(shown, line, f"invalid UTF-8 (byte 0x{data[e.start]:02x}): a source file is UTF-8") from None
+
+
 def module_files(root: Path) -> list[tuple[str, Path]]:
     """(dotted name, path) of every module that gets a page, sorted by name."""
     pkg = root / "annotated_src"
@@ -235,7 +245,7 @@ def render_notebook_page(nb: Notebook, modules: dict[str, Module], chapter: dict
             elif o.kind == "markdown":
                 outputs.append({"kind": "html", "html": r.render(o.content, path=rel_path, first_line=nb.json_line(row.cell_index, 1) or 1)})
             elif o.kind in ("html", "svg"):
-                outputs.append({"kind": o.kind, "html": o.content})
+                outputs.append({"kind": o.kind, "html": r.clean(o.content)})
             else:
                 outputs.append({"kind": o.kind, "text": o.content.rstrip("\n")})
         rid = r.unique_id(f"cell-{row.cell_index if row.cell_index is not None else row.prose[0][0]}")
@@ -261,12 +271,12 @@ def collect(root: Path) -> tuple[list[Page], list, list[tuple[str, str]]]:
     modules: dict[str, Module] = {}
     for name, path in module_files(root):
         rel = path.relative_to(root).as_posix()
-        modules[name] = parse_module(path.read_text(encoding="utf-8"), path=rel, name=name)
+        modules[name] = parse_module(read_text(path, rel), path=rel, name=name)
     notebooks: dict[str, Notebook] = {}
     nb_dir = root / "notebooks"
     for p in sorted(nb_dir.glob("*.ipynb")) if nb_dir.is_dir() else []:
         rel = p.relative_to(root).as_posix()
-        notebooks[p.stem] = read_notebook(p.read_text(encoding="utf-8"), path=rel, name=p.stem)
+        notebooks[p.stem] = read_notebook(p.read_bytes(), path=rel, name=p.stem)
 
     index_renderer = Renderer(reserved_ids={"page-top", "page-main", "search-box", "search-results", "theme-toggle", "chapters-h", "results-h", "others-h", "othernb-h"})
 
@@ -387,11 +397,33 @@ def write_site(root: Path, out: Path) -> list[str]:
     return sorted(written)
 
 
+def _remove_stale(out: Path) -> None:
+    """Remove what a build killed hard left beside `out`: `.<out>-new-<pid>-*` and `.<out>-old-<pid>-*`
+    directories whose process is gone (a build running beside this one keeps its own)."""
+    for p in out.parent.glob(f".{out.name}-[no][el][wd]-*"):
+        m = re.fullmatch(rf"\.{re.escape(out.name)}-(?:new|old)-(\d+)-.*", p.name)
+        if m and p.is_dir() and not _alive(int(m.group(1))):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # an earlier build of this process that did not finish
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def build(root: Path, out: Path) -> Path:
     """Build into a fresh directory beside `out`, then swap it in: `out` is never left half-written."""
     out = out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-new-", dir=out.parent))
+    _remove_stale(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-new-{os.getpid()}-", dir=out.parent))
     try:
         write_site(root, tmp)
         os.chmod(tmp, 0o755)
@@ -400,7 +432,7 @@ def build(root: Path, out: Path) -> Path:
         raise
     old = None
     if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}-old-", dir=out.parent))
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}-old-{os.getpid()}-", dir=out.parent))
         os.rmdir(old)
         os.rename(out, old)
     os.rename(tmp, out)

@@ -17,6 +17,7 @@ from mdit_py_plugins.dollarmath import dollarmath_plugin
 from mdit_py_plugins.front_matter import front_matter_plugin
 
 from .errors import BuildError
+from .sanitize import Sanitiser
 
 _UNKNOWN_COMMAND = re.compile(r"\\[A-Za-z]+")
 _FUNCTION_NAME = re.compile(r"<mi>(?:sin|cos|tan|exp|log|ln|max|min|det|arg|lim|sup|inf|softmax)</mi>(?!<mo[^>]*>&#x00028;|<mo[^>]*>\()")
@@ -72,6 +73,8 @@ class Renderer:
 
     def __init__(self, reserved_ids: set[str] | None = None, link_map: dict[str, str] | None = None):
         self.ids: set[str] = set(reserved_ids or ())
+        # Every rendered piece is sanitised; the ids it may keep are the page's own headings.
+        self.sanitiser = Sanitiser(self.ids)
         # Relative links in prose to a source file or a notebook -> the page of the site that shows it.
         self.link_map = link_map or {}
         self.headings: list[tuple[int, str, str]] = []  # (level, id, inline HTML) for the search index
@@ -101,7 +104,13 @@ class Renderer:
         return href
 
     def _slug(self, text: str) -> str:
-        return self.unique_id(slugify(text))
+        slug = self.unique_id(slugify(text))
+        self.sanitiser.generated.add(slug)
+        return slug
+
+    def clean(self, html_text: str) -> str:
+        """HTML from an input (a notebook output), sanitised like the page's prose."""
+        return self.sanitiser.clean(html_text)
 
     def render_inline(self, text: str, *, path: str, line: int | None = None) -> str:
         """One line of Markdown (a summary) without the paragraph around it."""
@@ -132,7 +141,7 @@ class Renderer:
             if tok.type == "heading_open":
                 inline = self.md.renderer.renderInline(tokens[i + 1].children or [], self.md.options, env)
                 self.headings.append((int(tok.tag[1]), str(tok.attrGet("id") or ""), inline))
-        return self.md.renderer.render(tokens, self.md.options, env)
+        return self.sanitiser.clean(self.md.renderer.render(tokens, self.md.options, env))
 
 
 def split_front_matter(text: str, *, path: str, first_line: int = 1) -> tuple[dict, str, int]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import base64
+import binascii
 import dataclasses
 import hashlib
 import json
@@ -19,6 +20,8 @@ from .errors import BuildError
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _PROVENANCE_LINE = re.compile(r"^\s*([A-Za-z_]+):\s?(.*?)\s*$")
 IMAGE_TYPES = {"image/png": "png", "image/jpeg": "jpg", "image/gif": "gif"}
+# The first bytes of each kind of image: a file of another kind, or a truncated one, is corrupt.
+IMAGE_MAGIC = {"image/png": (b"\x89PNG\r\n\x1a\n",), "image/jpeg": (b"\xff\xd8\xff",), "image/gif": (b"GIF87a", b"GIF89a")}
 
 
 @dataclasses.dataclass
@@ -52,10 +55,38 @@ class Notebook:
         return locate_cell_line(self.raw, cell_index, line_in_cell)
 
 
+def _cell_starts(lines: list[str]) -> list[int]:
+    """The (0-based) lines that open a cell: cells hold `"cell_type":` (any key order)."""
+    return [i for i, line in enumerate(lines) if re.match(r'\s*"cell_type"\s*:', line)]
+
+
+def cell_at_line(raw: str, line: int) -> int | None:
+    """The index of the cell that holds `line` (1-based) of the `.ipynb` text, or None."""
+    starts = _cell_starts(raw.splitlines())
+    # A cell's lines run from the `{` before its "cell_type" (a few lines up, at most) to the next cell.
+    before = [k for k, s in enumerate(starts) if s < line - 1 + 8]
+    if not before:
+        return None
+    k = before[-1]
+    return k if starts[k] <= line - 1 or k == 0 else k - 1
+
+
+def locate_output_line(raw: str, cell_index: int, needle: str, occurrence: int) -> int | None:
+    """The line of the `occurrence`-th (0-based) `needle` inside cell `cell_index` of the `.ipynb` text."""
+    lines = raw.splitlines()
+    starts = _cell_starts(lines)
+    if cell_index >= len(starts):
+        return None
+    lo = starts[cell_index]
+    hi = starts[cell_index + 1] if cell_index + 1 < len(starts) else len(lines)
+    found = [i + 1 for i in range(lo, hi) if needle in lines[i]]
+    return found[occurrence] if occurrence < len(found) else locate_cell_line(raw, cell_index, 1)
+
+
 def locate_cell_line(raw: str, cell_index: int, line_in_cell: int) -> int | None:
     lines = raw.splitlines()
     # Cells start with `"cell_type":` (any key order): find the one numbered `cell_index`.
-    starts = [i for i, line in enumerate(lines) if re.match(r'\s*"cell_type"\s*:', line)]
+    starts = _cell_starts(lines)
     if cell_index >= len(starts):
         return None
     lo = starts[cell_index]
@@ -75,8 +106,22 @@ def _text(value) -> str:
     return "".join(value) if isinstance(value, list) else str(value)
 
 
-def read_notebook(raw: str, *, path: str, name: str) -> Notebook:
-    """Parse and validate the `.ipynb` text at `path`."""
+def decode_notebook(data: bytes, *, path: str) -> str:
+    """The `.ipynb` file's bytes as text; bytes that are not UTF-8 stop the build at their line and cell."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        cell = cell_at_line(data.decode("utf-8", errors="replace"), line)
+        where = f"cell {cell + 1}: " if cell is not None else ""
+        raise BuildError(path, line, f"{where}invalid UTF-8 (byte 0x{data[e.start]:02x}): "
+                         "a notebook is UTF-8 JSON") from None
+
+
+def read_notebook(raw: str | bytes, *, path: str, name: str) -> Notebook:
+    """Parse and validate the `.ipynb` text (or bytes) at `path`."""
+    if isinstance(raw, bytes):
+        raw = decode_notebook(raw, path=path)
     try:
         json.loads(raw)
     except json.JSONDecodeError as e:
@@ -109,7 +154,7 @@ def read_notebook(raw: str, *, path: str, name: str) -> Notebook:
         if cell.cell_type != "code":
             continue
         outputs = []
-        for out in cell.get("outputs", []):
+        for n_out, out in enumerate(cell.get("outputs", [])):
             if out.output_type == "stream":
                 text = _ANSI.sub("", _text(out.text))
                 kind = "stderr" if out.name == "stderr" else "stream"
@@ -121,7 +166,16 @@ def read_notebook(raw: str, *, path: str, name: str) -> Notebook:
                 data = out.get("data", {})
                 img = next((t for t in IMAGE_TYPES if t in data), None)
                 if img:
-                    blob = base64.b64decode(_text(data[img]))
+                    seen = sum(1 for o in cell.get("outputs", [])[:n_out] if img in o.get("data", {}))
+                    where = f"cell {index + 1}: output {n_out + 1}: {img}"
+                    line = locate_output_line(raw, index, f'"{img}"', seen)
+                    try:
+                        blob = base64.b64decode(re.sub(r"\s+", "", _text(data[img])), validate=True)
+                    except (binascii.Error, ValueError) as e:
+                        raise BuildError(path, line, f"{where} is not valid base64 ({e})") from None
+                    if not blob.startswith(IMAGE_MAGIC[img]):
+                        raise BuildError(path, line, f"{where} does not hold a {IMAGE_TYPES[img].upper()} image "
+                                         f"(it starts with {blob[:8]!r})")
                     image_no += 1
                     digest = hashlib.sha256(blob).hexdigest()[:12]
                     outputs.append(Output("image", f"{name}-{image_no}-{digest}.{IMAGE_TYPES[img]}", blob))
