@@ -33,6 +33,9 @@ def highlight_lines(code: str, links: dict[str, str] | None = None) -> list[str]
             text = html.escape(part, quote=False)
             if ttype in Name and part in links:
                 cur.append(f'<a class="xref {cls}" href="{html.escape(links[part])}">{text}</a>')
+            elif cls and cur and cur[-1].startswith(f'<span class="{cls}">'):
+                # Tokens of one kind in a row (a string's quotes and body) share one span: lighter pages.
+                cur[-1] = cur[-1][: -len("</span>")] + text + "</span>"
             elif cls:
                 cur.append(f'<span class="{cls}">{text}</span>')
             else:
