@@ -83,7 +83,7 @@
         if (targets[i] && targets[i].getBoundingClientRect().top < 90) k = i;
       }
       links.forEach(function (a, i) { a.classList.toggle("current", i === k); });
-      if (current && links[k]) current.textContent = links[k].textContent.trim();
+      if (current && links[k]) current.textContent = (links[k].innerText || links[k].textContent).trim();
     };
     var ticking = false;
     window.addEventListener("scroll", function () {
