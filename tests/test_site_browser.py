@@ -124,7 +124,7 @@ CONTRAST_JS = r"""
   const bg = el => { for (; el; el = el.parentElement) { const c = getComputedStyle(el).backgroundColor;
     if (c && !c.startsWith("rgba(0, 0, 0, 0)") && c !== "transparent") return c; } return "rgb(255, 255, 255)"; };
   const out = [];
-  for (const sel of [".prose p", ".prose p a", ".code .line", ".code .k", ".code .s2", ".code .nf", ".code .mi", ".code .n",
+  for (const sel of [".prose p", ".prose p a", ".code .line", ".code .k", ".code .s2", ".code .nf", ".code .mi", ".code .lc",
                      ".pill", ".crumbs a", ".toc-toggle", "pre.output", ".search input", ".chapter-nav a", ".chapter p"]) {
     const el = document.querySelector(sel);
     if (!el) continue;
@@ -140,7 +140,7 @@ DESKTOP, PHONE = (1440, 900), (390, 844)
 DARK_SAMPLE = ("repo-index", "repo-rope", "repo-kv_cache", "repo-01_rotary_embeddings", "repo-results",
                "fixture-tiny", "fixture-01_tiny", "fixture-99_hostile")
 # A first visit of any page (its HTML, styles, scripts, font, images) stays under this many bytes.
-FIRST_VISIT_BUDGET = 800_000
+FIRST_VISIT_BUDGET = 700_000
 
 
 @pytest.fixture(scope="module")
