@@ -109,6 +109,8 @@ nor scaled.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -340,6 +342,8 @@ def _check_positions(input_pos, x: torch.Tensor, max_seq_len: int | None) -> tor
         fail("input_pos", f"shape {tuple(input_pos.shape)}", want)
     # Positions are indices: like PyTorch's indexing, we take them on the CPU or on `x`'s device,
     # and move them to `x`'s device.
+    if input_pos.device != x.device and input_pos.device.type != "cpu":
+        fail("input_pos", f"device {input_pos.device}", f"the CPU or x's device, {x.device}")
     input_pos = input_pos.to(x.device)
     # Reading the extreme positions costs one device synchronisation per call. Without it a
     # position past the table would be an out-of-bounds gather: on CUDA a device-side assert that
@@ -499,11 +503,33 @@ class RotaryPositionalEmbeddings(_RotaryBase):
 # $\gamma = 512$ is $10^{70}$: past the range of float32 and bfloat16, while the query's factor
 # underflows to zero. Any fixed shift $c$ of the exponent, $\zeta^{(m-c)/\gamma}$ for the query and
 # $\zeta^{-(n-c)/\gamma}$ for the key, leaves the product $\zeta^{(m-n)/\gamma}$ unchanged. We take
-# $c$ = `max_seq_len // 2`, so the exponents stay within $\pm$`max_seq_len / (2 gamma)`
+# $c$ = `max_seq_len // 2`, so the exponents stay within $\pm$`(max_seq_len // 2) / gamma`
 # (a factor between $0.0067$ and $150$ for the defaults). torchscale centres on the middle of
 # the current call's positions instead; a centre that depends on the call would give a query
 # decoded with a KV cache a different scale from the one its keys were cached with, so ours is
 # fixed by the module.
+#
+# **The limit.** Centring halves the exponents; it cannot make them small for a long table. The
+# largest factor is $\zeta_0^{-(L/2)/\gamma} = 3.5^{(L/2)/\gamma}$ for $L$ = `max_seq_len`, and
+# its reciprocal the smallest. A product of a huge and a tiny float is exact as long as neither
+# leaves the float's range; once one overflows to infinity and the other to zero, their product
+# is NaN. So the module refuses a table whose factors leave $[2^{-64}, 2^{64}]$: that keeps them
+# inside the normal range of float32 and bfloat16 ($2^{\pm 126}$) with $2^{64}$ to spare for the
+# activations they multiply. For $\gamma = 512$ that is `max_seq_len` up to 36 261; a longer
+# table needs a proportionally larger $\gamma$. float16 reaches only 65 504 (about $2^{16}$), so it
+# is accepted only where the factors stay within $2^{\pm 8}$, leaving $2^8$ for the activations:
+# `max_seq_len` up to 4 533 for $\gamma = 512$ (the default 4096 included); bfloat16 has float32's
+# range and is the dtype for longer tables.
+
+# The limits on the factors, and the factor's base $1/\zeta_0 = 1.4 / 0.4 = 3.5$.
+XPOS_TABLE_LIMIT = 2.0 ** 64
+XPOS_FLOAT16_LIMIT = 2.0 ** 8
+_XPOS_BASE = 1.4 / 0.4
+
+
+def _xpos_reach(scale_base: float, limit: float) -> int:
+    r"""The longest `max_seq_len` whose xPos factors $3.5^{\pm(L/2)/\gamma}$ stay within `limit`."""
+    return 2 * math.floor(scale_base * math.log(limit) / math.log(_XPOS_BASE)) + 1
 
 
 class XPos(_RotaryBase):
@@ -523,8 +549,9 @@ class XPos(_RotaryBase):
 
     Raises:
         TypeError: an argument has the wrong type.
-        ValueError: `dim` is odd or below 2, `max_seq_len` below 1, `base` not a finite number
-            > 1, or `scale_base` not a finite number > 0.
+        ValueError: `dim` is odd or below 2, `max_seq_len` below 1 or beyond the reach of the
+            float32 tables (36 261 for `scale_base` 512: see "The limit" above), `base` not a
+            finite number > 1, or `scale_base` not a finite number > 0.
 
     `forward(q, k, *, input_pos=None)`:
 
@@ -537,8 +564,9 @@ class XPos(_RotaryBase):
         tuple[torch.Tensor, torch.Tensor]: `(q_rot, k_rot)`, each `[b, s, n_h, h_d]` in `q`'s dtype.
 
     Raises:
-        TypeError: `q` or `k` is not a floating-point tensor, `k`'s dtype is not `q`'s, or
-            `input_pos` is not an integer tensor.
+        TypeError: `q` or `k` is not a floating-point tensor, `k`'s dtype is not `q`'s,
+            `input_pos` is not an integer tensor, or `q` is float16 and `max_seq_len` is beyond
+            float16's reach (4 533 for `scale_base` 512).
         ValueError: as `RotaryPositionalEmbeddings.forward`, for `q`; `k`'s shape or device is not `q`'s.
         annotated_src.fastpath.FastPathError: the fast path was taken and failed.
     """
@@ -549,6 +577,14 @@ class XPos(_RotaryBase):
                 or scale_base == float("inf")):
             fail("scale_base", scale_base, "a finite number > 0")
         self.scale_base = scale_base
+        check_int("max_seq_len", max_seq_len, min_value=1)
+        reach = _xpos_reach(scale_base, XPOS_TABLE_LIMIT)
+        if max_seq_len > reach:
+            needed = (max_seq_len // 2) * math.log(_XPOS_BASE) / math.log(XPOS_TABLE_LIMIT)
+            fail("max_seq_len", max_seq_len,
+                 f"at most {reach} for scale_base = {scale_base}: xPos multiplies pair 0 by up to "
+                 f"3.5^((max_seq_len // 2) / scale_base), which the float32 tables keep within 2^64 "
+                 f"(or a scale_base of at least {math.ceil(needed)} for this max_seq_len)")
         super().__init__(dim, max_seq_len, base, interleaved, fast)
 
     def zeta(self) -> torch.Tensor:
@@ -574,6 +610,12 @@ class XPos(_RotaryBase):
         check_tensor("k", k, floating=True)
         check_same("k", k, "q", q)
         self._check_device("q", q)
+        if q.dtype == torch.float16 and self.max_seq_len > _xpos_reach(self.scale_base, XPOS_FLOAT16_LIMIT):
+            fail("q", "dtype torch.float16",
+                 f"bfloat16, float32 or float64 for max_seq_len = {self.max_seq_len} and scale_base = "
+                 f"{self.scale_base}: xPos's factors reach 3.5^{(self.max_seq_len // 2) / self.scale_base:.3g}, and "
+                 f"float16 (at most 65504) is accepted while they stay within 2^8, up to max_seq_len = "
+                 f"{_xpos_reach(self.scale_base, XPOS_FLOAT16_LIMIT)}", TypeError)
         input_pos = _check_positions(input_pos, q, self.max_seq_len)
         cos, sin = self._cos_sin(q, input_pos)
         # `[1 or batch, seq_len, 1, dim / 2]`

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from annotated_src import fastpath, rope, rope_fast
@@ -553,50 +553,290 @@ def test_matches_transformers_llama(dim):
     torch.testing.assert_close(module(q, input_pos=pos)[:1], q_hf[:1], rtol=0, atol=1e-5)
 
 
-# ## Errors
+# ## xPos: how far its tables reach
 
 
-def test_errors():
-    x = randn(1, 4, 2, 8)
-    with pytest.raises(ValueError, match="dim: got 7"):
-        RotaryPositionalEmbeddings(7)
-    with pytest.raises(ValueError, match="dim: got 3"):
-        XPos(3)
-    with pytest.raises(ValueError, match=r"x: got .shape \(1, 4, 2, 8\).*dim = 10"):
-        RotaryPositionalEmbeddings(10)(x)
-    with pytest.raises(ValueError, match=r"x: got .shape \(4, 2, 8\).*\[batch, seq_len, n_heads, head_dim\]"):
-        RotaryPositionalEmbeddings(8)(x[0])
-    with pytest.raises(ValueError, match="input_pos: got position 16, expected positions < max_seq_len = 16"):
-        RotaryPositionalEmbeddings(8, max_seq_len=16)(x, input_pos=torch.tensor([0, 1, 2, 16]))
-    with pytest.raises(ValueError, match="input_pos: got position -1"):
-        RotaryPositionalEmbeddings(8)(x, input_pos=torch.tensor([0, 1, 2, -1]))
-    with pytest.raises(ValueError, match="x: got seq_len 4, expected seq_len <= max_seq_len = 3"):
-        RotaryPositionalEmbeddings(8, max_seq_len=3)(x)
-    with pytest.raises(TypeError, match="input_pos: got .dtype torch.float32"):
-        RotaryPositionalEmbeddings(8)(x, input_pos=torch.arange(4.0))
-    with pytest.raises(ValueError, match=r"input_pos: got .shape \(5,\)"):
-        RotaryPositionalEmbeddings(8)(x, input_pos=torch.arange(5))
-    with pytest.raises(ValueError, match=r"input_pos: got .shape \(2, 4\)"):
-        RotaryPositionalEmbeddings(8)(x, input_pos=torch.zeros(2, 4, dtype=torch.long))
-    with pytest.raises(ValueError, match=r"input_pos: got .shape \(1, 1, 4\)"):
-        RotaryPositionalEmbeddings(8)(x, input_pos=torch.zeros(1, 1, 4, dtype=torch.long))
-    with pytest.raises(TypeError, match="x: got .dtype torch.int64"):
-        RotaryPositionalEmbeddings(8)(torch.zeros(1, 4, 2, 8, dtype=torch.long))
-    with pytest.raises(ValueError, match="input_pos: got position 99"):
-        XPos(8, max_seq_len=99)(x, x, input_pos=torch.tensor([0, 1, 2, 99]))
-    with pytest.raises(ValueError, match=r"k: got .shape \(1, 3, 2, 8\)"):
-        XPos(8)(x, x[:, :3])
-    with pytest.raises(ValueError, match="scale_base: got 0"):
-        XPos(8, scale_base=0)
-    with pytest.raises(ValueError, match="base: got 1"):
-        RotaryPositionalEmbeddings(8, base=1)
-    with pytest.raises(TypeError, match="fast: got 'yes'"):
-        RotaryPositionalEmbeddings(8, fast="yes")
-    with pytest.raises(ValueError, match=r"weight: got .shape \(10, 4\)"):
-        convert_interleaved_to_half(torch.zeros(10, 4), n_heads=3)
-    with pytest.raises(ValueError, match="dim: got 5"):
-        interleaved_to_half_permutation(5)
-    with pytest.raises(ValueError, match="dim: got 7"):
-        rope_reference(x, dim=7)
-    with pytest.raises(ValueError, match=r"x: got .shape \(1, 4, 2, 8\).*dim = 10"):
-        rope_reference(x, dim=10)
+def test_xpos_refuses_tables_past_float32_reach_naming_the_limit():
+    # The brief's case: a 131072-position table had inf and 0 in its float32 scales and NaN scores.
+    with pytest.raises(ValueError, match=r"max_seq_len: got 131072, expected at most 36261 for scale_base = 512.*"
+                                         r"scale_base of at least 1851"):
+        XPos(128, max_seq_len=131072)
+    # A larger gamma reaches further, as the message says.
+    assert torch.isfinite(XPos(8, max_seq_len=131072, scale_base=1851).scale_cached).all()
+
+
+def test_xpos_factors_within_2_pow_64_up_to_the_limit_and_scores_exact():
+    # "The module refuses a table whose factors leave [2^-64, 2^64]" and "up to 36 261 for gamma = 512".
+    assert rope._xpos_reach(512, rope.XPOS_TABLE_LIMIT) == 36261
+    assert rope._xpos_reach(512, rope.XPOS_FLOAT16_LIMIT) == 4533
+    with pytest.raises(ValueError, match="max_seq_len: got 36262"):
+        XPos(8, max_seq_len=36262)
+    module = XPos(8, max_seq_len=36261)
+    scale = module.scale_cached.double()
+    assert scale.max() <= 2.0 ** 64 and scale.min() >= 2.0 ** -64 and (scale > 0).all()
+    # At the two ends of the table, the float32 and bfloat16 scores equal the float64 ones.
+    q, k = randn(1, 2, 2, 8, seed=70), randn(1, 2, 2, 8, seed=71)
+    pos = torch.tensor([0, 36260])
+    want = [t.double() for t in module(q.double(), k.double(), input_pos=pos)]
+    want_scores = torch.einsum("bihd,bjhd->bhij", *want)
+    for dtype, rtol in ((torch.float32, 1e-5), (torch.bfloat16, 2 ** -6)):
+        q_rot, k_rot = module(q.to(dtype), k.to(dtype), input_pos=pos)
+        assert torch.isfinite(q_rot).all() and torch.isfinite(k_rot).all()
+        scores = torch.einsum("bihd,bjhd->bhij", q_rot.double(), k_rot.double())
+        exact = torch.einsum("bihd,bjhd->bhij", *module(q.to(dtype).double(), k.to(dtype).double(), input_pos=pos))
+        torch.testing.assert_close(scores, exact, rtol=rtol * 4, atol=0)
+    assert want_scores.isfinite().all()
+
+
+def test_xpos_float16_refused_past_its_reach_and_exact_within_it():
+    q16, k16 = randn(1, 4, 2, 8, seed=72, dtype=torch.float16), randn(1, 4, 2, 8, seed=73, dtype=torch.float16)
+    with pytest.raises(TypeError, match=r"q: got 'dtype torch.float16', expected bfloat16, float32 or float64 for "
+                                        r"max_seq_len = 8192.*up to max_seq_len = 4533"):
+        XPos(8, max_seq_len=8192)(q16, k16)
+    module = XPos(8, max_seq_len=4533)
+    pos = torch.tensor([0, 1, 4531, 4532])
+    q_rot, k_rot = module(q16, k16, input_pos=pos)
+    assert torch.isfinite(q_rot).all() and torch.isfinite(k_rot).all()
+    want_q, want_k = module(q16.double(), k16.double(), input_pos=pos)
+    torch.testing.assert_close(q_rot.double(), want_q, rtol=2 ** -10, atol=1e-6)
+    torch.testing.assert_close(k_rot.double(), want_k, rtol=2 ** -10, atol=1e-6)
+
+
+# ## Inputs on other devices and in other dtypes
+
+
+def test_x_on_another_device_is_an_error_naming_x():
+    module = RotaryPositionalEmbeddings(8)
+    with pytest.raises(ValueError, match=r"x: got 'device meta', expected the module's device cpu"):
+        module(torch.empty(1, 2, 1, 8, device="meta"))
+    with pytest.raises(ValueError, match=r"q: got 'device meta', expected the module's device cpu"):
+        XPos(8)(torch.empty(1, 2, 1, 8, device="meta"), torch.empty(1, 2, 1, 8, device="meta"))
+    with pytest.raises(ValueError, match=r"k: got 'device meta', expected the device of q, cpu"):
+        XPos(8)(randn(1, 2, 1, 8), torch.empty(1, 2, 1, 8, device="meta"))
+
+
+def test_input_pos_is_taken_on_the_cpu_or_x_device_only():
+    # Positions are indices: on the CPU or x's device (moved to x's device), nowhere else.
+    with pytest.raises(ValueError, match=r"input_pos: got 'device meta', expected the CPU or x's device, cpu"):
+        RotaryPositionalEmbeddings(8)(randn(1, 2, 1, 8), input_pos=torch.zeros(2, dtype=torch.long, device="meta"))
+
+
+@pytest.mark.cuda
+def test_input_pos_on_the_cpu_is_moved_to_x_device():
+    module = RotaryPositionalEmbeddings(8, max_seq_len=64).cuda()
+    x = randn(2, 5, 2, 8, seed=74).cuda()
+    pos = torch.tensor([3, 9, 1, 63, 0])
+    assert torch.equal(module(x, input_pos=pos), module(x, input_pos=pos.cuda()))
+
+
+def test_dtypes_convention_compute_in_float32_or_wider_return_x_dtype():
+    # Module: float16, bfloat16, float32 inputs use the float32 tables; the result is rounded once.
+    module = RotaryPositionalEmbeddings(8, max_seq_len=64)
+    x = randn(2, 5, 2, 8, seed=75)
+    for dtype in (torch.float16, torch.bfloat16):
+        assert torch.equal(module(x.to(dtype)), module(x.to(dtype).float()).to(dtype))
+    # apply_rotary: computed in the wider of x's and the tables' dtypes, returned in x's.
+    cos, sin = rotary_tables(torch.arange(5), 8, dtype=torch.float64)
+    cos, sin = cos[None, :, None], sin[None, :, None]
+    y = apply_rotary(x, cos, sin)
+    assert y.dtype == torch.float32
+    assert torch.equal(y, apply_rotary(x.double(), cos, sin).float())
+    # The tables must agree with each other, and live on x's device.
+    with pytest.raises(TypeError, match=r"sin: got 'dtype torch.float32', expected the dtype of cos, torch.float64"):
+        apply_rotary(x, cos, sin.float())
+    with pytest.raises(ValueError, match=r"cos: got 'device meta', expected x's device, cpu"):
+        apply_rotary(x, cos.to("meta"), sin.to("meta"))
+    # xPos: k in q's dtype.
+    with pytest.raises(TypeError, match=r"k: got 'dtype torch.float64', expected the dtype of q, torch.float32"):
+        XPos(8)(x, x.double())
+
+
+# ## Properties over shapes, dtypes and positions (hypothesis), against float64 references
+
+
+def complex_reference(x: torch.Tensor, positions: torch.Tensor, dim: int, base: float = 10_000,
+                      interleaved: bool = False, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """RoPE in complex numbers, in float64: pair i of the token at position m is z_i e^{i m theta_i}.
+
+    `x` `[..., s, n_h, h_d]`, `positions` `[s]` or `[b, s]`; `scale` (xPos) `positions.shape + (dim / 2,)`."""
+    x = x.double()
+    i = torch.arange(dim // 2, dtype=torch.float64)
+    theta = torch.tensor([base ** (-2 * k / dim) for k in i.tolist()], dtype=torch.float64)
+    rot = torch.exp(1j * positions.double()[..., None] * theta)
+    if scale is not None:
+        rot = rot * scale
+    rot = rot.unsqueeze(-2)  # a head axis
+    if interleaved:
+        z = torch.complex(x[..., 0:dim:2], x[..., 1:dim:2]) * rot
+        y = torch.stack((z.real, z.imag), dim=-1).flatten(-2)
+    else:
+        z = torch.complex(x[..., :dim // 2], x[..., dim // 2:dim]) * rot
+        y = torch.cat((z.real, z.imag), dim=-1)
+    return torch.cat((y, x[..., dim:]), dim=-1)
+
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+
+
+def tol(dtype, scale=1.0):
+    """One rounding to `dtype` (and float32 tables), relative to the largest magnitude."""
+    eps = {torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7, torch.float32: 2 ** -21, torch.float64: 1e-12}[dtype]
+    return dict(rtol=0, atol=eps * scale)
+
+
+shapes = st.tuples(st.integers(1, 3), st.integers(1, 6), st.integers(1, 3), st.integers(1, 6), st.integers(0, 3))
+
+
+@settings(max_examples=40, deadline=None, database=None, derandomize=True)
+@given(shape=shapes, dtype=st.sampled_from(DTYPES), interleaved=st.booleans(), per_sample=st.booleans(),
+       max_pos=st.integers(1, 5000), seed=st.integers(0, 2 ** 16))
+def test_property_module_and_apply_rotary_equal_complex_reference(shape, dtype, interleaved, per_sample, max_pos, seed):
+    batch, seq_len, n_heads, half, extra = shape
+    dim, head_dim = 2 * half, 2 * half + extra
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, seq_len, n_heads, head_dim, generator=g, dtype=torch.float64).to(dtype)
+    pos = torch.randint(0, max_pos, (batch, seq_len) if per_sample else (seq_len,), generator=g)
+    want = complex_reference(x, pos, dim, interleaved=interleaved)
+    scale = x.double().abs().max().item() + 1e-3
+    module = RotaryPositionalEmbeddings(dim, max_seq_len=max_pos, interleaved=interleaved)
+    y = module(x, input_pos=pos)
+    assert y.dtype == dtype and y.shape == x.shape
+    torch.testing.assert_close(y.double(), want, **tol(dtype, scale))
+    # The readable rotation on float32 tables, and rope_reference (float32 angles: up to
+    # max_pos * 2^-24 radians off, float64 angles for float64 input).
+    cos, sin = rotary_tables(pos if per_sample else pos[None], dim, dtype=torch.promote_types(dtype, torch.float32))
+    torch.testing.assert_close(apply_rotary(x, cos[:, :, None], sin[:, :, None], interleaved=interleaved).double(),
+                               want, **tol(dtype, scale))
+    angle_err = 0 if dtype == torch.float64 else max_pos * 2 ** -23
+    torch.testing.assert_close(rope_reference(x, dim=dim, input_pos=pos, interleaved=interleaved).double(), want,
+                               rtol=0, atol=tol(dtype, scale)["atol"] + 2 * angle_err * scale)
+
+
+@settings(max_examples=30, deadline=None, database=None, derandomize=True)
+@given(shape=shapes, dtype=st.sampled_from([torch.bfloat16, torch.float32, torch.float64]), interleaved=st.booleans(),
+       max_pos=st.integers(1, 4096), gamma=st.sampled_from([64, 512, 2048]), seed=st.integers(0, 2 ** 16))
+def test_property_xpos_equals_complex_reference(shape, dtype, interleaved, max_pos, gamma, seed):
+    batch, seq_len, n_heads, half, extra = shape
+    dim, head_dim = 2 * half, 2 * half + extra
+    max_pos = min(max_pos, rope._xpos_reach(gamma, rope.XPOS_TABLE_LIMIT))
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, seq_len, n_heads, head_dim, generator=g, dtype=torch.float64).to(dtype)
+    k = torch.randn(batch, seq_len, n_heads, head_dim, generator=g, dtype=torch.float64).to(dtype)
+    pos = torch.randint(0, max_pos, (seq_len,), generator=g)
+    zeta = (torch.arange(0, dim, 2, dtype=torch.float64) / dim + 0.4) / 1.4
+    s = zeta ** ((pos.double()[:, None] - max_pos // 2) / gamma)
+    want_q = complex_reference(q, pos, dim, interleaved=interleaved, scale=s)
+    want_k = complex_reference(k, pos, dim, interleaved=interleaved, scale=1 / s)
+    q_rot, k_rot = XPos(dim, max_seq_len=max_pos, scale_base=gamma, interleaved=interleaved)(q, k, input_pos=pos)
+    for got, want in ((q_rot, want_q), (k_rot, want_k)):
+        # Relative to each element's own scale factor.
+        torch.testing.assert_close(got.double(), want, rtol=tol(dtype)["atol"] * 4, atol=tol(dtype)["atol"] * 4)
+
+
+@settings(max_examples=40, deadline=None, database=None, derandomize=True)
+@given(half=st.integers(1, 64), base=st.sampled_from([10.0, 500.0, 10_000, 1e6]),
+       positions=st.lists(st.integers(0, 10 ** 6), min_size=1, max_size=8))
+def test_property_angles_and_tables_equal_formula(half, base, positions):
+    dim = 2 * half
+    pos = torch.tensor(positions)
+    angles = rotary_angles(pos, dim, base)
+    want = torch.tensor([[m * base ** (-2 * i / dim) for i in range(half)] for m in positions], dtype=torch.float64)
+    torch.testing.assert_close(angles, want, rtol=1e-14, atol=0)
+    cos, sin = rotary_tables(pos, dim, base)
+    assert cos.dtype == sin.dtype == torch.float32
+    torch.testing.assert_close(cos.double(), want.cos(), rtol=0, atol=2 ** -24)
+    torch.testing.assert_close(sin.double(), want.sin(), rtol=0, atol=2 ** -24)
+
+
+@settings(max_examples=30, deadline=None, database=None, derandomize=True)
+@given(half=st.integers(1, 16), extra=st.integers(0, 4), n_heads=st.integers(1, 4), bias=st.booleans())
+def test_property_layout_permutation_and_conversion_round_trip(half, extra, n_heads, bias):
+    dim, head_dim = 2 * half, 2 * half + extra
+    perm = interleaved_to_half_permutation(dim, head_dim)
+    assert sorted(perm.tolist()) == list(range(head_dim))
+    w = randn(n_heads * head_dim, *(() if bias else (5,)), seed=half + 10 * extra)
+    there = convert_interleaved_to_half(w, n_heads, dim)
+    assert torch.equal(convert_half_to_interleaved(there, n_heads, dim), w)
+    assert torch.equal(there.view(n_heads, head_dim, -1)[:, :, 0], w.view(n_heads, head_dim, -1)[:, perm, 0])
+
+
+@pytest.mark.kernel
+@settings(max_examples=12, deadline=None, database=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])  # `kernel_device` is a constant
+@given(shape=shapes, dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32]), interleaved=st.booleans(),
+       per_sample=st.booleans(), seed=st.integers(0, 2 ** 16))
+def test_property_triton_kernel_equals_readable(kernel_device, shape, dtype, interleaved, per_sample, seed):
+    batch, seq_len, n_heads, half, extra = shape
+    dim, head_dim = 2 * half, 2 * half + extra
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, seq_len, n_heads, head_dim, generator=g).to(device=kernel_device, dtype=dtype)
+    pos = torch.randint(0, 1000, (batch if per_sample else 1, seq_len), generator=g)
+    cos, sin = (t[:, :, None].to(kernel_device) for t in rotary_tables(pos, dim))
+    y = rope.apply_rotary_triton(x, cos, sin, interleaved=interleaved)
+    torch.testing.assert_close(y, apply_rotary(x, cos, sin, interleaved=interleaved), **KERNEL_TOL[dtype])
+
+
+# ## Errors: every public function names the argument, the value and what it expected
+
+X = randn(1, 4, 2, 8)
+T4 = torch.ones(1, 4, 1, 4)
+BAD_INPUTS = [
+    ("rotary_angles positions", lambda: rotary_angles([0, 1], 8), TypeError, r"positions: got 'list', expected a torch.Tensor"),
+    ("rotary_angles bool", lambda: rotary_angles(torch.tensor([True]), 8), TypeError, r"positions: got 'dtype torch.bool', expected an integer or floating"),
+    ("rotary_angles dim", lambda: rotary_angles(torch.arange(3), 5), ValueError, r"dim: got 5, expected an even number"),
+    ("rotary_angles base", lambda: rotary_angles(torch.arange(3), 8, 1), ValueError, r"base: got 1, expected a finite number > 1"),
+    ("rotary_angles dtype", lambda: rotary_angles(torch.arange(3), 8, dtype=torch.int32), TypeError, r"dtype: got torch.int32, expected a floating-point torch.dtype"),
+    ("rotary_tables dtype", lambda: rotary_tables(torch.arange(3), 8, dtype=torch.long), TypeError, r"dtype: got torch.int64, expected a floating-point"),
+    ("rotary_tables dim", lambda: rotary_tables(torch.arange(3), 0), ValueError, r"dim: got 0, expected an int >= 2"),
+    ("apply_rotary x", lambda: apply_rotary(X.long(), T4, T4), TypeError, r"x: got 'dtype torch.int64', expected a floating-point tensor"),
+    ("apply_rotary cos type", lambda: apply_rotary(X, 1.0, T4), TypeError, r"cos: got 'float', expected a torch.Tensor"),
+    ("apply_rotary sin shape", lambda: apply_rotary(X, T4, T4[:, :3]), ValueError, r"sin: got 'shape \(1, 3, 1, 4\)', expected the shape of cos"),
+    ("apply_rotary too many pairs", lambda: apply_rotary(X, torch.ones(1, 4, 1, 5), torch.ones(1, 4, 1, 5)), ValueError, r"cos: got 'shape \(1, 4, 1, 5\)', expected a last dimension dim / 2 between 1 and head_dim / 2 = 4"),
+    ("apply_rotary broadcast", lambda: apply_rotary(X, torch.ones(1, 3, 1, 4), torch.ones(1, 3, 1, 4)), ValueError, r"cos: got 'shape \(1, 3, 1, 4\)', expected a shape that broadcasts to x's \(1, 4, 2, 4\)"),
+    ("apply_rotary grows x", lambda: apply_rotary(X, torch.ones(3, 4, 1, 4), torch.ones(3, 4, 1, 4)), ValueError, r"cos: got 'shape \(3, 4, 1, 4\)', expected a shape that broadcasts"),
+    ("apply_rotary_compiled x", lambda: rope.apply_rotary_compiled(X.long(), T4, T4), TypeError, r"x: got 'dtype torch.int64', expected a floating-point"),
+    ("apply_rotary_fast x", lambda: rope.apply_rotary_fast("x", T4, T4), TypeError, r"x: got 'str', expected a torch.Tensor"),
+    ("apply_rotary_triton x", lambda: rope.apply_rotary_triton(X[0], T4, T4), ValueError, r"x: got 'shape \(4, 2, 8\)', expected \[batch, seq_len, n_heads, head_dim\]"),
+    ("module dim", lambda: RotaryPositionalEmbeddings(7), ValueError, r"dim: got 7, expected an even number"),
+    ("module dim type", lambda: RotaryPositionalEmbeddings(8.0), TypeError, r"dim: got 8.0, expected an int"),
+    ("module max_seq_len", lambda: RotaryPositionalEmbeddings(8, max_seq_len=0), ValueError, r"max_seq_len: got 0, expected an int >= 1"),
+    ("module base", lambda: RotaryPositionalEmbeddings(8, base=1), ValueError, r"base: got 1, expected a finite number > 1"),
+    ("module base inf", lambda: RotaryPositionalEmbeddings(8, base=float("inf")), ValueError, r"base: got inf, expected a finite number > 1"),
+    ("module interleaved", lambda: RotaryPositionalEmbeddings(8, interleaved=1), TypeError, r"interleaved: got 1, expected a bool"),
+    ("module fast", lambda: RotaryPositionalEmbeddings(8, fast="yes"), TypeError, r"fast: got 'yes', expected None \(follow annotated_src.fastpath\), True or False"),
+    ("module fast int", lambda: RotaryPositionalEmbeddings(8, fast=1), TypeError, r"fast: got 1, expected None"),
+    ("module x head_dim", lambda: RotaryPositionalEmbeddings(10)(X), ValueError, r"x: got 'shape \(1, 4, 2, 8\)', expected head_dim \(the last dimension\) >= dim = 10"),
+    ("module x ndim", lambda: RotaryPositionalEmbeddings(8)(X[0]), ValueError, r"x: got 'shape \(4, 2, 8\)', expected 4 dimensions \[batch, seq_len, n_heads, head_dim\]"),
+    ("module x dtype", lambda: RotaryPositionalEmbeddings(8)(X.long()), TypeError, r"x: got 'dtype torch.int64', expected a floating-point tensor"),
+    ("module position high", lambda: RotaryPositionalEmbeddings(8, max_seq_len=16)(X, input_pos=torch.tensor([0, 1, 2, 16])), ValueError, r"input_pos: got position 16, expected positions < max_seq_len = 16"),
+    ("module position negative", lambda: RotaryPositionalEmbeddings(8)(X, input_pos=torch.tensor([0, 1, 2, -1])), ValueError, r"input_pos: got position -1, expected positions >= 0"),
+    ("module seq_len", lambda: RotaryPositionalEmbeddings(8, max_seq_len=3)(X), ValueError, r"x: got seq_len 4, expected seq_len <= max_seq_len = 3"),
+    ("module input_pos dtype", lambda: RotaryPositionalEmbeddings(8)(X, input_pos=torch.arange(4.0)), TypeError, r"input_pos: got 'dtype torch.float32', expected an integer tensor"),
+    ("module input_pos length", lambda: RotaryPositionalEmbeddings(8)(X, input_pos=torch.arange(5)), ValueError, r"input_pos: got 'shape \(5,\)', expected \[4\] or \[1, 4\]"),
+    ("module input_pos batch", lambda: RotaryPositionalEmbeddings(8)(X, input_pos=torch.zeros(2, 4, dtype=torch.long)), ValueError, r"input_pos: got 'shape \(2, 4\)'"),
+    ("module input_pos ndim", lambda: RotaryPositionalEmbeddings(8)(X, input_pos=torch.zeros(1, 1, 4, dtype=torch.long)), ValueError, r"input_pos: got 'shape \(1, 1, 4\)', expected \[seq_len\] or \[batch, seq_len\]"),
+    ("xpos dim", lambda: XPos(3), ValueError, r"dim: got 3, expected an even number"),
+    ("xpos scale_base", lambda: XPos(8, scale_base=0), ValueError, r"scale_base: got 0, expected a finite number > 0"),
+    ("xpos max_seq_len", lambda: XPos(8, max_seq_len=40_000), ValueError, r"max_seq_len: got 40000, expected at most 36261 for scale_base = 512"),
+    ("xpos position", lambda: XPos(8, max_seq_len=99)(X, X, input_pos=torch.tensor([0, 1, 2, 99])), ValueError, r"input_pos: got position 99, expected positions < max_seq_len = 99"),
+    ("xpos k shape", lambda: XPos(8)(X, X[:, :3]), ValueError, r"k: got 'shape \(1, 3, 2, 8\)', expected the shape of q"),
+    ("xpos k type", lambda: XPos(8)(X, None), TypeError, r"k: got 'NoneType', expected a torch.Tensor"),
+    ("rope_reference dim", lambda: rope_reference(X, dim=7), ValueError, r"dim: got 7, expected an even number"),
+    ("rope_reference head_dim", lambda: rope_reference(X, dim=10), ValueError, r"x: got 'shape \(1, 4, 2, 8\)', expected head_dim \(the last dimension\) >= dim = 10"),
+    ("rope_reference base", lambda: rope_reference(X, base=0.5), ValueError, r"base: got 0.5, expected a finite number > 1"),
+    ("rope_reference input_pos", lambda: rope_reference(X, input_pos=torch.arange(3)), ValueError, r"input_pos: got 'shape \(3,\)', expected \[4\] or \[1, 4\]"),
+    ("rope_reference interleaved", lambda: rope_reference(X, interleaved="yes"), TypeError, r"interleaved: got 'yes', expected a bool"),
+    ("permutation dim", lambda: interleaved_to_half_permutation(5), ValueError, r"dim: got 5, expected an even number"),
+    ("permutation head_dim", lambda: interleaved_to_half_permutation(8, 6), ValueError, r"head_dim: got 6, expected an int >= 8"),
+    ("convert weight rows", lambda: convert_interleaved_to_half(torch.zeros(10, 4), n_heads=3), ValueError, r"weight: got 'shape \(10, 4\)', expected a number of rows divisible by n_heads = 3"),
+    ("convert weight ndim", lambda: convert_interleaved_to_half(torch.zeros(2, 8, 4), n_heads=2), ValueError, r"weight: got 'shape \(2, 8, 4\)', expected \[n_heads \* head_dim, d_model\]"),
+    ("convert n_heads", lambda: convert_half_to_interleaved(torch.zeros(8, 4), n_heads=0), ValueError, r"n_heads: got 0, expected an int >= 1"),
+    ("convert dim", lambda: convert_half_to_interleaved(torch.zeros(8, 4), n_heads=2, dim=6), ValueError, r"dim: got 6, expected at most head_dim = 4"),
+    ("convert dim odd", lambda: convert_interleaved_to_half(torch.zeros(8, 4), n_heads=1, dim=3), ValueError, r"dim: got 3, expected an even number"),
+]
+
+
+@pytest.mark.parametrize("call,exc,message", [c[1:] for c in BAD_INPUTS], ids=[c[0] for c in BAD_INPUTS])
+def test_bad_inputs_name_argument_value_and_expectation(call, exc, message):
+    with pytest.raises(exc, match=message):
+        call()
