@@ -23,9 +23,10 @@ $$\begin{pmatrix} y^{(1)}_i \\ y^{(2)}_i \end{pmatrix} =
 \qquad \theta_i = \text{base}^{-2i/d}, \quad i = 0, \dots, d/2 - 1.$$
 
 The frequencies fall geometrically from $\theta_0 = 1$ radian per token to
-$\theta_{d/2-1} = \text{base}^{-(d-2)/d} \approx 1/\text{base}$: the first pairs turn fast and tell
-neighbouring tokens apart, the last ones turn so slowly that they stay nearly fixed across the
-whole context and carry content. `base` is 10 000 in the paper.
+$\theta_{d/2-1} = \text{base}^{-(d-2)/d}$, close to $1/\text{base}$ for large $d$: the first pairs
+turn fast and tell neighbouring tokens apart, the last ones turn so slowly (for $d = 128$, once
+every 54 000 tokens) that they barely move across a context of a few thousand tokens, and can
+carry content rather than position. `base` is 10 000 in the paper.
 
 ## Why the score depends only on $m - n$
 
@@ -47,7 +48,8 @@ Shifting both positions by the same amount changes nothing. In complex numbers, 
 $z_i = x^{(1)}_i + \mathrm{i}\, x^{(2)}_i$, the rotation is $z_i e^{\mathrm{i} m\theta_i}$ and the
 pair's contribution to the score is $\operatorname{Re}\big[\bar z^{q}_i z^{k}_i
 e^{\mathrm{i}(n-m)\theta_i}\big]$, the same statement. Rotations also preserve lengths, so
-$\lVert \operatorname{RoPE}(x, m) \rVert = \lVert x \rVert$: RoPE changes no norm and no scale.
+$\lVert \operatorname{RoPE}(x, m) \rVert = \lVert x \rVert$: RoPE changes no norm and no scale
+(xPos, below, does both on purpose).
 
 ## Two layouts of the pairs
 
@@ -63,8 +65,8 @@ features $(0, 2, 4, \dots, d-2, 1, 3, \dots, d-1)$ to positions $(0, 1, \dots, d
 $\operatorname{RoPE}_{\text{half}}(Px, m) = P \operatorname{RoPE}_{\text{interleaved}}(x, m)$.
 Since $P$ is orthogonal, $\langle Pa, Pb \rangle = \langle a, b \rangle$: a model trained in one
 layout runs in the other once the rows of its query and key projections (and biases) are
-permuted by $P$ per head. That is what Hugging Face's conversion script for Meta's weights does,
-and what `convert_interleaved_to_half` below does. The values and the output projection are not
+permuted by $P$ per head. That is what Hugging Face's conversion script for Meta's weights does
+(`permute` in `convert_llama_weights_to_hf.py`), and what `convert_interleaved_to_half` below does. The values and the output projection are not
 touched.
 
 ## The bf16 pitfall
@@ -76,21 +78,24 @@ dtype rotates position 8191 by the angle of position 8192, and the 64 positions 
 collapse onto three values, 8128, 8160 and 8192: dozens of neighbouring tokens get the *same*
 angles and their relative positions are erased. Here the angles are computed in float64 and
 the $\cos$ and $\sin$ tables kept in float32 whatever the module's dtype; the rotation is done in
-float32 and rounded once to the input's dtype.
+float32 and rounded once to the input's dtype (float64 inputs get float64 tables and arithmetic).
 
 ## xPos
 
 [Sun et al., *A Length-Extrapolatable Transformer* (arXiv 2212.10554)](https://arxiv.org/abs/2212.10554),
-used by LongNet, multiplies each rotated pair by an exponential in the position, so that scores
-decay with distance, more for the fast pairs than for the slow ones:
+used by LongNet, multiplies each rotated pair by an exponential in the position, so that the
+score of a query with an earlier key decays with their distance, more for the fast pairs than
+for the slow ones:
 
 $$\tilde q_m = \zeta^{\,m/\gamma} \odot \operatorname{RoPE}(q, m), \qquad
 \tilde k_n = \zeta^{-n/\gamma} \odot \operatorname{RoPE}(k, n), \qquad
-\zeta_i = \frac{2i/d + 0.4}{1.4} \in [0.29, 1),$$
+\zeta_i = \frac{2i/d + 0.4}{1.4} \in \left[\tfrac{0.4}{1.4}, 1\right),$$
 
-with $\gamma$ = `scale_base` (512). Pair $i$'s contribution to the score is multiplied by
-$\zeta_i^{(m-n)/\gamma}$, still a function of $m - n$ alone. Features past `dim` are neither rotated
-nor scaled.
+with $\gamma$ = `scale_base` (512, as in the authors' code, torchscale). Pair $i$'s contribution to
+the score is multiplied by $\zeta_i^{(m-n)/\gamma}$, still a function of $m - n$ alone: below 1 for
+a key before the query ($n < m$, causal attention), above 1 for a key after it. $\zeta_0 =
+0.4/1.4 \approx 0.29$ for the fastest pair, and the slowest pairs approach 1, barely decaying.
+Features past `dim` are neither rotated nor scaled.
 
 ## What this file holds
 
@@ -123,11 +128,12 @@ from annotated_src.rope_fast import apply_rotary_compiled, apply_rotary_fast, ap
 # ## The angles
 #
 # $\theta_i = \text{base}^{-2i/d}$ and the angle of pair $i$ at position $m$ is $m\theta_i$.
-# `positions` is an integer tensor of any shape; the result has that shape plus a last dimension
+# `positions` is an integer (or real) tensor of any shape; the result has that shape plus a last dimension
 # of $d/2$.
 #
-# The computation happens in `dtype`, float64 by default: an angle near $8192$ radians in float32
-# is off by up to $5 \cdot 10^{-4}$ radians, in float64 by $10^{-12}$. The `dtype` argument exists
+# The computation happens in `dtype`, float64 by default: an angle near $8192$ radians rounded to
+# float32 is off by up to $5 \cdot 10^{-4}$ radians (half the spacing of float32 numbers there,
+# $2^{-10}$), rounded to float64 by $10^{-12}$. The `dtype` argument exists
 # so that the notebook and the tests can show what goes wrong in bfloat16.
 
 
@@ -497,25 +503,26 @@ class RotaryPositionalEmbeddings(_RotaryBase):
 # The scale multiplies both members of a pair by the same number, so it folds into the tables:
 # $\zeta_i^{s} R(\alpha)$ is the matrix of $R(\alpha)$ with $\zeta_i^{s}\cos\alpha$ and
 # $\zeta_i^{s}\sin\alpha$ in place of $\cos\alpha$ and $\sin\alpha$. The query uses `cos * scale`,
-# `sin * scale`, the key `cos / scale`, `sin / scale`, and the same rotation kernel does the rest.
+# `sin * scale`, the key `cos / scale`, `sin / scale`, and the same rotation (readable or fast) does
+# the rest.
 #
 # **Centring.** $\zeta_0 = 0.4/1.4 \approx 0.29$, so $\zeta_0^{-n/\gamma}$ at $n = 65\,536$ and
 # $\gamma = 512$ is $10^{70}$: past the range of float32 and bfloat16, while the query's factor
 # underflows to zero. Any fixed shift $c$ of the exponent, $\zeta^{(m-c)/\gamma}$ for the query and
 # $\zeta^{-(n-c)/\gamma}$ for the key, leaves the product $\zeta^{(m-n)/\gamma}$ unchanged. We take
 # $c$ = `max_seq_len // 2`, so the exponents stay within $\pm$`(max_seq_len // 2) / gamma`
-# (a factor between $0.0067$ and $150$ for the defaults). torchscale centres on the middle of
-# the current call's positions instead; a centre that depends on the call would give a query
-# decoded with a KV cache a different scale from the one its keys were cached with, so ours is
-# fixed by the module.
+# (a factor between $0.0067$ and $150$ for the defaults). torchscale centres on the middle of the
+# positions up to the end of the current call (`-(len + offset) // 2`), a centre that moves as the
+# sequence grows; a moving centre would give a query decoded with a KV cache a different scale from
+# the one its keys were cached with, so ours is fixed by the module.
 #
 # **The limit.** Centring halves the exponents; it cannot make them small for a long table. The
 # largest factor is $\zeta_0^{-(L/2)/\gamma} = 3.5^{(L/2)/\gamma}$ for $L$ = `max_seq_len`, and
-# its reciprocal the smallest. A product of a huge and a tiny float is exact as long as neither
-# leaves the float's range; once one overflows to infinity and the other to zero, their product
-# is NaN. So the module refuses a table whose factors leave $[2^{-64}, 2^{64}]$: that keeps them
-# inside the normal range of float32 and bfloat16 ($2^{\pm 126}$) with $2^{64}$ to spare for the
-# activations they multiply. For $\gamma = 512$ that is `max_seq_len` up to 36 261; a longer
+# its reciprocal the smallest. A product of a huge and a tiny float is as accurate as the float's
+# rounding allows as long as neither leaves the float's range; once one overflows to infinity and
+# the other to zero, their product is NaN. So the module refuses a table whose factors leave
+# $[2^{-64}, 2^{64}]$: that keeps them inside the normal range of float32 and bfloat16 ($2^{-126}$
+# to $2^{128}$) with $2^{64}$ to spare for the activations they multiply. For $\gamma = 512$ that is `max_seq_len` up to 36 261; a longer
 # table needs a proportionally larger $\gamma$. float16 reaches only 65 504 (about $2^{16}$), so it
 # is accepted only where the factors stay within $2^{\pm 8}$, leaving $2^8$ for the activations:
 # `max_seq_len` up to 4 533 for $\gamma = 512$ (the default 4096 included); bfloat16 has float32's
@@ -635,8 +642,8 @@ class XPos(_RotaryBase):
 #
 # Everything above in one readable function that recomputes $\theta$, the angles and the tables on
 # every call, the way RoPE is often first written. It is the naive baseline of the benchmark
-# (recomputing the tables costs a few small kernels per call) and a second, independent
-# reference for the tests. The angles are computed in float32 here (float64 for float64 inputs),
+# (recomputing the tables costs a few small kernels per call) and a second reference for the
+# tests, with tables of its own (the rotation is `apply_rotary`'s). The angles are computed in float32 here (float64 for float64 inputs),
 # as a typical implementation does; the module's cache is more precise.
 
 

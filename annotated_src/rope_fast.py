@@ -11,7 +11,7 @@ where they fork to this page. Here is what they fork to.
 
 | kernel | stands for (in `annotated_src/rope.py`) | what it saves | how it was measured |
 | --- | --- | --- | --- |
-| `_rope_kernel`, launched by `rope_kernel(...)` | `apply_rotary`: the slice, the upcast, the four products, the two sums, the concatenations and the downcast, each a kernel that reads and writes a whole tensor | every element of `x` is read once and written once (the traffic of a copy), and each token's table rows are loaded once for all its heads | rows "fast module (Triton kernel)" and "fast path (Triton kernel only)" of the benchmark suite `annotated_src.bench.rope` (notebook 01, "Timing"), against "readable module", "naive per-call" and "copy (ceiling)" |
+| `_rope_kernel`, launched by `rope_kernel(...)` | `apply_rotary`: its ten operations (the upcast, four products, two sums, the concatenation of the pairs, the downcast, the concatenation with the features past `dim`), each a kernel that reads and writes up to a whole tensor | every element of `x` is read once and written once (the traffic of a copy), and each token's table rows are loaded once for all its heads | rows "fast module (Triton kernel)" and "fast path (Triton kernel only)" of the benchmark suite `annotated_src.bench.rope` (notebook 01, "Timing"), against "readable module", "naive per-call" and "copy (ceiling)" |
 | the backward of `_RotaryFunction` | autograd through `apply_rotary` | the same kernel, called with $-\sin$: the gradient is the rotation by the opposite angle | not timed; `tests/test_rope.py` checks it against autograd through `apply_rotary` |
 | `apply_rotary_compiled` (`torch.compile`) | `apply_rotary` | one fused elementwise kernel that Inductor writes, for where the Triton kernel does not run (no Triton, a CPU, tables with gradients) | row "compiled rotation (torch.compile)" of `annotated_src.bench.rope` |
 
@@ -20,8 +20,9 @@ where they fork to this page. Here is what they fork to.
 RoPE is memory-bound. Per pair of features it does four multiplications and two additions, and
 moves the pair in and out: in bfloat16, 6 operations for 8 bytes. A GPU does tens of
 floating-point operations per byte it moves, so the rotation takes the time of its memory
-traffic. The readable version launches a kernel for the slice, the upcast, each product, each
-sum, the concatenation and the downcast, and every one of them reads and writes a full tensor.
+traffic. The readable version launches ten kernels (the upcast, each product, each sum, the
+concatenations and the downcast), each reading and writing up to a whole tensor, most of them
+float32 intermediates twice the size of a bfloat16 `x`.
 The least any implementation can move is one read of `x` and one write of the result: the
 traffic of a copy, which is the ceiling the benchmark compares with.
 
@@ -36,7 +37,7 @@ written. The arithmetic is the readable path's, in float32, rounded once to `x`'
 
 * The half layout pairs feature $i$ with $i + d/2$: the two tiles are two contiguous halves of
   each head. The interleaved layout pairs $2i$ with $2i + 1$: two stride-2 tiles that share
-  cache lines, so memory still sees each byte once. The layout changes which two addresses form
+  cache lines, so the second load is served by the cache and memory still sees each byte once. The layout changes which two addresses form
   a pair, not what is computed, so it is one compile-time argument of one kernel.
 * Features past `dim` are copied through by the same program.
 * The backward pass is the same kernel. The Jacobian of $y = R(\alpha)\,x$ is $R(\alpha)$, so
@@ -211,9 +212,9 @@ def apply_rotary_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *
 # with the rotation's sign, and the tables are widened to one angle per feature before the call.
 # The compiler emits one elementwise kernel in which each thread reads its feature and its
 # partner and the two table entries and writes one output: the memory traffic of a copy, but
-# four more loads per element from cache (x's partner, and both tables at full width), where the
-# kernel above loads every table entry once per token and every element once. The benchmark
-# compares the two. It is the fast path where the kernel does not run: without Triton, on the CPU
+# three more loads per element, served by the cache (x's partner, and both tables at full width),
+# where the kernel above loads every table entry once per token and every element once. The
+# benchmark compares the two. It is the fast path where the kernel does not run: without Triton, on the CPU
 # (where Inductor emits C++), or with tables that need gradients.
 #
 # We compile once per process with `fullgraph=True` (a graph break would be a silent loss of

@@ -212,17 +212,16 @@ def test_output_dtype_is_input_dtype(dtype):
     assert q.dtype == k.dtype == dtype
 
 
-def test_bf16_at_long_positions_within_rounding():
+def test_claim_bf16_output_within_half_ulp_of_exact_rotation_up_to_8192():
     module = RotaryPositionalEmbeddings(128, max_seq_len=8193)
     pos = torch.cat((torch.arange(0, 64), torch.arange(8129, 8193)))
-    x32 = randn(2, pos.numel(), 2, 128, seed=17)
-    x = x32.to(torch.bfloat16)
+    x = randn(2, pos.numel(), 2, 128, seed=17, dtype=torch.bfloat16)
     y = module(x, input_pos=pos)
-    want = module(x.double(), input_pos=pos)  # exact rotation of the same bf16 input
-    # One rounding to bf16: at most half an ulp, 2^-9 of the value (plus the float32 tables' error).
-    err = (y.double() - want).abs()
-    assert (err <= want.abs() * 2.0 ** -8 + 1e-6).all()
-    assert torch.equal(y, want.to(torch.bfloat16)) or err.max() < 2 ** -7 * want.abs().max()
+    exact = module(x.double(), input_pos=pos)  # exact rotation of the same bf16 input
+    # bfloat16's ulp at each value: 2^(exponent - 7).
+    ulp = 2.0 ** (torch.floor(torch.log2(exact.abs().clamp_min(2.0 ** -100))) - 7)
+    # Half an ulp, plus the float32 tables' rounding (2^-24 of the pair's magnitude, far below it).
+    assert ((y.double() - exact).abs() <= 0.5 * ulp + 2.0 ** -20).all()
 
 
 def test_bf16_positions_bug_is_avoided():
@@ -551,6 +550,116 @@ def test_matches_transformers_llama(dim):
     torch.testing.assert_close(module(k, input_pos=pos), k_hf, rtol=0, atol=5e-4)
     # At small positions both are exact to float32 rounding.
     torch.testing.assert_close(module(q, input_pos=pos)[:1], q_hf[:1], rtol=0, atol=1e-5)
+
+
+# ## Claims of the prose, one test each
+
+
+def test_claim_angle_near_8192_float32_off_by_up_to_5e_4_float64_by_1e_12():
+    # Half the spacing of each type's numbers at 8192 radians.
+    a = torch.tensor(8192.0, dtype=torch.float64)
+    half_f32 = (torch.nextafter(a.float(), torch.tensor(1e9)) - a.float()).item() / 2
+    half_f64 = (torch.nextafter(a, torch.tensor(1e9, dtype=torch.float64)) - a).item() / 2
+    assert half_f32 == 2 ** -11 and 4e-4 < half_f32 <= 5e-4
+    assert half_f64 <= 1e-12
+    # And the angles of positions 8000..8191 computed in float32 are that far off.
+    angles = rotary_angles(torch.arange(8000, 8192), 128)
+    err = (rotary_angles(torch.arange(8000, 8192), 128, dtype=torch.float32).double() - angles).abs().max()
+    assert 1e-4 < err <= 5e-4 + 1e-6
+
+
+def test_claim_readable_rotation_runs_ten_kernels():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    x = randn(1, 8, 2, 16, seed=80, dtype=torch.bfloat16)
+    cos, sin = (t[None, :, None] for t in rotary_tables(torch.arange(8), 16))
+    kernels = {"_to_copy", "mul", "sub", "add", "cat", "stack"}  # the ones that write memory
+    for interleaved in (False, True):
+        with Count() as count:
+            apply_rotary(x, cos, sin, interleaved=interleaved)
+        assert sum(op in kernels for op in count.ops) == 10, count.ops
+
+
+def test_claim_bf16_integers_exact_to_256_then_spacing_2_4_and_32():
+    def spacing(lo, hi):
+        values = torch.arange(lo, hi).to(torch.bfloat16).double().unique()
+        return (values[1:] - values[:-1]).unique().tolist()
+
+    assert torch.equal(torch.arange(257).to(torch.bfloat16).long(), torch.arange(257))
+    assert spacing(256, 512) == [2.0] and spacing(512, 1024) == [4.0] and spacing(4096, 8192) == [32.0]
+
+
+def test_claim_frequencies_fall_from_one_radian_to_about_one_over_base():
+    theta = rotary_angles(torch.tensor(1), 128)
+    assert theta[0] == 1 and math.isclose(theta[-1].item(), 10_000 ** (-126 / 128))
+    assert 0.8 < theta[-1].item() * 10_000 < 1.2  # "close to 1 / base for large d"
+    wavelength = 2 * math.pi / theta
+    assert round(wavelength[0].item(), 1) == 6.3 and 54_000 <= wavelength[-1].item() < 55_000
+    assert (theta[1:] < theta[:-1]).all()
+
+
+def test_claim_all_ones_score_is_twice_sum_of_cosines_largest_at_zero_envelope_decays():
+    module = RotaryPositionalEmbeddings(128, max_seq_len=4096)
+    ones = torch.ones(1, 1, 1, 128, dtype=torch.float64)
+    distances = torch.arange(4096)
+    q0 = module(ones, input_pos=torch.tensor([0]))
+    scores = (q0 * module(ones.expand(1, 4096, 1, 128), input_pos=distances)).sum(-1).flatten()
+    theta = rotary_angles(torch.tensor(1), 128)
+    torch.testing.assert_close(scores, 2 * torch.cos(distances.double()[:, None] * theta).sum(-1), rtol=0, atol=1e-9)
+    assert scores.argmax() == 0
+    bands = [(1, 64), (64, 256), (256, 1024), (1024, 2048), (2048, 4096)]
+    peaks = [scores[a:b].max().item() for a, b in bands]
+    assert all(p > q for p, q in zip(peaks, peaks[1:])), peaks
+
+
+def test_claim_interleaved_layout_is_meta_llama_view_as_complex():
+    # Meta's LLaMA: `torch.view_as_complex` on adjacent features, times e^{i m theta}.
+    x = randn(2, 6, 3, 16, seed=81, dtype=torch.float64)
+    pos = torch.arange(100, 106)
+    freqs_cis = torch.polar(torch.ones(6, 8, dtype=torch.float64), rotary_angles(pos, 16))
+    meta = torch.view_as_real(torch.view_as_complex(x.reshape(2, 6, 3, 8, 2)) * freqs_cis[None, :, None]).flatten(-2)
+    torch.testing.assert_close(RotaryPositionalEmbeddings(16, interleaved=True)(x, input_pos=pos), meta, rtol=0, atol=1e-12)
+
+
+def test_claim_conversion_is_hf_conversion_script_permute():
+    # `permute` of transformers' `convert_llama_weights_to_hf.py`, written out.
+    def hf_permute(w, n_heads, dim1, dim2):
+        return w.view(n_heads, dim1 // n_heads // 2, 2, dim2).transpose(1, 2).reshape(dim1, dim2)
+
+    w = randn(4 * 16, 24, seed=82)
+    assert torch.equal(convert_interleaved_to_half(w, 4), hf_permute(w, 4, 64, 24))
+
+
+def test_claim_tables_are_a_thirty_second_of_the_traffic_for_32_heads_of_128_bf16():
+    table_bytes = 2 * 64 * 4  # two float32 rows of dim / 2 = 64
+    x_bytes = 2 * 32 * 128 * 2  # read and write 32 heads of 128 bfloat16 features
+    assert table_bytes * 32 == x_bytes
+
+
+def test_claim_xpos_zeta_from_0_4_over_1_4_below_one_and_default_factors_0_0067_to_150():
+    module = XPos(128)
+    zeta = module.zeta()
+    assert zeta[0] == 0.4 / 1.4 and (zeta < 1).all() and (zeta[1:] > zeta[:-1]).all()
+    scale = module.scale_cached.double()
+    assert 0.0066 < scale.min() < 0.0067 and 149 < scale.max() < 151
+    # Below 1 for a key before the query, above 1 after it: pair 0, distances +100 and -100.
+    assert zeta[0] ** (100 / 512) < 1 < zeta[0] ** (-100 / 512)
+
+
+def test_claim_xpos_leaves_features_past_dim_untouched():
+    q, k = randn(1, 5, 2, 12, seed=83), randn(1, 5, 2, 12, seed=84)
+    q_rot, k_rot = XPos(8, max_seq_len=64)(q, k, input_pos=torch.tensor([0, 7, 31, 40, 63]))
+    assert torch.equal(q_rot[..., 8:], q[..., 8:]) and torch.equal(k_rot[..., 8:], k[..., 8:])
+    assert not torch.allclose(q_rot[..., :8], q[..., :8])
 
 
 # ## xPos: how far its tables reach
