@@ -1,7 +1,7 @@
 r"""
 ---
 title: Rotary positional embeddings (RoPE) and xPos
-summary: Rotary embeddings that make attention scores depend only on relative position, in both pair layouts, with float32 tables, per-token positions, partial rotation, the xPos variant, and the fork to a fast path of one Triton kernel.
+summary: Rotary embeddings that make attention scores depend only on relative position, in both pair layouts, with float32 tables, per-token positions, partial rotation, the xPos variant, scaled frequencies for longer contexts (position interpolation, NTK-aware, YaRN, Llama 3), and the fork to a fast path of one Triton kernel.
 ---
 
 # Rotary positional embeddings (RoPE)
@@ -100,6 +100,9 @@ Features past `dim` are neither rotated nor scaled.
 ## What this file holds
 
 * `rotary_angles`, `rotary_tables`: the angles $m\theta_i$ and their $\cos$, $\sin$.
+* `rope_frequencies`: the frequencies $\theta_i$, or their scaled versions for contexts longer than
+  the training one (position interpolation, NTK-aware, YaRN, Llama 3), which the modules take as
+  `scaling=`.
 * `apply_rotary`: the readable rotation of either layout, and the fork to its fast path, on a page
   of its own: [`annotated_src/rope_fast.py`](rope_fast.py) (`apply_rotary_fast`: one Triton
   kernel, `apply_rotary_triton`, or the rotation compiled by `torch.compile`,
@@ -252,6 +255,149 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, inter
     return torch.cat((y.to(x.dtype), x_pass), dim=-1)
 
 
+# ## Longer contexts: scaling the frequencies
+#
+# A model trained on $L$ tokens has seen the angles $m\theta_i$ for $m < L$ only. Past $L$, the slow
+# pairs, which had not completed a turn within $L$ tokens, reach angles never seen in training, and
+# the model's quality drops. Four published ways to run such a model on longer inputs change the
+# frequencies $\theta_i$ (the rotation itself is unchanged). With $s$ = `factor`, the ratio of the
+# new context to the old one, and $L$ = `original_max_position_embeddings`:
+#
+# * **Position interpolation**, `"linear"` ([Chen et al., arXiv 2306.15595](https://arxiv.org/abs/2306.15595)):
+#   squeeze the positions, $m \to m/s$, which is the same as $\theta_i \to \theta_i / s$. Every
+#   angle stays in the trained range, but neighbouring tokens are $s$ times closer together.
+# * **NTK-aware**, `"dynamic"` (bloc97's and emozilla's Reddit posts, 2023, as Hugging Face
+#   implements them): raise the base instead, $\text{base}' = \text{base}\cdot\kappa^{d/(d-2)}$,
+#   which leaves $\theta_0 = 1$ unchanged and divides the slowest frequency by $\kappa$. "Dynamic"
+#   ties $\kappa$ to the length $\ell$ actually needed, $\kappa = s\,\max(\ell, L)/L - (s - 1)$: 1 up to
+#   $L$, then growing with $\ell$ (here $\ell$ is `seq_len`; the modules use their `max_seq_len`).
+# * **YaRN**, `"yarn"` ([Peng et al., arXiv 2309.00071](https://arxiv.org/abs/2309.00071)): interpolate
+#   only the slow pairs. Pair $i$ turns $r_i = L\theta_i / 2\pi$ times over the old context; pairs that
+#   turn more than $\beta$ = `beta_fast` (32) times keep $\theta_i$, pairs that turn fewer than
+#   $\alpha$ = `beta_slow` (1) times get $\theta_i/s$, and a linear ramp $\gamma_i$ over the pair index
+#   blends the two in between: $\theta_i' = (1 - \gamma_i)\,\theta_i + \gamma_i\,\theta_i/s$. YaRN also
+#   sharpens the softmax, multiplying queries and keys by $\sqrt{1/t} = 0.1 \ln s + 1$
+#   (`attention_factor`): here it multiplies the $\cos$ and $\sin$ tables, as in Hugging Face.
+# * **Llama 3**, `"llama3"` (Meta's reference code for Llama 3.1, `apply_scaling`): the same idea with
+#   wavelengths $\lambda_i = 2\pi/\theta_i$ and two thresholds, $L$/`high_freq_factor` and
+#   $L$/`low_freq_factor`: shorter wavelengths keep $\theta_i$, longer ones get $\theta_i/s$, and in
+#   between $\theta_i' = (1 - g)\,\theta_i/s + g\,\theta_i$ with $g = (L/\lambda_i - \text{low})/(\text{high} - \text{low})$.
+#
+# `scaling` is a dict with Hugging Face's configuration keys (`rope_type`, `factor`, ...), so a
+# model's `rope_scaling` or `rope_parameters` can be passed as it is; the tests check the
+# frequencies against transformers' own `ROPE_INIT_FUNCTIONS`. The frequencies are computed in
+# float64, like the angles.
+
+# For each `rope_type`: the keys it needs and the keys it may have.
+SCALING_KEYS = {
+    "linear": ({"factor"}, set()),
+    "dynamic": ({"factor", "original_max_position_embeddings"}, set()),
+    "yarn": ({"factor", "original_max_position_embeddings"}, {"beta_fast", "beta_slow", "attention_factor", "truncate"}),
+    "llama3": ({"factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor"}, set()),
+}
+
+
+def rope_frequencies(dim: int, base: float = 10_000, scaling: dict | None = None, *,
+                     seq_len: int | None = None) -> tuple[torch.Tensor, float]:
+    r"""The frequencies $\theta_i$ of RoPE, possibly scaled for a longer context, and the attention factor.
+
+    Args:
+        dim (int): the number of rotated features $d$, even, at least 2 (4 for `"dynamic"`).
+        base (float): the base of the frequencies $\theta_i = \text{base}^{-2i/d}$, > 1. Default 10 000.
+        scaling (dict | None): None (default) for the paper's frequencies, or Hugging Face's
+            configuration keys: `rope_type` (`"linear"`, `"dynamic"`, `"yarn"` or `"llama3"`),
+            `factor` (>= 1), `original_max_position_embeddings` (all but `"linear"`),
+            `low_freq_factor` and `high_freq_factor` (`"llama3"`), and optionally `beta_fast`,
+            `beta_slow`, `attention_factor`, `truncate` (`"yarn"`); a `rope_theta` key must equal `base`.
+        seq_len (int | None): the context length to scale for, needed by `"dynamic"`. Default None.
+
+    Returns:
+        tuple[torch.Tensor, float]: `(inv_freq, attention_factor)`: `[dim / 2]` float64 $\theta_i$ on
+        the CPU, and the factor that multiplies the $\cos$ and $\sin$ tables (1 except for YaRN).
+
+    Raises:
+        TypeError: `scaling` is not a dict or None, or a value has the wrong type.
+        ValueError: `dim` or `base` is invalid, `rope_type` is unknown, a key is missing, unknown
+            or out of range, or `"dynamic"` is given no `seq_len`.
+    """
+    _check_dim(dim)
+    _check_base(base)
+    # $\theta_i = \text{base}^{-2i/d}$, `[dim / 2]`
+    theta = float(base) ** -(torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    if scaling is None:
+        return theta, 1.0
+    kind, p = _check_scaling(scaling, dim, base, seq_len)
+    s, L = p["factor"], p.get("original_max_position_embeddings")
+    if kind == "linear":
+        return theta / s, 1.0
+    if kind == "dynamic":
+        kappa = s * max(seq_len, L) / L - (s - 1)
+        return rope_frequencies(dim, base * kappa ** (dim / (dim - 2)))[0], 1.0
+    if kind == "yarn":
+        return _yarn(theta, dim, base, s, L, p)
+    return _llama3(theta, s, L, p["low_freq_factor"], p["high_freq_factor"]), 1.0
+
+
+def _yarn(theta: torch.Tensor, dim: int, base: float, s: float, L: int, p: dict) -> tuple[torch.Tensor, float]:
+    # The pair index whose frequency turns `r` times over the old context: $L\theta_i / 2\pi = r$.
+    def pair_turning(r: float) -> float:
+        return dim * math.log(L / (r * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = pair_turning(p.get("beta_fast", 32)), pair_turning(p.get("beta_slow", 1))
+    if p.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    high = high + 0.001 if low == high else high
+    # $\gamma_i$: 0 for the fast pairs (kept), 1 for the slow ones (interpolated), a ramp between.
+    gamma = ((torch.arange(dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+    factor = p.get("attention_factor")
+    if factor is None:
+        factor = 0.1 * math.log(s) + 1 if s > 1 else 1.0
+    return (1 - gamma) * theta + gamma * theta / s, float(factor)
+
+
+def _llama3(theta: torch.Tensor, s: float, L: int, low: float, high: float) -> torch.Tensor:
+    wavelength = 2 * math.pi / theta
+    # $g$: 0 at wavelength $L$/low (and longer: interpolated), 1 at $L$/high (and shorter: kept).
+    g = ((L / wavelength - low) / (high - low)).clamp(0, 1)
+    return (1 - g) * theta / s + g * theta
+
+
+def _check_scaling(scaling, dim: int, base: float, seq_len) -> tuple[str, dict]:
+    if not isinstance(scaling, dict):
+        fail("scaling", type(scaling).__name__, "None or a dict of Hugging Face's rope_scaling keys", TypeError)
+    kind = scaling.get("rope_type")
+    if kind not in SCALING_KEYS:
+        fail("scaling['rope_type']", kind, f"one of {', '.join(map(repr, SCALING_KEYS))}")
+    needed, optional = SCALING_KEYS[kind]
+    # A model's `rope_parameters` also name the base: it must be ours.
+    if "rope_theta" in scaling and scaling["rope_theta"] != base:
+        fail("scaling['rope_theta']", scaling["rope_theta"], f"base = {base}, or no rope_theta key")
+    p = {k: v for k, v in scaling.items() if k not in ("rope_type", "rope_theta")}
+    if needed - p.keys():
+        fail("scaling", scaling, f"the keys {sorted(needed)} for rope_type {kind!r} (missing {sorted(needed - p.keys())})")
+    if p.keys() - needed - optional:
+        fail("scaling", scaling, f"only the keys {sorted(needed | optional | {'rope_type', 'rope_theta'})} for rope_type {kind!r} "
+             f"(unknown: {sorted(p.keys() - needed - optional)})")
+    for key, value in p.items():
+        if key == "truncate" and not isinstance(value, bool):
+            fail("scaling['truncate']", value, "a bool", TypeError)
+        if key != "truncate" and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0
+                                  or value == float("inf")):
+            fail(f"scaling[{key!r}]", value, "a finite number > 0")
+    if p["factor"] < 1:
+        fail("scaling['factor']", p["factor"], "a number >= 1 (the new context over the old one)")
+    if kind == "llama3" and not p["high_freq_factor"] > p["low_freq_factor"]:
+        fail("scaling['high_freq_factor']", p["high_freq_factor"], f"more than low_freq_factor = {p['low_freq_factor']}")
+    if kind == "dynamic":
+        if dim < 4:
+            fail("dim", dim, "at least 4 for dynamic scaling (its exponent is d / (d - 2))")
+        if seq_len is None:
+            fail("seq_len", seq_len, "the context length to scale for (an int >= 1): dynamic scaling needs it")
+        check_int("seq_len", seq_len, min_value=1)
+    return kind, p
+
+
 # ## The fork to the fast path
 #
 # The rotation above is the whole method. Its fast path, one Triton kernel that reads and writes
@@ -382,7 +528,8 @@ def _check_positions(input_pos, x: torch.Tensor, max_seq_len: int | None) -> tor
 
 
 class _RotaryBase(nn.Module):
-    def __init__(self, dim: int, max_seq_len: int, base: float, interleaved: bool, fast: bool | None):
+    def __init__(self, dim: int, max_seq_len: int, base: float, interleaved: bool, fast: bool | None,
+                 scaling: dict | None = None):
         super().__init__()
         _check_dim(dim)
         check_int("max_seq_len", max_seq_len, min_value=1)
@@ -392,12 +539,23 @@ class _RotaryBase(nn.Module):
         if fast is not None and not isinstance(fast, bool):
             fail("fast", fast, "None (follow annotated_src.fastpath), True or False", TypeError)
         self.dim, self.max_seq_len, self.base = dim, max_seq_len, base
-        self.interleaved, self.fast = interleaved, fast
+        self.interleaved, self.fast, self.scaling = interleaved, fast, scaling
+        # $\theta_i$ (scaled for a longer context if asked, for the whole table) and the factor of the
+        # tables, both fixed for the module's life.
+        self.inv_freq, self.attention_factor = rope_frequencies(
+            dim, base, scaling, seq_len=max_seq_len if scaling is not None else None)
         # On the default device: the CPU, or the device of an enclosing `with torch.device(...)`.
         self._build_tables(torch.empty(0).device)
 
+    # $\cos m\theta_i$ and $\sin m\theta_i$ (times the attention factor) from float64 angles, in `dtype`.
+    def _tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        angles = positions.to(torch.float64).unsqueeze(-1) * self.inv_freq.to(positions.device)
+        if self.attention_factor == 1:
+            return angles.cos().to(dtype), angles.sin().to(dtype)
+        return (angles.cos() * self.attention_factor).to(dtype), (angles.sin() * self.attention_factor).to(dtype)
+
     def _table_values(self) -> dict[str, torch.Tensor]:
-        cos, sin = rotary_tables(torch.arange(self.max_seq_len), self.dim, self.base, dtype=torch.float32)
+        cos, sin = self._tables(torch.arange(self.max_seq_len), torch.float32)
         return {"cos_cached": cos, "sin_cached": sin}
 
     def _build_tables(self, device: torch.device):
@@ -432,14 +590,15 @@ class _RotaryBase(nn.Module):
 
     def _cos_sin(self, x: torch.Tensor, input_pos: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         if x.dtype == torch.float64:
-            cos, sin = rotary_tables(self._positions(input_pos, x), self.dim, self.base, dtype=torch.float64)
+            cos, sin = self._tables(self._positions(input_pos, x), torch.float64)
             return cos.unsqueeze(2), sin.unsqueeze(2)
         seq_len = x.shape[1]
         return self._rows(self.cos_cached, input_pos, seq_len), self._rows(self.sin_cached, input_pos, seq_len)
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, max_seq_len={self.max_seq_len}, base={self.base}, "
-                f"interleaved={self.interleaved}, fast={self.fast}")
+                f"interleaved={self.interleaved}, fast={self.fast}"
+                + (f", scaling={self.scaling}" if self.scaling is not None else ""))
 
 
 class RotaryPositionalEmbeddings(_RotaryBase):
@@ -458,11 +617,16 @@ class RotaryPositionalEmbeddings(_RotaryBase):
             where it runs and `rope_fast.supports` the input; True always takes the fast path, even
             with the switch off (the kernel where it runs, the `torch.compile` rotation elsewhere);
             False never does.
+        scaling (dict | None): None (default), or a context extension in Hugging Face's
+            `rope_scaling` keys (see `rope_frequencies`): position interpolation, dynamic NTK-aware
+            (scaled for `seq_len = max_seq_len`), YaRN (its attention factor multiplies the
+            tables) or Llama 3.
 
     Raises:
         TypeError: an argument has the wrong type (`dim`, `max_seq_len` not ints, `interleaved` not a bool,
-            `fast` not None or a bool).
-        ValueError: `dim` is odd or below 2, `max_seq_len` below 1, or `base` not a finite number > 1.
+            `fast` not None or a bool, `scaling` not None or a dict).
+        ValueError: `dim` is odd or below 2, `max_seq_len` below 1, `base` not a finite number > 1,
+            or `scaling` is not a valid scaling (as `rope_frequencies` says).
 
     `forward(x, *, input_pos=None)`:
 
@@ -485,8 +649,8 @@ class RotaryPositionalEmbeddings(_RotaryBase):
     """
 
     def __init__(self, dim: int, max_seq_len: int = 4096, base: float = 10_000, *, interleaved: bool = False,
-                 fast: bool | None = None):
-        super().__init__(dim, max_seq_len, base, interleaved, fast)
+                 fast: bool | None = None, scaling: dict | None = None):
+        super().__init__(dim, max_seq_len, base, interleaved, fast, scaling)
 
     def forward(self, x: torch.Tensor, *, input_pos: torch.Tensor | None = None) -> torch.Tensor:
         _check_x("x", x, self.dim)

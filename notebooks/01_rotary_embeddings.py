@@ -349,6 +349,28 @@ else:
     print("needs a CUDA GPU")
 
 # %% [markdown]
+# ## Longer contexts than the training one
+#
+# A model trained on $L$ tokens has seen the angles $m\theta_i$ for $m < L$ only; past $L$ its slow
+# pairs reach angles it never saw. Four published remedies change the frequencies and keep the
+# rotation, with $s$ the ratio of the new context to the old one:
+#
+# * position interpolation ([Chen et al., 2023](https://arxiv.org/abs/2306.15595)):
+#   $\theta_i' = \theta_i / s$, the positions squeezed into the trained range;
+# * NTK-aware scaling (bloc97 and emozilla, 2023): a larger base,
+#   $\text{base}' = \text{base}\cdot\kappa^{d/(d-2)}$, which keeps $\theta_0$ and divides the slowest
+#   frequency by $\kappa$ ("dynamic": $\kappa = s\,\ell/L - (s - 1)$ for a context of $\ell \ge L$ tokens);
+# * YaRN ([Peng et al., 2023](https://arxiv.org/abs/2309.00071)): the fast pairs (more than 32
+#   turns over $L$ tokens) keep $\theta_i$, the slow ones (fewer than 1) get $\theta_i/s$, a ramp
+#   blends the two, and queries and keys are multiplied by $0.1 \ln s + 1$;
+# * Llama 3 (Meta's reference code for Llama 3.1): the same split by wavelength, with thresholds
+#   $L/4$ and $L$ and a smooth blend between them.
+#
+# `rope_frequencies(dim, base, scaling, seq_len=...)` computes them from Hugging Face's configuration
+# keys, and `RotaryPositionalEmbeddings(..., scaling=...)` applies them; `tests/test_rope.py` checks
+# both against transformers' own functions and each method's property above.
+
+# %% [markdown]
 # ## Summary
 #
 # * RoPE rotates pairs of features by $m\theta_i$; scores then depend on $m - n$ only, and norms
@@ -358,6 +380,8 @@ else:
 #   between them by permuting the query and key projections.
 # * The angles must not be computed in bfloat16: above 256, positions collapse. The module keeps
 #   float32 tables built from float64 angles, even in a bfloat16 model.
+# * Position interpolation, NTK-aware scaling, YaRN and Llama 3 stretch a trained model's context
+#   by changing the frequencies, not the rotation.
 # * xPos adds a per-pair factor $\zeta_i^{(m-n)/\gamma}$ (a decay for keys before the query) that keeps
 #   the relative-position property, within a table length the module checks.
 # * The fast path, one Triton kernel, reads and writes each element once, at close to the speed

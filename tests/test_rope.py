@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 
 from annotated_src import fastpath, rope, rope_fast
 from annotated_src.rope import (RotaryPositionalEmbeddings, XPos, apply_rotary, convert_half_to_interleaved, convert_interleaved_to_half,
-                                interleaved_to_half_permutation, rope_reference, rotary_angles, rotary_tables)
+                                interleaved_to_half_permutation, rope_frequencies, rope_reference, rotary_angles,
+                                rotary_tables)
 
 
 def randn(*shape, seed=0, dtype=torch.float32):
@@ -885,6 +886,121 @@ def test_property_triton_kernel_equals_readable(kernel_device, shape, dtype, int
     torch.testing.assert_close(y, apply_rotary(x, cos, sin, interleaved=interleaved), **KERNEL_TOL[dtype])
 
 
+# ## Longer contexts: scaled frequencies, against transformers
+
+SCALINGS = {
+    "linear": (10_000, dict(rope_type="linear", factor=4.0)),
+    "dynamic": (10_000, dict(rope_type="dynamic", factor=4.0, original_max_position_embeddings=256)),
+    "yarn": (10_000, dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=256)),
+    "yarn-betas": (10_000, dict(rope_type="yarn", factor=8.0, original_max_position_embeddings=512, beta_fast=16,
+                                beta_slow=2, truncate=False)),
+    "yarn-attention": (10_000, dict(rope_type="yarn", factor=2.0, original_max_position_embeddings=256,
+                                    attention_factor=1.3)),
+    "llama3": (500_000, dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                             original_max_position_embeddings=256)),
+}
+
+
+def hf_config(dim, base, scaling, max_positions):
+    transformers = pytest.importorskip("transformers")
+    original = scaling.get("original_max_position_embeddings", max_positions)
+    # transformers' dynamic scaling reads the trained length from max_position_embeddings.
+    max_position_embeddings = original if scaling["rope_type"] == "dynamic" else max(max_positions, 2 * original)
+    return transformers.LlamaConfig(hidden_size=2 * dim, num_attention_heads=2, head_dim=dim,
+                                    max_position_embeddings=max_position_embeddings,
+                                    rope_parameters={**scaling, "rope_theta": float(base)})
+
+
+@pytest.mark.parametrize("name", list(SCALINGS))
+@pytest.mark.parametrize("dim", [16, 64])
+def test_rope_frequencies_equal_transformers_rope_init_functions(name, dim):
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    base, scaling = SCALINGS[name]
+    for seq_len in (100, 1000, 4096):
+        config = hf_config(dim, base, scaling, 4096)
+        want, want_factor = ROPE_INIT_FUNCTIONS[scaling["rope_type"]](config, "cpu", seq_len=seq_len)
+        inv_freq, factor = rope_frequencies(dim, base, scaling, seq_len=seq_len)
+        assert inv_freq.dtype == torch.float64 and inv_freq.shape == (dim // 2,)
+        # transformers computes in float32.
+        torch.testing.assert_close(inv_freq, want.double(), rtol=2e-6, atol=0)
+        assert math.isclose(factor, want_factor, rel_tol=1e-12)
+
+
+@pytest.mark.parametrize("name", [n for n in SCALINGS if n != "dynamic"] + ["dynamic"])
+def test_scaled_module_equals_transformers_llama_rotary_embedding(name):
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+    base, scaling = SCALINGS[name]
+    dim, max_seq_len = 32, 1024
+    hf = LlamaRotaryEmbedding(config=hf_config(dim, base, scaling, max_seq_len))
+    q, k = randn(2, 40, 2, dim, seed=90), randn(2, 40, 2, dim, seed=91)
+    # The last position is max_seq_len - 1, so transformers' dynamic scaling picks seq_len = max_seq_len.
+    pos = torch.stack((torch.arange(40), torch.arange(max_seq_len - 40, max_seq_len)))
+    cos, sin = hf(q, pos)
+    q_hf, k_hf = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
+    module = RotaryPositionalEmbeddings(dim, max_seq_len=max_seq_len, base=base, scaling=scaling)
+    # transformers' angles are float32 (errors up to ~1000 * 2^-24 radians), ours float64.
+    torch.testing.assert_close(module(q, input_pos=pos), q_hf, rtol=0, atol=5e-4)
+    torch.testing.assert_close(module(k, input_pos=pos), k_hf, rtol=0, atol=5e-4)
+    # The float64 path applies the same scaling.
+    torch.testing.assert_close(module(q.double(), input_pos=pos).float(), module(q, input_pos=pos), rtol=0, atol=1e-5)
+
+
+def test_claim_position_interpolation_is_positions_divided_by_factor():
+    x = randn(1, 6, 2, 16, seed=92, dtype=torch.float64)
+    pos = torch.tensor([0, 1, 5, 100, 999, 4095])
+    y = RotaryPositionalEmbeddings(16, scaling=dict(rope_type="linear", factor=4.0))(x, input_pos=pos)
+    torch.testing.assert_close(y, complex_reference(x, pos / 4.0, 16), rtol=0, atol=1e-12)
+
+
+def test_claim_ntk_keeps_the_fastest_frequency_and_divides_the_slowest_by_kappa():
+    theta, _ = rope_frequencies(64)
+    for seq_len, kappa in ((100, 1.0), (512, 1.0), (1024, 4 * 1024 / 512 - 3)):
+        scaled, factor = rope_frequencies(64, scaling=dict(rope_type="dynamic", factor=4.0,
+                                                             original_max_position_embeddings=512), seq_len=seq_len)
+        assert factor == 1.0 and scaled[0] == theta[0] == 1
+        torch.testing.assert_close(scaled[-1], theta[-1] / kappa, rtol=1e-12, atol=0)
+
+
+def test_claim_yarn_keeps_fast_pairs_interpolates_slow_ones_and_sets_attention_factor():
+    L, s = 4096, 16.0
+    theta, _ = rope_frequencies(128)
+    scaled, factor = rope_frequencies(128, scaling=dict(rope_type="yarn", factor=s, original_max_position_embeddings=L))
+    turns = L * theta / (2 * math.pi)
+    assert torch.equal(scaled[turns > 32 + 1], theta[turns > 32 + 1])  # a pair past the ramp's rounding
+    torch.testing.assert_close(scaled[turns < 1 / 2], theta[turns < 1 / 2] / s, rtol=1e-12, atol=0)
+    between = (scaled < theta) & (scaled > theta / s)
+    assert between.any()
+    assert math.isclose(factor, 0.1 * math.log(s) + 1)
+    # The factor multiplies the tables, so each score by its square.
+    module = RotaryPositionalEmbeddings(128, max_seq_len=64, scaling=dict(rope_type="yarn", factor=s,
+                                                                          original_max_position_embeddings=L))
+    torch.testing.assert_close(module.cos_cached[0].double(), torch.full((64,), factor, dtype=torch.float64),
+                               rtol=1e-7, atol=0)
+
+
+def test_claim_llama3_keeps_short_wavelengths_divides_long_ones_blends_between():
+    L, s = 8192, 8.0
+    theta, _ = rope_frequencies(128, 500_000)
+    scaled, _ = rope_frequencies(128, 500_000, scaling=dict(rope_type="llama3", factor=s, low_freq_factor=1.0,
+                                                             high_freq_factor=4.0, original_max_position_embeddings=L))
+    wavelength = 2 * math.pi / theta
+    short, long = wavelength < L / 4, wavelength > L / 1
+    assert torch.equal(scaled[short], theta[short])
+    torch.testing.assert_close(scaled[long], theta[long] / s, rtol=1e-12, atol=0)
+    middle = ~short & ~long
+    assert middle.any() and ((scaled[middle] <= theta[middle]) & (scaled[middle] >= theta[middle] / s)).all()
+
+
+def test_default_frequencies_are_the_paper_s_and_tables_unchanged():
+    theta, factor = rope_frequencies(8)
+    assert factor == 1.0 and torch.equal(theta, rotary_angles(torch.tensor(1), 8))
+    module = RotaryPositionalEmbeddings(8, max_seq_len=16)
+    cos, sin = rotary_tables(torch.arange(16), 8)
+    assert torch.equal(module.cos_cached, cos) and torch.equal(module.sin_cached, sin)
+
+
 # ## Errors: every public function names the argument, the value and what it expected
 
 X = randn(1, 4, 2, 8)
@@ -941,6 +1057,18 @@ BAD_INPUTS = [
     ("convert weight ndim", lambda: convert_interleaved_to_half(torch.zeros(2, 8, 4), n_heads=2), ValueError, r"weight: got 'shape \(2, 8, 4\)', expected \[n_heads \* head_dim, d_model\]"),
     ("convert n_heads", lambda: convert_half_to_interleaved(torch.zeros(8, 4), n_heads=0), ValueError, r"n_heads: got 0, expected an int >= 1"),
     ("convert dim", lambda: convert_half_to_interleaved(torch.zeros(8, 4), n_heads=2, dim=6), ValueError, r"dim: got 6, expected at most head_dim = 4"),
+    ("rope_frequencies dim", lambda: rope_frequencies(3), ValueError, r"dim: got 3, expected an even number"),
+    ("rope_frequencies scaling type", lambda: rope_frequencies(8, scaling=4.0), TypeError, r"scaling: got 'float', expected None or a dict"),
+    ("rope_frequencies rope_type", lambda: rope_frequencies(8, scaling=dict(rope_type="ntk", factor=2.0)), ValueError, r"scaling\['rope_type'\]: got 'ntk', expected one of 'linear', 'dynamic', 'yarn', 'llama3'"),
+    ("rope_frequencies missing", lambda: rope_frequencies(8, scaling=dict(rope_type="yarn", factor=2.0)), ValueError, r"scaling: got .*expected the keys .*missing \['original_max_position_embeddings'\]"),
+    ("rope_frequencies unknown", lambda: rope_frequencies(8, scaling=dict(rope_type="linear", factor=2.0, beta=1)), ValueError, r"scaling: got .*unknown: \['beta'\]"),
+    ("rope_frequencies factor", lambda: rope_frequencies(8, scaling=dict(rope_type="linear", factor=0.5)), ValueError, r"scaling\['factor'\]: got 0.5, expected a number >= 1"),
+    ("rope_frequencies value", lambda: rope_frequencies(8, scaling=dict(rope_type="linear", factor="2")), ValueError, r"scaling\['factor'\]: got '2', expected a finite number > 0"),
+    ("rope_frequencies llama3", lambda: rope_frequencies(8, scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=4.0, high_freq_factor=1.0, original_max_position_embeddings=64)), ValueError, r"scaling\['high_freq_factor'\]: got 1.0, expected more than low_freq_factor = 4.0"),
+    ("rope_frequencies seq_len", lambda: rope_frequencies(8, scaling=dict(rope_type="dynamic", factor=2.0, original_max_position_embeddings=64)), ValueError, r"seq_len: got None, expected the context length"),
+    ("rope_frequencies dynamic dim", lambda: rope_frequencies(2, scaling=dict(rope_type="dynamic", factor=2.0, original_max_position_embeddings=64), seq_len=8), ValueError, r"dim: got 2, expected at least 4"),
+    ("rope_frequencies rope_theta", lambda: rope_frequencies(8, 10_000, scaling=dict(rope_type="linear", factor=2.0, rope_theta=500_000.0)), ValueError, r"scaling\['rope_theta'\]: got 500000.0, expected base = 10000"),
+    ("module scaling", lambda: RotaryPositionalEmbeddings(8, scaling=dict(rope_type="yarn", factor=2.0)), ValueError, r"scaling: got .*missing"),
     ("convert dim odd", lambda: convert_interleaved_to_half(torch.zeros(8, 4), n_heads=1, dim=3), ValueError, r"dim: got 3, expected an even number"),
 ]
 
