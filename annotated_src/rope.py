@@ -66,8 +66,8 @@ $\operatorname{RoPE}_{\text{half}}(Px, m) = P \operatorname{RoPE}_{\text{interle
 Since $P$ is orthogonal, $\langle Pa, Pb \rangle = \langle a, b \rangle$: a model trained in one
 layout runs in the other once the rows of its query and key projections (and biases) are
 permuted by $P$ per head. That is what Hugging Face's conversion script for Meta's weights does
-(`permute` in `convert_llama_weights_to_hf.py`), and what `convert_interleaved_to_half` below does. The values and the output projection are not
-touched.
+(`permute` in `convert_llama_weights_to_hf.py`), and what `convert_interleaved_to_half` below
+does. The values and the output projection are not touched.
 
 ## The bf16 pitfall
 
@@ -400,9 +400,9 @@ def _check_scaling(scaling, dim: int, base: float, seq_len) -> tuple[str, dict]:
 
 # ## The fork to the fast path
 #
-# The rotation above is the whole method. Its fast path, one Triton kernel that reads and writes
-# every element once, lives on a page of its own, [`annotated_src/rope_fast.py`](rope_fast.py),
-# with the autograd Function whose backward is the same kernel with the opposite angle and a
+# The rotation, `apply_rotary`, is the whole method. Its fast path, one Triton kernel that reads
+# and writes every element once, lives on a page of its own,
+# [`annotated_src/rope_fast.py`](rope_fast.py), with the autograd Function whose backward is the same kernel with the opposite angle and a
 # `torch.compile` version for where the kernel does not run. The modules below rotate through this
 # fork: the fast path where it applies, else the readable rotation.
 #

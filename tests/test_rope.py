@@ -448,6 +448,24 @@ def test_modules_take_the_kernel_where_it_runs(kernel_device, gen, monkeypatch, 
 
 
 @pytest.mark.kernel
+def test_triton_kernel_takes_tables_and_gradients_of_any_layout(kernel_device, gen):
+    # `sin` in another layout than `cos`, `cos` with a non-unit stride over its features, and an
+    # incoming gradient broadcast over everything (stride 0): the launcher copies what it must.
+    x = torch.randn(2, 5, 3, 8, generator=gen).to(kernel_device).requires_grad_(True)
+    angles = torch.rand(2, 5, 1, 4, generator=gen, dtype=torch.float64) * 100
+    cos = torch.cos(angles).float().to(kernel_device)
+    sin = torch.sin(angles).float().repeat(1, 1, 2, 1)[:, :, :1].to(kernel_device)
+    cos_strided = torch.cos(angles).float().repeat_interleave(2, dim=-1)[..., ::2].to(kernel_device)
+    assert sin.stride() != cos.stride() and cos_strided.stride(-1) == 2
+    for c in (cos, cos_strided):
+        y = rope.apply_rotary_triton(x, c, sin)
+        torch.testing.assert_close(y, apply_rotary(x.detach(), c, sin), **KERNEL_TOL[torch.float32])
+        (g,) = torch.autograd.grad(y.sum(), x)  # a gradient of ones, expanded
+        (g_ref,) = torch.autograd.grad(apply_rotary(x, c, sin).sum(), x)
+        torch.testing.assert_close(g, g_ref, **KERNEL_TOL[torch.float32])
+
+
+@pytest.mark.kernel
 def test_triton_kernel_rejects_what_it_cannot_take(kernel_device, gen):
     x = torch.randn(1, 4, 2, 8, generator=gen).to(kernel_device)
     cos = torch.randn(1, 4, 1, 4, generator=gen).to(kernel_device)
