@@ -97,44 +97,6 @@ from annotated_src.rope import RotaryPositionalEmbeddings
 from annotated_src.retro_fast import chunked_bias_dropout_add, fused_chunked_bias_dropout_add  # noqa: F401
 
 
-# Inputs that meet the weights of a module must share their dtype and device; a mismatch would
-# otherwise surface deep inside a matrix product as "mat1 and mat2 must have the same dtype".
-def _check_matches(name: str, x: torch.Tensor, weight: torch.Tensor) -> None:
-    if x.dtype != weight.dtype:
-        fail(name, f"dtype {x.dtype}", f"the dtype of the module's weights, {weight.dtype} "
-             "(convert the input, or the module with .to(dtype))", TypeError)
-    if x.device != weight.device:
-        fail(name, f"device {x.device}", f"the device of the module's weights, {weight.device}")
-
-
-def _check_stream(name: str, x: torch.Tensor, weight: torch.Tensor, d_model: int, *, ndim: int = 3,
-                  layout: str = "[batch, seq_len, d_model]") -> None:
-    check_tensor(name, x, ndim=ndim, layout=layout, floating=True)
-    if x.shape[-1] != d_model:
-        fail(name, f"shape {tuple(x.shape)}", f"{layout} with d_model = {d_model}")
-    _check_matches(name, x, weight)
-
-
-def _check_token_ids(name: str, x: torch.Tensor, n_vocab: int, *, ndim: int, layout: str,
-                     device: torch.device | None = None, device_of: str = "") -> None:
-    check_tensor(name, x, ndim=ndim, layout=layout, integer=True)
-    if device is not None and x.device != device:
-        fail(name, f"device {x.device}", f"the device of {device_of}, {device}")
-    if x.numel() and (int(x.min()) < 0 or int(x.max()) >= n_vocab):
-        fail(name, f"token ids in [{int(x.min())}, {int(x.max())}]", f"ids in [0, n_vocab) = [0, {n_vocab})")
-
-
-def _check_layers(name: str, layers, n_layers: int, *, allow_empty: bool) -> list[int]:
-    try:
-        layers = list(layers)
-    except TypeError:
-        fail(name, layers, f"a list of layer indices in [0, {n_layers})", TypeError)
-    if any(isinstance(p, bool) or not isinstance(p, int) or not 0 <= p < n_layers for p in layers) or (
-            not layers and not allow_empty):
-        fail(name, layers, f"a {'' if allow_empty else 'non-empty '}list of layer indices in [0, {n_layers})")
-    return sorted(set(layers))
-
-
 # ## Chunked cross-attention
 #
 # The layer keeps the submodules the paper's notation suggests: `query` ($W_Q$), `key` ($W_K$),
@@ -694,6 +656,8 @@ class RetroModel(nn.Module):
         """
         _check_token_ids("prompt", prompt, self.n_vocab, ndim=2, layout="[batch, seq_len] token ids",
                          device=self.emb.weight.device, device_of="the model's weights")
+        if prompt.shape[1] < 1:
+            fail("prompt", f"shape {tuple(prompt.shape)}", "[batch, seq_len] token ids with seq_len >= 1")
         check_int("max_new_tokens", max_new_tokens, min_value=0)
         if not isinstance(db, ChunkDatabase):
             fail("db", type(db).__name__, "a ChunkDatabase", TypeError)
@@ -973,3 +937,51 @@ def cca_flops(batch: int, seq_len: int, d_model: int, n_heads: int, d_k: int, ch
     projections = 2 * queries * d_model * hd + 2 * 2 * keys * d_model * hd + 2 * queries * hd * d_model
     attention = 2 * 2 * batch * chunks * n_heads * chunk_len * (neighbors * neighbor_len) * d_k
     return projections + attention
+
+
+# ## Argument checks
+#
+# The helpers the public functions above call before they touch a tensor.
+
+
+# Inputs that meet the weights of a module must share their dtype and device; a mismatch would
+# otherwise surface deep inside a matrix product as "mat1 and mat2 must have the same dtype".
+def _check_matches(name: str, x: torch.Tensor, weight: torch.Tensor) -> None:
+    if x.dtype != weight.dtype:
+        fail(name, f"dtype {x.dtype}", f"the dtype of the module's weights, {weight.dtype} "
+             "(convert the input, or the module with .to(dtype))", TypeError)
+    if x.device != weight.device:
+        fail(name, f"device {x.device}", f"the device of the module's weights, {weight.device}")
+
+
+def _check_stream(name: str, x: torch.Tensor, weight: torch.Tensor, d_model: int, *, ndim: int = 3,
+                  layout: str = "[batch, seq_len, d_model]") -> None:
+    check_tensor(name, x, ndim=ndim, layout=layout, floating=True)
+    if x.shape[-1] != d_model:
+        fail(name, f"shape {tuple(x.shape)}", f"{layout} with d_model = {d_model}")
+    _check_matches(name, x, weight)
+
+
+def _check_token_ids(name: str, x: torch.Tensor, n_vocab: int, *, ndim: int, layout: str,
+                     device: torch.device | None = None, device_of: str = "") -> None:
+    check_tensor(name, x, ndim=ndim, layout=layout, integer=True)
+    if device is not None and x.device != device:
+        fail(name, f"device {x.device}", f"the device of {device_of}, {device}")
+    if x.numel():
+        # One reduction and one read back to the host; an id out of range would otherwise index
+        # past the embedding table (on a GPU, a device-side assert that names nothing).
+        lo, hi = torch.aminmax(x)
+        lo, hi = torch.stack([lo, hi]).tolist()
+        if lo < 0 or hi >= n_vocab:
+            fail(name, f"token ids in [{lo}, {hi}]", f"ids in [0, n_vocab) = [0, {n_vocab})")
+
+
+def _check_layers(name: str, layers, n_layers: int, *, allow_empty: bool) -> list[int]:
+    try:
+        layers = list(layers)
+    except TypeError:
+        fail(name, layers, f"a list of layer indices in [0, {n_layers})", TypeError)
+    if any(isinstance(p, bool) or not isinstance(p, int) or not 0 <= p < n_layers for p in layers) or (
+            not layers and not allow_empty):
+        fail(name, layers, f"a {'' if allow_empty else 'non-empty '}list of layer indices in [0, {n_layers})")
+    return sorted(set(layers))

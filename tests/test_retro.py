@@ -498,6 +498,63 @@ def test_encoder_errors_are_named(call, exc, match, gen):
         call(enc, e, h)
 
 
+# ---------------------------------------------------------------- generation
+
+@pytest.mark.parametrize("prompt_len", [1, 3, 4, 6])
+def test_each_greedy_token_is_the_argmax_of_the_full_model_with_the_neighbours_of_its_completed_chunks(prompt_len,
+                                                                                                      gen):
+    m, k = 4, 2
+    model = make_model(chunk_len=m)
+    docs, emb, db = small_corpus(gen)
+    prompt = torch.randint(0, 20, (2, prompt_len), generator=gen)
+    out = model.generate(prompt, 11, db=db, embedder=emb, k=k)
+    assert out.shape == (2, prompt_len + 11) and torch.equal(out[:, :prompt_len], prompt)
+    for t in range(prompt_len, out.shape[1]):
+        x = out[:, :t]
+        logits = model(x, retrieve(db, x, k, emb).tokens)[:, -1]
+        assert torch.equal(out[:, t], logits.argmax(-1)), f"token {t}"
+
+
+def test_sampled_generation_draws_each_token_from_softmax_of_logits_over_temperature(gen):
+    m, k, temperature = 4, 1, 0.7
+    model = make_model(chunk_len=m)
+    docs, emb, db = small_corpus(gen)
+    prompt = torch.randint(0, 20, (1, 5), generator=gen)
+    out = model.generate(prompt, 9, db=db, embedder=emb, k=k, temperature=temperature,
+                         generator=torch.Generator().manual_seed(3))
+    # The same draws, step by step, from the full model on the text so far.
+    g = torch.Generator().manual_seed(3)
+    for t in range(5, out.shape[1]):
+        x = out[:, :t]
+        p = torch.softmax(model(x, retrieve(db, x, k, emb).tokens)[:, -1] / temperature, dim=-1)
+        assert torch.equal(out[:, t], torch.multinomial(p, 1, generator=g)[:, 0]), f"token {t}"
+    # A different seed gives a different continuation: the draws are random, not the argmax.
+    other = model.generate(prompt, 9, db=db, embedder=emb, k=k, temperature=temperature,
+                           generator=torch.Generator().manual_seed(4))
+    greedy = model.generate(prompt, 9, db=db, embedder=emb, k=k)
+    assert not (torch.equal(other, out) and torch.equal(out, greedy))
+
+
+def test_generation_errors_are_named(gen):
+    model = make_model()
+    docs, emb, db = small_corpus(gen)
+    prompt = torch.randint(0, 20, (1, 5), generator=gen)
+    with pytest.raises(ValueError, match=r"max_new_tokens: got 60, expected at most max_seq_len - prompt length = 64 - 5 = 59"):
+        model.generate(prompt, 60, db=db, embedder=emb, k=1)
+    with pytest.raises(ValueError, match="temperature: got -1"):
+        model.generate(prompt, 2, db=db, embedder=emb, k=1, temperature=-1)
+    with pytest.raises(ValueError, match="db: got 'chunk_len 8', expected the model's chunk_len, 4"):
+        model.generate(prompt, 2, db=build_chunk_database(docs, 8, emb), embedder=emb, k=1)
+    with pytest.raises(TypeError, match="db: got 'list'"):
+        model.generate(prompt, 2, db=docs, embedder=emb, k=1)
+    with pytest.raises(ValueError, match="prompt: got 'token ids in"):
+        model.generate(prompt + 20, 2, db=db, embedder=emb, k=1)
+    with pytest.raises(ValueError, match="k: got 0"):
+        model.generate(prompt, 2, db=db, embedder=emb, k=0)
+    with pytest.raises(ValueError, match="prompt: got 'shape"):
+        model.generate(prompt[:, :0], 2, db=db, embedder=emb, k=1)
+
+
 # ---------------------------------------------------------------- retrieval
 
 def test_database_stores_chunks_with_their_continuation():
