@@ -53,14 +53,17 @@ and its fast path.
 ## Where this chapter departs from the paper
 
 * **No positions inside chunked cross-attention.** The paper adds relative positional encodings
-  between the positions of the shifted chunk and the tokens of its neighbours. Ours has none: a
-  query sees the $2mk$ neighbour tokens without their place, except what the neighbour encoder's
-  rotary self-attention has already written into each of them (labml's implementation, which
-  `tests/test_retro.py` compares with ours, does the same).
-* **Which layers read the neighbours.** The paper puts chunked cross-attention in a set $P$ of
-  decoder layers (every third layer from the sixth on, in its models) and encodes the neighbours
-  with the decoder's activations at the first of them. Here `ca_layers` is the caller's choice; the
-  encoder also runs at the first of them.
+  between the positions of the shifted chunk and the tokens of its neighbours. Ours has none: the
+  scores of a query against the $2mk$ neighbour tokens do not depend on where the query sits in
+  its chunk nor where a token sits in its neighbour; only what the neighbour encoder's rotary
+  self-attention has mixed into each token from its surroundings tells them apart (labml's
+  implementation, which `tests/test_retro.py` compares with ours when it is installed, does the
+  same).
+* **Which layers read the neighbours.** The paper interleaves chunked cross-attention into a set
+  $P$ of its decoder layers, every third layer rather than all of them, and encodes the neighbours
+  once, with the decoder's activations at the first layer of $P$. Here `ca_layers` is the caller's
+  choice (the notebook's two-layer model reads in its second layer); the encoder runs at the first
+  of them, as in the paper.
 * **The retriever.** The paper embeds chunks with a frozen BERT averaged over tokens and searches a
   database of trillions of tokens approximately, with SCaNN. Here a frozen table of random token
   vectors stands in for BERT and the search is exact, one matrix product on the device.
@@ -291,10 +294,11 @@ class ChunkedCrossAttention(nn.Module):
 # The decoder's self-attention is causal; the neighbour encoder's is bidirectional (a neighbour is
 # a finished piece of text, every token of it may see every other). Both rotate queries and keys
 # with `RotaryPositionalEmbeddings` (chapter 1), in the layout `[batch, seq_len, n_heads, d_k]`
-# that module expects, so attention scores depend only on relative positions. Chapter 1 can
-# compile its rotation, once per input shape; in this chapter's models the rotation is a small
-# fraction of the work and the shapes change between the decoder, the encoder, training and
-# generation, so the readable rotation is asked for (`fast=False`).
+# that module expects, so a score depends on the positions of query and key only through their
+# difference. Chapter 1 has a fast path for its rotation; here the readable rotation is asked for
+# (`fast=False`): the rotation is elementwise work, small next to the matrix products of these
+# models, and the shapes change between the decoder, the encoder, training and generation, where
+# a rotation compiled per input shape would compile again and again.
 
 
 class SelfAttention(nn.Module):
@@ -430,12 +434,14 @@ class NeighborCrossAttention(nn.Module):
         batch, chunks, neighbors, neighbor_len, d_model = e.shape
         m = h_chunks.shape[2]
         # Chunks join the batch, neighbours and time join into one query axis.
-        # `[batch * chunks, n_heads, neighbors * neighbor_len, d_k]`
+        # `[batch * chunks, neighbors * neighbor_len, n_heads, d_k]`
         q = self.query(self.norm(e)).view(batch * chunks, neighbors * neighbor_len, self.n_heads, self.d_k)
-        # `[batch * chunks, n_heads, chunk_len, d_k]`
+        # `[batch * chunks, chunk_len, n_heads, d_k]`
         k = self.key(h_chunks).view(batch * chunks, m, self.n_heads, self.d_k)
         v = self.value(h_chunks).view(batch * chunks, m, self.n_heads, self.d_k)
+        # SDPA wants heads before time. `[batch * chunks, n_heads, neighbors * neighbor_len, d_k]`
         o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        # `[batch, chunks, neighbors, neighbor_len, d_model]`
         o = o.transpose(1, 2).reshape(batch, chunks, neighbors, neighbor_len, self.n_heads * self.d_k)
         return e + self.output(o)
 
@@ -503,8 +509,9 @@ class NeighborEncoder(nn.Module):
         if (batch, chunks) != (h.shape[0], h.shape[1] // m):
             fail("e", f"shape {tuple(e.shape)}", f"[batch, chunks] = [{h.shape[0]}, {h.shape[1] // m}] "
                  f"(chunks = seq_len // chunk_len, from h of shape {tuple(h.shape)}) in front")
-        if neighbor_len > self.max_neighbor_len:
-            fail("e", f"shape {tuple(e.shape)}", f"neighbor_len <= max_neighbor_len = {self.max_neighbor_len}")
+        if not 1 <= neighbor_len <= self.max_neighbor_len or neighbors == 0:
+            fail("e", f"shape {tuple(e.shape)}",
+                 f"at least one neighbour, of 1 <= neighbor_len <= max_neighbor_len = {self.max_neighbor_len} tokens")
         # The decoder states of the complete chunks. `[batch, chunks, chunk_len, d_model]`
         h_chunks = self.norm_h(h[:, : chunks * m].reshape(batch, chunks, m, d_model))
         for p in range(len(self.attn)):

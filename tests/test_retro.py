@@ -490,6 +490,8 @@ def test_model_and_encoder_construction_errors_are_named(gen):
     (lambda enc, e, h: enc(e.double(), h), TypeError, "e: got 'dtype torch.float64', expected the dtype of the module's weights"),
     (lambda enc, e, h: enc(e, h.to("meta")), ValueError, "h: got 'device meta'"),
     (lambda enc, e, h: enc(torch.zeros(2, 2, 1, 70, 16), h), ValueError, "e: got 'shape .*max_neighbor_len = 64"),
+    (lambda enc, e, h: enc(e[:, :, :, :0], h), ValueError, "e: got 'shape .*at least one neighbour, of 1 <= neighbor_len"),
+    (lambda enc, e, h: enc(e[:, :, :0], h), ValueError, "e: got 'shape .*at least one neighbour"),
 ])
 def test_encoder_errors_are_named(call, exc, match, gen):
     enc = make_model().encoder
@@ -757,3 +759,14 @@ def test_fused_bias_dropout_add_on_cuda(gen):
     kept = upd != 0
     assert torch.equal(out[:, :7], res[:, :7]) and 0.3 < kept.float().mean().item() < 0.7
     torch.testing.assert_close(upd[kept], want[kept], rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- where the chapter departs from the paper
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_no_positions_inside_cca_permuting_neighbours_or_their_tokens_changes_nothing(path, gen):
+    layer = make_layer(gen).double()
+    h, e = inputs(gen, 2, 14, 3, 8, dtype=torch.float64)
+    base = run_layer(layer, h, e, path)
+    shuffled = e[:, :, torch.randperm(3, generator=gen)][:, :, :, torch.randperm(8, generator=gen)]
+    torch.testing.assert_close(run_layer(layer, h, shuffled, path), base, rtol=1e-12, atol=1e-12)
