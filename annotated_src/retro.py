@@ -120,7 +120,8 @@ class ChunkedCrossAttention(nn.Module):
         chunk_len (int): the paper's $m$.
         dropout (float): dropout on the layer's update before the residual addition. Default 0.
         fused_bias_dropout_add (bool): on the fast path, add the output bias, dropout and residual
-            with one kernel compiled by `torch.compile` (it pays on a GPU in training). Default False.
+            with `retro_fast.fused_chunked_bias_dropout_add`, compiled by `torch.compile` (for
+            training on a GPU, where the suite's `bias-dropout-add` rows measure it). Default False.
 
     Raises:
         TypeError: a size is not an int.
@@ -203,9 +204,14 @@ class ChunkedCrossAttention(nn.Module):
     # `b` batch, `c` chunk, `i` position in the (shifted) chunk, `n` neighbour, `j` time in the
     # neighbour, `h` head, `d` feature of a head.
     def forward_reference(self, h: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-        """Chunked cross-attention as einsums: `[b, s, d]`, `[b, c, n, j, d]` (`c >= 1`) -> `[b, s, d]`.
+        """Chunked cross-attention as einsums, step by step (the readable reference).
 
-        Args and result as for `forward`, whose checks it assumes.
+        Args:
+            h (torch.Tensor): `[b, s, d]`, checked by `forward`.
+            e (torch.Tensor): `[b, c, n, j, d]` with `c >= 1`, checked by `forward`.
+
+        Returns:
+            torch.Tensor: `[b, s, d]`, as `forward`.
         """
         batch, seq_len, _ = h.shape
         _, chunks, neighbors, neighbor_len, _ = e.shape
@@ -257,9 +263,14 @@ class ChunkedCrossAttention(nn.Module):
     # memory traffic: keys and values from one product, and the output bias fused with dropout and
     # the residual.
     def forward_sdpa(self, h: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-        """Chunked cross-attention as one SDPA call: `[b, s, d]`, `[b, c, n, j, d]` (`c >= 1`) -> `[b, s, d]`.
+        """Chunked cross-attention as one SDPA call, the chunk as a batch dimension (readable).
 
-        Args and result as for `forward`, whose checks it assumes.
+        Args:
+            h (torch.Tensor): `[b, s, d]`, checked by `forward`.
+            e (torch.Tensor): `[b, c, n, j, d]` with `c >= 1`, checked by `forward`.
+
+        Returns:
+            torch.Tensor: `[b, s, d]`, as `forward`.
         """
         batch, seq_len, _ = h.shape
         _, chunks, neighbors, neighbor_len, _ = e.shape
@@ -371,7 +382,13 @@ class FeedForward(nn.Module):
         self.down = nn.Linear(d_ff, d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """`x + down(gelu(up(norm(x))))` for `x` of shape `[..., d_model]` (the weights' dtype and device).
+        """`x + down(gelu(up(norm(x))))`.
+
+        Args:
+            x (torch.Tensor): `[..., d_model]`, in the dtype and on the device of the weights.
+
+        Returns:
+            torch.Tensor: the shape of `x`.
 
         Raises:
             TypeError, ValueError: `x` is not a floating-point tensor ending in `d_model`, or its

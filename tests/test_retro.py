@@ -262,7 +262,7 @@ def test_property_bias_dropout_add_matches_megatron_over_shapes(batch, chunks, m
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # raised inside torch.compile's own imports
-def test_compiled_bias_dropout_add_and_compiled_layer_equal_eager(gen):
+def test_compiled_bias_dropout_add_and_compiled_layer_equal_eager(gen, monkeypatch):
     import torch._dynamo
     import torch._inductor.config
 
@@ -274,8 +274,15 @@ def test_compiled_bias_dropout_add_and_compiled_layer_equal_eager(gen):
     y = torch.randn(batch, chunks, m, d, generator=gen)
     bias, res = torch.randn(d, generator=gen), torch.randn(batch, seq_len, d, generator=gen)
     # Dropout off (inference, or p = 0): the same to rounding.
+    import torch._inductor.metrics
+
+    monkeypatch.setattr(retro_fast, "_compiled_bias_dropout_add", None)  # compile afresh, to count its kernels
+    torch._dynamo.reset()
+    torch._inductor.metrics.reset()
     torch.testing.assert_close(retro.fused_chunked_bias_dropout_add(y, bias, res, 0.2, False),
                                chunked_bias_dropout_add(y, bias, res, 0.2, False), rtol=0, atol=1e-6)
+    # Fused with the concatenation: on the CPU backend, one loop for each side of it.
+    assert 1 <= torch._inductor.metrics.generated_kernel_count <= 2
     # Dropout on, same RNG: the same when inductor draws random numbers as eager PyTorch does.
     torch._dynamo.reset()
     with torch._inductor.config.patch(fallback_random=True):
