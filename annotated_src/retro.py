@@ -323,13 +323,16 @@ class SelfAttention(nn.Module):
         max_seq_len (int): the longest sequence the rotary tables cover. Default 4096.
 
     Raises:
-        TypeError, ValueError: a size is not a positive int, or `d_k` is odd (from the rotary module).
+        TypeError, ValueError: a size is not a positive int, or `d_k` is odd.
     """
 
     def __init__(self, d_model: int, n_heads: int, d_k: int, *, causal: bool, max_seq_len: int = 4096):
         super().__init__()
         check_int("d_model", d_model, min_value=1)
         check_int("n_heads", n_heads, min_value=1)
+        check_int("d_k", d_k, min_value=2)
+        if d_k % 2:
+            fail("d_k", d_k, "an even number (rotary embeddings turn pairs of features)")
         self.d_model, self.n_heads, self.d_k, self.causal = d_model, n_heads, d_k, causal
         self.norm = nn.LayerNorm(d_model)
         self.query = nn.Linear(d_model, n_heads * d_k)
@@ -689,6 +692,8 @@ class RetroModel(nn.Module):
             fail("db", f"chunk_len {db.chunk_len}", f"the model's chunk_len, {self.chunk_len}")
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
             fail("temperature", temperature, "a float >= 0")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            fail("generator", type(generator).__name__, "a torch.Generator or None", TypeError)
         if prompt.shape[1] + max_new_tokens > self.max_seq_len:
             fail("max_new_tokens", max_new_tokens, f"at most max_seq_len - prompt length = "
                  f"{self.max_seq_len} - {prompt.shape[1]} = {self.max_seq_len - prompt.shape[1]}")

@@ -562,6 +562,10 @@ def test_generation_errors_are_named(gen):
         model.generate(prompt, 2, db=db, embedder=emb, k=0)
     with pytest.raises(ValueError, match="prompt: got 'shape"):
         model.generate(prompt[:, :0], 2, db=db, embedder=emb, k=1)
+    with pytest.raises(TypeError, match="generator: got 'int'"):
+        model.generate(prompt, 2, db=db, embedder=emb, k=1, temperature=1.0, generator=0)
+    with pytest.raises(ValueError, match="d_k: got 7, expected an even number"):
+        SelfAttention(16, 2, 7, causal=True)
 
 
 # ---------------------------------------------------------------- retrieval
