@@ -775,3 +775,18 @@ def test_retro_output_kernel_is_as_accurate_as_a_float32_product(kernel_device):
     rms = lambda e: e.pow(2).mean().sqrt().item()  # noqa: E731
     fp32 = torch.nn.functional.linear(a, w, bias)  # TF32 is off by default
     assert rms(err) <= 4 * rms(fp32.double() - exact), (rms(err), rms(fp32.double() - exact), rms(exact))
+
+
+# ## The benchmark measures what it says
+def test_bench_stream_changes_the_window_every_step():
+    # The arriving token is never the one that leaves, and `window(count)` is what the layers
+    # fed `token(0), ..., token(count - 1)` hold (so the baselines recompute the same windows).
+    from annotated_src.bench.continual import Stream
+
+    n = 8
+    s = Stream(2, 4, n, torch.device("cpu"))
+    fed = torch.stack([s.token(i) for i in range(5 * n)], 1)
+    for count in range(n, 5 * n):
+        assert not torch.equal(s.token(count), s.token(count - n))
+        assert torch.equal(s.window(count), fed[:, count - n:count])
+        assert s.window(count).untyped_storage().data_ptr() == s.tokens.untyped_storage().data_ptr()  # a view
