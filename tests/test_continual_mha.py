@@ -539,9 +539,11 @@ def test_fast_single_output_takes_tokens_of_any_layout(kernel_device):
 
 
 @pytest.mark.kernel
-# At logits in the hundreds a weight $e^{s - m_i}$ may overflow to `inf` in the step that flags its
-# row (rule 1); the row is then recomputed. The interpreter's NumPy warns about it; a GPU does not.
+# At logits in the hundreds a weight $e^{s - m_i}$ may overflow to `inf` (and `inf - inf` give nan)
+# in the step that flags its row (rule 1); the row is then recomputed. The interpreter's NumPy warns
+# about it; a GPU does not.
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:invalid value encountered in subtract:RuntimeWarning")
 @pytest.mark.parametrize("scale, kw", [(1.0, {}), (1.0, dict(add_bias_kv=True, add_zero_attn=True)),
                                        (1.0, dict(bias=False)), (30.0, {})])
 def test_fast_retroactive_equals_readable_and_float64(scale, kw, kernel_device):
@@ -790,3 +792,135 @@ def test_bench_stream_changes_the_window_every_step():
         assert not torch.equal(s.token(count), s.token(count - n))
         assert torch.equal(s.window(count), fed[:, count - n:count])
         assert s.window(count).untyped_storage().data_ptr() == s.tokens.untyped_storage().data_ptr()  # a view
+
+
+# ## Nothing silently wrong: bad inputs fail with the argument's name
+def test_inputs_of_another_dtype_or_device_fail_naming_the_argument_and_the_modules_dtype():
+    x = _stream(L)
+    for m in (SingleOutputMultiheadAttention(E, H, sequence_len=L), RetroactiveMultiheadAttention(E, H, sequence_len=L)):
+        with pytest.raises(TypeError, match=r"query: got 'dtype torch.float64', expected the dtype of the "
+                                            r"module's weights, torch.float32"):
+            m.forward_step(x[:, 0].double())
+        with pytest.raises(TypeError, match="key: got 'dtype torch.float64'"):
+            m.forward_step(x[:, 0], x[:, 0].double())
+        with pytest.raises(TypeError, match="value: got 'dtype torch.float64'"):
+            m.forward_step(x[:, 0], x[:, 0], x[:, 0].double())
+        with pytest.raises(ValueError, match="query: got 'device meta', expected the device of the module's weights, cpu"):
+            m.forward_step(x[:, 0].to("meta"))
+        with pytest.raises(TypeError, match="query: got 'dtype torch.float64'"):
+            m.forward_steps(x.double())
+        with pytest.raises(TypeError, match="key: got 'dtype torch.float16'"):
+            m(x, x.half(), x)
+        assert m._t == 0  # nothing was written
+    pe = RecyclingPositionalEncoding(E, 4)
+    with pytest.raises(TypeError, match="x: got 'dtype torch.float64', expected the dtype of the module's table"):
+        pe.forward_step(x[:, 0].double())
+    with pytest.raises(TypeError, match="x: got 'dtype torch.float64'"):
+        pe(x.double())
+    torch.manual_seed(0)
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(E, H, 32, 0.0, batch_first=True), 2,
+                                enable_nested_tensor=False).eval()
+    co_enc = ContinualTransformerEncoder(enc, L, pos_encoding=pe)
+    with pytest.raises(TypeError, match="x: got 'dtype torch.float64'"):
+        co_enc.forward_step(x[:, 0].double())
+
+
+def test_bad_shapes_batches_lengths_and_arguments_fail_naming_the_argument():
+    x = _stream(2 * L)
+    so, re = SingleOutputMultiheadAttention(E, H, sequence_len=L), RetroactiveMultiheadAttention(E, H, sequence_len=L)
+    for m in (so, re):
+        with pytest.raises(TypeError, match="update_state: got 1, expected a bool"):
+            m.forward_step(x[:, 0], update_state=1)
+        with pytest.raises(ValueError, match=r"key: got 'shape \(3, 15\)', expected \[batch=3, kdim=16\]"):
+            m.forward_step(x[:, 0], x[:, 0, :15])
+        with pytest.raises(ValueError, match=r"value: got 'shape \(2, 16\)', expected \[batch=3, vdim=16\]"):
+            m.forward_step(x[:, 0], x[:, 0], x[:2, 0])
+        with pytest.raises(ValueError, match="key: got 'shape .*', expected 12 steps in dimension 1"):
+            m.forward_steps(x, x[:, :-1])
+        with pytest.raises(TypeError, match="query: got 'Tensor'|query: got 'list'"):
+            m.forward_step([1.0] * E)
+        m.forward_steps(x[:, :3])
+        with pytest.raises(ValueError, match=r"query: got 'batch 2, .*'.*call clean_state\(\)"):
+            m.forward_step(x[:2, 3])  # the batch changed mid-stream
+        assert m._t == 3
+        m.clean_state()
+        assert m.forward_steps(x[:2]).shape[0] == 2  # a new stream may have another batch
+    with pytest.raises(ValueError, match="query: got 'a window of 5 tokens .*', expected sequence_len=6 tokens"):
+        so(x[:, :L - 1])
+    with pytest.raises(ValueError, match="start: got -1"):
+        RecyclingPositionalEncoding(E, 4)(x, start=-1)
+    with pytest.raises(ValueError, match=r"x: got 'shape \(3, 15\)', expected 16 features"):
+        RecyclingPositionalEncoding(E, 4).forward_step(x[:, 0, :15])
+    torch.manual_seed(0)
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(E, H, 32, 0.0, batch_first=True), 2,
+                                enable_nested_tensor=False).eval()
+    co_enc = ContinualTransformerEncoder(enc, L)
+    co_enc.forward_step(x[:, 0])
+    with pytest.raises(ValueError, match=r"x: got 'batch 2, .*'.*call clean_state\(\)"):
+        co_enc.forward_step(x[:2, 1])
+
+
+def test_encoder_layer_shares_the_weights_of_its_layer():
+    # "Built from an nn.TransformerEncoderLayer whose parameters it shares": changing the regular
+    # layer's attention weights in place changes the continual layer's output alike.
+    torch.manual_seed(0)
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(E, H, 32, 0.0, batch_first=True), 1,
+                                enable_nested_tensor=False).eval()
+    co_enc = ContinualTransformerEncoder(enc, L)
+    with torch.no_grad():
+        enc.layers[0].self_attn.in_proj_weight.mul_(2.0)
+        enc.layers[0].self_attn.out_proj.bias.add_(1.0)
+    x = _stream(L)
+    with torch.no_grad():
+        outs = [co_enc.forward_step(x[:, t]) for t in range(L)]
+        torch.testing.assert_close(outs[-1], enc(x)[:, -1], atol=5e-5, rtol=1e-5)
+    assert co_enc.first.attn.in_proj_weight is enc.layers[0].self_attn.in_proj_weight
+
+
+def test_peeks_leave_the_state_and_the_count_of_recomputed_rows_alone():
+    # `update_state=False` (one step or many) returns what the step would, and leaves everything,
+    # `refreshed_rows` included, as it was.
+    torch.manual_seed(0)
+    mha = _mha()
+    re = RetroactiveMultiheadAttention.build_from(mha, L)
+    x = _stream(30, scale=30.0)
+    with torch.no_grad():
+        re.forward_steps(x[:, :20])
+        before = re.refreshed_rows
+        peek = re.forward_steps(x[:, 20:], update_state=False)
+        one = re.forward_step(x[:, 20], update_state=False)
+        assert re.refreshed_rows == before and re._t == 20
+        real = re.forward_steps(x[:, 20:])
+    torch.testing.assert_close(peek, real, atol=0, rtol=0)
+    torch.testing.assert_close(one, real[:, 0], atol=0, rtol=0)
+    assert re.refreshed_rows > before  # the real steps did recompute rows
+
+
+# ## Property: every step equals regular attention over the window, for any shape (float64)
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=30, deadline=None)
+@given(b=st.integers(1, 3), h=st.integers(1, 3), head_dim=st.integers(1, 4), n=st.integers(1, 6),
+       extra_steps=st.integers(0, 6), bias=st.booleans(), bias_kv=st.booleans(), zero_attn=st.booleans(),
+       query_index=st.integers(0, 5), seed=st.integers(0, 2**16))
+def test_steps_equal_regular_attention_over_the_window_for_any_shape(b, h, head_dim, n, extra_steps, bias, bias_kv,
+                                                                      zero_attn, query_index, seed):
+    e = h * head_dim
+    torch.manual_seed(seed)
+    mha = nn.MultiheadAttention(e, h, bias=bias, add_bias_kv=bias_kv, add_zero_attn=zero_attn,
+                                batch_first=True).double().eval()
+    qi = query_index % n
+    so = SingleOutputMultiheadAttention.build_from(mha, n, query_index=qi)
+    re = RetroactiveMultiheadAttention.build_from(mha, n)
+    x = torch.randn(b, n + extra_steps, e, generator=_gen(seed), dtype=torch.float64)
+    with torch.no_grad():
+        for t in range(n + extra_steps):
+            a, r = so.forward_step(x[:, t]), re.forward_step(x[:, t])
+            if t < n - 1:
+                assert a is None and r is None
+                continue
+            w = x[:, t - n + 1:t + 1]
+            want = mha(w, w, w, need_weights=False)[0]
+            torch.testing.assert_close(r, want, atol=1e-10, rtol=1e-10)
+            torch.testing.assert_close(a, want[:, qi], atol=1e-10, rtol=1e-10)
