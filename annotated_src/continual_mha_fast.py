@@ -40,8 +40,8 @@ The retroactive step's in-projection stays cuBLAS's (`F.linear`).
 
 ## The single-output step: three kernels in a CUDA graph
 
-At the benchmark's size the GPU work of a step is tens of microseconds, less than Python needs to
-launch its kernels one by one. So the three kernels are recorded once as a **CUDA graph**
+At the benchmark's size the GPU work of a step takes less time than Python needs to launch its
+kernels one by one. So the three kernels are recorded once as a **CUDA graph**
 (`fastpath.record_cuda_graph`) and replayed each step, after one small kernel, `stage_step`, that
 writes the graph's inputs: the token into the graph's input buffer, the stream step into a
 one-element device tensor (the kernels compute the ring slot from it) and the address of a new
@@ -77,8 +77,8 @@ and a sum $\sum_k a_k b_k$ by at most that times $\sum_k |a_k b_k|$ plus the rou
 themselves, which any float32 matrix product has. The tensor cores' own accumulator drops more
 bits than float32 does, so each block of products starts a fresh accumulator and the blocks are
 added in float32. Plain TF32, both operands rounded, is off by up to $2^{-10} |a b|$, a bound
-about 1400 times larger. (Tests: the bound on the CPU with `linear_3xtf32`, and on a GPU the
-output kernel's error against that of a float32 product.)
+about 1360 times larger. (Tests: the bound with `linear_3xtf32`, and the kernels' errors against
+the float64 product and against that of a float32 product, on a GPU and under the interpreter.)
 """
 
 from __future__ import annotations
@@ -256,7 +256,7 @@ if triton is not None:
     # `i`, output columns block `j` and inner slice `s` (`SPLIT` slices of `k_per_split` columns).
     # The products are 3xTF32, each block of `BK` products in a fresh accumulator and the blocks
     # added in float32. (IEEE float32 products, `tl.dot(..., input_precision="ieee")`, run on the
-    # general cores and took about twice as long in the benchmark's step.)
+    # general cores and took more than twice as long for the in-projection at the benchmark's size.)
     #
     # The first tile of weights does not depend on the kernel ahead: it is loaded before the wait.
     @triton.jit
