@@ -117,8 +117,13 @@ same way (a test runs both). The differences, each a test:
   widths (`kdim != vdim`); ours support all three;
 * its retroactive update is not shifted: at logits in the hundreds its outputs overflow to `inf`
   or `nan`, where ours stay finite and as accurate as regular float32 attention;
-* its layers are modules of its own framework (`co.Sequential`, `call_mode`, `get_state`); ours
-  are plain `nn.Module`s with `forward_step`, `forward_steps` and `clean_state`.
+* its layers are modules of its own framework; ours are plain `nn.Module`s that implement its
+  interface (`receptive_field`, `delay`, `call_mode`, `get_state`/`set_state`, `forward_steps` on
+  its layout), so they work inside its containers such as `co.Sequential` like its own layers (a
+  test runs both in `co.Sequential(..., co.Linear(...))` over a stream), but its global
+  `co.call_mode(...)` context does not reach them: only a container's `call_mode` does;
+* its retroactive layer's `batch_first` defaults to `False` (its single-output layer's to `True`);
+  both of ours default to `True`.
 
 ## Fast path
 
@@ -489,7 +494,7 @@ class _ContinualMultiheadAttention(nn.MultiheadAttention):
         return query
 
     @torch.no_grad()
-    def forward_steps(self, query, key=None, value=None, update_state: bool = True):
+    def forward_steps(self, query, key=None, value=None, update_state: bool = True, pad_end: bool = False):
         """`forward_step` for each token of a stream; the outputs stacked in time.
 
         Args:
@@ -501,6 +506,8 @@ class _ContinualMultiheadAttention(nn.MultiheadAttention):
             value (torch.Tensor | None): the values' inputs (`vdim` features). Default: `None`.
             update_state (bool): keep the state the steps leave; `False` puts it back as it was.
                 Default: `True`.
+            pad_end (bool): continual-inference's argument; the layers have no padding, so it
+                changes nothing. Default: `False`.
 
         Returns:
             The outputs of the steps that returned one, stacked along the stream's time dimension
@@ -548,6 +555,61 @@ class _ContinualMultiheadAttention(nn.MultiheadAttention):
             return x[..., 0]
         return x
 
+    # ### Inside continual-inference's containers
+    #
+    # continual-inference's containers (`co.Sequential`, `co.Residual`, ...) take any module that has
+    # its interface, checked by name: `forward_step`, `forward_steps`, `get_state`, `set_state`,
+    # `clean_state`, the temporal `receptive_field` and `delay` (how many steps the output lags
+    # the newest input), `stride`, `padding`, and a `call_mode` that a container sets to say which
+    # of `forward`, `forward_steps` and `forward_step` calling the module means. Its layers are laid
+    # out `[batch, d_model, steps]` there: build ours with `embed_dim_second=True` and
+    # `forward_returns_attn_mask=False`, as theirs.
+    call_mode = "forward"
+    stride = (1,)
+    padding = (0,)
+    _CALL_MODES = ("forward", "forward_steps", "forward_step")  # continual-inference's numbering
+    _state_shape = 7
+    _dynamic_state_inds = (False, True, True, True, True, True, True)
+
+    @property
+    def receptive_field(self) -> int:
+        return self.sequence_len
+
+    @property
+    def delay(self) -> int:
+        # The newest row lags nothing; row `query_index` (and a retroactive window, whose oldest row is
+        # complete only now) lags the newest token by its distance from it.
+        return self.sequence_len - 1 - (0 if self._retroactive else self.query_index)
+
+    def __call__(self, *args, **kwargs):
+        mode = self.call_mode
+        mode = mode if isinstance(mode, str) else self._CALL_MODES[int(mode)]
+        if mode == "forward_step":
+            return self.forward_step(*args, **kwargs)
+        if mode == "forward_steps":
+            return self.forward_steps(*args, **kwargs)
+        return super().__call__(*args, **kwargs)
+
+    def get_state(self) -> tuple | None:
+        """The stream's state, `None` before the first step: `(step, kv, q, num, den, max, peak)`,
+        empty tensors for the parts this layer does not keep (continual-inference's interface)."""
+        if self._kv is None:
+            return None
+        empty = self._kv.new_empty(0)
+        row = (empty,) * 4 if self._row is None else tuple(self._row[k] for k in ("num", "den", "max", "peak"))
+        return (torch.tensor(self._t), self._kv, empty if self._q is None else self._q, *row)
+
+    def set_state(self, state: tuple) -> None:
+        """Restore a state that `get_state` returned (the tensors are used, not copied)."""
+        if not isinstance(state, tuple) or len(state) != self._state_shape:
+            fail("state", type(state).__name__, f"a tuple of {self._state_shape} tensors from get_state()",
+                 TypeError)
+        t, kv, q, *row = state
+        self._t, self._kv, self._q = int(t), kv, (q if q.numel() else None)
+        self._row = dict(zip(("num", "den", "max", "peak"), row)) if self._retroactive else None
+        if self._retroactive:  # the fast path's count of recomputed rows, read off the device before it goes
+            self._refreshed_rows = self.refreshed_rows
+        self._fast = None
 
 class SingleOutputMultiheadAttention(_ContinualMultiheadAttention):
     r"""

@@ -996,3 +996,41 @@ def test_steps_equal_regular_attention_over_the_window_for_any_shape(b, h, head_
             want = mha(w, w, w, need_weights=False)[0]
             torch.testing.assert_close(r, want, atol=1e-10, rtol=1e-10)
             torch.testing.assert_close(a, want[:, qi], atol=1e-10, rtol=1e-10)
+
+
+# ## Inside continual-inference's containers
+@pytest.mark.parametrize("cls", ["SingleOutputMultiheadAttention", "RetroactiveMultiheadAttention"])
+def test_layers_work_inside_continual_inference_containers_like_its_own(cls):
+    co = pytest.importorskip("continual")
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(E, H, batch_first=True).eval()
+    ours = globals()[cls].build_from(mha, L, embed_dim_second=True, forward_returns_attn_mask=False)
+    # (Its retroactive layer's steps return nothing with `forward_returns_attn_mask=False`.)
+    theirs = getattr(co, cls)(E, H, sequence_len=L, batch_first=True, embed_dim_second=True,
+                              forward_returns_attn_mask=cls.startswith("Retro"))
+    theirs.load_state_dict(mha.state_dict())
+    a, b = co.Sequential(ours, co.Linear(E, 5, channel_dim=1)), co.Sequential(theirs, co.Linear(E, 5, channel_dim=1))
+    b[1].load_state_dict(a[1].state_dict())
+    assert (a.receptive_field, a.delay, ours.receptive_field, ours.delay) == (
+        b.receptive_field, b.delay, theirs.receptive_field, theirs.delay)
+    x = _stream(16).transpose(1, 2)  # their layout, `[batch, E, steps]`
+    with torch.no_grad():
+        torch.testing.assert_close(a.forward_steps(x[:, :, :9]), b.forward_steps(x[:, :, :9]), atol=2e-5, rtol=1e-5)
+        state = tuple(t.clone() for t in ours.get_state())
+        for t in range(9, 13):
+            peek = a.forward_step(x[:, :, t], update_state=False)
+            step = a.forward_step(x[:, :, t])
+            torch.testing.assert_close(step, b.forward_step(x[:, :, t]), atol=2e-5, rtol=1e-5)
+            torch.testing.assert_close(peek, step, atol=0, rtol=0)
+        # `set_state` puts the stream back where `get_state` found it.
+        ours.set_state(state)
+        again = a.forward_steps(x[:, :, 9:13])
+        torch.testing.assert_close(again.select(2, -1), step, atol=0, rtol=0)
+        # `forward` over a whole window, through the container, is regular attention's.
+        if cls.startswith("Single"):
+            torch.testing.assert_close(a.forward(x[:, :, :L]), b.forward(x[:, :, :L]), atol=2e-5, rtol=1e-5)
+        else:
+            want = a[1].forward(mha(*(x[:, :, :L].transpose(1, 2),) * 3, need_weights=False)[0].transpose(1, 2))
+            torch.testing.assert_close(a.forward(x[:, :, :L]), want, atol=2e-5, rtol=1e-5)
+    with pytest.raises(TypeError, match="state: got 'list'"):
+        ours.set_state([])
