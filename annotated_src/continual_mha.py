@@ -129,9 +129,10 @@ same way (a test runs both). The differences, each a test:
 
 The readable steps below are a handful of PyTorch operations each. On a GPU, in float32, with the
 window full, a head dimension of 16, 32, 64 or 128 and the default options (`update_state=True`,
-self-attention, the newest query), each step forks to a fast path that computes the same numbers with fewer, fused Triton kernels: three
-kernels replayed as a CUDA graph for single-output, cuBLAS's projection and six kernels without host
-synchronisation for retroactive. They live on their own page,
+self-attention, the newest query), each step forks to a fast path that computes the same numbers
+with fewer, fused Triton kernels: three kernels replayed as a CUDA graph for single-output,
+cuBLAS's projection and six kernels without host synchronisation for retroactive. They live on
+their own page,
 [`annotated_src/continual_mha_fast.py`](annotated_src/continual_mha_fast.py), which says which
 lines of this file each kernel stands for. `annotated_src.fastpath` switches them off
 (`fastpath.set_enabled("continual_mha", False)`); the tests check both paths against each other

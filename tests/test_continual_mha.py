@@ -376,7 +376,16 @@ def test_matches_continual_inference_on_every_configuration_both_support(cls, kw
 
 
 def test_continual_inference_differences_listed_in_the_lesson():
+    import inspect
+
     co = pytest.importorskip("continual")
+    # 0. The same constructor arguments; its retroactive layer's `batch_first` defaults to `False`.
+    for cls in (SingleOutputMultiheadAttention, RetroactiveMultiheadAttention):
+        ours_args = inspect.signature(cls).parameters
+        theirs_args = inspect.signature(getattr(co, cls.__name__)).parameters
+        assert list(ours_args) == list(theirs_args) and ours_args["batch_first"].default is True
+    assert inspect.signature(co.RetroactiveMultiheadAttention).parameters["batch_first"].default is False
+    assert inspect.signature(co.SingleOutputMultiheadAttention).parameters["batch_first"].default is True
     # 1. Its single-output step with `batch_first=False` returns `[1, batch, d_model]`; ours `[batch, d_model]`.
     mha = nn.MultiheadAttention(E, H, batch_first=False).eval()
     theirs = co.SingleOutputMultiheadAttention(E, H, sequence_len=L, batch_first=False)
