@@ -284,56 +284,27 @@ def test_decode_step_writes_its_slot_and_equals_the_counted_step():
 
 
 @torch.no_grad()
-def test_fused_qkv_views_keep_the_parameters_and_the_state_dict():
-    m = _model()
-    before = {k: v.clone() for k, v in m.state_dict().items()}
-    m.fuse_qkv()
-    after = m.state_dict()
-    assert list(after) == list(before) and all(torch.equal(after[k], v) for k, v in before.items())
-    a = m.layers[0].attn
-    fused = a._qkv
-    assert fused.shape == (4 * 8 + 2 * 2 * 8, 32)
-    for w, rows in zip((a.q_proj.weight, a.k_proj.weight, a.v_proj.weight), fused.split([32, 16, 16])):
-        assert isinstance(w, nn.Parameter) and w.data_ptr() == rows.data_ptr() and torch.equal(w, rows)
-    # An in-place update of a parameter is an update of the stacked weights.
-    a.k_proj.weight.add_(1.0)
-    assert torch.equal(fused[32:48], a.k_proj.weight)
-    assert m.layers[0].attn.fuse_qkv() is fused  # still the rows: nothing to do
-    # A conversion gives each parameter new memory; the layer stacks them again.
-    m.double()
-    a = m.layers[0].attn
-    assert a._qkv.dtype == torch.float64 and a.fuse_qkv() is a._qkv
-    assert a.q_proj.weight.data_ptr() == a._qkv.data_ptr()
-    # Parameters replaced otherwise are found by the next fuse_qkv, which stacks them again.
-    m.load_state_dict({k: v.double() for k, v in before.items()}, assign=True)
-    a = m.layers[0].attn
-    old = a._qkv
-    new = a.fuse_qkv()
-    assert new is not old and torch.equal(new[:32], before["layers.0.attn.q_proj.weight"].double())
-    assert a.v_proj.weight.data_ptr() == new[48:].data_ptr()
-
-
-@torch.no_grad()
-def test_fused_decode_step_equals_the_unfused_step_and_the_readable_path():
+def test_eager_decode_step_equals_the_readable_path():
     from annotated_src.kv_cache import decode_one_token, decode_step
 
     m = _model()
     tok = _tokens(2, 7)
     m.setup_caches(2, torch.float32, decoder_max_seq_len=12)
     m(tok[:, :6])
-    readable = m(tok[:, 6:7])[:, -1]  # SDPA and three projections, slot from the counters
-    keys = torch.ones(2, 12, dtype=torch.bool)
-    keys[1, :2] = False  # a row whose first slots are hidden, as left padding is
-    args = (tok[:, 6:7], torch.full((2, 1), 6), torch.tensor([6]), keys)
-    unfused = decode_one_token(m, *args)
-    assert m.layers[0].attn._qkv is None
-    fused = decode_step(m, compile=False, device="cpu")(*args)
-    assert m.layers[0].attn._qkv is not None
-    _close(fused, unfused)
+    readable = m(tok[:, 6:7])[:, -1]  # SDPA, checked rotation, slot from the counters
     m.reset_caches()
     m(tok[:, :6])
-    keys[1, :2] = True
+    keys = torch.ones(2, 12, dtype=torch.bool)
+    args = (tok[:, 6:7], torch.full((2, 1), 6), torch.tensor([6]), keys)
     _close(decode_step(m, compile=False, device="cpu")(*args), readable)
+    m.reset_caches()
+    m(tok[:, :6])
+    keys[1, :2] = False  # a row whose first slots are hidden, as left padding is
+    hidden = decode_one_token(m, *args)
+    mask = keys[:, None, :] & (torch.arange(12) <= 6)
+    m.reset_caches()
+    m(tok[:, :6])
+    _close(hidden, m(tok[:, 6:7], input_pos=torch.tensor([6]), mask=mask)[:, -1])
 
 
 @torch.no_grad()
@@ -534,17 +505,45 @@ def test_compiled_step_equals_eager_without_recompiling():
 
 
 @torch.no_grad()
-def test_a_failing_compiled_step_raises_and_names_the_way_out(monkeypatch):
-    import annotated_src.kv_cache as kv
+def test_a_failing_fast_step_raises_and_names_the_switch(monkeypatch):
+    import annotated_src.kv_cache_fast as fast
+    from annotated_src.fastpath import FastPathError
 
     def broken(*args, **kwargs):
         raise RuntimeError("no kernel")
 
-    monkeypatch.setattr(kv, "compiled_decode_one_token", lambda mode=None: broken)
+    monkeypatch.setattr(fast, "compiled", lambda step, mode=None: broken)
+    monkeypatch.setattr(fast, "supports", lambda weights, batch: "not in this test")
     m = _model(layers=1)
-    with pytest.raises(RuntimeError, match="compiled decode step failed.*no kernel.*DECODE_CUDA_GRAPH = False"):
+    with pytest.raises(FastPathError, match=r"kv_cache.*no kernel.*set_enabled\('kv_cache', False\)"):
         generate(m, _tokens(1, 4), max_new_tokens=3, temperature=0, compile=True)
     assert not m.caches_are_setup()  # the temporary caches are gone all the same
+
+
+@torch.no_grad()
+def test_the_switch_turns_the_fast_step_off(no_fast_path, monkeypatch):
+    import annotated_src.kv_cache_fast as fast
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the fast path ran with its switch off")
+
+    monkeypatch.setattr(fast, "decode_step", forbidden)
+    monkeypatch.setattr(fast, "prefill", forbidden)
+    m = _model(layers=1)
+    prompt = _tokens(2, 5)
+    eager = generate(m, prompt, max_new_tokens=4, temperature=0)
+    no_fast_path("kv_cache")
+    assert torch.equal(generate(m, prompt, max_new_tokens=4, temperature=0, compile=True), eager)
+
+
+@torch.no_grad()
+def test_the_fast_step_leaves_the_parameters_alone():
+    m = _model()
+    before = {k: (v.clone(), v.data_ptr()) for k, v in m.state_dict().items()}
+    generate(m, _tokens(2, 4), max_new_tokens=2, temperature=0, compile=True)
+    after = m.state_dict()
+    assert list(after) == list(before)
+    assert all(torch.equal(after[k], v) and after[k].data_ptr() == p for k, (v, p) in before.items())
 
 
 # ## Costs
@@ -581,7 +580,7 @@ def test_cuda_compiled_step_replays_one_recorded_graph_per_token_and_equals_eage
 
     import torch._dynamo
 
-    import annotated_src.kv_cache as kv
+    import annotated_src.kv_cache_fast as fast
     from annotated_src.kv_cache import decode_graph_counters
 
     m = _model(layers=2).cuda()
@@ -595,7 +594,7 @@ def test_cuda_compiled_step_replays_one_recorded_graph_per_token_and_equals_eage
     with torch._dynamo.config.patch(error_on_recompile=True), warnings.catch_warnings():
         # float32 on purpose (exact agreement with eager): the compiler's TF32 advice is declined.
         warnings.filterwarnings("ignore", message="TensorFloat32 tensor cores")
-        fast = generate(m, prompt, max_new_tokens=12, temperature=0, compile=True)
+        fast_tokens = generate(m, prompt, max_new_tokens=12, temperature=0, compile=True)
         again = generate(m, prompt, max_new_tokens=12, temperature=0, compile=True)
     delta = {k: v - before.get(k, 0) for k, v in decode_graph_counters.items() if v != before.get(k, 0)}
     # One recording (of the compiled step: this model's head_dim of 8 is too small for the Triton
@@ -605,13 +604,13 @@ def test_cuda_compiled_step_replays_one_recorded_graph_per_token_and_equals_eage
                      "prefill_replays": 1}
     # New caches move the buffers: the graph is recorded again, and is still right.
     m.delete_caches()
-    assert m not in kv._decode_graphs  # dropped with the caches it wrote to
+    assert m not in fast._decode_graphs  # dropped with the caches it wrote to
     m.setup_caches(3, torch.float32, decoder_max_seq_len=24)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="TensorFloat32 tensor cores")
         moved = generate(m, prompt, max_new_tokens=12, temperature=0, compile=True)
     assert decode_graph_counters["recordings"] - before.get("recordings", 0) == 2
-    assert torch.equal(cached, eager) and torch.equal(fast, eager) and torch.equal(again, eager)
+    assert torch.equal(cached, eager) and torch.equal(fast_tokens, eager) and torch.equal(again, eager)
     assert torch.equal(moved, eager)
     assert m._self_caches()[0].size == 0
 
@@ -621,8 +620,9 @@ def test_cuda_compiled_step_replays_one_recorded_graph_per_token_and_equals_eage
 def test_cuda_graph_step_logits_equal_the_eager_step_and_the_compilers_graphs():
     import warnings
 
-    import annotated_src.kv_cache as kv
     import torch._dynamo
+
+    import annotated_src.kv_cache as kv
 
     m = _model(layers=2).cuda()
     tok = _tokens(2, 9).cuda()
@@ -644,11 +644,14 @@ def test_cuda_graph_step_logits_equal_the_eager_step_and_the_compilers_graphs():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="TensorFloat32 tensor cores")
         graph, k_graph = run(kv.decode_step(m, compile=True, device="cuda"))
-        try:
-            kv.DECODE_CUDA_GRAPH = False  # the fallback: torch.compile's own CUDA graphs
-            trees, _ = run(kv.decode_step(m, compile=True, device="cuda"))
-        finally:
-            kv.DECODE_CUDA_GRAPH = True
+        # torch.compile's own CUDA graphs, for comparison (their outputs are copied before the next step)
+        trees_step = kv.compiled_decode_one_token("reduce-overhead")
+
+        def trees_call(*inputs):
+            torch.compiler.cudagraph_mark_step_begin()
+            return trees_step(m, *inputs).clone()
+
+        trees, _ = run(trees_call)
     torch.testing.assert_close(graph, eager, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(trees, eager, atol=1e-4, rtol=1e-4)
     for a, b in zip(k_graph, k_eager):
@@ -689,91 +692,10 @@ def test_cuda_bf16_cached_matches_float64():
     torch.testing.assert_close(out.double().cpu(), ref, atol=0.15, rtol=0.05)
 
 
-# ### The hand-written kernels (`_decode_kernels.py`)
-
-
-def _triton_model(dtype=torch.float32, *, interleaved=False, layers=2, seed=0):
-    """A model the Triton kernels cover: head_dim 16, two query heads per key/value head."""
-    torch.manual_seed(seed)
-    m = llama_decoder(vocab_size=VOCAB, num_layers=layers, num_heads=8, num_kv_heads=4, embed_dim=128,
-                      max_seq_len=256, intermediate_dim=96)
-    for layer in m.layers:
-        layer.attn.pos_embeddings.interleaved = interleaved
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.ndim == 1:
-                p.copy_(1 + 0.1 * torch.randn(p.shape))
-    return m.to(dtype).eval()
-
-
-def test_decode_kernels_say_why_they_do_not_apply():
-    import annotated_src.kv_cache as kv
-
-    m = _triton_model()
-    m.setup_caches(1, torch.float32, decoder_max_seq_len=16)
-    m.fuse_qkv()
-    why = kv.decode_kernels_for(m, 1)
-    # On this CPU: no CUDA device (or no triton); the reason is a sentence, not an exception.
-    assert isinstance(why, str) and why
-    try:
-        kv.DECODE_KERNELS = False
-        assert kv.decode_kernels_for(m, 1).startswith("turned off")
-    finally:
-        kv.DECODE_KERNELS = True
-    with pytest.raises(TypeError, match="model"):
-        kv.decode_kernels_for(m.layers[0], 1)
-    with pytest.raises(ValueError, match="batch"):
-        kv.decode_kernels_for(m, 0)
-
-
-@pytest.mark.cuda
-@torch.no_grad()
-@pytest.mark.parametrize("interleaved", [False, True])
-def test_cuda_triton_decode_step_equals_eager_step_and_float64(interleaved):
-    import annotated_src.kv_cache as kv
-
-    batch, prompt_len, cache = 3, 150, 200  # attention over three blocks of 64 slots
-    prompt = _tokens(batch, prompt_len)
-    prompt[1, :7] = 0
-    prompt[2, :90] = 0
-    real, positions = kv.padding_positions_and_mask(prompt, 0)
-    keys = torch.ones(batch, cache, dtype=torch.bool)
-    keys[:, :prompt_len] = real
-    tok = _tokens(batch, 1, seed=5)
-    pos, slot = positions[:, -1:] + 1, torch.tensor([prompt_len])
-
-    def prefilled(dtype):
-        m = _triton_model(dtype, interleaved=interleaved).cuda()
-        m.setup_caches(batch, dtype, decoder_max_seq_len=cache)
-        m.fuse_qkv()
-        m(prompt.cuda(), input_pos=positions.cuda(), mask=kv.causal_padding_mask(real, cache).cuda())
-        return m
-
-    args = [t.cuda() for t in (tok, pos, slot, keys)]
-    ref64 = kv.decode_one_token(prefilled(torch.float64), *args)
-    for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 0.05)):
-        m = prefilled(dtype)
-        eager = kv.decode_one_token(m, *args).float()
-        k_eager = [c.k_cache.clone() for c in m._self_caches()]
-        v_eager = [c.v_cache.clone() for c in m._self_caches()]
-        kernels = kv.decode_kernels_for(m, batch)
-        assert not isinstance(kernels, str), kernels
-        out = [kernels(*args).clone() for _ in range(3)]
-        # the same logits each time (the merge order does not depend on which program finishes last)
-        assert torch.equal(out[0], out[1]) and torch.equal(out[0], out[2])
-        assert kernels.count.eq(0).all()  # the tickets are back to zero
-        scale = ref64.abs().max().item()
-        torch.testing.assert_close(out[0], eager, atol=tol * scale, rtol=0)
-        torch.testing.assert_close(out[0].double(), ref64, atol=tol * scale, rtol=0)
-        for c, k, v in zip(m._self_caches(), k_eager, v_eager):
-            torch.testing.assert_close(c.k_cache.float(), k.float(), atol=tol, rtol=tol)
-            torch.testing.assert_close(c.v_cache.float(), v.float(), atol=tol, rtol=tol)
-
-
 @pytest.mark.cuda
 @torch.no_grad()
 def test_cuda_generate_fast_path_records_the_triton_step_and_the_prefill():
-    import annotated_src.kv_cache as kv
+    import annotated_src.kv_cache_fast as fast
     from annotated_src.kv_cache import decode_graph_counters
 
     m = _triton_model().cuda()
@@ -786,6 +708,191 @@ def test_cuda_generate_fast_path_records_the_triton_step_and_the_prefill():
     delta = {k: v - before.get(k, 0) for k, v in decode_graph_counters.items() if v != before.get(k, 0)}
     assert delta == {"recordings": 1, "recordings_triton": 1, "replays": 3 * 19, "prefill_recordings": 1,
                      "prefill_replays": 2}
-    assert kv._decode_graphs[m].kernels == "triton"
+    assert fast._decode_graphs[m].kernels == "triton"
     for r in runs:
         assert torch.equal(r, eager)
+
+
+# ## The Triton kernels (`kv_cache_fast.py`), each against the readable code
+#
+# On a GPU, or on the CPU under Triton's interpreter (`make kernels`). A small Llama-shaped layer:
+# head_dim 16, two query heads per key/value head, float32 and bfloat16.
+
+
+def _triton_model(dtype=torch.float32, *, interleaved=False, layers=2, seed=0, embed_dim=128):
+    """A model the Triton kernels cover: head_dim 16, two query heads per key/value head."""
+    torch.manual_seed(seed)
+    m = llama_decoder(vocab_size=VOCAB, num_layers=layers, num_heads=embed_dim // 16, num_kv_heads=embed_dim // 32,
+                      embed_dim=embed_dim, max_seq_len=256, intermediate_dim=96)
+    for layer in m.layers:
+        layer.attn.pos_embeddings.interleaved = interleaved
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.ndim == 1:
+                p.copy_(1 + 0.1 * torch.randn(p.shape))
+    return m.to(dtype).eval()
+
+
+KERNEL_TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
+
+
+def _kernel_close(out, ref, dtype):
+    scale = ref.abs().max().item()
+    torch.testing.assert_close(out.float(), ref.float(), atol=KERNEL_TOL[dtype] * scale, rtol=0)
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_gemv_residual_gated_norm(kernel_device, gen, dtype):
+    import annotated_src.kv_cache_fast as fast
+
+    b, k, n = 3, 96, 40  # neither a multiple of the blocks: the masked tiles
+    x = torch.randn(b, k, generator=gen).to(kernel_device, dtype)
+    w, w3 = (torch.randn(n, k, generator=gen).div(k ** 0.5).to(kernel_device, dtype) for _ in range(2))
+    g = (1 + 0.1 * torch.randn(k, generator=gen)).to(kernel_device, dtype)
+    out0 = torch.randn(b, n, generator=gen).to(kernel_device, dtype)
+    norm = nn.RMSNorm(k, eps=1e-5).to(kernel_device, dtype)
+    with torch.no_grad():
+        norm.weight.copy_(g)
+        x_normed = norm(x)
+    # `x + attn(...)`: the residual added in place
+    out = fast.gemv_residual(x, w, out0.clone())
+    _kernel_close(out, out0.float() + F.linear(x.float(), w.float()), dtype)
+    # `FeedForward`'s activation after `mlp_norm`
+    act = fast.gemv_gated(x, w, w3, g, 1e-5, torch.empty(b, n, device=kernel_device, dtype=dtype))
+    h = x_normed.float()
+    _kernel_close(act, F.silu(F.linear(h, w.float())) * F.linear(h, w3.float()), dtype)
+    # the final `norm` and `output`
+    logits = fast.gemv_norm(x, w, g, 1e-5, torch.empty(b, n, device=kernel_device))
+    _kernel_close(logits, F.linear(h, w.float()), dtype)
+
+
+def _prefilled(dtype, device, *, interleaved=False, batch=3, prompt_len=40, cache=64):
+    """A Triton-shaped model with caches holding a left-padded prompt, and one step's inputs."""
+    import annotated_src.kv_cache as kv
+
+    prompt = _tokens(batch, prompt_len)
+    prompt[1, :7] = 0
+    prompt[2, :30] = 0
+    real, positions = kv.padding_positions_and_mask(prompt, 0)
+    keys = torch.ones(batch, cache, dtype=torch.bool)
+    keys[:, :prompt_len] = real
+    m = _triton_model(dtype, interleaved=interleaved).to(device)
+    m.setup_caches(batch, dtype, decoder_max_seq_len=cache)
+    with torch.no_grad():
+        m(prompt.to(device), input_pos=positions.to(device), mask=kv.causal_padding_mask(real, cache).to(device))
+    args = tuple(t.to(device) for t in (_tokens(batch, 1, seed=5), positions[:, -1:] + 1, torch.tensor([prompt_len]),
+                                        keys))
+    return m, args
+
+
+@pytest.mark.kernel
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_kernel_qkv_rope_writes_the_readable_rotated_projections(kernel_device, dtype, interleaved):
+    import annotated_src.kv_cache as kv
+    import annotated_src.kv_cache_fast as fast
+
+    m, (tok, pos, slot, keys) = _prefilled(dtype, kernel_device, interleaved=interleaved)
+    attn, layer = m.layers[0].attn, m.layers[0]
+    x = m.tok_embeddings(tok)[:, 0]
+    # the readable lines: `sa_norm`, the projections, the rotations, and the cache write at the slot
+    h = layer.sa_norm(x[:, None])
+    q = attn._rotate(attn.q_proj(h).view(3, 1, attn.num_heads, attn.head_dim), pos, checked=True)
+    k = attn._rotate(attn.k_proj(h).view(3, 1, attn.num_kv_heads, attn.head_dim), pos, checked=True)
+    v = attn.v_proj(h).view(3, 1, attn.num_kv_heads, attn.head_dim)
+    w = kv.llama_weights(m)
+    lw = w.layers[0]
+    q_out = torch.empty(3, attn.num_heads * attn.head_dim, device=kernel_device, dtype=dtype)
+    fast.qkv_rope(x, torch.cat([lw.wq, lw.wk, lw.wv]), lw.sa_norm, lw.sa_eps, w.cos, w.sin, pos, slot, q_out,
+                  lw.k_cache, lw.v_cache, num_heads=w.num_heads, num_kv_heads=w.num_kv_heads, interleaved=interleaved)
+    _kernel_close(q_out, q.reshape(3, -1), dtype)
+    _kernel_close(lw.k_cache[:, 40], k[:, 0], dtype)
+    _kernel_close(lw.v_cache[:, 40], v[:, 0], dtype)
+
+
+@pytest.mark.kernel
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cache", [64, 600])  # one split; two splits of three blocks
+def test_kernel_attention_equals_one_query_attention(kernel_device, gen, dtype, cache):
+    import annotated_src.kv_cache_fast as fast
+    from annotated_src.kv_cache import one_query_attention
+
+    b, n_kv, group, d, slot = 2, 2, 3, 16, cache - 5
+    q = torch.randn(b, 1, n_kv * group, d, generator=gen).to(kernel_device, dtype)
+    kc, vc = (torch.randn(b, cache, n_kv, d, generator=gen).to(kernel_device, dtype) for _ in range(2))
+    keys = torch.rand(b, cache, generator=gen) < 0.7
+    keys[:, slot] = True
+    keys = keys.to(kernel_device)
+    # the mask `decode_one_token` builds: visible and not past the slot
+    mask = (keys & (torch.arange(cache, device=kernel_device) <= slot))[:, None, :]
+    ref = one_query_attention(q, kc, vc, mask)
+    splits = fast.attention_splits(cache)
+    block_g = fast.attention_group_block(group)
+    parts = b * n_kv * splits * block_g
+    partials = (torch.empty(parts, device=kernel_device), torch.empty(parts, device=kernel_device),
+                torch.empty(parts, d, device=kernel_device), torch.zeros(b * n_kv, dtype=torch.int32, device=kernel_device))
+    out = torch.empty(b, n_kv * group * d, device=kernel_device, dtype=dtype)
+    fast.attention(q.reshape(b, -1), kc, vc, keys, torch.tensor([slot], device=kernel_device), out, partials,
+                   num_kv_heads=n_kv, n_splits=splits)
+    _kernel_close(out, ref.reshape(b, -1), dtype)
+    assert partials[3].eq(0).all()  # the tickets are back to zero
+
+
+@pytest.mark.kernel
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_decode_step_equals_the_readable_step_and_float64(kernel_device, dtype):
+    import annotated_src.kv_cache as kv
+
+    m64, args64 = _prefilled(torch.float64, "cpu")
+    ref64 = kv.decode_one_token(m64, *args64)
+    m, args = _prefilled(dtype, kernel_device)
+    readable = kv.decode_one_token(m, *args)
+    k_readable = [c.k_cache.clone() for c in m._self_caches()]
+    kernels = kv.decode_kernels_for(m, 3)
+    assert not isinstance(kernels, str), kernels
+    out = [kernels(*args).clone() for _ in range(2)]
+    # the same logits each time (the merge order does not depend on which program finishes last)
+    assert torch.equal(out[0], out[1])
+    _kernel_close(out[0], readable, dtype)
+    _kernel_close(out[0].double().cpu(), ref64, dtype)
+    for c, k in zip(m._self_caches(), k_readable):
+        _kernel_close(c.k_cache, k, dtype)
+    # Weights changed in place are seen after `refresh()` (the stacked copy is the kernels' own).
+    m.layers[0].attn.k_proj.weight.mul_(-1)
+    m.layers[0].attn.q_proj.weight.mul_(0.5)
+    changed = kv.decode_one_token(m, *args)
+    assert not torch.allclose(kernels(*args), changed, atol=1e-3)
+    kernels.refresh()
+    _kernel_close(kernels(*args), changed, dtype)
+
+
+@pytest.mark.kernel
+@torch.no_grad()
+def test_kernel_generate_fast_path_equals_eager(kernel_device):
+    m = _triton_model(layers=1).to(kernel_device)
+    prompt = _tokens(2, 9).to(kernel_device)
+    prompt[0, :3] = 0
+    eager = generate(m, prompt, max_new_tokens=4, temperature=0)
+    assert torch.equal(generate(m, prompt, max_new_tokens=4, temperature=0, compile=True), eager)
+
+
+def test_decode_kernels_say_why_they_do_not_apply():
+    import annotated_src.kv_cache as kv
+    from annotated_src import fastpath
+
+    m = _triton_model()
+    m.setup_caches(1, torch.float32, decoder_max_seq_len=16)
+    why = kv.decode_kernels_for(m, 1)
+    # On a plain CPU the reason is a sentence, not an exception (under the interpreter they apply).
+    assert isinstance(why, str) != fastpath.kernels_run_on("cpu")
+    assert "head_dim 8" in kv.decode_kernels_for(_model().to(torch.float32), 1) or not fastpath.kernels_run_on("cpu")
+    with disable_kv_cache(m):
+        assert "enabled cache" in kv.decode_kernels_for(m, 1)
+    with pytest.raises(TypeError, match="model"):
+        kv.decode_kernels_for(m.layers[0], 1)
+    with pytest.raises(ValueError, match="batch"):
+        kv.decode_kernels_for(m, 0)
