@@ -82,7 +82,9 @@ It follows [torchtune](https://github.com/pytorch/torchtune)'s names and structu
   (`annotated_src.rope.convert_interleaved_to_half`);
 * **`generate`** takes `max_new_tokens` (torchtune: `max_generated_tokens`) and `generator`
   (torchtune: `rng`), adds `compile`, and returns the tokens only (torchtune: tokens and logits);
-  the prompt is left-padded with `pad_id`, and a finished row is filled with `pad_id`.
+  the prompt is left-padded with `pad_id`, and a finished row is filled with `pad_id`;
+* **checks**: a cached forward refuses positions that disagree with the cache's slots when no mask
+  is given (below), and refuses to run while autograd records (caches are for inference).
 
 ## Slots and positions
 
@@ -93,7 +95,9 @@ a left-padded batch, a row with $p$ pads has its first real token in slot $p$ bu
 that it is rotated exactly as if it ran alone. Masks are written over slots, positions only go to
 RoPE. When every row starts at slot 0 the two coincide, and the default causal mask of a cached
 call, slot $j$ visible from position $i$ when $j \le i$, is the usual one, aligned to the bottom
-right: the newest query sees every filled slot.
+right: the newest query sees every filled slot. That default is only right when the positions
+*are* the slots about to be written, so without an explicit `mask` a cached forward requires
+`input_pos` to equal them, and says so otherwise.
 
 ## What this file holds
 
@@ -201,6 +205,10 @@ class KVCache(nn.Module):
         # The checks read the counter, a synchronisation on a GPU.
         if not torch.compiler.is_compiling():
             check_tensor("k", k, ndim=4, layout="[batch, seq_len, num_kv_heads, head_dim]", floating=True)
+            for name, t in (("k", k), ("v", v)):
+                if t.dtype != self.k_cache.dtype or t.device != self.k_cache.device:
+                    fail(name, f"a {t.dtype} tensor on {t.device}",
+                         f"the cache's dtype and device, {self.k_cache.dtype} on {self.k_cache.device}", TypeError)
             if k.shape[0] > self.batch_size:
                 fail("k", f"batch {k.shape[0]}", f"at most the cache's batch_size {self.batch_size}")
             if k.shape[2:] != self.k_cache.shape[2:]:
@@ -651,8 +659,30 @@ class TransformerDecoder(nn.Module):
         output = self.chunked_output(h) if self.num_output_chunks > 0 else _at_least_float32(self.output(h))
         return hidden + [output] if hidden else output
 
+    # ### Checking the inputs
+    #
+    # Every check names the argument. Three rules concern the cache:
+    #
+    # * **Positions are the cache's slots unless a mask says otherwise.** The default mask of a
+    #   cached call lets position $p$ see slots $j \le p$, which is the causal mask only when the new
+    #   tokens are written to slots $p$: without an explicit `mask`, `input_pos` must equal the next
+    #   free slots (`size`, `size + 1`, ...) in every row. A token at position 11 written to slot 0 of
+    #   an empty cache would otherwise attend to eleven empty slots; a step at position 2 after five
+    #   cached tokens would see only three of them. With a mask, positions are free (left padding).
+    # * **Inference only.** Writing into a cache is an in-place update that autograd cannot
+    #   differentiate through the next call; a cached forward pass while autograd records (grad mode
+    #   on, parameters that require gradients) is refused rather than failing later in `backward`.
+    # * **One dtype and device.** The tokens, positions and masks must be on the weights' device, an
+    #   encoder's output in the weights' dtype too, and the caches in the weights' dtype.
     def _check_inputs(self, tokens, mask, encoder_input, encoder_mask, input_pos, cached) -> None:
         check_tensor("tokens", tokens, ndim=2, layout="[batch, seq_len]", integer=True)
+        weight = self.tok_embeddings.weight
+        for name, t in (("tokens", tokens), ("input_pos", input_pos), ("mask", mask), ("encoder_input", encoder_input),
+                        ("encoder_mask", encoder_mask)):
+            if isinstance(t, torch.Tensor) and t.device != weight.device:
+                fail(name, f"a tensor on {t.device}", f"the model's device, {weight.device}")
+        if cached:
+            self._check_cache_use(tokens, encoder_input)
         batch, seq_len = tokens.shape
         if seq_len > self.max_seq_len:
             fail("tokens", f"seq_len {seq_len}", f"at most max_seq_len={self.max_seq_len}")
@@ -661,25 +691,51 @@ class TransformerDecoder(nn.Module):
             lo, hi = (int(t) for t in torch.aminmax(tokens))
             if lo < 0 or hi >= vocab:
                 fail("tokens", f"ids in [{lo}, {hi}]", f"ids in [0, {vocab - 1}] (the vocabulary)")
-        limit = self.max_seq_len
+        limit, size = self.max_seq_len, None
         if cached:
             cache_batch = self._cache_batch_size()
             if batch > cache_batch:
                 fail("tokens", f"batch {batch}", f"at most the caches' batch_size {cache_batch}")
             if self._self_caches():
-                limit = self.decoder_max_cache_seq_len
-                size = self._self_caches()[0].size
+                limit, size = self.decoder_max_cache_seq_len, self._self_caches()[0].size
                 if size + seq_len > limit:
                     fail("tokens", f"{seq_len} positions after {size} cached",
                          f"at most decoder_max_seq_len={limit} positions in the cache")
         if input_pos is not None:
-            check_tensor("input_pos", input_pos, ndim=(1, 2), layout="[seq_len] or [batch, seq_len]", integer=True)
-            if input_pos.shape[-1] != seq_len or (input_pos.ndim == 2 and input_pos.shape[0] != batch):
-                fail("input_pos", f"shape {tuple(input_pos.shape)}", f"[{seq_len}] or [{batch}, {seq_len}]")
-            lo, hi = (int(p) for p in torch.aminmax(input_pos))
-            if lo < 0 or hi >= limit:
-                what = "the caches' decoder_max_seq_len" if limit != self.max_seq_len or cached else "max_seq_len"
-                fail("input_pos", f"positions in [{lo}, {hi}]", f"positions in [0, {limit - 1}] ({what}={limit})")
+            self._check_positions(input_pos, batch, seq_len, limit, cached, size if mask is None else None)
+        self._check_masks(tokens, mask, encoder_input, encoder_mask, cached)
+
+    def _check_cache_use(self, tokens: torch.Tensor, encoder_input: torch.Tensor | None) -> None:
+        if torch.is_grad_enabled() and (any(p.requires_grad for p in self.parameters())
+                                        or (encoder_input is not None and encoder_input.requires_grad)):
+            fail("model", "a cached forward pass while autograd records",
+                 "caches used for inference only: run under torch.no_grad() or torch.inference_mode(), or "
+                 "train without caches (disable_kv_cache or delete_caches)", RuntimeError)
+        dtype = self.tok_embeddings.weight.dtype
+        for layer in self.layers:
+            cache = layer.attn.kv_cache
+            if layer.caches_are_enabled() and cache.k_cache.dtype != dtype:
+                fail("model", f"caches in {cache.k_cache.dtype}",
+                     f"caches in the weights' dtype: setup_caches(batch_size, {dtype})", TypeError)
+
+    def _check_positions(self, input_pos, batch: int, seq_len: int, limit: int, cached: bool,
+                         next_slot: int | None) -> None:
+        check_tensor("input_pos", input_pos, ndim=(1, 2), layout="[seq_len] or [batch, seq_len]", integer=True)
+        if input_pos.shape[-1] != seq_len or (input_pos.ndim == 2 and input_pos.shape[0] != batch):
+            fail("input_pos", f"shape {tuple(input_pos.shape)}", f"[{seq_len}] or [{batch}, {seq_len}]")
+        lo, hi = (int(p) for p in torch.aminmax(input_pos))
+        if lo < 0 or hi >= limit:
+            what = "the caches' decoder_max_seq_len" if limit != self.max_seq_len or cached else "max_seq_len"
+            fail("input_pos", f"positions in [{lo}, {hi}]", f"positions in [0, {limit - 1}] ({what}={limit})")
+        if next_slot is not None:
+            slots = torch.arange(next_slot, next_slot + seq_len, device=input_pos.device)
+            if not bool((input_pos == slots).all()):
+                got = input_pos.tolist() if input_pos.numel() <= 8 else f"positions in [{lo}, {hi}]"
+                fail("input_pos", got, f"the caches' next slots {next_slot}..{next_slot + seq_len - 1} in every row "
+                     "when no mask is given (pass a mask to use other positions)")
+
+    def _check_masks(self, tokens, mask, encoder_input, encoder_mask, cached) -> None:
+        batch, seq_len = tokens.shape
         if mask is not None:
             kv_len = self.decoder_max_cache_seq_len if cached and self._self_caches() else seq_len
             check_tensor("mask", mask, ndim=(2, 3), layout="[seq_len, kv_len] or [batch, seq_len, kv_len]")
@@ -689,6 +745,9 @@ class TransformerDecoder(nn.Module):
                 fail("mask", f"shape {tuple(mask.shape)}", f"[{batch}, {seq_len}, {kv_len}] or [{seq_len}, {kv_len}]")
         if encoder_input is not None:
             check_tensor("encoder_input", encoder_input, ndim=3, layout="[batch, encoder_len, embed_dim]", floating=True)
+            if encoder_input.dtype != self.tok_embeddings.weight.dtype:
+                fail("encoder_input", f"dtype {encoder_input.dtype}",
+                     f"the weights' dtype, {self.tok_embeddings.weight.dtype}", TypeError)
             if encoder_input.shape[0] != batch:
                 fail("encoder_input", f"shape {tuple(encoder_input.shape)}", f"batch {batch}, as tokens has")
             if cached and self.encoder_max_cache_seq_len is not None and encoder_input.shape[1] > self.encoder_max_cache_seq_len:
@@ -731,17 +790,28 @@ def chunked_cross_entropy(logits: list[torch.Tensor] | torch.Tensor, labels: tor
                           ignore_index: int = -100) -> torch.Tensor:
     r"""Mean cross-entropy over the labels that are not `ignore_index`, computed chunk by chunk.
 
-    `logits`: the list `chunked_output` returns (or one `[batch, seq_len, vocab]` tensor); `labels`
-    `[batch, seq_len]`, cut into the same number of chunks along the sequence. Each chunk's loss is
-    summed in float32, then the total is divided by the number of counted labels, which equals the
-    unchunked `F.cross_entropy(..., ignore_index=ignore_index)`.
+    Each chunk's loss is summed in float32 (float64 for float64 logits), then the total is divided
+    by the number of counted labels, which equals the unchunked
+    `F.cross_entropy(..., ignore_index=ignore_index)`.
+
+    Args:
+        logits (list[torch.Tensor] | torch.Tensor): the list `chunked_output` returns, chunks
+            `[batch, chunk_len, vocab]` along the sequence, or one `[batch, seq_len, vocab]` tensor.
+        labels (torch.Tensor): `[batch, seq_len]` target ids, cut into the same chunks.
+        ignore_index (int): labels not counted. Default -100.
+
+    Returns:
+        The mean loss, a scalar in float32 (float64 for float64 logits).
+
+    Raises:
+        ValueError, TypeError: `labels` is not an integer `[batch, seq_len]` tensor whose length is the logits'.
     """
     chunks = [logits] if isinstance(logits, torch.Tensor) else list(logits)
     check_tensor("labels", labels, ndim=2, layout="[batch, seq_len]", integer=True)
     if sum(c.shape[1] for c in chunks) != labels.shape[1]:
         fail("labels", f"shape {tuple(labels.shape)}", f"seq_len {sum(c.shape[1] for c in chunks)}, as the logits have")
     label_chunks = labels.split([c.shape[1] for c in chunks], dim=1)
-    total = sum(F.cross_entropy(c.float().reshape(-1, c.shape[-1]), y.reshape(-1), ignore_index=ignore_index,
+    total = sum(F.cross_entropy(_at_least_float32(c).reshape(-1, c.shape[-1]), y.reshape(-1), ignore_index=ignore_index,
                                 reduction="sum") for c, y in zip(chunks, label_chunks))
     return total / (labels != ignore_index).sum().clamp(min=1)
 
@@ -1144,10 +1214,14 @@ def _check_generate(model, prompt, max_new_tokens, temperature, top_k, stop_toke
     _check_sampling(temperature, top_k, generator, device)
     vocab = model.tok_embeddings.num_embeddings
     check_int("pad_id", pad_id, min_value=0, max_value=vocab - 1)
+    if isinstance(stop_tokens, torch.Tensor):
+        stop_tokens = stop_tokens.tolist() if not stop_tokens.is_floating_point() else stop_tokens
     stops = list(stop_tokens) if stop_tokens is not None else []
     for t in stops:
-        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
-            fail("stop_tokens", stop_tokens, f"token ids, ints in [0, {vocab - 1}]", TypeError if not isinstance(t, int) else ValueError)
+        if isinstance(t, bool) or not isinstance(t, int):
+            fail("stop_tokens", stop_tokens, f"token ids, ints in [0, {vocab - 1}]", TypeError)
+        if not 0 <= t < vocab:
+            fail("stop_tokens", stop_tokens, f"token ids, ints in [0, {vocab - 1}] (the vocabulary)")
     total = prompt.shape[1] + max_new_tokens
     if total > model.max_seq_len:
         fail("prompt", f"prompt_len {prompt.shape[1]} + max_new_tokens {max_new_tokens} = {total}",

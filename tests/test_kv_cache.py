@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from annotated_src.kv_cache import (FeedForward, KVCache, MultiHeadAttention, TransformerCrossAttentionLayer,
                                     TransformerDecoder, TransformerSelfAttentionLayer, causal_padding_mask,
                                     chunked_cross_entropy, disable_kv_cache, generate, grouped_query_attention,
-                                    llama_decoder, llama_intermediate_dim)
+                                    llama_decoder, llama_intermediate_dim, sample)
 
 VOCAB = 97
 
@@ -431,6 +435,7 @@ def test_hidden_states_come_first():
 # ## Bad input
 
 
+@torch.no_grad()
 def test_errors():
     m = _model(max_seq_len=16)
     tok = _tokens(2, 4)
@@ -446,8 +451,6 @@ def test_errors():
         generate(m, _tokens(1, 10), max_new_tokens=7)
     with pytest.raises(ValueError, match="prompt: got 'a row of pad_id only'"):
         generate(m, torch.zeros(1, 3, dtype=torch.long), max_new_tokens=1)
-    with pytest.raises(ValueError, match="temperature"):
-        generate(m, tok, max_new_tokens=1, temperature=-1.0)
     m.setup_caches(1, torch.float32, decoder_max_seq_len=8)
     with pytest.raises(ValueError, match="tokens: got 'batch 2'"):
         m(tok)
@@ -479,6 +482,174 @@ def test_errors():
         m.reset_caches()
     with pytest.raises(ValueError, match="num_kv_heads: got 3"):
         llama_decoder(vocab_size=8, num_layers=1, num_heads=4, num_kv_heads=3, embed_dim=32, max_seq_len=8)
+
+
+@torch.no_grad()
+def test_cached_positions_must_be_the_next_slots_without_a_mask():
+    m = _model()
+    m.setup_caches(2, torch.float32, decoder_max_seq_len=16)
+    tok = _tokens(2, 8)
+    # A token at position 11 written to slot 0 of an empty cache would see eleven empty slots.
+    with pytest.raises(ValueError, match=r"input_pos: got \[11\], expected the caches' next slots 0\.\.0"):
+        m(tok[:, :1], input_pos=torch.tensor([11]))
+    m(tok[:, :5])
+    # A step at position 2 after five cached tokens would see only three of them.
+    with pytest.raises(ValueError, match=r"input_pos: got \[2\], expected the caches' next slots 5\.\.5"):
+        m(tok[:, 5:6], input_pos=torch.tensor([2]))
+    with pytest.raises(ValueError, match="input_pos: got \\[\\[5\\], \\[4\\]\\]"):  # one row wrong
+        m(tok[:, 5:6], input_pos=torch.tensor([[5], [4]]))
+    assert m._self_caches()[0].size == 5  # nothing was written
+    ok = m(tok[:, 5:7], input_pos=torch.tensor([[5, 6], [5, 6]]))
+    m.reset_caches()
+    m(tok[:, :5])
+    _close(m(tok[:, 5:7]), ok)
+    # With a mask, positions are the caller's (a left-padded row starts at 0 in a later slot).
+    m.reset_caches()
+    mask = torch.ones(2, 3, 16, dtype=torch.bool).tril()
+    m(tok[:, :3], input_pos=torch.tensor([[0, 1, 2], [0, 0, 1]]), mask=mask)
+
+
+def test_a_cached_forward_refuses_to_train_and_the_uncached_one_trains():
+    m = _model()
+    tok = _tokens(2, 6)
+    m.setup_caches(2, torch.float32, decoder_max_seq_len=8)
+    with pytest.raises(RuntimeError, match="model: got 'a cached forward pass while autograd records'.*no_grad"):
+        m(tok)
+    with disable_kv_cache(m):
+        m(tok).sum().backward()
+    assert m.output.weight.grad is not None
+    m.requires_grad_(False)  # frozen weights: nothing for autograd to record
+    m(tok)
+
+
+def test_inputs_on_another_dtype_or_device_name_the_argument():
+    m = _model()
+    tok = _tokens(2, 4)
+    meta = torch.device("meta")
+    for name, kwargs in (("input_pos", {"input_pos": torch.arange(4, device=meta)}),
+                         ("mask", {"mask": torch.ones(4, 4, dtype=torch.bool, device=meta)})):
+        with pytest.raises(ValueError, match=f"{name}: got 'a tensor on meta', expected the model's device, cpu"):
+            m(tok, **kwargs)
+    with pytest.raises(ValueError, match="tokens: got 'a tensor on meta'"):
+        m(tok.to(meta))
+    with pytest.raises(ValueError, match="prompt: got 'a tensor on meta'"):
+        generate(m, tok.to(meta), max_new_tokens=1)
+    with pytest.raises(TypeError, match="encoder_input: got 'dtype torch.float64', expected the weights' dtype"):
+        m(tok, encoder_input=torch.randn(2, 3, 32, dtype=torch.float64))
+    cache = KVCache(2, 8, 2, 4, torch.float32)
+    with pytest.raises(TypeError, match="k: got 'a torch.float64 tensor on cpu', expected the cache's dtype"):
+        cache.update(torch.randn(2, 1, 2, 4, dtype=torch.float64), torch.randn(2, 1, 2, 4, dtype=torch.float64))
+    m.setup_caches(2, torch.bfloat16, decoder_max_seq_len=8)
+    with torch.no_grad(), pytest.raises(TypeError, match=r"model: got 'caches in torch.bfloat16'.*setup_caches"):
+        m(tok)
+
+
+def test_sampling_and_generate_arguments_are_checked(gen):
+    logits = torch.randn(2, 5, generator=gen)
+    for t in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="temperature: got"):
+            sample(logits, temperature=t)
+    with pytest.raises(TypeError, match="temperature"):
+        sample(logits, temperature=True)
+    with pytest.raises(ValueError, match="top_k: got 0"):
+        sample(logits, top_k=0)
+    with pytest.raises(TypeError, match="logits"):
+        sample(logits.long())
+    with pytest.raises(TypeError, match="generator"):
+        sample(logits, generator=5)
+    assert torch.equal(sample(logits, temperature=0), logits.argmax(-1))
+    m = _model(max_seq_len=16)
+    tok = _tokens(2, 4)
+    for empty in (torch.zeros(1, 0, dtype=torch.long), torch.zeros(0, 4, dtype=torch.long)):
+        with pytest.raises(ValueError, match="prompt: got 'shape"):
+            generate(m, empty, max_new_tokens=1)
+    for pad_id, exc in ((VOCAB, ValueError), (-1, ValueError), (1.5, TypeError)):
+        with pytest.raises(exc, match="pad_id: got"):
+            generate(m, tok, max_new_tokens=1, pad_id=pad_id)
+    with pytest.raises(TypeError, match=r"stop_tokens: got \[1.5\]"):
+        generate(m, tok, max_new_tokens=1, stop_tokens=[1.5])
+    with pytest.raises(ValueError, match="stop_tokens: got \\[97\\]"):
+        generate(m, tok, max_new_tokens=1, stop_tokens=[VOCAB])
+    with pytest.raises(ValueError, match="temperature: got nan"):
+        generate(m, tok, max_new_tokens=1, temperature=float("nan"))
+    # stop tokens as a tensor are token ids too
+    ref = generate(m, tok, max_new_tokens=3, temperature=0, stop_tokens=[1, 2])
+    assert torch.equal(generate(m, tok, max_new_tokens=3, temperature=0, stop_tokens=torch.tensor([1, 2])), ref)
+
+
+def test_chunked_cross_entropy_keeps_float64_and_passes_gradcheck(gen):
+    logits = torch.randn(2, 5, 7, dtype=torch.float64, generator=gen, requires_grad=True)
+    labels = torch.randint(0, 7, (2, 5), generator=gen)
+    labels[0, 1] = -100
+    loss = chunked_cross_entropy(list(logits.split([2, 3], dim=1)), labels)
+    assert loss.dtype == torch.float64
+    torch.testing.assert_close(loss, F.cross_entropy(logits.reshape(-1, 7), labels.reshape(-1)), atol=1e-12, rtol=0)
+    assert torch.autograd.gradcheck(lambda x: chunked_cross_entropy(list(x.split([2, 3], dim=1)), labels), (logits,))
+
+
+# ## Properties, against the uncached model
+
+
+@functools.cache
+def _shared_model() -> TransformerDecoder:
+    return _model()
+
+
+@settings(max_examples=15, deadline=None)
+@given(lengths=st.lists(st.integers(1, 5), min_size=1, max_size=4), batch=st.integers(1, 3), seed=st.integers(0, 99))
+@torch.no_grad()
+def test_property_any_chunking_of_a_cached_forward_equals_the_uncached_one(lengths, batch, seed):
+    m = _shared_model()
+    tok = _tokens(batch, sum(lengths), seed=seed)
+    full = m(tok)
+    m.setup_caches(batch, torch.float32, decoder_max_seq_len=sum(lengths) + 2)
+    try:
+        out, start = [], 0
+        for n in lengths:
+            out.append(m(tok[:, start:start + n], input_pos=torch.arange(start, start + n)))
+            start += n
+        _close(torch.cat(out, 1), full)
+    finally:
+        m.delete_caches()
+
+
+@settings(max_examples=20, deadline=None)
+@given(filled=st.integers(0, 6), pos=st.integers(0, 9), per_row=st.booleans())
+@torch.no_grad()
+def test_property_cached_positions_are_accepted_exactly_when_they_are_the_next_slot(filled, pos, per_row):
+    m = _shared_model()
+    tok = _tokens(2, 8)
+    uncached = m(tok[:, :filled + 1])[:, -1:]
+    m.setup_caches(2, torch.float32, decoder_max_seq_len=10)
+    try:
+        if filled:
+            m(tok[:, :filled])
+        input_pos = torch.full((2, 1), pos) if per_row else torch.tensor([pos])
+        if pos == filled:
+            _close(m(tok[:, filled:filled + 1], input_pos=input_pos), uncached)
+        else:
+            with pytest.raises(ValueError, match="input_pos"):
+                m(tok[:, filled:filled + 1], input_pos=input_pos)
+    finally:
+        m.delete_caches()
+
+
+@settings(max_examples=10, deadline=None)
+@given(pads=st.lists(st.integers(0, 5), min_size=1, max_size=3), new=st.integers(1, 4))
+@torch.no_grad()
+def test_property_a_left_padded_batch_generates_what_each_row_does_alone(pads, new):
+    m = _shared_model()
+    rows = [_tokens(1, 6 - p, seed=20 + i) for i, p in enumerate(pads)]
+    prompt = torch.zeros(len(pads), 6, dtype=torch.long)
+    for i, r in enumerate(rows):
+        prompt[i, 6 - r.shape[1]:] = r[0]
+    m.setup_caches(len(pads), torch.float32, decoder_max_seq_len=12)
+    try:
+        batched = generate(m, prompt, max_new_tokens=new, temperature=0)
+    finally:
+        m.delete_caches()
+    for i, r in enumerate(rows):
+        assert torch.equal(batched[i, 6 - r.shape[1]:], generate(m, r, max_new_tokens=new, temperature=0)[0])
 
 
 # ## The fast path
@@ -767,7 +938,7 @@ def test_kernel_gemv_residual_gated_norm(kernel_device, gen, dtype):
     _kernel_close(logits, F.linear(h, w.float()), dtype)
 
 
-def _prefilled(dtype, device, *, interleaved=False, batch=3, prompt_len=40, cache=64):
+def _prefilled(dtype, device, *, interleaved=False, batch=3, prompt_len=40, cache=64, layers=2):
     """A Triton-shaped model with caches holding a left-padded prompt, and one step's inputs."""
     import annotated_src.kv_cache as kv
 
@@ -777,7 +948,7 @@ def _prefilled(dtype, device, *, interleaved=False, batch=3, prompt_len=40, cach
     real, positions = kv.padding_positions_and_mask(prompt, 0)
     keys = torch.ones(batch, cache, dtype=torch.bool)
     keys[:, :prompt_len] = real
-    m = _triton_model(dtype, interleaved=interleaved).to(device)
+    m = _triton_model(dtype, interleaved=interleaved, layers=layers).to(device)
     m.setup_caches(batch, dtype, decoder_max_seq_len=cache)
     with torch.no_grad():
         m(prompt.to(device), input_pos=positions.to(device), mask=kv.causal_padding_mask(real, cache).to(device))
@@ -847,9 +1018,9 @@ def test_kernel_attention_equals_one_query_attention(kernel_device, gen, dtype, 
 def test_kernel_decode_step_equals_the_readable_step_and_float64(kernel_device, dtype):
     import annotated_src.kv_cache as kv
 
-    m64, args64 = _prefilled(torch.float64, "cpu")
+    m64, args64 = _prefilled(torch.float64, "cpu", layers=1)
     ref64 = kv.decode_one_token(m64, *args64)
-    m, args = _prefilled(dtype, kernel_device)
+    m, args = _prefilled(dtype, kernel_device, layers=1)
     readable = kv.decode_one_token(m, *args)
     k_readable = [c.k_cache.clone() for c in m._self_caches()]
     kernels = kv.decode_kernels_for(m, 3)
@@ -865,7 +1036,7 @@ def test_kernel_decode_step_equals_the_readable_step_and_float64(kernel_device, 
     m.layers[0].attn.k_proj.weight.mul_(-1)
     m.layers[0].attn.q_proj.weight.mul_(0.5)
     changed = kv.decode_one_token(m, *args)
-    assert not torch.allclose(kernels(*args), changed, atol=1e-3)
+    assert not torch.allclose(out[0], changed, atol=1e-3)
     kernels.refresh()
     _kernel_close(kernels(*args), changed, dtype)
 
