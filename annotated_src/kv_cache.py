@@ -150,7 +150,19 @@ from annotated_src.rope import RotaryPositionalEmbeddings, apply_rotary, rotary_
 
 
 class KVCache(nn.Module):
-    """Preallocated keys and values, `[batch, max_seq_len, num_kv_heads, head_dim]`, filled in order."""
+    """Preallocated keys and values, `[batch_size, max_seq_len, num_kv_heads, head_dim]`, filled in order.
+
+    Args:
+        batch_size (int): the most sequences the cache holds; a smaller batch uses the first rows.
+        max_seq_len (int): the number of slots.
+        num_kv_heads (int): $n_{kv}$.
+        head_dim (int): $d$.
+        dtype (torch.dtype): of the buffers, floating point.
+        device (torch.device | str | None): of the buffers. Default: the default device.
+
+    Raises:
+        TypeError, ValueError: a size is not an int >= 1, or `dtype` is not floating point.
+    """
 
     def __init__(self, batch_size: int, max_seq_len: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device | str | None = None):
@@ -183,13 +195,21 @@ class KVCache(nn.Module):
 
     def update(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write `k`, `v` (`[batch, seq_len, num_kv_heads, head_dim]`) into the next free slots, or
-        into `slots` (`[seq_len]`, on the cache's device) if given.
+        """Write `k`, `v` into the next free slots, or into `slots` if given.
 
-        Returns the whole buffers for the first `batch` rows, `[batch, max_seq_len, num_kv_heads,
-        head_dim]`; slots not yet written hold zeros and must be masked by the caller. With explicit
-        `slots` nothing is checked and the counter does not move: the caller (the decode step of
-        `generate`) has validated the lengths once, and keeps the bookkeeping.
+        Args:
+            k (torch.Tensor): `[batch, seq_len, num_kv_heads, head_dim]`, in the cache's dtype and device.
+            v (torch.Tensor): the same shape.
+            slots (torch.Tensor | None): `[seq_len]` slots on the cache's device. With explicit
+                `slots` nothing is checked and the counter does not move: the caller (the static
+                decode step) has validated the lengths once, and keeps the bookkeeping.
+
+        Returns:
+            `(k_out, v_out)`: the whole buffers of the first `batch` rows, `[batch, max_seq_len,
+            num_kv_heads, head_dim]`; slots not yet written hold zeros and must be masked by the caller.
+
+        Raises:
+            TypeError, ValueError: a shape, dtype or device is wrong, or the cache would overflow.
         """
         batch, seq_len = k.shape[0], k.shape[1]
         # The readable path writes at the counter and advances it. The decode step passes the slot
@@ -247,10 +267,18 @@ class KVCache(nn.Module):
 
 def grouped_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
                             *, is_causal: bool = False) -> torch.Tensor:
-    """Attention of `q` `[batch, seq_len, n_heads, head_dim]` over `k`, `v` `[batch, kv_len, n_kv_heads, head_dim]`.
+    """Grouped-query attention of `q` over `k`, `v`, by one call to `scaled_dot_product_attention`.
 
-    `mask`, boolean, True where a query may attend: `[seq_len, kv_len]` or `[batch, seq_len, kv_len]`.
-    Returns `[batch, seq_len, n_heads, head_dim]`.
+    Args:
+        q (torch.Tensor): `[batch, seq_len, n_heads, head_dim]`.
+        k (torch.Tensor): `[batch, kv_len, n_kv_heads, head_dim]`, `n_kv_heads` dividing `n_heads`.
+        v (torch.Tensor): the same shape as `k`.
+        mask (torch.Tensor | None): boolean, True where a query may attend, `[seq_len, kv_len]` or
+            `[batch, seq_len, kv_len]`. Default None (no mask, or `is_causal`).
+        is_causal (bool): SDPA's causal mask, aligned to the top left; only without `mask`. Default False.
+
+    Returns:
+        `[batch, seq_len, n_heads, head_dim]`.
     """
     batch, seq_len, n_heads, head_dim = q.shape
     n_kv = k.shape[2]
@@ -285,9 +313,9 @@ def grouped_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
 # the same arithmetic becomes three small reductions that the compiler generates itself (scores;
 # the softmax's maximum and sum; the weighted sum, with the softmax's exponentials recomputed
 # inside it): the mask, the scaling and the conversions to float32 and back are folded into them,
-# and the keys and values are read where they lie, in their own dtype. In one measurement on an
-# H200 (TinyLlama, bfloat16, 1024 slots) the whole compiled step took 1.34 ms with this form and
-# 1.54 ms with SDPA.
+# and the keys and values are read where they lie, in their own dtype. (Measured once, when the
+# compiled step was the fast path: the step was faster with this form than with SDPA. No cell
+# re-measures it; the Triton kernels have since replaced the compiled step for Llama-shaped models.)
 #
 # The group of query heads is folded as in `grouped_query_attention` (no copy of the cache): `q`
 # becomes `[batch, n_kv, group, head_dim]`, and query head $h$ meets key/value head $\lfloor h / g
@@ -299,11 +327,17 @@ def grouped_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
 
 
 def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Attention of one query per row, `q` `[batch, 1, n_heads, head_dim]`, over `k`, `v` `[batch, kv_len,
-    n_kv_heads, head_dim]` where `mask` (`[batch or 1, 1, kv_len]` or `[1, kv_len]`, boolean) is True.
+    """Attention of one query per row, written out; equals `grouped_query_attention(q, k, v, mask)`.
 
-    Equals `grouped_query_attention(q, k, v, mask)`; every row needs at least one True in `mask`.
-    Returns `[batch, 1, n_heads, head_dim]`.
+    Args:
+        q (torch.Tensor): `[batch, 1, n_heads, head_dim]`.
+        k (torch.Tensor): `[batch, kv_len, n_kv_heads, head_dim]`.
+        v (torch.Tensor): the same shape as `k`.
+        mask (torch.Tensor): boolean, True where the query may attend, `[batch or 1, 1, kv_len]` or
+            `[1, kv_len]`; every row needs at least one True.
+
+    Returns:
+        `[batch, 1, n_heads, head_dim]`, in `q`'s dtype.
     """
     batch, _, n_heads, head_dim = q.shape
     n_kv = k.shape[2]
@@ -339,7 +373,23 @@ def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
 
 
 class MultiHeadAttention(nn.Module):
-    """Grouped-query attention with rotary positions and an optional key/value cache."""
+    """Grouped-query attention with rotary positions and an optional key/value cache.
+
+    Args:
+        embed_dim (int): the width of the residual stream.
+        num_heads (int): $n_h$.
+        num_kv_heads (int): $n_{kv}$, a divisor of `num_heads`.
+        head_dim (int): $d$.
+        q_proj, k_proj, v_proj, output_proj (nn.Module): $W_Q$ (`embed_dim -> n_h d`), $W_K$, $W_V$
+            (`embed_dim -> n_kv d`), $W_O$ (`n_h d -> embed_dim`).
+        pos_embeddings (nn.Module | None): the rotary embedding, None for cross-attention.
+        kv_cache (KVCache | None): a cache, usually set up later by `setup_cache`.
+        max_seq_len (int): the longest sequence without a cache. Default 4096.
+        is_causal (bool): a query sees only earlier positions (False for cross-attention). Default True.
+
+    Raises:
+        TypeError, ValueError: a size is not an int >= 1, or `num_kv_heads` does not divide `num_heads`.
+    """
 
     def __init__(self, *, embed_dim: int, num_heads: int, num_kv_heads: int, head_dim: int, q_proj: nn.Module,
                  k_proj: nn.Module, v_proj: nn.Module, output_proj: nn.Module, pos_embeddings: nn.Module | None = None,
@@ -366,6 +416,7 @@ class MultiHeadAttention(nn.Module):
         self.cache_enabled = True
 
     def reset_cache(self) -> None:
+        """Empty the cache, if there is one."""
         if self.kv_cache is not None:
             self.kv_cache.reset()
 
@@ -467,7 +518,14 @@ class _CachedLayer(nn.Module):
 
 
 class TransformerSelfAttentionLayer(_CachedLayer):
-    """Pre-norm causal self-attention and MLP, each with a residual connection."""
+    """Pre-norm causal self-attention and MLP, each with a residual connection.
+
+    Args:
+        attn (MultiHeadAttention): the self-attention.
+        mlp (nn.Module): the feed-forward block.
+        sa_norm (nn.Module): the norm before attention.
+        mlp_norm (nn.Module): the norm before the feed-forward block.
+    """
 
     def __init__(self, attn: MultiHeadAttention, mlp: nn.Module, *, sa_norm: nn.Module, mlp_norm: nn.Module):
         super().__init__()
@@ -484,7 +542,17 @@ class TransformerSelfAttentionLayer(_CachedLayer):
 
 
 class TransformerCrossAttentionLayer(_CachedLayer):
-    """Pre-norm cross-attention over `encoder_input` (cached once) and MLP."""
+    """Pre-norm cross-attention over `encoder_input` (cached once) and MLP.
+
+    Args:
+        attn (MultiHeadAttention): a cross-attention, `is_causal=False` and no positional embedding.
+        mlp (nn.Module): the feed-forward block.
+        ca_norm (nn.Module): the norm before attention.
+        mlp_norm (nn.Module): the norm before the feed-forward block.
+
+    Raises:
+        ValueError: `attn` is causal or rotary.
+    """
 
     def __init__(self, attn: MultiHeadAttention, mlp: nn.Module, *, ca_norm: nn.Module, mlp_norm: nn.Module):
         super().__init__()
@@ -529,7 +597,22 @@ class TransformerCrossAttentionLayer(_CachedLayer):
 
 
 class TransformerDecoder(nn.Module):
-    """Embedding, decoder layers, final norm and output projection, with optional key/value caches."""
+    """Embedding, decoder layers, final norm and output projection, with optional key/value caches.
+
+    Args:
+        tok_embeddings (nn.Embedding): the token embedding, `vocab -> embed_dim`.
+        layers (nn.Module | Sequence[nn.Module]): the layers, or one layer copied `num_layers` times.
+        max_seq_len (int): the longest sequence.
+        num_heads (int): $n_h$ (for torchtune's signature; the layers hold their own).
+        head_dim (int): $d$ (likewise).
+        norm (nn.Module): the final norm.
+        output (nn.Module): the projection to the vocabulary.
+        num_layers (int | None): the number of copies when `layers` is one module.
+        output_hidden_states (Sequence[int] | None): layers whose input is returned too.
+
+    Raises:
+        TypeError, ValueError: `max_seq_len` or `num_layers` is not an int >= 1.
+    """
 
     def __init__(self, *, tok_embeddings: nn.Embedding, layers: nn.Module | Sequence[nn.Module], max_seq_len: int,
                  num_heads: int, head_dim: int, norm: nn.Module, output: nn.Module, num_layers: int | None = None,
@@ -555,8 +638,18 @@ class TransformerDecoder(nn.Module):
 
     def setup_caches(self, batch_size: int, dtype: torch.dtype, *, encoder_max_seq_len: int | None = None,
                      decoder_max_seq_len: int | None = None) -> None:
-        """Preallocate a cache in every layer: `decoder_max_seq_len` slots (default `max_seq_len`)
-        for self-attention, `encoder_max_seq_len` for cross-attention."""
+        """Preallocate a cache in every layer, on the weights' device.
+
+        Args:
+            batch_size (int): the most sequences the caches hold.
+            dtype (torch.dtype): of the caches; a forward pass requires the weights' dtype.
+            encoder_max_seq_len (int | None): slots of the cross-attention caches (needed if there
+                are cross-attention layers).
+            decoder_max_seq_len (int | None): slots of the self-attention caches. Default `max_seq_len`.
+
+        Raises:
+            TypeError, ValueError: a size is not an int >= 1, or `decoder_max_seq_len > max_seq_len`.
+        """
         check_int("batch_size", batch_size, min_value=1)
         decoder_max_seq_len = self.max_seq_len if decoder_max_seq_len is None else decoder_max_seq_len
         check_int("decoder_max_seq_len", decoder_max_seq_len, min_value=1, max_value=self.max_seq_len)
@@ -572,13 +665,19 @@ class TransformerDecoder(nn.Module):
         self.register_buffer("causal_mask", causal, persistent=False)
 
     def caches_are_setup(self) -> bool:
+        """Whether any layer has a cache."""
         return any(layer.caches_are_setup() for layer in self.layers)
 
     def caches_are_enabled(self) -> bool:
+        """Whether any layer has a cache that is used (not inside `disable_kv_cache`)."""
         return any(layer.caches_are_enabled() for layer in self.layers)
 
     def reset_caches(self) -> None:
-        """Empty every cache, keeping the buffers."""
+        """Empty every cache, keeping the buffers.
+
+        Raises:
+            RuntimeError: there are no caches.
+        """
         if not self.caches_are_setup():
             fail("model", "a decoder without caches", "caches set up by setup_caches() before reset_caches()", RuntimeError)
         for layer in self.layers:
@@ -605,11 +704,13 @@ class TransformerDecoder(nn.Module):
     # ### Chunked output
 
     def set_num_output_chunks(self, num_output_chunks: int) -> None:
-        """Return the logits as a list of `num_output_chunks` pieces along the sequence (0: one tensor)."""
+        """Return the logits as a list of pieces along the sequence (`torch.chunk` into
+        `num_output_chunks`: fewer pieces when the sequence is shorter), or one tensor with 0."""
         self.num_output_chunks = check_int("num_output_chunks", num_output_chunks, min_value=0)
 
     def chunked_output(self, last_hidden_state: torch.Tensor) -> list[torch.Tensor]:
-        """`[batch, seq_len, embed_dim]` -> list of float32 (or float64) logits `[batch, chunk_len, vocab]`."""
+        """`[batch, seq_len, embed_dim]` -> list of float32 (float64 for a float64 model) logits
+        `[batch, chunk_len, vocab]`, `torch.chunk`'s pieces along the sequence."""
         return [_at_least_float32(self.output(chunk)) for chunk in last_hidden_state.chunk(self.num_output_chunks, dim=1)]
 
     # ### Forward
@@ -617,8 +718,29 @@ class TransformerDecoder(nn.Module):
     def forward(self, tokens: torch.Tensor, *, mask: torch.Tensor | None = None,
                 encoder_input: torch.Tensor | None = None, encoder_mask: torch.Tensor | None = None,
                 input_pos: torch.Tensor | None = None):
-        """`tokens` `[batch, seq_len]` -> float32 logits `[batch, seq_len, vocab]` (or chunks, or a list
-        with the requested hidden states first)."""
+        r"""The logits of every position.
+
+        Args:
+            tokens (torch.Tensor): `[batch, seq_len]` token ids, on the weights' device.
+            mask (torch.Tensor | None): boolean, True where a query may attend: `[batch, seq_len,
+                kv_len]` or `[seq_len, kv_len]`, `kv_len` the caches' `decoder_max_seq_len` when
+                cached, else `seq_len`. Default None: causal (over the cache's slots when cached).
+            encoder_input (torch.Tensor | None): `[batch, encoder_len, embed_dim]`, for cross-attention layers.
+            encoder_mask (torch.Tensor | None): `[batch, seq_len, encoder_len]` (the cross-attention
+                caches' length when cached).
+            input_pos (torch.Tensor | None): positions for the rotary embedding, `[seq_len]` or
+                `[batch, seq_len]`. Default: $0, 1, \dots$, or the caches' next slots when cached.
+                When cached and `mask` is None, they must be the caches' next slots.
+
+        Returns:
+            float32 logits `[batch, seq_len, vocab]` (float64 for a float64 model), or the chunks of
+            `chunked_output`, after the requested hidden states (a list) if any.
+
+        Raises:
+            TypeError, ValueError: an argument's type, shape, dtype, device or values are wrong (ids
+                outside the vocabulary, positions past the tables or, when cached, not the next slots).
+            RuntimeError: caches are enabled while autograd records.
+        """
         cached = self.caches_are_enabled()
         if not torch.compiler.is_compiling():
             self._check_inputs(tokens, mask, encoder_input, encoder_mask, input_pos, cached)
@@ -772,7 +894,14 @@ def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
 
 @contextlib.contextmanager
 def disable_kv_cache(model: TransformerDecoder) -> Iterator[TransformerDecoder]:
-    """Run `model` without its caches for a while; the caches and their contents stay as they were."""
+    """Run `model` without its caches inside the block; the caches and their contents stay as they were.
+
+    Args:
+        model (TransformerDecoder): a decoder with caches set up.
+
+    Raises:
+        RuntimeError: `model` has no caches.
+    """
     if not model.caches_are_setup():
         fail("model", "a decoder without caches", "caches set up by setup_caches()", RuntimeError)
     attns = [layer.attn for layer in model.layers]
@@ -825,7 +954,12 @@ def chunked_cross_entropy(logits: list[torch.Tensor] | torch.Tensor, labels: tor
 
 
 class FeedForward(nn.Module):
-    """SwiGLU: `w2(silu(w1(x)) * w3(x))`."""
+    """SwiGLU: `w2(silu(w1(x)) * w3(x))`, bias-free.
+
+    Args:
+        embed_dim (int): input and output width.
+        hidden_dim (int): the width of `w1`, `w3` (the gate and up projections).
+    """
 
     def __init__(self, embed_dim: int, hidden_dim: int):
         super().__init__()
@@ -838,6 +972,7 @@ class FeedForward(nn.Module):
 
 
 def llama_intermediate_dim(embed_dim: int, multiple_of: int = 256) -> int:
+    r"""Llama's feed-forward width, $\frac{2}{3} \cdot 4 \cdot$ `embed_dim` rounded up to a multiple of `multiple_of`."""
     hidden = int(2 * 4 * embed_dim / 3)
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
 
@@ -845,7 +980,23 @@ def llama_intermediate_dim(embed_dim: int, multiple_of: int = 256) -> int:
 def llama_decoder(*, vocab_size: int, num_layers: int, num_heads: int, num_kv_heads: int, embed_dim: int,
                   max_seq_len: int, intermediate_dim: int | None = None, norm_eps: float = 1e-5,
                   rope_base: int = 10_000) -> TransformerDecoder:
-    """A Llama-shaped `TransformerDecoder` (RMSNorm, SwiGLU, rotary GQA self-attention)."""
+    r"""A Llama-shaped `TransformerDecoder` (RMSNorm, SwiGLU, rotary GQA self-attention).
+
+    Args:
+        vocab_size (int): the vocabulary.
+        num_layers (int): $L$.
+        num_heads (int): $n_h$.
+        num_kv_heads (int): $n_{kv}$, a divisor of `num_heads`.
+        embed_dim (int): the width of the stream, a multiple of `num_heads` (`head_dim = embed_dim / num_heads`).
+        max_seq_len (int): the longest sequence, and the rotary tables' length.
+        intermediate_dim (int | None): the feed-forward width. Default `llama_intermediate_dim(embed_dim)`.
+        norm_eps (float): the RMSNorms' epsilon. Default 1e-5.
+        rope_base (int): the rotary embedding's base $\theta$. Default 10 000.
+
+    Returns:
+        The decoder, its rotary embedding in the half-split layout (pairs $(i, i + d/2)$) and an
+        output projection untied from the embedding.
+    """
     for name, value in (("vocab_size", vocab_size), ("num_layers", num_layers), ("num_heads", num_heads),
                         ("num_kv_heads", num_kv_heads), ("embed_dim", embed_dim), ("max_seq_len", max_seq_len)):
         check_int(name, value, min_value=1)
@@ -1325,13 +1476,24 @@ def _uncached_generation(model: TransformerDecoder, prompt: torch.Tensor, real: 
 
 
 def kv_cache_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype_bytes: int) -> int:
-    """$2 \\cdot L \\cdot n_{kv} \\cdot d \\cdot b$: keys and values of one position, every layer."""
+    r"""The cache's bytes per position of context, $2 \cdot L \cdot n_{kv} \cdot d \cdot b$ (keys and values, every layer).
+
+    Args:
+        num_layers (int): $L$.
+        num_kv_heads (int): $n_{kv}$.
+        head_dim (int): $d$.
+        dtype_bytes (int): $b$, bytes per element.
+
+    Returns:
+        Bytes.
+    """
     return 2 * num_layers * num_kv_heads * head_dim * dtype_bytes
 
 
 def llama_params(*, vocab_size: int, num_layers: int, num_heads: int, num_kv_heads: int, embed_dim: int,
                  intermediate_dim: int | None = None) -> int:
-    """Parameters of `llama_decoder` with these sizes, the embedding table excluded."""
+    """Parameters of `llama_decoder` with these sizes, the embedding table excluded (the output
+    projection included: it is not tied). Arguments as `llama_decoder`'s."""
     head_dim = embed_dim // num_heads
     hidden = intermediate_dim if intermediate_dim is not None else llama_intermediate_dim(embed_dim)
     attn = embed_dim * head_dim * (2 * num_heads + 2 * num_kv_heads)
@@ -1341,8 +1503,18 @@ def llama_params(*, vocab_size: int, num_layers: int, num_heads: int, num_kv_hea
 
 def decode_cost(*, vocab_size: int, num_layers: int, num_heads: int, num_kv_heads: int, embed_dim: int,
                 intermediate_dim: int | None = None, context: int, cached: bool, dtype_bytes: int = 2) -> dict:
-    """FLOPs and least bytes read for one generated token at `context` positions (the new one
-    included), for a `llama_decoder` of these sizes."""
+    """FLOPs and least bytes read for one generated token, for a `llama_decoder` of these sizes.
+
+    Args:
+        vocab_size, num_layers, num_heads, num_kv_heads, embed_dim, intermediate_dim: as `llama_decoder`'s.
+        context (int): positions attended to, the new one included.
+        cached (bool): a cached step (one token's pass) or an uncached one (a pass over `context` tokens).
+        dtype_bytes (int): bytes per element of weights and cache. Default 2.
+
+    Returns:
+        A dict: `flops`, `bytes` (weights once, one embedding row, and the cache when cached),
+        `params` ($P$, `llama_params`) and `weight_bytes`.
+    """
     check_int("context", context, min_value=1)
     head_dim = embed_dim // num_heads
     params = llama_params(vocab_size=vocab_size, num_layers=num_layers, num_heads=num_heads,

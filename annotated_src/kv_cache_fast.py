@@ -12,9 +12,10 @@ every input a tensor of a fixed shape, no read of a device value on the host, th
 as a tensor. `generate(..., compile=True)` hands that step to this file, which makes it fast in
 two ways:
 
-* **fewer, fuller kernels.** For the layers `llama_decoder` builds, the step is five hand-written
-  Triton kernels per layer, each of which streams one block of weights with the small operations
-  around it folded in. Any other decoder gets `decode_one_token` compiled by `torch.compile`.
+* **fewer, fuller kernels.** For the layers `llama_decoder` builds, where `supports` says the
+  kernels apply (dtype, head size, batch), the step is five hand-written Triton kernels per layer,
+  each of which streams one block of weights with the small operations around it folded in. Any
+  other decoder gets `decode_one_token` compiled by `torch.compile`.
 * **one launch per token.** On a CUDA GPU the step is recorded once into a CUDA graph and
   replayed for every token (`DecodeGraph`); the prompt's pass, the *prefill*, is recorded too
   once its shape comes back (`PrefillGraph`).
@@ -27,7 +28,7 @@ depends on.
 
 | kernel (launcher) | stands for, in `annotated_src/kv_cache.py` | what it saves |
 | --- | --- | --- |
-| `_qkv_rope_kernel` (`qkv_rope`) | `sa_norm`, `q_proj`, `k_proj`, `v_proj`, the two rotations and `KVCache.update` of `MultiHeadAttention.forward` | one pass over the stacked $[W_Q; W_K; W_V]$ with the norm, the rotation and the cache write folded in, instead of about six kernels and their round trips to memory |
+| `_qkv_rope_kernel` (`qkv_rope`) | `sa_norm`, `q_proj`, `k_proj`, `v_proj`, the two rotations and `KVCache.update` of `MultiHeadAttention.forward` | one pass over the stacked $[W_Q; W_K; W_V]$ with the norm, the rotation and the cache write folded in, instead of a kernel and a round trip to memory for each |
 | `_attention_kernel` (`attention`) | `one_query_attention` under the mask `decode_one_token` builds | the scores, softmax and weighted sum of the group's query heads in one kernel (flash decoding: split over the slots, merged by the last program) |
 | `_gemv_residual_kernel` (`gemv_residual`) | `output_proj` and `x + attn(...)` of `TransformerSelfAttentionLayer.forward`; `w2` and `h + mlp(...)` | the residual added in place, in the product's epilogue |
 | `_gemv_gated_kernel` (`gemv_gated`) | `mlp_norm`, then `w1`, `w3` and `silu(w1 x) * w3 x` of `FeedForward` | the norm, both products and the activation in one kernel |

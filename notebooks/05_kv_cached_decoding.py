@@ -48,8 +48,9 @@ for c in contexts:
 # %% [markdown]
 # The uncached step's work grows linearly with the context (quadratically over a whole generation);
 # the cached step's stays near $2P$ = 2.07 GFLOP, and it does about **one FLOP per byte it reads**.
-# An H100 does several hundred bf16 FLOPs in the time it reads one byte, so a cached step at batch 1
-# is bound by memory bandwidth: its speed limit is
+# A current GPU does over a hundred bf16 FLOPs in the time it reads one byte (the timing section
+# below prints the matrix-product and copy ceilings measured in its run), so a cached step at batch
+# 1 is bound by memory bandwidth: its speed limit is
 #
 # $$\text{tokens/s} \le \frac{\text{bandwidth}}{\text{weight bytes} + \text{cache bytes}}.$$
 
@@ -170,11 +171,13 @@ with torch.no_grad():
 #   are advanced by `generate`, eagerly, between replays, as gpt-fast does.
 #
 # Which step the graph holds depends on the model. Any model gets the step compiled by
-# `torch.compile(fullgraph=True, dynamic=False)`. Llama-shaped layers with a head size of at least 16
-# get five hand-written Triton kernels per layer instead (`_decode_kernels.py`): each streams one
-# block of weights with the norm, rotation, cache write, activation or residual around it folded in,
-# and on Hopper GPUs each may start while the one before finishes. The prompt's prefill is
-# recorded as a graph too, from the second generation with the same prompt shape on.
+# `torch.compile(fullgraph=True, dynamic=False)`. Llama-shaped layers with a power-of-two head size
+# of at least 16 (at batches of at most 8) get five hand-written Triton kernels per layer instead
+# (`annotated_src/kv_cache_fast.py`, the chapter's fast-path page): each streams one block of
+# weights with the norm, rotation, cache write, activation or residual around it folded in, and on
+# Hopper GPUs each may start while the one before finishes. The prompt's prefill is recorded as a
+# graph too, from the second generation with the same prompt shape on.
+# `annotated_src.fastpath.set_enabled("kv_cache", False)` turns all of it off.
 #
 # The model above has a head size of 8, so its graph holds the compiled step. On the GPU, its
 # tokens equal the eager ones, and `decode_graph_counters` shows one recording and one replay per
@@ -260,10 +263,14 @@ fig.tight_layout()
 plt.show()
 
 # %% [markdown]
-# What the numbers say: the uncached step slows down as the context grows, since its work does;
-# the cached steps barely move, because at these lengths the weights, not the cache, are what a
-# token reads. The eager cached step is limited by kernel launches, far below the bound; the
-# fast step ("ours cached compiled": TinyLlama's layers get the Triton kernels, replayed as one CUDA
-# graph per token) is the one that approaches it. The table above gives the fraction measured in
-# this run; the rest of the gap is the start and tail of about a hundred kernels per token, the
-# small products that never reach full bandwidth, and the prefill.
+# What the numbers say. At batch 1 both eager rows are bound by the host, not by the GPU: each
+# launches a few hundred kernels per token, and in the context rows their times jump from one
+# context to the next instead of following it. The uncached step's work does grow with the context
+# (the FLOP table at the top), but at these lengths the GPU finishes it while the CPU is still
+# launching kernels, so the growth stays hidden; over a whole generation the cached eager loop is
+# still the faster of the two (the ratio in the table). The fast step ("ours cached
+# compiled": TinyLlama's layers get the Triton kernels, replayed as one CUDA graph per token) takes
+# the host out of the loop; its time grows slowly with the context, as the cache it reads does. The
+# table gives the fraction of the bandwidth bound measured in this run; the rest of the gap is the
+# start and tail of about a hundred kernels per token, the small products that never reach full
+# bandwidth, and, for the generation row, the prefill.
