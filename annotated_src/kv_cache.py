@@ -108,7 +108,9 @@ right: the newest query sees every filled slot. That default is only right when 
 * `generate`: the uncached reference that recomputes everything, the cached loop, and the static
   one-token step `decode_one_token`, with `decode_step`, the fork to the fast path;
 * helpers that count the FLOPs, bytes and cache memory of a generated token (`decode_cost`,
-  `kv_cache_bytes_per_token`).
+  `kv_cache_bytes_per_token`);
+* converters that load weights from a Hugging Face `LlamaForCausalLM` (`llama_decoder_from_hf`) or
+  a torchtune checkpoint (`convert_torchtune_state_dict`).
 """
 
 from __future__ import annotations
@@ -126,7 +128,7 @@ from annotated_src import fastpath, kv_cache_fast
 from annotated_src._checks import check_int, check_tensor, fail
 # The fast path's graphs and counters, for callers that check that every step was a replay.
 from annotated_src.kv_cache_fast import DecodeGraph, PrefillGraph, _decode_graphs, decode_graph_counters  # noqa: F401
-from annotated_src.rope import RotaryPositionalEmbeddings, apply_rotary, rotary_tables
+from annotated_src.rope import RotaryPositionalEmbeddings, apply_rotary, convert_interleaved_to_half, rotary_tables
 
 # ## The cache
 #
@@ -1528,3 +1530,104 @@ def decode_cost(*, vocab_size: int, num_layers: int, num_heads: int, num_kv_head
         flops = 2 * params * context + attn_flops * context * (context + 1) // 2
         nbytes = weight_bytes
     return {"flops": flops, "bytes": nbytes, "params": params, "weight_bytes": weight_bytes}
+
+
+# ## Loading weights
+#
+# `llama_decoder` builds a model with random weights. Two converters fill it from the checkpoints
+# readers are likely to have:
+#
+# * **Hugging Face** (`transformers.LlamaForCausalLM`): the same modules under other names, and the
+#   same rotary layout, pairs $(i, i + d/2)$, so the weights are copied as they are. The config
+#   gives the sizes, grouped-query heads, the norm's epsilon, RoPE's $\theta$ and whether the
+#   output projection is tied to the embedding (then ours is tied too: one `Parameter`).
+# * **torchtune**: our names, but its RMSNorm keeps its weight as `.scale` and its Llama rotates
+#   pairs $(2i, 2i + 1)$. Renaming the norms and permuting the rows of $W_Q$ and $W_K$ within each
+#   head (`convert_interleaved_to_half` of `annotated_src/rope.py`) gives the same attention scores
+#   in our layout: the permutation is applied to queries and keys alike, so their dot products
+#   are unchanged, and the values and $W_O$ are untouched.
+
+_HF_LAYER_NAMES = {"self_attn.q_proj": "attn.q_proj", "self_attn.k_proj": "attn.k_proj",
+                   "self_attn.v_proj": "attn.v_proj", "self_attn.o_proj": "attn.output_proj",
+                   "mlp.gate_proj": "mlp.w1", "mlp.up_proj": "mlp.w3", "mlp.down_proj": "mlp.w2",
+                   "input_layernorm": "sa_norm", "post_attention_layernorm": "mlp_norm"}
+
+
+def llama_decoder_from_hf(model: nn.Module) -> TransformerDecoder:
+    """A `llama_decoder` with the configuration and weights of a transformers `LlamaForCausalLM`.
+
+    Args:
+        model (nn.Module): a `transformers.LlamaForCausalLM` (its `config` and `state_dict()`):
+            default RoPE (no scaling), SiLU, no biases, `head_dim = hidden_size / num_attention_heads`.
+
+    Returns:
+        The decoder, on the model's device and in its dtype, in eval mode: the same logits.
+
+    Raises:
+        ValueError: the model uses something `llama_decoder` does not build (the message says what).
+    """
+    cfg = model.config
+    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    theta = rope.get("rope_theta", getattr(cfg, "rope_theta", None) or 10_000.0)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    for what, ok in (("rope_type", rope.get("rope_type", "default") == "default"), ("hidden_act", cfg.hidden_act == "silu"),
+                     ("attention_bias", not getattr(cfg, "attention_bias", False)),
+                     ("mlp_bias", not getattr(cfg, "mlp_bias", False)),
+                     ("head_dim", head_dim * cfg.num_attention_heads == cfg.hidden_size)):
+        if not ok:
+            fail("model", f"a config with {what}={getattr(cfg, what, rope.get(what))!r}",
+                 "default RoPE, SiLU, no biases and head_dim = hidden_size / num_attention_heads")
+    weight = model.get_input_embeddings().weight
+    with torch.device(weight.device):
+        ours = llama_decoder(vocab_size=cfg.vocab_size, num_layers=cfg.num_hidden_layers,
+                             num_heads=cfg.num_attention_heads,
+                             num_kv_heads=cfg.num_key_value_heads or cfg.num_attention_heads, embed_dim=cfg.hidden_size,
+                             max_seq_len=cfg.max_position_embeddings, intermediate_dim=cfg.intermediate_size,
+                             norm_eps=cfg.rms_norm_eps, rope_base=theta)
+    tied = bool(getattr(cfg, "tie_word_embeddings", False))
+    if tied:
+        ours.output.weight = ours.tok_embeddings.weight
+    state = {}
+    for name, t in model.state_dict().items():
+        if name.startswith("model.layers."):
+            i, rest = name[len("model.layers."):].split(".", 1)
+            module, leaf = rest.rsplit(".", 1)
+            state[f"layers.{i}.{_HF_LAYER_NAMES[module]}.{leaf}"] = t
+        else:
+            state[{"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
+                   "lm_head.weight": "output.weight"}[name]] = t
+    if tied:
+        state["output.weight"] = state["tok_embeddings.weight"]
+    ours.load_state_dict(state)
+    return ours.to(weight.dtype).eval()
+
+
+def convert_torchtune_state_dict(state_dict: dict[str, torch.Tensor], *, num_heads: int,
+                                 num_kv_heads: int) -> dict[str, torch.Tensor]:
+    """A torchtune Llama state dict in our names and layout, for `llama_decoder(...).load_state_dict`.
+
+    Args:
+        state_dict (dict[str, torch.Tensor]): torchtune's (`layers.{i}.sa_norm.scale`,
+            `layers.{i}.attn.q_proj.weight`, ..., `norm.scale`, `output.weight`).
+        num_heads (int): $n_h$, the query heads.
+        num_kv_heads (int): $n_{kv}$, the key/value heads.
+
+    Returns:
+        A new dict: the norms' `.scale` renamed `.weight`, the rows of $W_Q$ and $W_K$ permuted from
+        the interleaved to the half-split layout, the rest as it was. A checkpoint whose output is
+        tied to the embedding (no `output.weight`) gets the embedding as `output.weight`.
+    """
+    check_int("num_heads", num_heads, min_value=1)
+    check_int("num_kv_heads", num_kv_heads, min_value=1)
+    out = {}
+    for name, t in state_dict.items():
+        if name.endswith("norm.scale"):
+            name = name.removesuffix("scale") + "weight"
+        elif name.endswith("attn.q_proj.weight"):
+            t = convert_interleaved_to_half(t, num_heads)
+        elif name.endswith("attn.k_proj.weight"):
+            t = convert_interleaved_to_half(t, num_kv_heads)
+        out[name] = t
+    if "output.weight" not in out and "tok_embeddings.weight" in out:
+        out["output.weight"] = out["tok_embeddings.weight"]
+    return out

@@ -1067,3 +1067,65 @@ def test_decode_kernels_say_why_they_do_not_apply():
         kv.decode_kernels_for(m.layers[0], 1)
     with pytest.raises(ValueError, match="batch"):
         kv.decode_kernels_for(m, 0)
+
+
+# ## Loading weights (random small models: nothing is downloaded)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@torch.no_grad()
+def test_llama_decoder_from_hf_gives_transformers_logits_and_greedy_tokens(tied):
+    transformers = pytest.importorskip("transformers")
+    from annotated_src.kv_cache import llama_decoder_from_hf
+
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   rms_norm_eps=1e-6, rope_theta=500.0, tie_word_embeddings=tied, pad_token_id=0)
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    for name, p in hf.named_parameters():
+        if "norm" in name:
+            p.copy_(1 + 0.1 * torch.randn(p.shape))  # random norms too, so that every weight matters
+    ours = llama_decoder_from_hf(hf)
+    assert (ours.output.weight is ours.tok_embeddings.weight) == tied
+    assert ours.layers[0].attn.num_kv_heads == 2 and ours.layers[0].attn.pos_embeddings.base == 500.0
+    assert ours.norm.eps == 1e-6
+    tok = _tokens(2, 9)
+    torch.testing.assert_close(ours(tok), hf(tok).logits, atol=1e-5, rtol=1e-5)
+    expected = hf.generate(tok, attention_mask=torch.ones_like(tok), max_new_tokens=6, min_new_tokens=6,
+                           do_sample=False, pad_token_id=0)
+    assert torch.equal(generate(ours, tok, max_new_tokens=6, temperature=0), expected)
+    ours.setup_caches(2, torch.float32, decoder_max_seq_len=16)
+    assert torch.equal(generate(ours, tok, max_new_tokens=6, temperature=0), expected)
+
+
+def test_llama_decoder_from_hf_refuses_what_it_does_not_build():
+    transformers = pytest.importorskip("transformers")
+    from annotated_src.kv_cache import llama_decoder_from_hf
+
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, attention_bias=True)
+    with pytest.raises(ValueError, match="model: got 'a config with attention_bias=True'"):
+        llama_decoder_from_hf(transformers.LlamaForCausalLM(cfg))
+
+
+@torch.no_grad()
+def test_a_torchtune_state_dict_loads_into_our_layout():
+    from annotated_src.kv_cache import convert_torchtune_state_dict
+
+    # A torchtune-layout model: our modules with interleaved rotary pairs, norms saved as `.scale`.
+    tt = _model()
+    tt.layers[0].attn.pos_embeddings.interleaved = True  # (one rotary module shared by the layers)
+    assert tt.layers[1].attn.pos_embeddings.interleaved
+    sd = {k.removesuffix("weight") + "scale" if k.endswith("norm.weight") else k: v for k, v in tt.state_dict().items()}
+    assert "norm.scale" in sd and "layers.0.sa_norm.scale" in sd
+    ours = _model(seed=1)  # other weights, to be overwritten
+    converted = convert_torchtune_state_dict(sd, num_heads=4, num_kv_heads=2)
+    ours.load_state_dict(converted)
+    assert not torch.equal(converted["layers.0.attn.q_proj.weight"], sd["layers.0.attn.q_proj.weight"])
+    tok = _tokens(2, 9)
+    _close(ours(tok), tt(tok))
+    # a tied checkpoint (no output.weight) gets the embedding as its output projection
+    del sd["output.weight"]
+    assert torch.equal(convert_torchtune_state_dict(sd, num_heads=4, num_kv_heads=2)["output.weight"],
+                       sd["tok_embeddings.weight"])
