@@ -590,8 +590,9 @@ class TransformerCrossAttentionLayer(_CachedLayer):
 # a *bottom-right aligned* causal mask: the last query sees every filled slot, whatever the number
 # of queries. It is a row gather `causal_mask[input_pos]` from a preallocated
 # `[cache_len, cache_len]` lower-triangular buffer, a tensor operation with no shape that depends
-# on the step. Slots and positions coincide when every sequence starts at slot 0; for a
-# left-padded batch `generate` passes per-row positions and its own mask.
+# on the step. Slots and positions coincide when every sequence starts at slot 0, and without an
+# explicit mask they must (the checks below refuse other positions); for a left-padded batch
+# `generate` passes per-row positions and its own mask.
 #
 # **Chunked output.** The logits of a long sequence are large (`[batch, seq_len, vocab]` in
 # float32), so training recipes project the final hidden state in `num_output_chunks` pieces along

@@ -616,9 +616,9 @@ class DecodeKernels:
 
     The stacked projection $[W_Q; W_K; W_V]$ that `qkv_rope` streams is a copy the object holds,
     `[(n_h + 2 n_kv) d, D]` per layer: the model's parameters stay as they are, at the price of
-    that much more memory. `refresh()` copies the three weights into it again; the fast step of
-    the lesson calls it at the start of every generation, so that weights updated in place between
-    generations are seen.
+    that much more memory. `refresh()` copies the three weights into it again: `decode_step` calls
+    it at the first step of every generation that replays a graph recorded earlier, so that weights
+    updated in place between generations are seen (a new recording makes a new copy).
 
     Args:
         weights (DecoderWeights): the decoder's tensors (`supports(weights, batch)` is None).
