@@ -4,8 +4,8 @@
 # A language model generates one token at a time, and causal attention means that nothing it
 # computed for earlier positions changes when a token is appended. A **key/value cache** keeps
 # each layer's keys and values so that a step processes only the new token. This notebook counts
-# what that saves, checks that the cached model computes exactly what the uncached one does
-# (left-padded batches and chunked prefill included), and times a TinyLlama-shaped model on a GPU
+# what that saves, checks that the cached model computes what the uncached one does, to float32
+# rounding (left-padded batches and chunked prefill included), and times a TinyLlama-shaped model on a GPU
 # against the memory-bandwidth bound and against Hugging Face's `generate`.
 #
 # Everything comes from `annotated_src.kv_cache`; this notebook defines no model.
@@ -107,8 +107,8 @@ plt.show()
 # A small float32 model, random weights. Each check prints a boolean:
 #
 # * a prefill of 7 tokens then one-token steps give the logits of one uncached forward pass;
-# * a prefill in three chunks gives the logits of a one-shot prefill: the causal mask of a chunk is
-#   aligned to the bottom right, so the chunk's last query sees every cached position;
+# * a prefill in three chunks gives the logits of the uncached pass too: the causal mask of a chunk
+#   is aligned to the bottom right, so the chunk's last query sees every cached position;
 # * in a left-padded batch each row gets its own positions and mask, and equals the row run alone;
 # * `disable_kv_cache` gives uncached results and leaves the cache as it was;
 # * greedy `generate` equals an uncached argmax loop, with and without caches.
@@ -206,9 +206,9 @@ if not SMALL:
     print("the graph holds:", _decode_graphs[model].kernels, "|", _decode_graphs[model].why_not_triton)
 
 # %% [markdown]
-# The same model with a head size of 16 gets the Triton kernels. Three generations with the same
-# prompt: the first runs the prefill eagerly and records the decode step, the second records the
-# prefill, the third replays both. All equal the eager cached generation:
+# A model of the same kind with a head size of 16 (`embed_dim` 64) gets the Triton kernels. Three
+# generations with the same prompt: the first runs the prefill eagerly and records the decode step,
+# the second records the prefill, the third replays both. All equal the eager cached generation:
 
 # %% tags=["gpu-only", "nbval-ignore-output"]
 if not SMALL:
