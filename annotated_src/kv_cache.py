@@ -78,11 +78,14 @@ It follows [torchtune](https://github.com/pytorch/torchtune)'s names and structu
 * **state dict**: the names of the attention and feed-forward weights are torchtune's, but the norms
   are `nn.RMSNorm` (`.weight`, where torchtune's `RMSNorm` has `.scale`), and the rotary embedding
   pairs features $(i, i + d/2)$ (Hugging Face's layout) where torchtune's Llama pairs $(2i, 2i + 1)$:
-  a torchtune checkpoint needs its norms renamed and its $W_Q$, $W_K$ rows permuted
-  (`annotated_src.rope.convert_interleaved_to_half`);
+  a torchtune checkpoint needs its norms renamed and its $W_Q$, $W_K$ rows permuted, which
+  `convert_torchtune_state_dict` (below) does;
 * **`generate`** takes `max_new_tokens` (torchtune: `max_generated_tokens`) and `generator`
-  (torchtune: `rng`), adds `compile`, and returns the tokens only (torchtune: tokens and logits);
-  the prompt is left-padded with `pad_id`, and a finished row is filled with `pad_id`;
+  (torchtune: `rng`, which it draws from differently, so one seed gives other tokens), adds
+  `compile`, wants a 2-D prompt, and returns the tokens only, always `prompt_len + max_new_tokens`
+  long (torchtune: tokens and logits, shorter when every row stopped early). Both read left padding
+  from `pad_id`; a finished row is filled with `pad_id` here, with token 0 in torchtune (which
+  multiplies it by zero);
 * **checks**: a cached forward refuses positions that disagree with the cache's slots when no mask
   is given (below), and refuses to run while autograd records (caches are for inference).
 
