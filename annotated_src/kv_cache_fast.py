@@ -48,8 +48,8 @@ to float32 rounding in float32). The kernel tests in `tests/test_kv_cache.py` co
 with the readable code, on the CPU under Triton's interpreter.
 
 **The matrix-vector product.** Program $p$ owns `BLOCK_N` consecutive output rows. It loads
-`[BLOCK_N, BLOCK_K]` tiles of weights (a whole row of 2048 columns in one tile for most of
-TinyLlama's matrices) and the matching piece of the input (from the L2 cache: every program reads
+`[BLOCK_N, BLOCK_K]` tiles of weights (1024 or 2048 columns, `gemv_blocks`: a whole row of
+TinyLlama's $W_O$, half a row or less of its wider matrices) and the matching piece of the input (from the L2 cache: every program reads
 the same input), and accumulates elementwise products in a float32 tile, summed over the columns
 at the end. The weights are read exactly once and contiguously; with whole kilobytes of each row
 per tile, each thread has several 16-byte loads in flight, which is what keeps the memory busy. A
@@ -738,12 +738,13 @@ def _inductor_config():
 #   same slot.
 # * **Valid while nothing moves.** A graph stores raw addresses. One graph per model is kept, with
 #   the addresses of every parameter and buffer and the shapes of the inputs it was recorded with
-#   (`graph_key`); they are compared before each generation, and the graph is recorded anew when
-#   anything moved (new caches, a converted model). `forget` drops a model's graphs (the lesson's
-#   `delete_caches` calls it).
+#   (`graph_key`); they are compared at the first step of each generation, and the graph is
+#   recorded anew when anything moved (new caches, a converted model). `forget` drops a model's
+#   graphs (the lesson's `delete_caches` calls it).
 #
 # What it costs: compiling once per model shape (for the compiled step), a recording (two warm-up
-# steps) per model and cache, and one step's intermediate tensors held in the graph's memory pool.
+# steps) per model and cache, one step's intermediate tensors held in the graph's memory pool, and
+# for the kernels their copy of the stacked query, key and value weights.
 # `decode_graph_counters` counts the recordings (also by kind: `recordings_triton`,
 # `recordings_compiled`) and the replays, and the prefill's (`prefill_recordings`,
 # `prefill_replays`, below), so that a caller can check that every step was a replay.
