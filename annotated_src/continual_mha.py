@@ -80,16 +80,17 @@ We fix both with three rules, each a test:
    $\tilde D_i$ is of order $\epsilon \tilde P_i / \tilde D_i$ per update. When the denominator
    falls below $\tau \tilde P_i$ (`REFRESH_RATIO` $= \tau = 1/2$) the row is recomputed from the
    cached $q_i$, $K$ and $V$ ($O(n d)$ for that row). A row's relative error thus stays of
-   order $2\epsilon$ times the number of updates since its last exact computation. (With
-   $\tau = 1/16$ the layer stayed finite but, at logits in the hundreds, its error was 24 times
-   that of regular float32 attention; with $\tau = 1/2$ it is below it.)
+   order $2\epsilon$ times the number of updates since its last exact computation. At logits in
+   the hundreds, with $\tau = 1/2$ the layer's error stays within 1.5 times that of regular
+   float32 attention over the window; with $\tau = 1/16$ it was several times larger (both are
+   tests).
 3. **No row lives long.** Query $i$ enters the window computed exactly and leaves it $n$ steps
    later, so its state sees at most $n - 1$ updates. Nothing carries over from one row to the
-   next, and error cannot grow with the length of the stream: the state after $10^4$ or
-   $10^6$ steps is as accurate as after $n$.
+   next, so error cannot grow with the length of the stream (a test compares the last window of
+   a stream of $10^4$ steps with regular attention).
 
 When a softmax is close to one-hot in every row (huge logits), rule 2 recomputes many rows and
-the step costs about as much as regular attention; it never returns a wrong answer.
+the step costs up to about as much as regular attention, and stays as accurate.
 
 ## The state: ring buffers
 
@@ -103,13 +104,35 @@ Internally the buffers are `[batch, n_heads, window, head_dim]` because that is 
 `scaled_dot_product_attention` and batched matrix products read without a copy; everything
 that enters or leaves the module is batch first.
 
+## Compared with continual-inference
+
+[continual-inference](https://github.com/LukasHedegaard/continual-inference), the paper's authors'
+library, has layers of the same names and constructor arguments; ours load the same state dicts
+and return the same outputs for every configuration both support, `forward_steps` stacked the
+same way (a test runs both). The differences, each a test:
+
+* it keeps a single-output step's output of `batch_first=False` as `[1, batch, d_model]`; ours
+  return `[batch, d_model]`;
+* it rejects `add_zero_attn`, and fails on `add_bias_kv` and on keys and values of different
+  widths (`kdim != vdim`); ours support all three;
+* its retroactive update is not shifted: at logits in the hundreds its outputs overflow to `inf`
+  or `nan`, where ours stay finite and as accurate as regular float32 attention;
+* its layers are modules of its own framework; ours are plain `nn.Module`s that implement its
+  interface (`receptive_field`, `delay`, `call_mode`, `get_state`/`set_state`, `forward_steps` on
+  its layout), so they work inside its containers such as `co.Sequential` like its own layers (a
+  test runs both in `co.Sequential(..., co.Linear(...))` over a stream), but its global
+  `co.call_mode(...)` context does not reach them: only a container's `call_mode` does;
+* its retroactive layer's `batch_first` defaults to `False` (its single-output layer's to `True`);
+  both of ours default to `True`.
+
 ## Fast path
 
 The readable steps below are a handful of PyTorch operations each. On a GPU, in float32, with the
-window full and the default options (`update_state=True`, self-attention, the newest query), each
-step forks to a fast path that computes the same numbers with fewer, fused Triton kernels: three
-kernels replayed as a CUDA graph for single-output, cuBLAS's projection and six kernels without host
-synchronisation for retroactive. They live on their own page,
+window full, a head dimension of 16, 32, 64 or 128 and the default options (`update_state=True`,
+self-attention, the newest query), each step forks to a fast path that computes the same numbers
+with fewer, fused Triton kernels: three kernels replayed as a CUDA graph for single-output,
+cuBLAS's projection and six kernels without host synchronisation for retroactive. They live on
+their own page,
 [`annotated_src/continual_mha_fast.py`](annotated_src/continual_mha_fast.py), which says which
 lines of this file each kernel stands for. `annotated_src.fastpath` switches them off
 (`fastpath.set_enabled("continual_mha", False)`); the tests check both paths against each other
@@ -143,7 +166,19 @@ _REFRESH_PAIRS_PER_CHUNK = 16
 # `q` is `[batch, n_q, n_heads, head_dim]`, `k` and `v` `[batch, n_k, n_heads, head_dim]`. This is
 # the textbook formula in whatever dtype it is given; the tests call it in float64.
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Softmax attention of every query over every key: `[batch, n_q, n_heads, head_dim]`."""
+    """Softmax attention of every query over every key.
+
+    Args:
+        q (torch.Tensor): `[batch, n_q, n_heads, head_dim]`.
+        k (torch.Tensor): `[batch, n_k, n_heads, head_dim]`.
+        v (torch.Tensor): `[batch, n_k, n_heads, head_dim]`.
+
+    Returns:
+        torch.Tensor: `[batch, n_q, n_heads, head_dim]`.
+
+    Raises:
+        ValueError, TypeError: a tensor is not 4-dimensional or not floating point.
+    """
     check_tensor("q", q, ndim=4, layout="[batch, n_q, n_heads, head_dim]", floating=True)
     check_tensor("k", k, ndim=4, layout="[batch, n_k, n_heads, head_dim]", floating=True)
     check_tensor("v", v, ndim=4, layout="[batch, n_k, n_heads, head_dim]", floating=True)
@@ -160,7 +195,19 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
 # or an additive `[n_keys]` mask ($-\infty$ on slots of the ring that hold no token yet).
 def exact_row_state(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                     mask: torch.Tensor | None = None, dtype: torch.dtype = torch.float32):
-    """`(numerator, denominator, max)` of softmax attention for the rows `q`, computed in `dtype`."""
+    r"""The shifted statistics of softmax attention for the rows `q`, computed in `dtype`.
+
+    Args:
+        q (torch.Tensor): `[..., rows, head_dim]`.
+        k (torch.Tensor): `[..., n_keys, head_dim]`.
+        v (torch.Tensor): `[..., n_keys, head_dim]`.
+        scale (float): the score scale, `head_dim ** -0.5`.
+        mask (torch.Tensor | None): additive `[n_keys]`, or `None`. Default: `None`.
+        dtype (torch.dtype): the dtype of the computation and the results. Default: float32.
+
+    Returns:
+        `(num, den, max)`: $\tilde N$ `[..., rows, head_dim]`, $\tilde D$ and $m$ `[..., rows]`.
+    """
     # `[..., rows, n_keys]`
     s = torch.matmul(q.to(dtype), k.to(dtype).transpose(-1, -2)) * scale
     if mask is not None:
@@ -178,7 +225,24 @@ def exact_row_state(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
 # window is still filling and no key leaves); `v_in`, `v_out` are `[..., head_dim]`. Returns the
 # mask of rows that rules 1 and 2 say to recompute (their values are then meaningless).
 def retroactive_update(num, den, mx, peak, s_in, v_in, s_out=None, v_out=None, tau: float = REFRESH_RATIO):
-    """One stabilised retroactive step, in place on `(num, den, peak)`; returns the rows to recompute."""
+    r"""One stabilised retroactive step, in place on `(num, den, peak)`.
+
+    Args:
+        num (torch.Tensor): $\tilde N$, `[..., rows, head_dim]`, updated in place.
+        den (torch.Tensor): $\tilde D$, `[..., rows]`, updated in place.
+        mx (torch.Tensor): the shifts $m_i$, `[..., rows]` (read only).
+        peak (torch.Tensor): $\tilde P$, `[..., rows]`, updated in place.
+        s_in (torch.Tensor): each row's score with the arriving key, `[..., rows]`.
+        v_in (torch.Tensor): the arriving value, `[..., head_dim]`.
+        s_out (torch.Tensor | None): the scores with the leaving key, or `None` while the window
+            fills. Default: `None`.
+        v_out (torch.Tensor | None): the leaving value. Default: `None`.
+        tau (float): rule 2's ratio $\tau$. Default: `REFRESH_RATIO`.
+
+    Returns:
+        torch.Tensor: bool `[..., rows]`, the rows that rules 1 and 2 say to recompute (their
+        values are then meaningless).
+    """
     # $e^{s_\text{in} - m_i}$, and $e^{s_\text{out} - m_i} \le e^{\text{MAX\_GROWTH}}$ since the leaving
     # key was checked when it arrived.
     grow = s_in - mx
@@ -254,7 +318,19 @@ class _ContinualMultiheadAttention(nn.MultiheadAttention):
 
     @classmethod
     def build_from(cls, module: nn.MultiheadAttention, sequence_len: int, **kwargs):
-        """The continual layer with `module`'s configuration and weights."""
+        """The continual layer with `module`'s configuration and a copy of its weights.
+
+        Args:
+            module (nn.MultiheadAttention): the regular layer.
+            sequence_len (int): the window length $n$.
+            **kwargs: the continual layer's own options (`query_index`, `embed_dim_second`, ...).
+
+        Returns:
+            The continual layer, on `module`'s device and in its dtype.
+
+        Raises:
+            TypeError: `module` is not an `nn.MultiheadAttention`.
+        """
         if not isinstance(module, nn.MultiheadAttention):
             fail("module", type(module).__name__, "an nn.MultiheadAttention", TypeError)
         p = module.out_proj.weight
@@ -335,22 +411,33 @@ class _ContinualMultiheadAttention(nn.MultiheadAttention):
             wq, wk, wv = self.in_proj_weight.split(e)
         else:
             wq, wk, wv = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
-        check_tensor("key", key, ndim=2, layout=f"[batch, {self.kdim}]", floating=True)
-        check_tensor("value", value, ndim=2, layout=f"[batch, {self.vdim}]", floating=True)
-        if key.shape != (b, self.kdim):
-            fail("key", f"shape {tuple(key.shape)}", f"[batch={b}, kdim={self.kdim}]")
-        if value.shape != (b, self.vdim):
-            fail("value", f"shape {tuple(value.shape)}", f"[batch={b}, vdim={self.vdim}]")
         k, v = F.linear(key, wk, bk).view(b, h, d), F.linear(value, wv, bv).view(b, h, d)
         return F.linear(query, wq, bq).view(b, h, d), k, v, torch.stack((k, v))
 
-    def _check_step(self, query):
-        check_tensor("query", query, ndim=2, layout=f"[batch, embed_dim={self.embed_dim}]", floating=True)
-        if query.shape[1] != self.embed_dim:
-            fail("query", f"shape {tuple(query.shape)}", f"[batch, embed_dim={self.embed_dim}]")
+    # ### Checks: a wrong input fails here, with its name, rather than deep inside a product
+    def _check_like_weights(self, name: str, x: torch.Tensor) -> None:
+        w = self.out_proj.weight
+        if x.dtype != w.dtype:
+            fail(name, f"dtype {x.dtype}", f"the dtype of the module's weights, {w.dtype} (convert the input or "
+                 f"the module with .to())", TypeError)
+        if x.device != w.device:
+            fail(name, f"device {x.device}", f"the device of the module's weights, {w.device}")
+
+    def _check_step(self, query, key, value, update_state, query_name: str = "query") -> None:
+        if not isinstance(update_state, bool):
+            fail("update_state", update_state, "a bool", TypeError)
+        tokens = [(query_name, query, "embed_dim", self.embed_dim)]
+        if key is not None or value is not None:  # as in `_project`: key defaults to query, value to key
+            key = query if key is None else key
+            tokens += [("key", key, "kdim", self.kdim), ("value", key if value is None else value, "vdim", self.vdim)]
+        for name, x, dim_name, dim in tokens:
+            check_tensor(name, x, ndim=2, layout=f"[batch, {dim_name}={dim}]", floating=True)
+            if x.shape[1] != dim or x.shape[0] != query.shape[0]:
+                fail(name, f"shape {tuple(x.shape)}", f"[batch={query.shape[0]}, {dim_name}={dim}]")
+            self._check_like_weights(name, x)
         if self._kv is not None and (query.shape[0] != self._kv.shape[1] or query.dtype != self._kv.dtype
                                      or query.device != self._kv.device):
-            fail("query", f"batch {query.shape[0]}, {query.dtype} on {query.device}",
+            fail(query_name, f"batch {query.shape[0]}, {query.dtype} on {query.device}",
                  f"the batch, dtype and device of the stream so far ({self._kv.shape[1]}, {self._kv.dtype}, "
                  f"{self._kv.device}); call clean_state() to start a new stream")
 
@@ -367,9 +454,32 @@ class _ContinualMultiheadAttention(nn.MultiheadAttention):
     # ### Whole windows and many steps
     def forward(self, query, key=None, value=None, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
-        """Regular attention over a whole window (`key`, `value` default to `query`)."""
+        """Regular attention over a whole window, as `nn.MultiheadAttention.forward`.
+
+        Args:
+            query (torch.Tensor): the window in the stream's layout, `[batch, seq_len, embed_dim]`
+                (`[seq_len, batch, embed_dim]` with `batch_first=False`, `[batch, embed_dim, seq_len]`
+                with `embed_dim_second`).
+            key (torch.Tensor | None): the keys' inputs, in the same layout. Default: `query`.
+            value (torch.Tensor | None): the values' inputs, in the same layout. Default: `key`.
+            key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal: as in
+                `nn.MultiheadAttention.forward`.
+
+        Returns:
+            `(output, attention weights)`, or the output alone with `forward_returns_attn_mask=False`.
+            The single-output layer returns the `query_index` row only (`seq_len` 1), unless built
+            with `single_output_forward=False`.
+
+        Raises:
+            ValueError: a tensor is not 3-dimensional, lies on another device than the weights, or
+                (single-output) the window's length is not `sequence_len`.
+            TypeError: a tensor's dtype is not the weights'.
+        """
         key = query if key is None else key
         value = key if value is None else value
+        for name, x in (("query", query), ("key", key), ("value", value)):
+            check_tensor(name, x, ndim=3, layout="a window of 3 dimensions", floating=True)
+            self._check_like_weights(name, x)
         if self.embed_dim_second:
             query, key, value = (x.transpose(1, 2) for x in (query, key, value))
         query = self._select_forward_query(query)
@@ -385,33 +495,60 @@ class _ContinualMultiheadAttention(nn.MultiheadAttention):
         return query
 
     @torch.no_grad()
-    def forward_steps(self, query, key=None, value=None, update_state: bool = True):
-        """`forward_step` for each token of `[batch, seq_len, d_model]`; the outputs stacked in time.
+    def forward_steps(self, query, key=None, value=None, update_state: bool = True, pad_end: bool = False):
+        """`forward_step` for each token of a stream; the outputs stacked in time.
 
-        Steps that return `None` (the window still filling) are left out; `None` if all are."""
+        Args:
+            query (torch.Tensor): the stream, `[batch, steps, embed_dim]` (`[steps, batch,
+                embed_dim]` with `batch_first=False`, `[batch, embed_dim, steps]` with
+                `embed_dim_second`).
+            key (torch.Tensor | None): the keys' inputs over the same steps (`kdim` features), or
+                `None` for self-attention. Default: `None`.
+            value (torch.Tensor | None): the values' inputs (`vdim` features). Default: `None`.
+            update_state (bool): keep the state the steps leave; `False` puts it back as it was.
+                Default: `True`.
+            pad_end (bool): continual-inference's argument; the layers have no padding, so it
+                changes nothing. Default: `False`.
+
+        Returns:
+            The outputs of the steps that returned one, stacked along the stream's time dimension
+            (retroactive: `[batch, steps', sequence_len, embed_dim]`, `[steps', sequence_len,
+            batch, embed_dim]` with `batch_first=False`, `[batch, embed_dim, steps', sequence_len]`
+            with `embed_dim_second`, as continual-inference stacks them), or `None` if the window
+            is still filling after all of them.
+
+        Raises:
+            ValueError, TypeError: as `forward_step`, and when `key` or `value` does not cover the
+                same steps as `query`.
+        """
         time_dim = 2 if self.embed_dim_second else (1 if self.batch_first else 0)
         check_tensor("query", query, ndim=3, layout="a stream of 3 dimensions", floating=True)
+        if not isinstance(update_state, bool):
+            fail("update_state", update_state, "a bool", TypeError)
+        for name, x in (("key", key), ("value", value)):
+            if x is not None and (check_tensor(name, x, ndim=3, layout="a stream of 3 dimensions", floating=True)
+                                  .shape[time_dim] != query.shape[time_dim]):
+                fail(name, f"shape {tuple(x.shape)}", f"{query.shape[time_dim]} steps in dimension {time_dim}, "
+                     f"as query has ({tuple(query.shape)})")
         # With `update_state=False` the steps run on a copy of the state, and everything is put back after.
-        saved = {name: value for name, value in vars(self).items() if name in self._STATE}
+        saved = {attr: x for attr, x in vars(self).items() if attr in self._STATE}
         if not update_state:
             self._kv = None if self._kv is None else self._kv.clone()
             self._q = None if self._q is None else self._q.clone()
             self._row = None if self._row is None else {k: v.clone() for k, v in self._row.items()}
             self._fast = None
         outs = []
-        for i in range(query.shape[time_dim]):
-            def pick(x):
-                return None if x is None else x.select(time_dim, i)
-            o = self.forward_step(pick(query), pick(key), pick(value))
-            if o is not None:
-                outs.append(o)
-        if not update_state:
-            vars(self).update(saved)
-        if not outs:
-            return None
-        if self._retroactive:
-            return torch.stack(outs, dim=0 if not self.batch_first else 1)
-        return torch.stack(outs, dim=time_dim)
+        try:
+            for i in range(query.shape[time_dim]):
+                def pick(x):
+                    return None if x is None else x.select(time_dim, i)
+                o = self.forward_step(pick(query), pick(key), pick(value))
+                if o is not None:
+                    outs.append(o)
+        finally:
+            if not update_state:
+                vars(self).update(saved)
+        return None if not outs else torch.stack(outs, dim=time_dim)
 
     def _step_input(self, x):
         # A step's token is `[batch, d_model]`; accept `[batch, d_model, 1]` from the conv-like layout.
@@ -419,6 +556,61 @@ class _ContinualMultiheadAttention(nn.MultiheadAttention):
             return x[..., 0]
         return x
 
+    # ### Inside continual-inference's containers
+    #
+    # continual-inference's containers (`co.Sequential`, `co.Residual`, ...) take any module that has
+    # its interface, checked by name: `forward_step`, `forward_steps`, `get_state`, `set_state`,
+    # `clean_state`, the temporal `receptive_field` and `delay` (how many steps the output lags
+    # the newest input), `stride`, `padding`, and a `call_mode` that a container sets to say which
+    # of `forward`, `forward_steps` and `forward_step` calling the module means. Its layers are laid
+    # out `[batch, d_model, steps]` there: build ours with `embed_dim_second=True` and
+    # `forward_returns_attn_mask=False`, as theirs.
+    call_mode = "forward"
+    stride = (1,)
+    padding = (0,)
+    _CALL_MODES = ("forward", "forward_steps", "forward_step")  # continual-inference's numbering
+    _state_shape = 7
+    _dynamic_state_inds = (False, True, True, True, True, True, True)
+
+    @property
+    def receptive_field(self) -> int:
+        return self.sequence_len
+
+    @property
+    def delay(self) -> int:
+        # The newest row lags nothing; row `query_index` (and a retroactive window, whose oldest row is
+        # complete only now) lags the newest token by its distance from it.
+        return self.sequence_len - 1 - (0 if self._retroactive else self.query_index)
+
+    def __call__(self, *args, **kwargs):
+        mode = self.call_mode
+        mode = mode if isinstance(mode, str) else self._CALL_MODES[int(mode)]
+        if mode == "forward_step":
+            return self.forward_step(*args, **kwargs)
+        if mode == "forward_steps":
+            return self.forward_steps(*args, **kwargs)
+        return super().__call__(*args, **kwargs)
+
+    def get_state(self) -> tuple | None:
+        """The stream's state, `None` before the first step: `(step, kv, q, num, den, max, peak)`,
+        empty tensors for the parts this layer does not keep (continual-inference's interface)."""
+        if self._kv is None:
+            return None
+        empty = self._kv.new_empty(0)
+        row = (empty,) * 4 if self._row is None else tuple(self._row[k] for k in ("num", "den", "max", "peak"))
+        return (torch.tensor(self._t), self._kv, empty if self._q is None else self._q, *row)
+
+    def set_state(self, state: tuple) -> None:
+        """Restore a state that `get_state` returned (the tensors are used, not copied)."""
+        if not isinstance(state, tuple) or len(state) != self._state_shape:
+            fail("state", type(state).__name__, f"a tuple of {self._state_shape} tensors from get_state()",
+                 TypeError)
+        t, kv, q, *row = state
+        self._t, self._kv, self._q = int(t), kv, (q if q.numel() else None)
+        self._row = dict(zip(("num", "den", "max", "peak"), row)) if self._retroactive else None
+        if self._retroactive:  # the fast path's count of recomputed rows, read off the device before it goes
+            self._refreshed_rows = self.refreshed_rows
+        self._fast = None
 
 class SingleOutputMultiheadAttention(_ContinualMultiheadAttention):
     r"""
@@ -428,6 +620,24 @@ class SingleOutputMultiheadAttention(_ContinualMultiheadAttention):
     `sequence_len` tokens have arrived, then the `query_index` row of regular attention over the
     window of the last `sequence_len` tokens, `[batch, d_model]`. `forward` over a whole window
     returns that row as `[batch, 1, d_model]` (all rows with `single_output_forward=False`).
+
+    Args:
+        embed_dim (int): the features of a token, `d_model`.
+        num_heads (int): the number of heads; divides `embed_dim`.
+        dropout, bias, add_bias_kv, add_zero_attn, kdim, vdim, device, dtype: as in
+            `nn.MultiheadAttention` (dropout applies in `forward` only, never in steps).
+        batch_first (bool): stream tensors are batch first. Default: `True`.
+        sequence_len (int): the window length, the paper's $n$ (required: it sizes the state).
+        query_index (int): the window position whose row a step returns: `-1` (default) the
+            newest token, `0` the oldest.
+        forward_returns_attn_mask (bool): `forward` returns `(output, attention weights)` as
+            `nn.MultiheadAttention` does; `False`: the output alone. Default: `True`.
+        embed_dim_second (bool): stream tensors are `[batch, embed_dim, seq_len]` (the layout of
+            1-d convolutions); needs `batch_first=True`. Default: `False`.
+        single_output_forward (bool): `forward` returns the `query_index` row only. Default: `True`.
+
+    Raises:
+        TypeError, ValueError: an argument of the wrong type or out of range (the message names it).
     """
 
     def __init__(self, embed_dim, num_heads, dropout=0.0, bias=True, add_bias_kv=False, add_zero_attn=False,
@@ -441,14 +651,39 @@ class SingleOutputMultiheadAttention(_ContinualMultiheadAttention):
     def _select_forward_query(self, query):
         if not self.single_output_forward:
             return query
+        length = query.shape[1 if self.batch_first else 0]
+        if length != self.sequence_len:
+            fail("query", f"a window of {length} tokens (shape {tuple(query.shape)})",
+                 f"sequence_len={self.sequence_len} tokens: the single output is window position "
+                 f"query_index={self.query_index}")
         i = self.query_index
         return query[:, i:i + 1] if self.batch_first else query[i:i + 1]
 
     @torch.no_grad()
     def forward_step(self, query, key=None, value=None, update_state: bool = True):
-        """Add one token to the window; the `query_index` row `[batch, d_model]`, or `None` while filling."""
+        """Add one token to the window.
+
+        Args:
+            query (torch.Tensor): the newest token, `[batch, embed_dim]` (`[batch, embed_dim, 1]` is
+                accepted with `embed_dim_second`).
+            key (torch.Tensor | None): the token's input to the keys, `[batch, kdim]`, or `None`
+                for self-attention. Default: `None`.
+            value (torch.Tensor | None): its input to the values, `[batch, vdim]`. Default: `key`.
+            update_state (bool): keep the token in the window; `False` computes the step and leaves
+                the state as it was. Default: `True`.
+
+        Returns:
+            `[batch, embed_dim]`, the `query_index` row of regular attention over the last
+            `sequence_len` tokens, or `None` while fewer have arrived.
+
+        Raises:
+            ValueError: a token's shape or device does not fit, or its batch differs from the
+                stream's so far (`clean_state()` starts a new stream).
+            TypeError: a token's dtype is not the weights' (or the stream's), or `update_state` is
+                not a bool.
+        """
         query, key, value = self._step_input(query), self._step_input(key), self._step_input(value)
-        self._check_step(query)
+        self._check_step(query, key, value, update_state)
         b, n, t = query.shape[0], self.sequence_len, self._t
         if self.query_index == n - 1 and self._fast_case(query, key, value, update_state):
             return fastpath.run("continual_mha", self._fast_step, query)
@@ -472,11 +707,10 @@ class SingleOutputMultiheadAttention(_ContinualMultiheadAttention):
                 q_row = self._q[:, :, (t + 1 + self.query_index) % n]
             # One query over the `sequence_len + n_extra_keys` cached keys, as two batched
             # matrix-vector products around a softmax. For a single query this reads the keys and
-            # values once at close to the memory bandwidth; `scaled_dot_product_attention`'s kernels
-            # are built for many queries and took 2.3 times as long here (0.164 against 0.070 ms for
-            # batch 32, 8 heads, 1024 keys in float32, on an H200). In bfloat16 and float16 the
-            # products would round the scores before the softmax; there the fused kernel, which
-            # keeps them in float32, stays.
+            # values once; `scaled_dot_product_attention`'s kernels are built for many queries and
+            # were slower here in float32 on a GPU. In bfloat16 and float16 the products would
+            # round the scores before the softmax; there the fused kernel, which keeps them in
+            # float32, stays.
             if self._kv.dtype in (torch.float32, torch.float64):
                 # `[batch, n_heads, n_keys]`
                 scores = torch.matmul(self._kv[0], q_row.unsqueeze(-1)).squeeze(-1) * self.head_dim ** -0.5
@@ -512,7 +746,23 @@ class RetroactiveMultiheadAttention(_ContinualMultiheadAttention):
     `forward_step(query)` returns `None` until the window is full, then all `sequence_len` rows of
     regular attention over the window, oldest first: `[batch, sequence_len, d_model]`
     (`[sequence_len, batch, d_model]` with `batch_first=False`, `[batch, d_model, sequence_len]`
-    with `embed_dim_second`).
+    with `embed_dim_second`). `refreshed_rows` counts the rows that rule 2 recomputed since
+    `clean_state`.
+
+    Args:
+        embed_dim (int): the features of a token, `d_model`.
+        num_heads (int): the number of heads; divides `embed_dim`.
+        dropout, bias, add_bias_kv, add_zero_attn, kdim, vdim, device, dtype: as in
+            `nn.MultiheadAttention` (dropout applies in `forward` only, never in steps).
+        batch_first (bool): stream tensors are batch first. Default: `True`.
+        sequence_len (int): the window length, the paper's $n$ (required: it sizes the state).
+        forward_returns_attn_mask (bool): `forward` returns `(output, attention weights)` as
+            `nn.MultiheadAttention` does; `False`: the output alone. Default: `True`.
+        embed_dim_second (bool): stream tensors are `[batch, embed_dim, seq_len]` (the layout of
+            1-d convolutions); needs `batch_first=True`. Default: `False`.
+
+    Raises:
+        TypeError, ValueError: an argument of the wrong type or out of range (the message names it).
     """
 
     _retroactive = True
@@ -524,6 +774,7 @@ class RetroactiveMultiheadAttention(_ContinualMultiheadAttention):
                          device, dtype, sequence_len, -1, forward_returns_attn_mask, embed_dim_second)
 
     def clean_state(self) -> None:
+        """Forget the stream: the next step starts an empty window, and `refreshed_rows` is 0."""
         super().clean_state()
         self.refreshed_rows = 0
 
@@ -542,9 +793,30 @@ class RetroactiveMultiheadAttention(_ContinualMultiheadAttention):
 
     @torch.no_grad()
     def forward_step(self, query, key=None, value=None, update_state: bool = True):
-        """Add one token to the window; all rows `[batch, sequence_len, d_model]`, or `None` while filling."""
+        """Add one token to the window.
+
+        Args:
+            query (torch.Tensor): the newest token, `[batch, embed_dim]` (`[batch, embed_dim, 1]` is
+                accepted with `embed_dim_second`).
+            key (torch.Tensor | None): the token's input to the keys, `[batch, kdim]`, or `None`
+                for self-attention. Default: `None`.
+            value (torch.Tensor | None): its input to the values, `[batch, vdim]`. Default: `key`.
+            update_state (bool): keep the token in the window; `False` computes the step and leaves
+                the state as it was. Default: `True`.
+
+        Returns:
+            All rows of regular attention over the last `sequence_len` tokens, oldest first,
+            `[batch, sequence_len, embed_dim]` (in the stream's layout), or `None` while fewer have
+            arrived.
+
+        Raises:
+            ValueError: a token's shape or device does not fit, or its batch differs from the
+                stream's so far (`clean_state()` starts a new stream).
+            TypeError: a token's dtype is not the weights' (or the stream's), or `update_state` is
+                not a bool.
+        """
         query, key, value = self._step_input(query), self._step_input(key), self._step_input(value)
-        self._check_step(query)
+        self._check_step(query, key, value, update_state)
         if self._fast_case(query, key, value, update_state):
             return fastpath.run("continual_mha", self._fast_step, query)
         b, n, t, h, d = query.shape[0], self.sequence_len, self._t, self.num_heads, self.head_dim
@@ -578,7 +850,7 @@ class RetroactiveMultiheadAttention(_ContinualMultiheadAttention):
                 s_in, s_out = torch.matmul(qr, k.to(sd).unsqueeze(-1)).squeeze(-1) * scale, None
             # Views of the state: the update writes straight into it.
             num, den, mx, peak = (st[name][:, :, rows] for name in ("num", "den", "max", "peak"))
-            stale = retroactive_update(num, den, mx, peak, s_in, v.to(sd), s_out, v_out)
+            stale = retroactive_update(num, den, mx, peak, s_in, v.to(sd), s_out, v_out, REFRESH_RATIO)
             if not full_before:
                 stale = F.pad(stale, (0, n - t))
             stale[:, :, slot] = False  # recomputed exactly just below
@@ -649,9 +921,21 @@ class RetroactiveMultiheadAttention(_ContinualMultiheadAttention):
 # $t \bmod$ `num_embeds`: the table is reused cyclically, and a token keeps the same encoding for
 # the whole time it spends in the window, so the cached keys and values stay valid. (An encoding
 # by position *within the window* would change every cached token each step and leave nothing
-# to reuse.)
+# to reuse.) This is the learned table of continual-inference's `RecyclingPositionalEncoding`; that
+# one also offers a fixed (cyclic sinusoidal) table and may shift the first position of each
+# `forward` call.
 class RecyclingPositionalEncoding(nn.Module):
-    """Adds the learned embedding of position `t mod num_embeds` to the token of stream step `t`."""
+    """Adds the learned embedding of position `t mod num_embeds` to the token of stream step `t`.
+
+    Args:
+        embed_dim (int): the features of a token, `d_model`.
+        num_embeds (int): the number of learned positions, reused cyclically.
+        device (torch.device | None): where the table lives. Default: `None`.
+        dtype (torch.dtype | None): the table's dtype. Default: `None` (PyTorch's default).
+
+    Raises:
+        TypeError, ValueError: `embed_dim` or `num_embeds` is not an int >= 1.
+    """
 
     def __init__(self, embed_dim: int, num_embeds: int, device=None, dtype=None):
         super().__init__()
@@ -661,18 +945,52 @@ class RecyclingPositionalEncoding(nn.Module):
         self.clean_state()
 
     def clean_state(self) -> None:
+        """Forget the stream: the next step is stream step 0."""
         self._t = 0
 
+    def _check(self, x: torch.Tensor, ndim: int, layout: str) -> None:
+        check_tensor("x", x, ndim=ndim, layout=layout, floating=True)
+        w = self.pe.weight
+        if x.shape[-1] != w.shape[1]:
+            fail("x", f"shape {tuple(x.shape)}", f"{w.shape[1]} features in the last dimension (embed_dim)")
+        if x.dtype != w.dtype:
+            fail("x", f"dtype {x.dtype}", f"the dtype of the module's table, {w.dtype}", TypeError)
+        if x.device != w.device:
+            fail("x", f"device {x.device}", f"the device of the module's table, {w.device}")
+
     def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
-        """`x` `[batch, seq_len, d_model]` whose first token is stream step `start`."""
-        check_tensor("x", x, ndim=3, layout="[batch, seq_len, d_model]", floating=True)
+        """A window of tokens with their encodings added.
+
+        Args:
+            x (torch.Tensor): `[batch, seq_len, embed_dim]`, its first token stream step `start`.
+            start (int): the stream step of the first token. Default: 0.
+
+        Returns:
+            torch.Tensor: `[batch, seq_len, embed_dim]`.
+
+        Raises:
+            ValueError, TypeError: `x`'s shape, dtype or device does not fit the table, or `start` < 0.
+        """
+        self._check(x, 3, "[batch, seq_len, embed_dim]")
+        check_int("start", start, min_value=0)
         pos = (start + torch.arange(x.shape[1], device=x.device)) % self.pe.num_embeddings
         return x + self.pe(pos)
 
     @torch.no_grad()
     def forward_step(self, x: torch.Tensor, update_state: bool = True) -> torch.Tensor:
-        """`x` `[batch, d_model]`, the next token of the stream."""
-        check_tensor("x", x, ndim=2, layout="[batch, d_model]", floating=True)
+        """The next token of the stream with its encoding added.
+
+        Args:
+            x (torch.Tensor): `[batch, embed_dim]`.
+            update_state (bool): count the step. Default: `True`.
+
+        Returns:
+            torch.Tensor: `[batch, embed_dim]`.
+
+        Raises:
+            ValueError, TypeError: `x`'s shape, dtype or device does not fit the table.
+        """
+        self._check(x, 2, "[batch, embed_dim]")
         out = x + self.pe.weight[self._t % self.pe.num_embeddings]
         if update_state:
             self._t += 1
@@ -698,7 +1016,17 @@ def _feed_forward(layer: nn.TransformerEncoderLayer, x: torch.Tensor, attn: torc
 class ContinualTransformerEncoderLayer(nn.Module):
     """A continual encoder layer: single-output (one row per step) or retroactive (all rows).
 
-    Built from an `nn.TransformerEncoderLayer` (batch first) whose weights it shares.
+    Built from an `nn.TransformerEncoderLayer` (batch first) whose parameters it shares: training
+    or loading weights into `layer` changes this layer too.
+
+    Args:
+        layer (nn.TransformerEncoderLayer): the regular layer, `batch_first=True`.
+        sequence_len (int): the window length $n$.
+        retroactive (bool): all rows of the window each step (`True`) or the newest only.
+
+    Raises:
+        TypeError: `layer` is not an `nn.TransformerEncoderLayer`.
+        ValueError: `layer` is not batch first, or `sequence_len` is not an int >= 1.
     """
 
     def __init__(self, layer: nn.TransformerEncoderLayer, sequence_len: int, retroactive: bool):
@@ -710,18 +1038,35 @@ class ContinualTransformerEncoderLayer(nn.Module):
         self.layer = layer
         cls = RetroactiveMultiheadAttention if retroactive else SingleOutputMultiheadAttention
         self.attn = cls.build_from(layer.self_attn, sequence_len, forward_returns_attn_mask=False)
+        # Share, rather than copy, the attention's parameters with `layer`.
+        for name in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_bias", "bias_k",
+                     "bias_v"):
+            setattr(self.attn, name, getattr(layer.self_attn, name))
+        self.attn.out_proj = layer.self_attn.out_proj
         self.retroactive = retroactive
         self.sequence_len = sequence_len
         self.clean_state()
 
     def clean_state(self) -> None:
+        """Forget the stream: the next step starts an empty window."""
         self.attn.clean_state()
         self._x = None  # retroactive: the residual ring `[batch, n, d_model]`
 
     @torch.no_grad()
     def forward_step(self, x: torch.Tensor) -> torch.Tensor | None:
-        """`x` `[batch, d_model]`: the newest row `[batch, d_model]` (single-output) or the window's rows
-        `[batch, n, d_model]` (retroactive), or `None` while the window fills."""
+        """Add one token to the window.
+
+        Args:
+            x (torch.Tensor): `[batch, d_model]`, the next token.
+
+        Returns:
+            The newest row `[batch, d_model]` (single-output) or the window's rows oldest first
+            `[batch, n, d_model]` (retroactive), or `None` while the window fills.
+
+        Raises:
+            ValueError, TypeError: as the attention's `forward_step`.
+        """
+        self.attn._check_step(x, None, None, True, query_name="x")
         a_in = self.layer.norm1(x) if self.layer.norm_first else x
         t, n = self.attn._t, self.sequence_len
         if not self.retroactive:
@@ -754,6 +1099,16 @@ class ContinualTransformerEncoder(nn.Module):
     of the window, `[batch, d_model]`, equal to `encoder(window)[:, -1]` of the regular
     `nn.TransformerEncoder`, or `None` while the window fills. With `pos_encoding`, the recycling
     encoding is added first (the regular model then sees `pos_encoding(window, start)`).
+
+    Args:
+        encoder (nn.TransformerEncoder): the regular encoder, one or two batch-first layers; the
+            continual one shares its parameters.
+        sequence_len (int): the window length $n$.
+        pos_encoding (RecyclingPositionalEncoding | None): added to each token first. Default: `None`.
+
+    Raises:
+        TypeError: `encoder` is not an `nn.TransformerEncoder`.
+        ValueError: it has neither 1 nor 2 layers, or `sequence_len` is not an int >= 1.
     """
 
     def __init__(self, encoder: nn.TransformerEncoder, sequence_len: int,
@@ -771,12 +1126,26 @@ class ContinualTransformerEncoder(nn.Module):
         self.clean_state()
 
     def clean_state(self) -> None:
+        """Forget the stream: the next step starts an empty window at stream step 0."""
         self.first.clean_state()
         if self.pos_encoding is not None:
             self.pos_encoding.clean_state()
 
     @torch.no_grad()
     def forward_step(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Add one token to the window.
+
+        Args:
+            x (torch.Tensor): `[batch, d_model]`, the next token.
+
+        Returns:
+            `[batch, d_model]`, the encoder's output for the newest token of the window, or `None`
+            while the window fills.
+
+        Raises:
+            ValueError, TypeError: as the attention's `forward_step` (shape, dtype, device, batch).
+        """
+        self.first.attn._check_step(x, None, None, True, query_name="x")
         if self.pos_encoding is not None:
             x = self.pos_encoding.forward_step(x)
         y = self.first.forward_step(x)
@@ -799,10 +1168,22 @@ class ContinualTransformerEncoder(nn.Module):
 #   numerator and denominator, and the $n$ normalised rows: $7nd + 2n - 3d$;
 # * single-output: one query against $n$ keys and values: $2nd + 2d$.
 #
-# (The continual-inference library reports the same counts.) Regular over retroactive tends to
-# $2n/7$, regular over single-output to $n$.
+# (continual-inference implements the same counts as functions; a test checks ours against them.)
+# Regular over retroactive tends to $2n/7$, regular over single-output to $n$.
 def attention_flops(n: int, d: int, kind: str) -> int:
-    """Multiplications per step and head of `"regular"`, `"retroactive"` or `"single_output"` attention."""
+    """Multiplications per step and head, as the paper counts them.
+
+    Args:
+        n (int): the window length.
+        d (int): the head dimension.
+        kind (str): `"regular"`, `"retroactive"` or `"single_output"`.
+
+    Returns:
+        int: the count.
+
+    Raises:
+        TypeError, ValueError: `n` or `d` is not an int >= 1, or `kind` is none of the three.
+    """
     check_int("n", n, min_value=1)
     check_int("d", d, min_value=1)
     if kind == "regular":

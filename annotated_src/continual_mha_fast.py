@@ -17,31 +17,38 @@ the CPU under Triton's interpreter.
 
 ## The kernels
 
-| kernel (launcher) | stands for, in `continual_mha.py` | what it saves |
-| --- | --- | --- |
-| `_stage_step_kernel` (`stage_step`) | nothing: it brings a step's token, its number and the address of its output into the CUDA graph below | the graph's inputs in one launch |
-| `_small_linear_slices_kernel` (`small_linear_slices`) | single-output: `_project`'s `F.linear(query, in_proj_weight, ...)` | a projection of 32 rows that fills the GPU (split along the inner dimension); the slices are added by the next kernel |
-| `_single_output_attention_kernel` (`single_output_attention`) | single-output: the ring write `ring.copy_(kv)` and the two products around the softmax of `forward_step` | keys and values read once by the whole GPU (flash decoding), the projection's slices added on the way, no round trip through memory for $q, k, v$ |
-| `_small_linear_kernel` (`small_linear`) | single-output: the output projection `F.linear(o, out_proj.weight, out_proj.bias)` | as the in-projection; writes straight into the tensor the step returns |
-| `_qkv_into_ring_kernel` (`qkv_into_ring`) | retroactive: `ring[0].to(sd, copy=True)`, `ring.copy_(kv)`, `self._q[:, :, slot] = q` | three copies in one launch |
-| `_retro_update_kernel` (`retro_update`) | retroactive: the two scores of every row and `retroactive_update` | scores, weights, numerators, denominators, peaks and rule 2's flags in one pass over the state |
-| `_new_row_partial_kernel`, `_new_row_combine_kernel` (`new_row`) | retroactive: `exact_row_state` of the new query | the new row by flash decoding |
-| `_retro_refresh_kernel` (`retro_refresh`) | retroactive: `_refresh` (rule 2's recomputation) | the host never waits to learn whether a row went stale: the flags are read on the device |
-| `_retro_output_kernel` (`retro_output`) | retroactive: the division $\tilde N_i / \tilde D_i$, the reordering oldest first and `F.linear(heads, out_proj.weight, out_proj.bias)` | the division's and the reordering's passes over the state |
+| kernel (launcher) | stands for, in `continual_mha.py` | what it saves | measured by |
+| --- | --- | --- | --- |
+| `_stage_step_kernel` (`stage_step`) | nothing: it brings a step's token, its number and the address of its output into the CUDA graph below | the graph's inputs in one launch | S |
+| `_small_linear_slices_kernel` (`small_linear_slices`) | single-output: `_project`'s `F.linear(query, in_proj_weight, ...)` | a projection of 32 rows that fills the GPU (split along the inner dimension); the slices are added by the next kernel | S |
+| `_single_output_attention_kernel` (`single_output_attention`) | single-output: the ring write `ring.copy_(kv)` and the two products around the softmax of `forward_step` | keys and values read once by the whole GPU (flash decoding), the projection's slices added on the way, no round trip through memory for $q, k, v$ | S |
+| `_small_linear_kernel` (`small_linear`) | single-output: the output projection `F.linear(o, out_proj.weight, out_proj.bias)` | as the in-projection; writes straight into the tensor the step returns | S |
+| `_qkv_into_ring_kernel` (`qkv_into_ring`) | retroactive: `ring[0].to(sd, copy=True)`, `ring.copy_(kv)`, `self._q[:, :, slot] = q` | three copies in one launch | R |
+| `_retro_update_kernel` (`retro_update`) | retroactive: the two scores of every row and `retroactive_update` | scores, weights, numerators, denominators, peaks and rule 2's flags in one pass over the state | R |
+| `_new_row_partial_kernel`, `_new_row_combine_kernel` (`new_row`) | retroactive: `exact_row_state` of the new query | the new row by flash decoding | R |
+| `_retro_refresh_kernel` (`retro_refresh`) | retroactive: `_refresh` (rule 2's recomputation) | the host never waits to learn whether a row went stale: the flags are read on the device | R |
+| `_retro_output_kernel` (`retro_output`) | retroactive: the division $\tilde N_i / \tilde D_i$, the reordering oldest first and `F.linear(heads, out_proj.weight, out_proj.bias)` | the division's and the reordering's passes over the state | R |
 
-How it was measured: the benchmark suite `annotated_src/bench/continual.py` (`python -m
-annotated_src.bench continual`, and the timing cells of `notebooks/04_continual_attention`) times
-each step on its fast path and on its readable path (the fast path switched off), and against
-regular attention recomputed over the window; `annotated_src/bench/results.json` holds the rows.
+S: the rows "ours single-output step" and "ours single-output step, readable path" of the
+benchmark suite `annotated_src/bench/continual.py`, and its ratio to "recompute"; R: the rows
+"ours retroactive step" and "ours retroactive step, readable path", and their ratio to
+continual-inference's retroactive step. The suite times whole steps: a fast row against its
+readable row measures what the kernels of that step save together; no kernel is timed alone.
+
+How it was measured: the benchmark suite (`python -m annotated_src.bench continual`, and the timing
+cells of `notebooks/04_continual_attention`) times each step on its fast path and on its readable
+path (the fast path switched off), and against regular attention recomputed over the window;
+`annotated_src/bench/results.json` holds the rows.
 The choices inside the kernels (block sizes, the eviction hint, the split projections) were made
-by timing them in that suite's step; their effect is stated below without numbers.
+by timing the step at the suite's size when the kernels were written; their effect is stated
+below without numbers.
 
 The retroactive step's in-projection stays cuBLAS's (`F.linear`).
 
 ## The single-output step: three kernels in a CUDA graph
 
-At the benchmark's size the GPU work of a step is tens of microseconds, less than Python needs to
-launch its kernels one by one. So the three kernels are recorded once as a **CUDA graph**
+At the benchmark's size the GPU work of a step takes less time than Python needs to launch its
+kernels one by one. So the three kernels are recorded once as a **CUDA graph**
 (`fastpath.record_cuda_graph`) and replayed each step, after one small kernel, `stage_step`, that
 writes the graph's inputs: the token into the graph's input buffer, the stream step into a
 one-element device tensor (the kernels compute the ring slot from it) and the address of a new
@@ -77,8 +84,8 @@ and a sum $\sum_k a_k b_k$ by at most that times $\sum_k |a_k b_k|$ plus the rou
 themselves, which any float32 matrix product has. The tensor cores' own accumulator drops more
 bits than float32 does, so each block of products starts a fresh accumulator and the blocks are
 added in float32. Plain TF32, both operands rounded, is off by up to $2^{-10} |a b|$, a bound
-about 1400 times larger. (Tests: the bound on the CPU with `linear_3xtf32`, and on a GPU the
-output kernel's error against that of a float32 product.)
+about 1360 times larger. (Tests: the bound with `linear_3xtf32`, and the kernels' errors against
+the float64 product and against that of a float32 product, on a GPU and under the interpreter.)
 """
 
 from __future__ import annotations
@@ -256,7 +263,7 @@ if triton is not None:
     # `i`, output columns block `j` and inner slice `s` (`SPLIT` slices of `k_per_split` columns).
     # The products are 3xTF32, each block of `BK` products in a fresh accumulator and the blocks
     # added in float32. (IEEE float32 products, `tl.dot(..., input_precision="ieee")`, run on the
-    # general cores and took about twice as long in the benchmark's step.)
+    # general cores and took more than twice as long for the in-projection at the benchmark's size.)
     #
     # The first tile of weights does not depend on the kernel ahead: it is loaded before the wait.
     @triton.jit

@@ -1,7 +1,7 @@
 r"""
 ---
 title: LongNet dilated attention
-summary: Dilated attention computed exactly, as dense attention with a log-count bias, by one fused attention call per pattern (cuDNN or flash) combined through log-sum-exps, on one GPU or sequence-parallel over many.
+summary: Dilated attention computed exactly, as dense attention with a log-count bias, by one softmax per pattern on its sparse segments, mixed through log-sum-exps; on one device, and sequence-parallel with each rank exchanging keys and values only with the ranks of its segment.
 ---
 
 # LongNet dilated attention
@@ -11,20 +11,20 @@ summary: Dilated attention computed exactly, as dense attention with a log-count
 A pattern $i$ is a segment length $w_i$ and a dilation rate $r_i$: the sequence is cut into
 segments of $w_i$ tokens, and inside each segment only every $r_i$-th token takes part. Short
 segments with no dilation see the neighbourhood densely; long segments with large dilation see far
-but sparsely. With $w_i/r_i$ constant, every pattern costs the same, and the total cost is linear
-in $N$.
+but sparsely. Each segment keeps $w_i / r_i$ tokens; the paper's geometric patterns keep that
+number fixed and double $w$ and $r$ from one pattern to the next, so that each pattern costs
+half the one before (see *Cost*) and the total cost is linear in $N$.
 
 ## What it computes, exactly
 
 Let `q`, `k`, `v` be `[batch, seq_len, n_heads, head_dim]`. For pattern $i$ and head $j$ the
-*offset* is $o_{ij} = j \bmod r_i$ (different heads look at different residues, so together
-they cover every token). Position $p$ belongs to pattern $i$ in head $j$ when
-$(p \bmod w_i) \bmod r_i = o_{ij}$, and two positions interact only when they lie in the same
-segment, $\lfloor p / w_i \rfloor = \lfloor p' / w_i \rfloor$; with causal masking a query never
-sees a later key. Inside its sparsified segment, each pattern is ordinary softmax attention,
-giving an output $O_i$ and a softmax denominator $s_i = \sum_k e^{S_{qk}}$ with
-$S = QK^\top \cdot \text{scale}$. The patterns are mixed by their denominators (the paper's
-equation 10):
+*offset* is $o_{ij} = j \bmod r_i$: different heads look at different residues. Position $p$
+belongs to pattern $i$ in head $j$ when $(p \bmod w_i) \bmod r_i = o_{ij}$, and two positions
+interact only when they lie in the same segment, $\lfloor p / w_i \rfloor = \lfloor p' / w_i
+\rfloor$; with causal masking a query never sees a later key. Inside its sparsified segment, each
+pattern is ordinary softmax attention, giving an output $O_i$ and a softmax denominator
+$s_i = \sum_k e^{S_{qk}}$ with $S = QK^\top \cdot \text{scale}$. The patterns are mixed by their
+denominators (the paper's equation 10):
 
 $$O = \frac{\sum_i s_i O_i}{\sum_i s_i}.$$
 
@@ -37,12 +37,25 @@ $$O = \operatorname{softmax}\!\left(QK^\top \cdot \text{scale} + \log C\right) V
 \qquad \log 0 = -\infty .$$
 
 Three consequences. A pair held by two overlapping patterns (for example both $(w, 1)$ and
-$(2w, 2)$ hold even positions of one head) gets its weight doubled, $+\log 2$ in the logit: the
-mixture is not an average of the patterns' outputs but one softmax over the union with multiplicity.
-A query held by no pattern gets zeros (we define it so; with $r_1 = 1$ every position is held).
-And the gradient of $O$ is the gradient of that dense formula, *including* the part that flows
-through the mixing weights $s_i / \sum s_i$; one well-known implementation detaches those weights,
-which gives the right values but not the right gradients.
+$(2w, 2)$ hold even positions of head 0) gets its weight doubled, $+\log 2$ in the logit: the
+mixture is not an average of the patterns' outputs but one softmax over the union with
+multiplicity. A query held by no pattern gets zeros (we define it so; with $r_1 = 1$ every
+position is held). And the gradient of $O$ is the gradient of that dense formula, *including*
+the part that flows through the mixing weights $s_i / \sum s_i$; the LongNet authors' code
+(torchscale's `DilatedAttention`) computes those weights under `torch.no_grad()`, which gives the
+right values but not the right gradients.
+
+**Which tokens a pattern reaches.** Pattern $i$ has $r_i$ residues and the heads take them in
+turn, $j \bmod r_i$. With at least $r_i$ heads every residue has a head, so the heads together
+see every token of every segment. With fewer heads than $r_i$, residues $n_h, \dots, r_i - 1$
+have none: those tokens take part in pattern $i$ in no head, as queries or as keys (they are
+still reached by the patterns whose rate is at most $n_h$, such as $r_1 = 1$). For the
+paper's geometric rates, 16 heads cover every token of the patterns up to $r = 16$, and from
+$r = 32$ on each pattern reaches 16 of every $r$ tokens. torchscale's code assigns residues to
+heads in blocks, head $j$ taking residue $\lfloor j / \lceil n_h / r \rceil \rfloor$ after
+padding the heads to a multiple of $r$, so it leaves residues without a head as soon as
+$r > n_h$ too, and also for some head counts that $r$ does not divide (5 heads and $r = 4$ give
+residues 0, 0, 1, 1, 2: residue 3 has no head). `count_matrix` shows which pairs each head holds.
 
 In log-space the mixing is a log-sum-exp: with $\ell_i = \log s_i$ (what fused attention kernels
 such as flash attention already return as `logsumexp`),
@@ -51,33 +64,42 @@ $$L = \log \sum_i e^{\ell_i}, \qquad O = \sum_i e^{\ell_i - L}\, O_i .$$
 
 ## Cost
 
-Pattern $i$ does $N / w_i$ segments of $(w_i/r_i)^2$ query-key pairs per head, each pair
+Per head, pattern $i$ does $N / w_i$ segments of $(w_i/r_i)^2$ query-key pairs, each pair
 $2 \cdot 2d$ FLOPs ($QK^\top$ and $PV$), so the forward costs
-$4 N d \sum_i w_i / r_i^2$ FLOPs per head: linear in $N$ for fixed patterns.
+
+$$4 N d \sum_i \frac{w_i}{r_i^2} = 4 N d \sum_i \frac{w_i}{r_i} \cdot \frac{1}{r_i}$$
+
+FLOPs per head: linear in $N$ for fixed patterns. With $w_i / r_i$ fixed the patterns do *not*
+cost the same: a pattern costs $1/r_i$ of a dense pattern of its sparse length, so with the
+paper's doubling rates each costs half the one before, and all of them together less than twice
+the first ($w_1 = 2048$, $r_1 = 1$). `dilated_flops` computes it.
 
 ## This file
 
-1. `dilated_attention_reference`: the dense formula above, built as an explicit matrix $C$
-   (for tests, in float64);
-2. `dilated_attention_loop`: the readable per-pattern loop of the paper, equation 10 literally;
-3. `dilated_attention`: the fast path: one attention call per pattern on gathered segments,
-   combined through log-sum-exps in a custom autograd function whose backward is exact;
-4. `distributed_dilated_attention`: the same function, sequence-parallel over
-   `torch.distributed` ranks;
+1. `count_matrix` and `dilated_attention_reference`: the dense formula above, built as an explicit
+   matrix $C$ (for tests, in float64);
+2. `dilated_attention_loop`: the paper's equation 10 literally, a loop over patterns, heads and
+   segments;
+3. `dilated_attention`: the same, one batched softmax per pattern on its sparse segments, mixed
+   through log-sum-exps; where the kernels run it forks to the fast path, whose page is
+   [`annotated_src/dilated_attention_fast.py`](dilated_attention_fast.py) (fused attention calls,
+   Triton gathers and merges, and a backward that keeps no score matrix);
+4. `distributed_dilated_attention`: the same function, sequence-parallel over `torch.distributed`
+   ranks, each exchanging sparse keys and values only with the ranks of its segments;
 5. the modules `DilatedAttention` and `MultiheadDilatedAttention`.
 """
 
 from __future__ import annotations
 
-import functools
 import math
-import warnings
 from collections.abc import Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from annotated_src import dilated_attention_fast, fastpath
 from annotated_src._checks import check_int, check_same, check_tensor, fail
 
 __all__ = [
@@ -87,6 +109,7 @@ __all__ = [
     "dilated_attention_loop",
     "dilated_attention",
     "distributed_dilated_attention",
+    "segment_peers",
     "dilated_flops",
     "DilatedAttention",
     "MultiheadDilatedAttention",
@@ -98,12 +121,23 @@ __all__ = [
 # ## Which patterns are legal
 #
 # Segment lengths and dilation rates are positive integers, as many of one as of the other, and a
-# rate is at most its segment length (a rate larger than the segment would leave some heads with
-# nothing). A rate need not divide its segment: the last sparse slot of a segment then exists only
-# for the smaller offsets, and the fast path masks it. The sequence length is free: the last
+# rate is at most its segment length. A rate need not divide its segment: the last sparse slot of
+# a segment then exists only for the smaller offsets. The sequence length is free: the last
 # segment may be cut short.
 def check_patterns(segment_lengths, dilation_rates) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Validate `segment_lengths` ($w_i$) and `dilation_rates` ($r_i$); return them as tuples."""
+    r"""Validate the patterns: segment lengths $w_i$ and dilation rates $r_i$.
+
+    Args:
+        segment_lengths (int | Sequence[int]): $w_i$, each >= 1.
+        dilation_rates (int | Sequence[int]): $r_i$, as many as `segment_lengths`, each in $[1, w_i]$.
+
+    Returns:
+        tuple: `(segment_lengths, dilation_rates)` as two tuples of ints.
+
+    Raises:
+        TypeError: either is neither an int nor a sequence of ints.
+        ValueError: no pattern, different counts, a length or rate < 1, or a rate above its length.
+    """
     ws = (segment_lengths,) if isinstance(segment_lengths, int) and not isinstance(segment_lengths, bool) else segment_lengths
     rs = (dilation_rates,) if isinstance(dilation_rates, int) and not isinstance(dilation_rates, bool) else dilation_rates
     if not isinstance(ws, Sequence) or isinstance(ws, str):
@@ -135,6 +169,19 @@ def _check_qkv(q, k, v):
         fail("q", f"shape {tuple(q.shape)}", "seq_len >= 1")
 
 
+def _check_causal(is_causal):
+    if not isinstance(is_causal, bool):
+        fail("is_causal", is_causal, "a bool", TypeError)
+
+
+def _scale(softmax_scale, head_dim: int) -> float:
+    if softmax_scale is None:
+        return head_dim ** -0.5
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)) or not softmax_scale > 0:
+        fail("softmax_scale", softmax_scale, "None or a number > 0")
+    return float(softmax_scale)
+
+
 # ## The count matrix $C$
 #
 # `count_matrix` builds $C$ `[n_heads, seq_len, seq_len]` straight from the definition, one
@@ -142,7 +189,22 @@ def _check_qkv(q, k, v):
 # attention $k \le q$. The notebook draws it; the reference below uses it.
 def count_matrix(seq_len: int, n_heads: int, segment_lengths, dilation_rates, *, is_causal: bool = False,
                  device=None) -> torch.Tensor:
-    """$C$ `[n_heads, seq_len, seq_len]`: how many patterns hold both the query and the key."""
+    r"""$C$: how many patterns hold both the query and the key, per head.
+
+    Args:
+        seq_len (int): $N$, >= 1.
+        n_heads (int): number of heads, >= 1.
+        segment_lengths (int | Sequence[int]): $w_i$ (see `check_patterns`).
+        dilation_rates (int | Sequence[int]): $r_i$.
+        is_causal (bool): zero the pairs whose key is after the query. Default False.
+        device (torch.device | str | None): where to build it. Default None (the CPU).
+
+    Returns:
+        torch.Tensor: `[n_heads, seq_len, seq_len]` int64, $C_{jqk}$.
+
+    Raises:
+        TypeError, ValueError: bad sizes or patterns (see `check_patterns`).
+    """
     check_int("seq_len", seq_len, min_value=1)
     check_int("n_heads", n_heads, min_value=1)
     ws, rs = check_patterns(segment_lengths, dilation_rates)
@@ -162,11 +224,27 @@ def count_matrix(seq_len: int, n_heads: int, segment_lengths, dilation_rates, *,
 # ## Reference: dense attention with $\log C$
 #
 # The definition in one line of math, $\operatorname{softmax}(S + \log C)V$, computed in float64.
-# Rows where $C$ is all zero (a query held by no pattern) give zeros. It needs
-# $O(N^2)$ memory: tests only.
+# Rows where $C$ is all zero (a query held by no pattern) give zeros. It needs $O(N^2)$ memory:
+# tests only.
 def dilated_attention_reference(q, k, v, segment_lengths, dilation_rates, *, is_causal: bool = False,
                                 softmax_scale: float | None = None) -> torch.Tensor:
-    r"""Dense softmax with logits $QK^\top\cdot$scale $+ \log C$, in float64; returns `q`'s dtype."""
+    r"""Dilated attention as dense softmax with logits $QK^\top\cdot$scale $+ \log C$, in float64.
+
+    Args:
+        q (torch.Tensor): `[b, s, n_h, h_d]` queries, floating point.
+        k (torch.Tensor): `[b, s, n_h, h_d]` keys, as `q` (shape, dtype, device).
+        v (torch.Tensor): `[b, s, n_h, h_d]` values, as `q`.
+        segment_lengths (int | Sequence[int]): $w_i$.
+        dilation_rates (int | Sequence[int]): $r_i$.
+        is_causal (bool): mask later keys. Default False.
+        softmax_scale (float | None): the scale of the logits. Default None ($1/\sqrt{h_d}$).
+
+    Returns:
+        torch.Tensor: `[b, s, n_h, h_d]` in `q`'s dtype; zeros where no pattern holds the query.
+
+    Raises:
+        TypeError, ValueError: bad tensors or patterns; the message names the argument.
+    """
     _check_qkv(q, k, v)
     batch, seq_len, n_heads, head_dim = q.shape
     scale = _scale(softmax_scale, head_dim)
@@ -179,32 +257,41 @@ def dilated_attention_reference(q, k, v, segment_lengths, dilation_rates, *, is_
     return torch.einsum("bhqk,bkhd->bqhd", p, v.double()).to(q.dtype)
 
 
-def _scale(softmax_scale, head_dim: int) -> float:
-    if softmax_scale is None:
-        return head_dim ** -0.5
-    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)) or not softmax_scale > 0:
-        fail("softmax_scale", softmax_scale, "None or a number > 0")
-    return float(softmax_scale)
+# ## The mix: the log-sum-exp of the patterns
+#
+# Every path below ends here: each pattern brings its output $O_i$ and log-denominator $\ell_i$ at
+# full length (a position the pattern does not hold has $O_i = 0$, $\ell_i = -\infty$), and
+# $L = \operatorname{logsumexp}_i \ell_i$, $O = \sum_i e^{\ell_i - L} O_i$.
+def _mix(outs, lses) -> torch.Tensor:
+    """`outs` `[batch, seq_len, n_heads, head_dim]` and `lses` `[batch, seq_len, n_heads]`, one of each per pattern."""
+    total = torch.logsumexp(torch.stack(lses), dim=0)  # $L$
+    # A query no pattern holds has $L = -\infty$: with $L$ read as 0 there its weights
+    # $e^{-\infty}$ are zeros, not NaN, and so is its output.
+    total = total.masked_fill(total == -math.inf, 0.0)
+    return sum(torch.exp(l_i - total)[..., None] * o_i for o_i, l_i in zip(outs, lses))
 
 
 # ## The readable loop: the paper's equation 10
 #
 # For each pattern and each head: pick the positions that head holds in each segment, run plain
 # softmax attention on them, and keep the output $O_i$ and the log-denominator $\ell_i$, both
-# scattered back to full length (a position the pattern does not hold gets $O_i = 0$,
-# $\ell_i = -\infty$). Then mix: $L = \operatorname{logsumexp}_i \ell_i$,
-# $O = \sum_i e^{\ell_i - L} O_i$. Everything is ordinary autograd, so the gradient is exact.
+# written back at full length. Then mix. Everything is ordinary autograd.
 def dilated_attention_loop(q, k, v, segment_lengths, dilation_rates, *, is_causal: bool = False,
                            softmax_scale: float | None = None) -> torch.Tensor:
-    """Dilated attention as an explicit loop over patterns, heads and segments (slow, readable)."""
+    r"""Dilated attention as an explicit loop over patterns, heads and segments (slow, readable).
+
+    Arguments, result and errors as `dilated_attention_reference`; computed in float32 (float64 for
+    float64 inputs) and returned in `q`'s dtype.
+    """
     _check_qkv(q, k, v)
     ws, rs = check_patterns(segment_lengths, dilation_rates)
     batch, seq_len, n_heads, head_dim = q.shape
     scale = _scale(softmax_scale, head_dim)
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
     outs, lses = [], []
     for w, r in zip(ws, rs):
-        o_i = q.new_zeros(batch, seq_len, n_heads, head_dim, dtype=torch.float32 if q.dtype != torch.float64 else q.dtype)
-        l_i = torch.full((batch, seq_len, n_heads), -math.inf, dtype=o_i.dtype, device=q.device)
+        o_i = torch.zeros(batch, seq_len, n_heads, head_dim, dtype=work, device=q.device)
+        l_i = torch.full((batch, seq_len, n_heads), -math.inf, dtype=work, device=q.device)
         for j in range(n_heads):
             for start in range(0, seq_len, w):
                 # Positions of segment `start // w` held by head $j$: $p \equiv j \bmod r$ inside it.
@@ -213,756 +300,357 @@ def dilated_attention_loop(q, k, v, segment_lengths, dilation_rates, *, is_causa
                     continue
                 idx = torch.arange(first, end, r, device=q.device)
                 # `[batch, m, head_dim]` with $m \le \lceil w / r \rceil$
-                qs, ks, vs = (x[:, idx, j].to(o_i.dtype) for x in (q, k, v))
+                qs, ks, vs = (x[:, idx, j].to(work) for x in (q, k, v))
                 s = qs @ ks.transpose(-1, -2) * scale  # `[batch, m, m]`
                 if is_causal:
                     s = s.masked_fill(torch.ones_like(s, dtype=torch.bool).triu(1), -math.inf)
-                lse = torch.logsumexp(s, dim=-1)  # $\ell_i$ of each held query, `[batch, m]`
-                o = torch.softmax(s, dim=-1) @ vs
-                o_i = o_i.index_put((torch.arange(batch, device=q.device)[:, None], idx[None, :], torch.tensor(j, device=q.device)), o)
-                l_i = l_i.index_put((torch.arange(batch, device=q.device)[:, None], idx[None, :], torch.tensor(j, device=q.device)), lse)
+                l_i[:, idx, j] = torch.logsumexp(s, dim=-1)  # $\ell_i$ of each held query
+                o_i[:, idx, j] = torch.softmax(s, dim=-1) @ vs
         outs.append(o_i)
         lses.append(l_i)
-    # `[n_patterns, batch, seq_len, n_heads]`
-    lse_all = torch.stack(lses)
-    total = torch.logsumexp(lse_all, dim=0)
-    # A query no pattern holds has $L = -\infty$: its weights are defined as zero, not NaN.
-    weights = torch.exp(lse_all - total.clamp_min(torch.finfo(total.dtype).min)).nan_to_num(0.0)
-    weights = torch.where(torch.isfinite(total), weights, torch.zeros_like(weights))
-    out = (weights.unsqueeze(-1) * torch.stack(outs)).sum(0)
-    return out.to(q.dtype)
+    return _mix(outs, lses).to(q.dtype)
 
 
-# # The fast path
+# ## All segments and heads of a pattern at once
 #
-# ## Gathering a pattern into short dense sequences
-#
-# For pattern $(w, r)$ we view `x` `[batch, seq_len, n_heads, *rest]` as
-# `[batch, n_seg, m, r, n_heads, *rest]` with $m = \lceil w / r \rceil$: segment, sparse slot $t$,
-# residue $o$ (position $o + r t$ inside the segment). Head $j$ needs residue $j \bmod r$. We list
-# the heads grouped by residue (`_head_order(n_heads, r)`: $0, r, 2r, \dots, 1, 1 + r, \dots$);
-# attention is independent per head, so the order does not matter as long as the scatter uses the
-# same one. Gathered, a pattern is `[batch * n_seg, m, n_heads, *rest]`. With $r = 1$ and $w$
-# dividing `seq_len` the gather is a pure reshape, no copy.
-#
-# When $r$ divides `n_heads`, the pattern's slots are themselves a *view*: split the heads as
-# $j = o' + r i$, `[..., r, n_heads / r, r, ...]` (residue $o$, head group $i$, head residue
-# $o'$), and take the diagonal $o = o'$. Gathering is then one strided copy of that view, and
-# scattering adds in place through it, with no index tensor. Otherwise (more residues than heads,
-# or residues that do not divide the heads) one advanced index over the two dimensions (residue,
-# head), with index pairs $(j \bmod r, j)$, does the same in one gather kernel.
-#
-# When `seq_len` is not a multiple of $w$, or $r$ does not divide $w$, we zero-pad first; those
-# padding slots are *invalid* and are masked (see `_slot_valid`).
-def _head_order(n_heads: int, r: int) -> list[int]:
-    return [j for o in range(r) for j in range(o, n_heads, r)]
-
-
-@functools.lru_cache(maxsize=64)
-def _residue_index(n_heads: int, r: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The index pairs (residue, head) of `_head_order(n_heads, r)`, two `[n_heads]` tensors on `device`."""
-    order = _head_order(n_heads, r)
-    return (torch.tensor([j % r for j in order], device=device), torch.tensor(order, device=device))
-
-
-def _segmented(x: torch.Tensor, w: int, r: int) -> torch.Tensor:
-    """`[batch, seq_len, n_heads, *rest]` -> `[batch, n_seg, m, r, n_heads, *rest]` (a view when no padding)."""
-    batch, seq_len = x.shape[:2]
-    rest = x.shape[2:]
+# The loop above runs one small attention per (pattern, head, segment). Reshaped, a pattern is one
+# batched attention: view the sequence as `[batch, n_seg, m, r, n_heads]` with
+# $m = \lceil w / r \rceil$ (segment, sparse slot $t$, residue $o$: position $s w + o + r t$), and
+# let head $j$ take residue $j \bmod r$. Every segment and every head then has $m$ slots,
+# `[batch, n_seg, m, n_heads, head_dim]`, and a pattern is one einsum over them. When `seq_len` is
+# not a multiple of $w$, or $r$ does not divide $w$, we pad with zeros; the padding slots are
+# masked as keys and dropped as queries.
+def _sparsify(x: torch.Tensor, w: int, r: int) -> torch.Tensor:
+    r"""Pattern $(w, r)$'s slots of `x` `[batch, seq_len, n_heads, *rest]`: `[batch, n_seg, m, n_heads, *rest]`."""
+    batch, seq_len, n_heads = x.shape[:3]
+    rest = x.shape[3:]
     n_seg, m = -(-seq_len // w), -(-w // r)
-    if seq_len % w:
-        x = F.pad(x.flatten(2), (0, 0, 0, n_seg * w - seq_len)).view(batch, n_seg * w, *rest)
-    x = x.view(batch, n_seg, w, *rest)
-    if w % r:
-        x = F.pad(x.flatten(3), (0, 0, 0, m * r - w)).view(batch, n_seg, m * r, *rest)
-    return x.view(batch, n_seg, m, r, *rest)
+    # Pad the sequence to whole segments, then each segment to $m r$ positions (`F.pad` lists the
+    # last dimension first).
+    x = F.pad(x, (0, 0) * (x.dim() - 2) + (0, n_seg * w - seq_len)).view(batch, n_seg, w, n_heads, *rest)
+    x = F.pad(x, (0, 0) * (x.dim() - 3) + (0, m * r - w)).view(batch, n_seg, m, r, n_heads, *rest)
+    heads = torch.arange(n_heads, device=x.device)
+    # Head $j$ reads residue $j \bmod r$: one index over the two dimensions (residue, head).
+    return x[:, :, :, heads % r, heads]
 
 
-def _slots_view(x6: torch.Tensor, r: int) -> torch.Tensor | None:
-    """The pattern's slots of `x6` `[batch, n_seg, m, r, n_heads, *rest]` as a view
-    `[batch, n_seg, m, r, n_heads / r, *rest]` (heads in `_head_order`), or None if $r$ does not divide `n_heads`."""
-    batch, n_seg, m, _, n_heads = x6.shape[:5]
-    rest = x6.shape[5:]
-    if n_heads % r:
-        return None
-    # `[batch, n_seg, m, r (o), n_heads / r (i), r (o'), *rest]`, head $o' + r i$
-    x7 = x6.view(batch, n_seg, m, r, n_heads // r, r, *rest)
-    # The diagonal $o = o'$ is appended as the last dimension; put it back in place of $o$.
-    return torch.diagonal(x7, dim1=3, dim2=5).movedim(-1, 3)
+def _unsparsify(g: torch.Tensor, w: int, r: int, seq_len: int, fill: float) -> torch.Tensor:
+    """The inverse of `_sparsify`: `g` `[batch, n_seg, m, n_heads, *rest]` at its positions in a
+    `[batch, seq_len, n_heads, *rest]` tensor of `fill`."""
+    batch, n_seg, m, n_heads = g.shape[:4]
+    rest = g.shape[4:]
+    heads = torch.arange(n_heads, device=g.device)
+    full = g.new_full((batch, n_seg, m, r, n_heads, *rest), fill)
+    full[:, :, :, heads % r, heads] = g
+    # Drop the padding: the first $w$ positions of each segment, the first `seq_len` of the sequence.
+    full = full.view(batch, n_seg, m * r, n_heads, *rest)[:, :, :w]
+    return full.reshape(batch, n_seg * w, n_heads, *rest)[:, :seq_len]
 
 
-def _gather(x: torch.Tensor, w: int, r: int) -> torch.Tensor:
-    """Pattern $(w, r)$'s sparse segments: `[batch * n_seg, m, n_heads, *rest]`, heads in `_head_order`."""
-    x6 = _segmented(x, w, r)
-    batch, n_seg, m, _, n_heads = x6.shape[:5]
-    rest = x6.shape[5:]
-    if r == 1:
-        g = x6[:, :, :, 0]
-    else:
-        view = _slots_view(x6, r)
-        if view is not None:
-            g = view  # `[batch, n_seg, m, r, n_heads / r, *rest]`, copied by the reshape below
-        else:
-            res, heads = _residue_index(n_heads, r, x.device)
-            g = x6[:, :, :, res, heads]
-    g = g.reshape(batch * n_seg, m, n_heads, *rest)
-    # A copy for $r > 1$ (the reshape of the diagonal view may still be a strided view, which the
-    # fused attention kernels are not given: their inputs are dense rows).
-    return g if r == 1 else g.contiguous()
-
-
-def _scatter_add_(dst: torch.Tensor, g: torch.Tensor, w: int, r: int, weight: torch.Tensor | None = None) -> None:
-    """The inverse of `_gather`: add `g` (times `weight` `[batch * n_seg, m, n_heads]` if given) into `dst` `[batch, seq_len, n_heads, *rest]`."""
-    batch, seq_len, n_heads = dst.shape[:3]
-    padded = seq_len % w != 0 or w % r != 0
-    # Without padding the segmented view of `dst` is `dst` itself: the adds land in place.
-    buf = _segmented(torch.zeros_like(dst) if padded else dst, w, r)
-    n_seg, m = buf.shape[1:3]
-    g = g.view(batch, n_seg, m, *g.shape[2:])
-    if weight is not None:
-        weight = weight.view(batch, n_seg, m, n_heads, *([1] * (g.dim() - 4))).to(dst.dtype)
-    view = buf[:, :, :, 0] if r == 1 else _slots_view(buf, r)
-    if view is not None:
-        # In place through a view: `g` reshaped to the view's `[..., r, n_heads / r, ...]` when $r > 1$.
-        if r > 1:
-            g = g.view(view.shape)
-            weight = None if weight is None else weight.view(*view.shape[:5], *weight.shape[4:])
-        view.add_(g) if weight is None else view.addcmul_(g, weight)
-    else:
-        # The slots of one pattern are distinct: gather, update, store back.
-        res, heads = _residue_index(n_heads, r, dst.device)
-        cur = buf[:, :, :, res, heads]
-        cur.add_(g) if weight is None else cur.addcmul_(g, weight)
-        buf[:, :, :, res, heads] = cur
-    if padded:
-        full = buf.reshape(batch, n_seg, m * r, *buf.shape[4:])[:, :, :w].reshape(batch, n_seg * w, *buf.shape[4:])
-        dst += full[:, :seq_len]
-
-
-def _scatter_full(g: torch.Tensor, w: int, r: int, seq_len: int, fill: float) -> torch.Tensor:
-    """`g` `[batch * n_seg, m, n_heads]` placed at its positions in a `[batch, seq_len, n_heads]` tensor of `fill`."""
-    n_heads = g.shape[2]
+def _slot_positions(seq_len: int, w: int, r: int, n_heads: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(positions, real)`, both `[n_seg, m, n_heads]`: each slot's position in the sequence, and
+    whether it is one (inside its segment and the sequence) rather than padding."""
     n_seg, m = -(-seq_len // w), -(-w // r)
-    batch = g.shape[0] // n_seg
-    # `[batch, n_seg, m * r, n_heads]`: the padded layout of `_segmented`, then cut back.
-    buf = torch.full((batch, n_seg, m * r, n_heads), fill, dtype=g.dtype, device=g.device)
-    b6 = buf.view(batch, n_seg, m, r, n_heads)
-    g = g.view(batch, n_seg, m, n_heads)
-    view = b6[:, :, :, 0] if r == 1 else _slots_view(b6, r)
-    if view is not None:
-        view.copy_(g.view(view.shape))
-    else:
-        res, heads = _residue_index(n_heads, r, g.device)
-        b6[:, :, :, res, heads] = g
-    return buf[:, :, :w].reshape(batch, n_seg * w, n_heads)[:, :seq_len]
+    inner = (torch.arange(n_heads, device=device) % r)[None, :] + r * torch.arange(m, device=device)[:, None]
+    pos = torch.arange(n_seg, device=device)[:, None, None] * w + inner
+    return pos, (inner < w) & (pos < seq_len)
 
 
-# ## Which gathered slots are real
-#
-# Slot $t$ of segment $s$ for a head with residue $o$ is position $p = s w + o + r t$; it is real
-# when $o + r t < w$ (inside its segment) and $p <$ `seq_len`. `[n_seg, m, n_heads]` (heads in
-# `_head_order`), or `None` when every slot is real. Real slots of a head form a prefix of each
-# segment, so with causal masking a real query never sees a padding key.
-def _slot_valid(seq_len: int, w: int, r: int, n_heads: int, device) -> torch.Tensor | None:
-    n_seg, m = -(-seq_len // w), -(-w // r)
-    if seq_len % w == 0 and w % r == 0:
-        return None
-    offs = torch.tensor([j % r for j in _head_order(n_heads, r)], device=device)
-    inner = offs[None, :] + r * torch.arange(m, device=device)[:, None]  # `[m, n_heads]`
-    pos = torch.arange(n_seg, device=device)[:, None, None] * w + inner[None]
-    return (inner[None] < w) & (pos < seq_len)
+def _attend(qs, ks, vs, allowed: torch.Tensor, scale: float, bias=None) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Softmax attention of sparse slots and its log-denominator: queries `[batch, n_seg, m_q,
+    n_heads, head_dim]`, keys and values `[batch, n_seg, m_k, n_heads, head_dim]`, `allowed` (and
+    `bias`) broadcasting to `[batch, n_seg, n_heads, m_q, m_k]`. Returns `o` shaped as the queries
+    and $\ell$ `[batch, n_seg, m_q, n_heads]`."""
+    s = torch.einsum("bsqhd,bskhd->bshqk", qs, ks) * scale
+    if bias is not None:
+        s = s + bias
+    # A pair that is not allowed gets the lowest finite logit rather than $-\infty$: a padding
+    # query with no allowed key then gives finite numbers (dropped afterwards) instead of NaN.
+    s = s.masked_fill(~allowed, torch.finfo(s.dtype).min)
+    lse = torch.logsumexp(s, dim=-1)  # `[batch, n_seg, n_heads, m_q]`
+    o = torch.einsum("bshqk,bskhd->bsqhd", torch.exp(s - lse[..., None]), vs)
+    return o, lse.transpose(-1, -2)
 
 
-# ## One attention call that also returns the log-sum-exp
-#
-# The inner attention of one pattern works on `[B', m_q, n_heads, head_dim]` queries and
-# `[B', m_k, n_heads, head_dim]` keys and values and returns the output and
-# $\ell = \log \sum_k e^{S_{qk}}$ `[B', m_q, n_heads]` (float32). Three implementations share one
-# contract:
-#
-# * `_attn_fwd_math` / `_attn_bwd_math`: plain PyTorch, any device and dtype, with an optional
-#   key mask (CPU, float32/float64, and padded slots without causal masking);
-# * `_attn_fwd_cudnn` / `_attn_bwd_cudnn`: cuDNN's fused attention, one of the kernels behind
-#   `torch.nn.functional.scaled_dot_product_attention`, called through its aten op
-#   `_scaled_dot_product_cudnn_attention` (which returns `logsumexp` when asked) and its backward
-#   (CUDA, fp16/bf16, head_dim <= 128, no mask). On Hopper GPUs it is the fastest of SDPA's
-#   kernels, and the one SDPA itself picks for these shapes;
-# * `_attn_fwd_flash` / `_attn_bwd_flash`: the flash-attention kernels behind the same function,
-#   through `_scaled_dot_product_flash_attention` and its backward (CUDA, fp16/bf16,
-#   head_dim <= 256, no mask), used where cuDNN is unavailable.
-#
-# The backward takes the output $O$ and the log-sum-exp $L$ *as arguments*: it recomputes
-# $P = e^{S - L}$ and uses $D = \operatorname{rowsum}(dO \circ O)$, so
-# $dS = P \circ (dP - D)$, $dQ = dS\,K \cdot$scale, $dK = dS^\top Q \cdot$scale, $dV = P^\top dO$.
-# That is what makes the exact combined backward possible below.
-_MASKED = -1e30
+def _pattern_attention(q, k, v, w: int, r: int, *, is_causal: bool, scale: float, bias_fn=None):
+    r"""Pattern $(w, r)$: $(O_i, \ell_i)$ at full length, `[batch, seq_len, n_heads, head_dim]` and
+    `[batch, seq_len, n_heads]`; `bias_fn(pos_q, pos_k, heads)` adds a logit bias if given."""
+    seq_len, n_heads = q.shape[1:3]
+    pos, real = (t.transpose(1, 2) for t in _slot_positions(seq_len, w, r, n_heads, q.device))  # `[n_seg, n_heads, m]`
+    pos_q, pos_k = pos[..., :, None], pos[..., None, :]
+    # `[n_seg, n_heads, m, m]`: real keys, and with causal masking only those not after the query.
+    allowed = real[..., None, :] & (pos_k <= pos_q) if is_causal else real[..., None, :]
+    bias = None if bias_fn is None else bias_fn(pos_q, pos_k, torch.arange(n_heads, device=q.device))
+    o, lse = _attend(_sparsify(q, w, r), _sparsify(k, w, r), _sparsify(v, w, r), allowed, scale, bias)
+    return _unsparsify(o, w, r, seq_len, 0.0), _unsparsify(lse, w, r, seq_len, -math.inf)
 
 
-def _lse_dtype(q: torch.Tensor) -> torch.dtype:
-    return torch.float64 if q.dtype == torch.float64 else torch.float32
-
-
-def _attn_fwd_math(q, k, v, *, causal: bool, scale: float, key_valid=None):
+def _dilated_attention_readable(q, k, v, ws, rs, *, is_causal: bool, scale: float, bias_fn=None) -> torch.Tensor:
+    """One batched softmax per pattern, then the mix; float32 (float64 for float64 inputs)."""
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
-    s = torch.einsum("bqhd,bkhd->bhqk", q.to(work), k.to(work)) * scale
-    s = _mask_scores(s, causal=causal, key_valid=key_valid)
-    lse = torch.logsumexp(s, dim=-1)  # `[B', n_heads, m_q]`
-    p = torch.exp(s - lse[..., None])
-    o = torch.einsum("bhqk,bkhd->bqhd", p, v.to(work))
-    return o.to(q.dtype), lse.transpose(1, 2)
+    q, k, v = (x.to(work) for x in (q, k, v))
+    parts = [_pattern_attention(q, k, v, w, r, is_causal=is_causal, scale=scale, bias_fn=bias_fn) for w, r in zip(ws, rs)]
+    return _mix([o for o, _ in parts], [lse for _, lse in parts])
 
 
-def _mask_scores(s, *, causal: bool, key_valid):
-    m_q, m_k = s.shape[-2:]
-    if causal:
-        # Queries are the last `m_q` of the `m_k` keys' positions (bottom-right alignment).
-        allowed = torch.ones(m_q, m_k, dtype=torch.bool, device=s.device).tril(m_k - m_q)
-        s = s.masked_fill(~allowed, _MASKED)
-    if key_valid is not None:
-        # `key_valid` `[B', m_k, n_heads]` -> `[B', n_heads, 1, m_k]`
-        s = s.masked_fill(~key_valid.permute(0, 2, 1)[:, :, None, :], _MASKED)
-    return s
-
-
-def _attn_bwd_math(q, k, v, o, lse, do, *, causal: bool, scale: float, key_valid=None):
-    work = torch.float64 if q.dtype == torch.float64 else torch.float32
-    qw, kw, vw, ow, dow = (x.to(work) for x in (q, k, v, o, do))
-    s = _mask_scores(torch.einsum("bqhd,bkhd->bhqk", qw, kw) * scale, causal=causal, key_valid=key_valid)
-    p = torch.exp(s - lse.transpose(1, 2).to(work)[..., None])
-    dv = torch.einsum("bhqk,bqhd->bkhd", p, dow)
-    dp = torch.einsum("bqhd,bkhd->bhqk", dow, vw)
-    d = (dow * ow).sum(-1).transpose(1, 2)[..., None]  # $D$, `[B', n_heads, m_q, 1]`
-    ds = p * (dp - d)
-    dq = torch.einsum("bhqk,bkhd->bqhd", ds, kw) * scale
-    dk = torch.einsum("bhqk,bqhd->bkhd", ds, qw) * scale
-    return dq, dk, dv
-
-
-def _attn_fwd_cudnn(q, k, v, *, causal: bool, scale: float):
-    # The aten op takes `[B', n_heads, m, head_dim]`: transposed views, no copy. It returns the
-    # output in the queries' memory layout and the log-sum-exp as `[B', n_heads, m_q, 1]`.
-    res = torch.ops.aten._scaled_dot_product_cudnn_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, True, 0.0, causal, False, scale=scale)
-    out, lse = res[0], res[1]
-    # What its backward expects back: sequence offsets, lengths, random-number state.
-    aux = (res[2], res[3], res[4], res[5], res[6], res[7])
-    return out.transpose(1, 2), lse[..., 0].transpose(1, 2).float(), aux
-
-
-def _attn_bwd_cudnn(q, k, v, o, lse, do, aux, *, causal: bool, scale: float):
-    cum_q, cum_k, max_q, max_k, seed, offset = aux
-    dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-        do.transpose(1, 2), q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), o.transpose(1, 2),
-        lse.transpose(1, 2).unsqueeze(-1).contiguous(), seed, offset, None, cum_q, cum_k, max_q, max_k, 0.0, causal,
-        scale=scale)
-    return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
-
-
-def _attn_fwd_flash(q, k, v, *, causal: bool, scale: float):
-    res = torch.ops.aten._scaled_dot_product_flash_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, causal, False, scale=scale)
-    out, lse = res[0], res[1]
-    # The kernel's bookkeeping (sequence offsets, random-number state) that its backward expects
-    # back, exactly as torch's own autograd formula passes it.
-    aux = (res[2], res[3], res[6], res[7])
-    return out.transpose(1, 2), lse[..., : q.shape[1]].transpose(1, 2).float(), aux
-
-
-def _attn_bwd_flash(q, k, v, o, lse, do, aux, *, causal: bool, scale: float):
-    m_q, m_k = q.shape[1], k.shape[1]
-    cum_q, cum_k, seed, offset = aux
-    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
-        do.transpose(1, 2), q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), o.transpose(1, 2),
-        lse.transpose(1, 2).contiguous(), cum_q, cum_k, m_q, m_k, 0.0, causal, seed, offset, scale=scale)
-    return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
-
-
-# ### Choosing the kernel, and never silently wrong
+# ## The function, and its fork to the fast path
 #
-# On CUDA, for fp16/bf16 with `head_dim` a multiple of 8, without a key mask, and with causal
-# masking only on square blocks (the kernels' causal alignment for `m_q != m_k` differs between
-# versions, so we never rely on it), we try cuDNN (`head_dim` <= 128), then flash
-# (`head_dim` <= 256). If a kernel raises, we warn once, naming it, and do not use it again; the
-# next one takes over, and the plain PyTorch path is the last resort: slower, same numbers. The
-# backward uses the kernel that ran the forward (the forward's `aux` names it).
-_KERNEL_NAMES = {"cudnn": "cuDNN attention", "flash": "flash-attention"}
-_kernel_state = {"cudnn": None, "flash": None}  # the error that disabled a kernel, or None
-
-
-def _kernels_for(q, k, causal: bool, key_valid) -> list[str]:
-    if not (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] % 8 == 0
-            and key_valid is None and not (causal and q.shape[1] != k.shape[1])):
-        return []
-    limits = {"cudnn": 128, "flash": 256}
-    return [name for name in ("cudnn", "flash") if q.shape[-1] <= limits[name] and _kernel_state[name] is None]
-
-
-def _kernel_failed(name: str, err: Exception):
-    _kernel_state[name] = repr(err)
-    warnings.warn(f"dilated_attention: the {_KERNEL_NAMES[name]} kernel failed ({err!r}); not using it again "
-                  "(the next kernel, or plain PyTorch attention, gives the same results)", RuntimeWarning, stacklevel=3)
-
-
-def _attn_fwd(q, k, v, *, causal, scale, key_valid=None):
-    """`(o, lse, aux)`; `aux` is `(kernel name, its bookkeeping)`, `None` on the plain path."""
-    for name in _kernels_for(q, k, causal, key_valid):
-        fwd = _attn_fwd_cudnn if name == "cudnn" else _attn_fwd_flash
-        try:
-            o, lse, aux = fwd(q, k, v, causal=causal, scale=scale)
-            return o, lse, (name, aux)
-        except Exception as err:  # a kernel that refuses this input: report it, then try the next
-            _kernel_failed(name, err)
-    return (*_attn_fwd_math(q, k, v, causal=causal, scale=scale, key_valid=key_valid), None)
-
-
-def _attn_bwd(q, k, v, o, lse, do, aux, *, causal, scale, key_valid=None):
-    if aux is not None and _kernel_state[aux[0]] is None:
-        name, kernel_aux = aux
-        bwd = _attn_bwd_cudnn if name == "cudnn" else _attn_bwd_flash
-        try:
-            return bwd(q, k, v, o, lse, do, kernel_aux, causal=causal, scale=scale)
-        except Exception as err:
-            _kernel_failed(name, err)
-    return _attn_bwd_math(q, k, v, o, lse, do, causal=causal, scale=scale, key_valid=key_valid)
-
-
-# ### Gathering and combining on the GPU: two Triton kernels
-#
-# At 256K tokens, 16 heads of 64 features, `q`, `k` and `v` are half a gigabyte each in
-# bfloat16, and the float32 accumulator of the readable combination (next section) a gigabyte:
-# attention itself is a few milliseconds of arithmetic, and every extra pass over those tensors
-# costs a noticeable fraction of it. On CUDA, when every pattern's slots are whole ($w$ divides
-# `seq_len`, $r$ divides $w$ and `n_heads`), two kernels keep the traffic close to the data itself:
-#
-# * `_gather_kernel` copies a pattern's slots of one tensor into the contiguous
-#   `[batch * n_seg, m, n_heads, head_dim]` layout of `_gather`, one `head_dim` row at a time
-#   (a strided copy through PyTorch's generic indexing reaches a third of the bandwidth here);
-# * `_merge_kernel` merges one pattern's $(O_i, \ell_i)$ into a running result right after its
-#   attention call, the way flash attention merges blocks of keys: with $(A, L)$ the normalised
-#   output and log-sum-exp so far,
-#
-#   $$L' = \log(e^{L} + e^{\ell_i}), \qquad A' = e^{L - L'} A + e^{\ell_i - L'} O_i ,$$
-#
-#   so that after the last pattern $L = \operatorname{logsumexp}_i \ell_i$ and
-#   $A = \sum_i e^{\ell_i - L} O_i$: the same numbers as the readable combination. Each program
-#   takes `BLOCK_T` slots of one segment, all heads: slot $t$ of gathered head $c$ (residue
-#   $o = c \,//\, (n_h / r)$, head $o + r\,(c \bmod n_h/r)$, the order of `_head_order`) sits at
-#   position $s w + o + r t$. $L$ starts at $-\infty$ and $A$ is never cleared: where
-#   $L = -\infty$ no pattern has written yet, and $A$ is not read. A pattern with $r = 1$ holds
-#   every position, so when there is one it is merged *last* and writes the output in the
-#   input's dtype directly: the float32 accumulator is then written only by the sparser
-#   patterns, and never read back in a separate pass.
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU builds of PyTorch come without Triton
-    triton = None
-
-if triton is not None:
-    @triton.jit
-    def _gather_kernel(x_ptr, g_ptr, seq_len, n_heads, heads_per_res, w, r, m, n_seg, sx_b, sx_s, sx_h,
-                       HEAD_DIM: tl.constexpr, HEAD_DIM_P2: tl.constexpr, HEADS_P2: tl.constexpr,
-                       BLOCK_T: tl.constexpr):
-        pid = tl.program_id(0)
-        n_blocks = tl.cdiv(m, BLOCK_T)
-        bs = pid // n_blocks  # sample * n_seg + segment
-        b, seg = bs // n_seg, bs % n_seg
-        t = (pid % n_blocks) * BLOCK_T + tl.arange(0, BLOCK_T)[:, None, None]  # slots
-        c = tl.arange(0, HEADS_P2)[None, :, None]  # gathered heads
-        d = tl.arange(0, HEAD_DIM_P2)[None, None, :]
-        res = c // heads_per_res
-        head = res + r * (c % heads_per_res)
-        ok = (t < m) & (c < n_heads) & (d < HEAD_DIM)
-        pos = seg.to(tl.int64) * w + res + r * t
-        src = x_ptr + b.to(tl.int64) * sx_b + pos * sx_s + head * sx_h + d
-        dst = g_ptr + ((bs.to(tl.int64) * m + t) * n_heads + c) * HEAD_DIM + d
-        tl.store(dst, tl.load(src, mask=ok), mask=ok)
-
-    @triton.jit
-    def _merge_kernel(acc_ptr, lse_ptr, out_ptr, o_ptr, l_ptr, seq_len, n_heads, heads_per_res, w, r, m, n_seg,
-                      so_b, so_t, so_h, sl_b, sl_t, sl_h,
-                      HEAD_DIM: tl.constexpr, HEAD_DIM_P2: tl.constexpr, HEADS_P2: tl.constexpr,
-                      BLOCK_T: tl.constexpr, FINAL: tl.constexpr):
-        pid = tl.program_id(0)
-        n_blocks = tl.cdiv(m, BLOCK_T)
-        bs = pid // n_blocks  # sample * n_seg + segment
-        b, seg = bs // n_seg, bs % n_seg
-        t = (pid % n_blocks) * BLOCK_T + tl.arange(0, BLOCK_T)[:, None]  # `[BLOCK_T, 1]` slots
-        c = tl.arange(0, HEADS_P2)[None, :]  # `[1, n_heads]` gathered heads
-        res = c // heads_per_res
-        head = res + r * (c % heads_per_res)
-        ok = (t < m) & (c < n_heads)
-        # `[BLOCK_T, n_heads]`: where each slot lives in `[batch, seq_len, n_heads]`
-        row = (b.to(tl.int64) * seq_len + seg * w + res + r * t) * n_heads + head
-        l_i = tl.load(l_ptr + bs.to(tl.int64) * sl_b + t * sl_t + c * sl_h, mask=ok, other=0.0)
-        lse = tl.load(lse_ptr + row, mask=ok, other=float("-inf"))
-        seen = lse > float("-inf")
-        d = tl.arange(0, HEAD_DIM_P2)[None, None, :]
-        ok3 = ok[:, :, None] & (d < HEAD_DIM)
-        at = row[:, :, None] * HEAD_DIM + d
-        # Unwritten accumulator rows hold whatever the allocation held (possibly NaN): select, never multiply.
-        acc = tl.where(seen[:, :, None], tl.load(acc_ptr + at, mask=ok3 & seen[:, :, None], other=0.0), 0.0)
-        o = tl.load(o_ptr + bs.to(tl.int64) * so_b + t[:, :, None] * so_t + c[:, :, None] * so_h + d,
-                    mask=ok3, other=0.0).to(tl.float32)
-        top = tl.maximum(lse, l_i)
-        new = top + tl.log(tl.exp(lse - top) + tl.exp(l_i - top))
-        keep, add = tl.exp(lse - new), tl.exp(l_i - new)
-        acc = acc * keep[:, :, None] + o * add[:, :, None]
-        # The program reads `lse` and `acc` where it then writes them, and a `[BLOCK_T, n_heads]`
-        # tile is held by several threads at once: every thread must have read before any writes.
-        tl.debug_barrier()
-        tl.store(lse_ptr + row, new, mask=ok)
-        if FINAL:
-            tl.store(out_ptr + at, acc.to(out_ptr.dtype.element_ty), mask=ok3)
-        else:
-            tl.store(acc_ptr + at, acc, mask=ok3)
-
-
-_gpu_kernels_state = {"broken": None}
-
-
-def _gpu_kernels_apply(q: torch.Tensor, ws, rs) -> bool:
-    """Whether `_gather_gpu` and `_merge_gpu_` take this call (otherwise the readable PyTorch path does)."""
-    seq_len, n_heads = q.shape[1], q.shape[2]
-    return (triton is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
-            and _gpu_kernels_state["broken"] is None
-            and all(seq_len % w == 0 and w % r == 0 and n_heads % r == 0 for w, r in zip(ws, rs)))
-
-
-def _gpu_kernel_failed(err: Exception):
-    _gpu_kernels_state["broken"] = repr(err)
-    warnings.warn(f"dilated_attention: a gather/combine kernel failed ({err!r}); using plain PyTorch for them "
-                  "from now on (same results, slower)", RuntimeWarning, stacklevel=3)
-
-
-def _gather_gpu(x: torch.Tensor, w: int, r: int) -> torch.Tensor:
-    """`_gather` by `_gather_kernel` (CUDA, whole slots); a view, as in `_gather`, when $r = 1$."""
-    if r == 1:
-        return _gather(x, w, r)
-    batch, seq_len, n_heads, head_dim = x.shape
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    n_seg, m = seq_len // w, w // r
-    g = torch.empty(batch * n_seg, m, n_heads, head_dim, dtype=x.dtype, device=x.device)
-    block_t = 4
-    with torch.cuda.device(x.device):
-        _gather_kernel[(batch * n_seg * triton.cdiv(m, block_t),)](
-            x, g, seq_len, n_heads, n_heads // r, w, r, m, n_seg, x.stride(0), x.stride(1), x.stride(2),
-            HEAD_DIM=head_dim, HEAD_DIM_P2=triton.next_power_of_2(head_dim),
-            HEADS_P2=triton.next_power_of_2(n_heads), BLOCK_T=block_t, num_warps=4)
-    return g
-
-
-def _merge_gpu_(acc: torch.Tensor, lse: torch.Tensor, out: torch.Tensor | None, o: torch.Tensor, l_i: torch.Tensor,
-                w: int, r: int) -> None:
-    """Merge pattern $(w, r)$'s `o` `[batch * n_seg, m, n_heads, head_dim]` and `l_i` `[batch * n_seg, m, n_heads]`
-    into `acc` (float32) and `lse`, in place; with `out`, write the merged result there instead of `acc`."""
-    batch, seq_len, n_heads, head_dim = acc.shape
-    if o.stride(-1) != 1:
-        o = o.contiguous()
-    # The kernels return `l` as `[B', n_heads, m]` in memory: made `[B', m, n_heads]` (a few
-    # megabytes), so that a program's slots and heads are adjacent, not a whole row apart.
-    l_i = l_i.float().contiguous()
-    n_seg, m = seq_len // w, w // r
-    block_t = 4
-    with torch.cuda.device(acc.device):
-        _merge_kernel[(batch * n_seg * triton.cdiv(m, block_t),)](
-            acc, lse, acc if out is None else out, o, l_i, seq_len, n_heads, n_heads // r, w, r, m, n_seg,
-            o.stride(0), o.stride(1), o.stride(2), l_i.stride(0), l_i.stride(1), l_i.stride(2),
-            HEAD_DIM=head_dim, HEAD_DIM_P2=triton.next_power_of_2(head_dim),
-            HEADS_P2=triton.next_power_of_2(n_heads), BLOCK_T=block_t, FINAL=out is not None, num_warps=4)
-
-
-# ## The combination, with an exact backward
-#
-# Forward: each pattern gives $(O_i, \ell_i)$ on its gathered slots. We first build
-# $L = \operatorname{logsumexp}_i \ell_i$ `[batch, seq_len, n_heads]` (small), then add each
-# $e^{\ell_i - L} O_i$ into a float32 accumulator at its positions (`_scatter_add_`: one gather,
-# one fused multiply-add, one indexed store per pattern). We keep only $O$ and $L$ for the backward.
-#
-# Backward: the combined output is one softmax over the union of the patterns,
-# $P_{qk} = \sum_i [\,k \in \text{pattern } i\,]\, e^{S_{qk} - L_q}$. Pattern $i$'s share of it is
-# $e^{S_{qk} - L_q}$ on its own pairs, exactly what an ordinary fused backward recomputes if we
-# hand it $L$ instead of its own $\ell_i$. And $D_q = \sum_k P_{qk}\, dP_{qk} = dO_q \cdot O_q$,
-# which the kernel computes from the $O$ we hand it, so we hand it the *combined* $O$. Then
-# pattern $i$'s backward returns its share of $dQ$, $dK$, $dV$, and the sum over patterns is the
-# exact gradient of the dense formula, mixing weights included. (A padding slot has a zero query,
-# so $S = 0$; we give it $L = 0$, hence $P = 1$, and a zero $dO$, so $dP = D = 0$, $dS = 0$ and
-# $P^\top dO = 0$: it contributes nothing.)
-def _forward_readable(q, k, v, ws, rs, is_causal, scale):
-    """`(out, L, auxes)`: one attention call per pattern, combined with PyTorch operations."""
-    batch, seq_len, n_heads, head_dim = q.shape
-    parts, auxes = [], []
-    total = torch.full((batch, seq_len, n_heads), -math.inf, dtype=_lse_dtype(q), device=q.device)
-    for w, r in zip(ws, rs):
-        valid = _slot_valid(seq_len, w, r, n_heads, q.device)
-        key_valid = None if (valid is None or is_causal) else valid.repeat(batch, 1, 1)
-        # `[batch * n_seg, m, n_heads, head_dim]`
-        o_i, l_i, aux = _attn_fwd(_gather(q, w, r), _gather(k, w, r), _gather(v, w, r),
-                                  causal=is_causal, scale=scale, key_valid=key_valid)
-        parts.append((o_i, l_i))
-        auxes.append(aux)
-        total = torch.logaddexp(total, _scatter_full(l_i, w, r, seq_len, -math.inf))
-    acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    acc = torch.zeros(batch, seq_len, n_heads, head_dim, dtype=acc_dtype, device=q.device)
-    for (w, r), (o_i, l_i) in zip(zip(ws, rs), parts):
-        weight = torch.exp(l_i - _gather(total, w, r))  # `[batch * n_seg, m, n_heads]`
-        _scatter_add_(acc, o_i, w, r, weight=weight)
-    return acc.to(q.dtype), total, auxes
-
-
-def _forward_gpu(q, k, v, ws, rs, is_causal, scale):
-    """The same with `_gather_gpu` and `_merge_gpu_` (CUDA, whole slots)."""
-    batch, seq_len, n_heads, head_dim = q.shape
-    total = torch.full((batch, seq_len, n_heads), -math.inf, dtype=torch.float32, device=q.device)
-    acc = torch.empty(batch, seq_len, n_heads, head_dim, dtype=torch.float32, device=q.device)
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    # A pattern with $r = 1$ goes last and writes `out`; otherwise `out` is cast from `acc` at the end.
-    order = list(range(len(ws)))
-    last = next((i for i in order if rs[i] == 1), None)
-    if last is not None:
-        order.remove(last)
-        order.append(last)
-    auxes = [None] * len(ws)
-    for i in order:
-        w, r = ws[i], rs[i]
-        o_i, l_i, auxes[i] = _attn_fwd(_gather_gpu(q, w, r), _gather_gpu(k, w, r), _gather_gpu(v, w, r),
-                                       causal=is_causal, scale=scale)
-        _merge_gpu_(acc, total, out if i == last else None, o_i, l_i, w, r)
-    if last is None:
-        # Positions no pattern holds have $L = -\infty$ and an unwritten accumulator: zeros.
-        out = torch.where(total[..., None] > -math.inf, acc, 0.0).to(q.dtype)
-    return out, total, auxes
-
-
-class _DilatedAttentionFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, ws, rs, is_causal, scale):
-        if _gpu_kernels_apply(q, ws, rs):
-            try:
-                out, total, auxes = _forward_gpu(q, k, v, ws, rs, is_causal, scale)
-            except Exception as err:  # report once, then take the readable way
-                _gpu_kernel_failed(err)
-                out, total, auxes = _forward_readable(q, k, v, ws, rs, is_causal, scale)
-        else:
-            out, total, auxes = _forward_readable(q, k, v, ws, rs, is_causal, scale)
-        ctx.save_for_backward(q, k, v, out, total)
-        ctx.cfg = (ws, rs, is_causal, scale)
-        ctx.auxes = auxes
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, out, total = ctx.saved_tensors
-        ws, rs, is_causal, scale = ctx.cfg
-        batch, seq_len, n_heads, _ = q.shape
-        grad_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-        dq, dk, dv = (torch.zeros(q.shape, dtype=grad_dtype, device=q.device) for _ in range(3))
-        dout = dout.contiguous().to(q.dtype)
-        gather = _gather_gpu if _gpu_kernels_apply(q, ws, rs) else _gather
-        for w, r, aux in zip(ws, rs, ctx.auxes):
-            valid = _slot_valid(seq_len, w, r, n_heads, q.device)
-            key_valid = None if (valid is None or is_causal) else valid.repeat(batch, 1, 1)
-            qg, kg, vg = gather(q, w, r), gather(k, w, r), gather(v, w, r)
-            lse = _gather(total, w, r)
-            if valid is not None:
-                # Padding slots: any finite log-sum-exp will do (their `dO` is zero).
-                lse = torch.where(valid.repeat(batch, 1, 1), lse, torch.zeros((), dtype=lse.dtype, device=lse.device))
-            dqg, dkg, dvg = _attn_bwd(qg, kg, vg, gather(out, w, r), lse.contiguous(), gather(dout, w, r), aux,
-                                      causal=is_causal, scale=scale, key_valid=key_valid)
-            _scatter_add_(dq, dqg.to(grad_dtype), w, r)
-            _scatter_add_(dk, dkg.to(grad_dtype), w, r)
-            _scatter_add_(dv, dvg.to(grad_dtype), w, r)
-        return dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype), None, None, None, None
-
-
+# Where Triton kernels run (a CUDA GPU, or the CPU under `TRITON_INTERPRET=1`) and the dtype is
+# float16, bfloat16 or float32, `dilated_attention` takes the fast path of
+# [`annotated_src/dilated_attention_fast.py`](dilated_attention_fast.py): one fused attention call
+# per pattern that returns $\ell_i$ and writes no score matrix, gathers and merges in Triton, and a
+# backward that hands each pattern's fused backward the combined $O$ and $L$. It differentiates
+# once: a backward with `create_graph=True` (the first step of a second derivative, such as a
+# Hessian-vector product) raises there. `annotated_src.fastpath`
+# turns it off (`fastpath.set_enabled("dilated_attention", False)`): the code below then runs,
+# plain autograd, which differentiates twice.
 def dilated_attention(q, k, v, segment_lengths, dilation_rates, *, is_causal: bool = False,
                       softmax_scale: float | None = None) -> torch.Tensor:
-    r"""Dilated attention (LongNet) of `q`, `k`, `v` `[batch, seq_len, n_heads, head_dim]`.
+    r"""Dilated attention (LongNet) of `q`, `k`, `v`: `softmax(QK^T * scale + log C) V`, values and gradients.
 
     Pattern $i$ is `segment_lengths[i]` ($w_i$) and `dilation_rates[i]` ($r_i$); head $j$ uses
-    offset $j \bmod r_i$. Equals `softmax(QK^T * scale + log C) V` (see the module text), values and
-    gradients. Any `seq_len`. One fused attention call per pattern on CUDA (fp16/bf16): cuDNN's, or flash.
+    offset $j \bmod r_i$. Any `seq_len`; a segment longer than the sequence is one segment.
+
+    Shapes: `b` batch, `s` sequence length, `n_h` heads, `h_d` head dimension.
+
+    Args:
+        q (torch.Tensor): `[b, s, n_h, h_d]` queries, floating point.
+        k (torch.Tensor): `[b, s, n_h, h_d]` keys, as `q` (shape, dtype, device).
+        v (torch.Tensor): `[b, s, n_h, h_d]` values, as `q`.
+        segment_lengths (int | Sequence[int]): $w_i$.
+        dilation_rates (int | Sequence[int]): $r_i$, each at most its $w_i$.
+        is_causal (bool): mask later keys. Default False.
+        softmax_scale (float | None): the scale of the logits. Default None ($1/\sqrt{h_d}$).
+
+    Returns:
+        torch.Tensor: `[b, s, n_h, h_d]` in `q`'s dtype; zeros where no pattern holds the query.
+
+    Raises:
+        TypeError, ValueError: bad tensors, patterns, scale or `is_causal`; the message names the argument.
+        annotated_src.fastpath.FastPathError: the fast path applied and failed.
     """
     _check_qkv(q, k, v)
     ws, rs = check_patterns(segment_lengths, dilation_rates)
     scale = _scale(softmax_scale, q.shape[-1])
-    if not isinstance(is_causal, bool):
-        fail("is_causal", is_causal, "a bool", TypeError)
+    _check_causal(is_causal)
     # A segment longer than the sequence is one segment holding everything, exactly as a segment of
     # length `seq_len`: clipping changes no membership and saves the padding.
     ws = tuple(min(w, q.shape[1]) for w in ws)
-    return _DilatedAttentionFn.apply(q, k, v, ws, rs, is_causal, scale)
+    if fastpath.applies("dilated_attention", q, k, v) and dilated_attention_fast.supports(q):
+        return fastpath.run("dilated_attention", dilated_attention_fast.dilated_attention, q, k, v, ws, rs,
+                            is_causal=is_causal, scale=scale)
+    return _dilated_attention_readable(q, k, v, ws, rs, is_causal=is_causal, scale=scale).to(q.dtype)
 
 
 # # Sequence parallel: `distributed_dilated_attention`
 #
-# Each of the `world` ranks holds `n = seq_len / world` consecutive tokens (rank $\rho$ holds
-# positions $\rho n, \dots, (\rho + 1) n - 1$). A pattern with $w_i \le n$ (and $w_i$ dividing
-# $n$) has every segment inside one rank: it is computed locally with the same gather as above.
-# A pattern with $w_i > n$ spans $w_i / n$ ranks. Following LongNet §3, each rank sparsifies its
-# own keys and values first, $n / r_i$ slots per head, and only those are all-gathered; each rank
-# then attends with its local sparse queries to the sparse keys of its segment. The bytes a rank
-# sends, $2 \cdot (n / r_i) \cdot$ `n_heads * head_dim` per spanning pattern, depend on $n$ and
-# $r_i$, not on the total length: with the paper's geometric patterns ($r_i$ growing with $w_i$)
-# the communication does not grow with the sequence.
+# LongNet's section 3 ("LongNet as a distributed trainer") splits the sequence over $P$ ranks:
+# rank $\rho$ holds the $n = N / P$ consecutive tokens $\rho n, \dots, (\rho + 1) n - 1$, its own
+# queries, keys and values. A pattern whose segments fit in a rank ($w_i \le n$, $w_i$ dividing
+# $n$) is computed locally, exactly as above. A pattern with $w_i > n$ (a multiple of $n$) has
+# segments that span $g = w_i / n$ ranks, $\lfloor \rho / g \rfloor g, \dots, \lfloor \rho / g
+# \rfloor g + g - 1$. Each rank sparsifies its own keys and values first: with $r_i$ dividing $n$,
+# its slots are those of a segment of length $n$, $n / r_i$ per head, and only those travel, and
+# only to the other ranks of the same segment (`segment_peers`). Each rank then attends with its
+# own sparse queries to the sparse keys of its whole segment, and mixes all its patterns locally,
+# since it owns every pattern of its own queries.
 #
-# The mixing is the same: every rank owns all the patterns of its own queries, so it combines
-# them locally through the log-sum-exps. The backward is the same too, with one more step: the
-# gradients of gathered keys and values belong to the ranks that own them, so they are summed
-# back to their owners (a reduce-scatter with NCCL; an all-reduce and a slice with gloo, which
-# has no reduce-scatter).
+# For example 4 ranks, $n = 8$, and one pattern $(w, r) = (16, 2)$: two segments of two ranks.
 #
-# Causal masking across ranks splits into two blocks, each one an ordinary attention call: the
-# rank's own sparse block with a causal mask (square), and all earlier ranks' blocks of the same
-# segment without one. Later ranks' blocks are masked entirely and skipped.
-def _all_gather(x: torch.Tensor, group) -> torch.Tensor:
-    import torch.distributed as dist
+# | rank | holds positions | its sparse block (head 0, residue 0) | sends it to | receives from |
+# | --- | --- | --- | --- | --- |
+# | 0 | 0-7 | 0, 2, 4, 6 | rank 1 | rank 1 (non-causal); nobody (causal) |
+# | 1 | 8-15 | 8, 10, 12, 14 | rank 0 (non-causal); nobody (causal) | rank 0 |
+# | 2 | 16-23 | 16, 18, 20, 22 | rank 3 | rank 3 (non-causal); nobody (causal) |
+# | 3 | 24-31 | 24, 26, 28, 30 | rank 2 (non-causal); nobody (causal) | rank 2 |
+#
+# With causal masking a rank needs only the earlier ranks of its segment, so it sends its block
+# only to the later ones, and it attends to its own block with a causal mask and to the received
+# ones without: no attention is computed on a block that the mask would hide entirely.
+#
+# **Bytes per rank.** A block is keys and values, $2 \cdot b \cdot (n / r_i) \cdot n_h \cdot d$
+# elements. In the forward a rank sends it to at most $g - 1$ ranks (exactly $g - 1$ without
+# causal masking, the later ranks of its segment with it); in the backward it sends the key and
+# value gradients of each block it received back to its owner, as many bytes again. Per pattern
+# of span $g > 1$, without causal masking, each direction is
+#
+# $$\text{bytes} = (g - 1) \cdot 2\, b\, \frac{n}{r_i}\, n_h\, d \cdot \text{element size}
+#   = 2\, b\, n_h\, d \cdot \text{element size} \cdot \frac{w_i - n}{r_i},$$
+#
+# which depends on the pattern and on $n$, never on $P$: adding ranks adds segments, not partners.
+# (`tests/test_dilated_distributed.py` measures the bytes sent at 2, 4 and 8 ranks and checks this
+# formula and the `stats` the function reports.) The paper's geometric patterns keep $w_i / r_i$
+# fixed, so every spanning pattern sends at most $2 b n_h d \cdot w_1$ elements, at any length.
+# The LongNet authors' torchscale code instead all-gathers the sparse keys and values over the
+# whole process group and keeps its segment's slice, which sends $(P - 1)$ blocks per rank.
+#
+# Conditions: every rank holds the same number of tokens $n$; a segment length either divides
+# $n$ (with its rate dividing it) or is a multiple of $n$ (with its rate dividing $n$); lengths
+# beyond the whole sequence $n P$ are clipped to it, as on one device.
+def segment_peers(rank: int, n: int, w: int, *, is_causal: bool) -> tuple[list[int], list[int]]:
+    r"""Who exchanges sparse keys and values with `rank` for a pattern of segment length `w` > `n`.
 
-    world = dist.get_world_size(group)
-    out = torch.empty((world, *x.shape), dtype=x.dtype, device=x.device)
-    if dist.get_backend(group) == "nccl":
-        dist.all_gather_into_tensor(out, x.contiguous(), group=group)
-    else:  # gloo has no all_gather_into_tensor
-        dist.all_gather(list(out.unbind(0)), x.contiguous(), group=group)
-    return out
+    Args:
+        rank (int): this rank's index in the process group.
+        n (int): tokens per rank.
+        w (int): the segment length, a multiple of `n`: a segment spans `w // n` ranks.
+        is_causal (bool): with causal masking a rank needs only the earlier ranks of its segment.
+
+    Returns:
+        tuple: `(send_to, recv_from)`, the ranks this rank sends its block to and receives blocks from,
+        in increasing order.
+    """
+    span = w // n
+    first = rank - rank % span
+    others = [p for p in range(first, first + span) if p != rank]
+    if is_causal:
+        return [p for p in others if p > rank], [p for p in others if p < rank]
+    return others, others
 
 
-def _reduce_scatter(x: torch.Tensor, group) -> torch.Tensor:
-    """`x` `[world, ...]` summed over ranks; this rank's slice `[...]`."""
-    import torch.distributed as dist
-
-    rank = dist.get_rank(group)
-    if dist.get_backend(group) == "nccl":
-        out = torch.empty(x.shape[1:], dtype=x.dtype, device=x.device)
-        dist.reduce_scatter_tensor(out, x.contiguous(), group=group)
-        return out
-    x = x.contiguous()
-    dist.all_reduce(x, group=group)
-    return x[rank]
-
-
-class _DistributedDilatedFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, ws, rs, is_causal, scale, group, stats):
-        import torch.distributed as dist
-
-        rank, world = dist.get_rank(group), dist.get_world_size(group)
-        batch, n, n_heads, head_dim = q.shape
-        total = torch.full((batch, n, n_heads), -math.inf, dtype=_lse_dtype(q), device=q.device)
-        pieces, auxes = [], []  # (pattern index, which block, o, lse); the kernels' bookkeeping
-        for i, (w, r) in enumerate(zip(ws, rs)):
-            if w <= n:
-                o_i, l_i, aux = _attn_fwd(_gather(q, w, r), _gather(k, w, r), _gather(v, w, r), causal=is_causal, scale=scale)
-                pieces.append((i, None, o_i, l_i))
-                auxes.append(aux)
-                total = torch.logaddexp(total, _scatter_full(l_i, w, r, n, -math.inf))
-                continue
-            # A spanning pattern: local sparse slots, `[batch, n / r, n_heads, head_dim]`, one "segment" of length n.
-            qs, ks, vs = _gather(q, n, r), _gather(k, n, r), _gather(v, n, r)
-            kv_all = _all_gather(torch.stack([ks, vs]), group)  # `[world, 2, batch, n / r, n_heads, head_dim]`
-            if stats is not None:
-                stats["bytes_sent"] = stats.get("bytes_sent", 0) + torch.stack([ks, vs]).numel() * ks.element_size() * (world - 1)
-            first = rank - rank % (w // n)  # the first rank of this segment
-            last = rank if is_causal else first + w // n - 1
-            for src in range(first, last + 1):
-                causal_block = is_causal and src == rank
-                o_b, l_b, aux = _attn_fwd(qs, kv_all[src, 0], kv_all[src, 1], causal=causal_block, scale=scale)
-                pieces.append((i, src, o_b, l_b))
-                auxes.append(aux)
-                total = torch.logaddexp(total, _scatter_full(l_b, n, r, n, -math.inf))
-        acc = torch.zeros(q.shape, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32, device=q.device)
-        for i, src, o_b, l_b in pieces:
-            seg = ws[i] if src is None else n
-            weight = torch.exp(l_b - _gather(total, seg, rs[i]))
-            _scatter_add_(acc, o_b, seg, rs[i], weight=weight)
-        if acc is not None:
-            out = acc.to(q.dtype)
-        ctx.save_for_backward(q, k, v, out, total)
-        ctx.cfg = (ws, rs, is_causal, scale, group)
-        ctx.auxes, ctx.stats = auxes, stats
-        return out
+class _SegmentBlocks(torch.autograd.Function):
+    """Forward: this rank's sparse keys and values `kv` go to the ranks of `send_to`, the blocks of
+    `recv_from` come in, and all of them are returned stacked in rank order. Backward: the gradient
+    of each received block goes back to its owner, and the gradients of this rank's block come back
+    from the ranks it was sent to, added to its own."""
 
     @staticmethod
-    def backward(ctx, dout):
-        import torch.distributed as dist
+    def forward(ctx, kv, rank, send_to, recv_from, group, tag, stats):
+        ctx.peers = (rank, send_to, recv_from, group, tag, stats)
+        got = dilated_attention_fast.send_and_receive(dict.fromkeys(send_to, kv), recv_from, kv, group=group,
+                                                      tag=2 * tag, stats=stats, key="bytes_sent")
+        blocks = dict(zip(recv_from, got)) | {rank: kv}
+        return torch.stack([blocks[p] for p in sorted(blocks)])
 
-        q, k, v, out, total = ctx.saved_tensors
-        ws, rs, is_causal, scale, group = ctx.cfg
-        rank, world = dist.get_rank(group), dist.get_world_size(group)
-        batch, n, n_heads, head_dim = q.shape
-        gdt = torch.float64 if q.dtype == torch.float64 else torch.float32
-        dq, dk, dv = (torch.zeros(q.shape, dtype=gdt, device=q.device) for _ in range(3))
-        dout = dout.contiguous().to(q.dtype)
-        auxes = iter(ctx.auxes)
-        for w, r in zip(ws, rs):
-            seg = w if w <= n else n
-            qg, og, dog, lse = _gather(q, seg, r), _gather(out, seg, r), _gather(dout, seg, r), _gather(total, seg, r).contiguous()
-            if w <= n:
-                dqg, dkg, dvg = _attn_bwd(qg, _gather(k, w, r), _gather(v, w, r), og, lse, dog, next(auxes),
-                                          causal=is_causal, scale=scale)
-                _scatter_add_(dq, dqg.to(gdt), w, r)
-                _scatter_add_(dk, dkg.to(gdt), w, r)
-                _scatter_add_(dv, dvg.to(gdt), w, r)
-                continue
-            ks, vs = _gather(k, n, r), _gather(v, n, r)
-            kv_all = _all_gather(torch.stack([ks, vs]), group)
-            if ctx.stats is not None:
-                # The re-gather, and the gradients of the other ranks' keys and values sent home.
-                ctx.stats["bytes_sent_backward"] = ctx.stats.get("bytes_sent_backward", 0) + \
-                    2 * kv_all[0].numel() * kv_all.element_size() * (world - 1)
-            dkv_all = torch.zeros(kv_all.shape, dtype=gdt, device=q.device)
-            first = rank - rank % (w // n)
-            last = rank if is_causal else first + w // n - 1
-            for src in range(first, last + 1):
-                dqg, dkg, dvg = _attn_bwd(qg, kv_all[src, 0], kv_all[src, 1], og, lse, dog, next(auxes),
-                                          causal=is_causal and src == rank, scale=scale)
-                _scatter_add_(dq, dqg.to(gdt), n, r)
-                dkv_all[src, 0] += dkg.to(gdt)
-                dkv_all[src, 1] += dvg.to(gdt)
-            # Send each block's key and value gradients home: `[2, batch, n / r, n_heads, head_dim]`.
-            mine = _reduce_scatter(dkv_all.to(q.dtype) if q.is_cuda else dkv_all, group).to(gdt)
-            _scatter_add_(dk, mine[0], n, r)
-            _scatter_add_(dv, mine[1], n, r)
-        return dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype), None, None, None, None, None, None
+    @staticmethod
+    @dilated_attention_fast.differentiable_once("distributed_dilated_attention")
+    def backward(ctx, grad):
+        rank, send_to, recv_from, group, tag, stats = ctx.peers
+        grads = dict(zip(sorted([*recv_from, rank]), grad.unbind(0)))
+        mine = grads.pop(rank)
+        back = dilated_attention_fast.send_and_receive(grads, send_to, mine, group=group, tag=2 * tag + 1,
+                                                       stats=stats, key="bytes_sent_backward")
+        return sum(back, mine), None, None, None, None, None, None
+
+
+def _distributed_readable(q, k, v, ws, rs, peers, *, is_causal: bool, scale: float, group, stats) -> torch.Tensor:
+    """This rank's output, plain autograd: local patterns as on one device, spanning ones with the
+    blocks of the segment's other ranks; float32 (float64 for float64 inputs)."""
+    rank, n = dist.get_rank(group), q.shape[1]
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    outs, lses = [], []
+    for i, (w, r) in enumerate(zip(ws, rs)):
+        if peers[i] is None:
+            o_i, l_i = _pattern_attention(q.to(work), k.to(work), v.to(work), w, r, is_causal=is_causal, scale=scale)
+        else:
+            send_to, recv_from = peers[i]
+            # This rank's slots, those of one segment of length n: `[batch, 1, n / r, n_heads, head_dim]`.
+            qs, ks, vs = (_sparsify(x, n, r) for x in (q, k, v))
+            # The blocks of the segment's ranks that this rank needs, its own included, in rank order:
+            # `[n_blocks, 2, batch, 1, n / r, n_heads, head_dim]`, sent in the inputs' dtype.
+            blocks = _SegmentBlocks.apply(torch.stack([ks, vs]), rank, send_to, recv_from, group, i, stats)
+            # Their keys and values one after the other: `[2, batch, 1, m_k, n_heads, head_dim]`.
+            kv_all = blocks.movedim(0, 3).flatten(3, 4).to(work)
+            m_q, m_k = qs.shape[2], kv_all.shape[3]
+            # Causal: the received blocks are all earlier and this rank's own is last, so a query
+            # sees every received key and the keys of its own block up to itself.
+            allowed = torch.ones(m_q, m_k, dtype=torch.bool, device=q.device)
+            if is_causal:
+                allowed = allowed.tril(m_k - m_q)
+            o, lse = _attend(qs.to(work), kv_all[0], kv_all[1], allowed, scale)
+            o_i, l_i = _unsparsify(o, n, r, n, 0.0), _unsparsify(lse, n, r, n, -math.inf)
+        outs.append(o_i)
+        lses.append(l_i)
+    return _mix(outs, lses)
 
 
 def distributed_dilated_attention(q, k, v, segment_lengths, dilation_rates, *, is_causal: bool = False,
                                   softmax_scale: float | None = None, group=None, stats: dict | None = None):
-    r"""`dilated_attention` of the full sequence, split over the ranks of `group`.
+    r"""`dilated_attention` of the whole sequence, split over the ranks of `group`.
 
-    `q`, `k`, `v` are this rank's `[batch, n, n_heads, head_dim]`, positions `rank * n` to
-    `(rank + 1) * n - 1`. Each segment length must divide `n` or be a multiple of it, and each rate
-    of a spanning pattern must divide `n`. Returns this rank's slice of the output. If `stats` is a
-    dict, `stats["bytes_sent"]` accumulates the bytes this rank sends in the forward's all-gathers
-    and `stats["bytes_sent_backward"]` those of the backward (in the simple model where a rank
-    sends its block to each other rank).
+    Rank $\rho$ holds positions $\rho n, \dots, (\rho + 1) n - 1$. Sparse keys and values are
+    exchanged point to point, only among the ranks of a segment (`segment_peers`); the gradients of
+    received ones go back to their owners the same way.
+
+    Shapes: `b` batch, `n` tokens per rank, `n_h` heads, `h_d` head dimension.
+
+    Args:
+        q (torch.Tensor): this rank's `[b, n, n_h, h_d]` queries, floating point; every rank has the same `n`.
+        k (torch.Tensor): this rank's `[b, n, n_h, h_d]` keys, as `q`.
+        v (torch.Tensor): this rank's `[b, n, n_h, h_d]` values, as `q`.
+        segment_lengths (int | Sequence[int]): $w_i$, each dividing `n` or a multiple of it; clipped to
+            the whole sequence `n * world`.
+        dilation_rates (int | Sequence[int]): $r_i$, each dividing its $w_i$ if $w_i \le n$, else `n`.
+        is_causal (bool): mask later keys. Default False.
+        softmax_scale (float | None): the scale of the logits. Default None ($1/\sqrt{h_d}$).
+        group (torch.distributed.ProcessGroup | None): the ranks that share the sequence. Default None
+            (the default group).
+        stats (dict | None): if a dict, `stats["bytes_sent"]` accumulates the bytes this rank sends in
+            forward passes and `stats["bytes_sent_backward"]` those of backward passes: what was passed
+            to `torch.distributed.isend`. Default None.
+
+    Returns:
+        torch.Tensor: this rank's `[b, n, n_h, h_d]` of the output, in `q`'s dtype.
+
+    Raises:
+        RuntimeError: `torch.distributed` is not initialised.
+        TypeError, ValueError: bad tensors, patterns, scale, `is_causal` or `stats`, or patterns that
+            do not fit the split (see the conditions above).
+        annotated_src.fastpath.FastPathError: the fast path applied and failed.
     """
-    import torch.distributed as dist
-
     _check_qkv(q, k, v)
     ws, rs = check_patterns(segment_lengths, dilation_rates)
     scale = _scale(softmax_scale, q.shape[-1])
+    _check_causal(is_causal)
+    if stats is not None and not isinstance(stats, dict):
+        fail("stats", stats, "None or a dict", TypeError)
     if not dist.is_available() or not dist.is_initialized():
         fail("group", group, "an initialised torch.distributed process group", RuntimeError)
-    n, world = q.shape[1], dist.get_world_size(group)
+    rank, world, n = dist.get_rank(group), dist.get_world_size(group), q.shape[1]
+    ws = tuple(min(w, n * world) for w in ws)
+    peers = []
     for w, r in zip(ws, rs):
-        if w <= n and n % w:
-            fail("segment_lengths", ws, f"lengths that divide the per-rank length {n} or are multiples of it (got {w})")
+        if w <= n and (n % w or w % r):
+            fail("segment_lengths", ws, f"each length <= the per-rank length {n} dividing it, with its rate dividing "
+                 f"the length (got length {w}, rate {r})")
         if w > n and (w % n or n % r):
-            fail("segment_lengths", ws, f"a length {w} > per-rank length {n} must be a multiple of it, with its rate {r} dividing {n}")
-        if w > n and w > n * world:
-            fail("segment_lengths", ws, f"lengths <= the total sequence {n * world} (got {w})")
-    return _DistributedDilatedFn.apply(q, k, v, ws, rs, is_causal, scale, group, stats)
+            fail("segment_lengths", ws, f"each length > the per-rank length {n} a multiple of it, with its rate "
+                 f"dividing {n} (got length {w}, rate {r})")
+        peers.append(None if w <= n else segment_peers(rank, n, w, is_causal=is_causal))
+    if fastpath.applies("dilated_attention", q, k, v) and dilated_attention_fast.supports(q):
+        return fastpath.run("dilated_attention", dilated_attention_fast.distributed_dilated_attention, q, k, v, ws, rs,
+                            peers, is_causal=is_causal, scale=scale, group=group, stats=stats)
+    return _distributed_readable(q, k, v, ws, rs, peers, is_causal=is_causal, scale=scale, group=group,
+                                 stats=stats).to(q.dtype)
 
 
 # # Helpers: FLOPs and the paper's patterns
 #
-# The forward FLOPs of the fast path: pattern $i$ has `seq_len / w` segments of $(w/r)^2$
-# query-key pairs per head (half of them with causal masking), $4d$ FLOPs each.
+# The forward FLOPs: per head, pattern $i$ has `seq_len / w` segments of $(w/r)^2$ query-key
+# pairs, $4d$ FLOPs each. With causal masking a segment of $m$ slots has $m (m + 1) / 2$ pairs,
+# which the count takes as half of $m^2$. A last segment cut short, or a rate that does not divide
+# its segment, is counted by the same formula (fractional segments).
 def dilated_flops(seq_len: int, n_heads: int, head_dim: int, segment_lengths, dilation_rates, *,
                   batch: int = 1, is_causal: bool = False) -> float:
-    r"""Forward FLOPs $4 N d \sum_i w_i / r_i^2$ per head (times `batch * n_heads`, halved if causal)."""
+    r"""The forward FLOPs of dilated attention, $4 N d \sum_i w_i / r_i^2$ per head.
+
+    Args:
+        seq_len (int): $N$; segment lengths above it count as $N$.
+        n_heads (int): number of heads.
+        head_dim (int): $d$.
+        segment_lengths (int | Sequence[int]): $w_i$.
+        dilation_rates (int | Sequence[int]): $r_i$.
+        batch (int): batch size. Default 1.
+        is_causal (bool): halve the count. Default False.
+
+    Returns:
+        float: the FLOPs, times `batch * n_heads`.
+
+    Raises:
+        TypeError, ValueError: a size is not an int >= 1, or bad patterns.
+    """
+    for name, value in (("seq_len", seq_len), ("n_heads", n_heads), ("head_dim", head_dim), ("batch", batch)):
+        check_int(name, value, min_value=1)
     ws, rs = check_patterns(segment_lengths, dilation_rates)
     ws = tuple(min(w, seq_len) for w in ws)
     f = sum(4 * seq_len * head_dim * w / r**2 for w, r in zip(ws, rs)) * batch * n_heads
@@ -970,7 +658,20 @@ def dilated_flops(seq_len: int, n_heads: int, head_dim: int, segment_lengths, di
 
 
 def geometric_patterns(seq_len: int, *, first_segment: int = 2048, ratio: int = 2) -> tuple[list[int], list[int]]:
-    r"""The paper's geometric patterns: $w = w_0, w_0 \alpha, \dots$ up to `seq_len`, $r = 1, \alpha, \dots$."""
+    r"""The paper's geometric patterns: $w = w_0, w_0 \alpha, \dots$ up to `seq_len`, $r = 1, \alpha, \dots$.
+
+    Args:
+        seq_len (int): the longest sequence; the last segment length is the first $\ge$ it.
+        first_segment (int): $w_0$. Default 2048 (clipped to `seq_len`).
+        ratio (int): $\alpha$, >= 2. Default 2.
+
+    Returns:
+        tuple: `(segment_lengths, dilation_rates)`, two lists of ints; every pattern keeps
+        `min(first_segment, seq_len)` slots per segment.
+
+    Raises:
+        TypeError, ValueError: an argument is not an int in range.
+    """
     check_int("seq_len", seq_len, min_value=1)
     check_int("first_segment", first_segment, min_value=1)
     check_int("ratio", ratio, min_value=2)
@@ -988,11 +689,28 @@ def geometric_patterns(seq_len: int, *, first_segment: int = 2048, ratio: int = 
 # T5's bucketed bias: a distance $\delta = k - q$ maps to one of `num_buckets` buckets (exact for
 # small $|\delta|$, logarithmic beyond, both signs unless causal), and each head learns a scalar per
 # bucket. The distances are those of the real tokens. A bias is an additive term on the logits,
-# which flash attention cannot take; with `use_rel_pos_bias=True` the module uses the plain path
-# with the bias added, one pattern at a time (see `_biased_dilated_attention`).
+# which the fused kernels of the fast path cannot take; with `use_rel_pos_bias=True` the module
+# runs the readable path with the bias added to each pattern's logits.
 def relative_position_bucket(relative_position: torch.Tensor, *, bidirectional: bool = True,
                              num_buckets: int = 32, max_distance: int = 128) -> torch.Tensor:
-    """T5's bucket of each relative position $k - q$."""
+    r"""T5's bucket of each relative position $k - q$.
+
+    Args:
+        relative_position (torch.Tensor): integer distances $k - q$, any shape.
+        bidirectional (bool): separate buckets for keys after the query. Default True.
+        num_buckets (int): number of buckets (half per direction if bidirectional). Default 32.
+        max_distance (int): distances from this one on share the last bucket. Default 128.
+
+    Returns:
+        torch.Tensor: the bucket of each distance, `relative_position`'s shape, int64.
+
+    Raises:
+        TypeError, ValueError: `relative_position` is not an integer tensor, or a size is out of range.
+    """
+    check_tensor("relative_position", relative_position, integer=True)
+    check_int("num_buckets", num_buckets, min_value=4 if bidirectional else 2)
+    check_int("max_distance", max_distance, min_value=num_buckets // (4 if bidirectional else 2) + 1)
+    relative_position = relative_position.long()
     ret = torch.zeros_like(relative_position)
     n = -relative_position
     if bidirectional:
@@ -1010,48 +728,32 @@ def relative_position_bucket(relative_position: torch.Tensor, *, bidirectional: 
     return ret + torch.where(is_small, n, val_if_large)
 
 
-def _biased_dilated_attention(q, k, v, ws, rs, *, is_causal, scale, bias_fn):
-    """Dilated attention with a logit bias `bias_fn(pos_q, pos_k, heads)` `[n_seg, n_heads, m, m]`, one gathered pattern at a time (plain autograd)."""
-    batch, seq_len, n_heads, head_dim = q.shape
-    lses, outs = [], []
-    for w, r in zip(ws, rs):
-        order = torch.tensor(_head_order(n_heads, r), device=q.device)
-        valid = _slot_valid(seq_len, w, r, n_heads, q.device)
-        n_seg, m = -(-seq_len // w), -(-w // r)
-        offs = order % r
-        # Positions of the gathered slots, `[n_seg, m, n_heads]`.
-        pos = (torch.arange(n_seg, device=q.device)[:, None, None] * w + offs[None, None, :]
-               + r * torch.arange(m, device=q.device)[None, :, None])
-        qg, kg, vg = _gather(q, w, r), _gather(k, w, r), _gather(v, w, r)
-        work = _lse_dtype(q)
-        s = torch.einsum("bqhd,bkhd->bhqk", qg.to(work), kg.to(work)) * scale  # `[batch * n_seg, n_heads, m, m]`
-        pos_h = pos.permute(0, 2, 1)  # `[n_seg, n_heads, m]`
-        bias = bias_fn(pos_h[..., :, None], pos_h[..., None, :], order)  # `[n_seg, n_heads, m, m]`
-        s = s + bias.to(work).repeat(batch, 1, 1, 1)
-        s = _mask_scores(s, causal=is_causal, key_valid=None if valid is None else valid.repeat(batch, 1, 1))
-        lse = torch.logsumexp(s, -1)
-        o = torch.einsum("bhqk,bkhd->bqhd", torch.softmax(s, -1), vg.to(work))
-        outs.append((w, r, o, lse.transpose(1, 2)))
-        lses.append(_scatter_full(lse.transpose(1, 2).contiguous(), w, r, seq_len, -math.inf))
-    total = torch.logsumexp(torch.stack(lses), 0)
-    acc = torch.zeros(q.shape, dtype=_lse_dtype(q), device=q.device)
-    for w, r, o, lse in outs:
-        contrib = o * torch.exp(lse - _gather(total, w, r))[..., None]
-        buf = torch.zeros_like(acc)
-        _scatter_add_(buf, contrib, w, r)
-        acc = acc + buf
-    return acc.to(q.dtype)
 
 
 class DilatedAttention(nn.Module):
     r"""Multi-head dilated self-attention on `[batch, seq_len, d_model]`, any `seq_len`.
 
-    * `d_model`, `num_heads`: model width and number of heads (`d_model % num_heads == 0`);
-    * `dilation_rate`, `segment_size`: an int each, or equal-length sequences (the patterns);
-    * `dropout`: dropout on the attention output before the output projection (training only);
-    * `causal`: mask later keys;
-    * `use_xpos`: rotate queries and keys with xPos (from the RoPE chapter) before attention;
-    * `use_rel_pos_bias`: add a learned T5-style bucketed bias per head on real token distances.
+    The input is projected to queries, keys and values, `dilated_attention` mixes them, and an
+    output projection follows.
+
+    Args:
+        d_model (int): model width.
+        num_heads (int): number of heads, dividing `d_model`.
+        dilation_rate (int | Sequence[int]): $r_i$, one per pattern. Default 1.
+        segment_size (int | Sequence[int]): $w_i$, as many as rates. Default 2048.
+        dropout (float): dropout on the attention output before the output projection, in
+            training, in $[0, 1)$. Default 0.0.
+        causal (bool): mask later keys. Default False.
+        use_xpos (bool): rotate queries and keys with xPos (the RoPE chapter) before attention.
+            Default False.
+        use_rel_pos_bias (bool): add a learned T5-style bucketed bias per head on token distances
+            (then the readable path runs: the fused kernels take no bias). Default False.
+        max_seq_len (int): the longest sequence xPos is built for. Default 8192.
+        num_buckets (int): buckets of the relative-position bias. Default 32.
+        max_distance (int): distance from which the bias shares its last bucket. Default 128.
+
+    Raises:
+        TypeError, ValueError: a bad size, pattern or dropout; the message names the argument.
     """
 
     def __init__(self, d_model: int, num_heads: int, dilation_rate=1, segment_size=2048, dropout: float = 0.0,
@@ -1078,24 +780,42 @@ class DilatedAttention(nn.Module):
         self.num_buckets, self.max_distance = num_buckets, max_distance
 
     def _bias(self, pos_q: torch.Tensor, pos_k: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
-        # `pos_q`, `pos_k` broadcast to `[n_seg, n_heads, m, m]`; gathered head $i$ is model head `heads[i]`.
+        # `pos_q`, `pos_k` broadcast to `[n_seg, n_heads, m, m]`; `heads` `[n_heads]` lists the heads.
         buckets = relative_position_bucket(pos_k - pos_q, bidirectional=not self.causal,
                                            num_buckets=self.num_buckets, max_distance=self.max_distance)
         # `rel_pos_bias.weight` `[num_buckets, n_heads]`: head $j$ reads column $j$.
         return self.rel_pos_bias.weight[buckets, heads[None, :, None, None].expand_as(buckets)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Self-attention of `x`.
+
+        Args:
+            x (torch.Tensor): `[b, s, d_model]`, of the module's dtype and device.
+
+        Returns:
+            torch.Tensor: `[b, s, d_model]`.
+
+        Raises:
+            TypeError: `x` is not a tensor of the weights' dtype.
+            ValueError: `x` has the wrong shape or is not on the weights' device.
+        """
         check_tensor("x", x, ndim=3, layout="[batch, seq_len, d_model]", floating=True)
         if x.shape[-1] != self.d_model:
             fail("x", f"shape {tuple(x.shape)}", f"last dimension d_model={self.d_model}")
+        weight = self.qkv.weight
+        if x.dtype != weight.dtype:
+            fail("x", f"dtype {x.dtype}", f"the dtype of the module's weights, {weight.dtype}", TypeError)
+        if x.device != weight.device:
+            fail("x", f"device {x.device}", f"the device of the module's weights, {weight.device}")
         batch, seq_len, _ = x.shape
         # `[batch, seq_len, 3, n_heads, head_dim]` -> three `[batch, seq_len, n_heads, head_dim]`
         q, k, v = self.qkv(x).view(batch, seq_len, 3, self.num_heads, self.head_dim).unbind(2)
         if self.xpos is not None:
             q, k = self.xpos(q, k)
         if self.rel_pos_bias is not None:
-            o = _biased_dilated_attention(q, k, v, self.segment_lengths, self.dilation_rates, is_causal=self.causal,
-                                          scale=self.head_dim ** -0.5, bias_fn=self._bias)
+            ws = tuple(min(w, seq_len) for w in self.segment_lengths)
+            o = _dilated_attention_readable(q, k, v, ws, self.dilation_rates, is_causal=self.causal,
+                                            scale=self.head_dim ** -0.5, bias_fn=self._bias).to(q.dtype)
         else:
             o = dilated_attention(q, k, v, self.segment_lengths, self.dilation_rates, is_causal=self.causal)
         o = F.dropout(o, p=self.dropout, training=self.training)
@@ -1106,8 +826,15 @@ class MultiheadDilatedAttention(DilatedAttention):
     r"""The LongNet layer with the paper's geometric patterns.
 
     Segment lengths $w = w_0, 2 w_0, 4 w_0, \dots$ up to `max_seq_len` and rates
-    $r = 1, 2, 4, \dots$ (`geometric_patterns`), so every pattern has $w_0$ sparse slots per segment
-    and the same cost. Other arguments as in `DilatedAttention`.
+    $r = 1, 2, 4, \dots$ (`geometric_patterns`): every pattern keeps $w_0$ slots per segment, and
+    each costs half the one before ($4 N d\, w_0 / r$ FLOPs per head).
+
+    Args:
+        d_model (int): model width.
+        num_heads (int): number of heads, dividing `d_model`.
+        max_seq_len (int): the longest segment (and xPos's longest sequence). Default 32768.
+        first_segment (int): $w_0$. Default 2048.
+        dropout, causal, use_xpos, use_rel_pos_bias: as in `DilatedAttention`.
     """
 
     def __init__(self, d_model: int, num_heads: int, *, max_seq_len: int = 32768, first_segment: int = 2048,

@@ -45,33 +45,49 @@ $c$ tokens:
 
 Eager PyTorch launches a few hundred small kernels per token, and at batch 1 the CPU cannot launch
 them as fast as the GPU runs them. The fast path (after
-[gpt-fast](https://github.com/pytorch-labs/gpt-fast)) removes that overhead: a **static cache**
-preallocated at its final size, a one-token step whose every shape is fixed, positions and the
-cache slot passed as *tensors* (so nothing the compiler guards on changes between steps), cache writes by
-`index_copy_` at a tensor slot into buffers that never move, no read of a device value on the host
-inside the step (inputs are validated once, before the loop), no counter updated inside it, and
-`torch.compile`, whose kernels the step runs as one CUDA graph, recorded once and replayed each
-token. Two more choices shrink the GPU's own work per token: the query, key and value projections
-are one matrix-vector product over stacked weights, and attention for the single new query is
-written out as small reductions that the compiler fuses, rather than a flash-attention kernel
-made for long sequences.
+[gpt-fast](https://github.com/pytorch-labs/gpt-fast)) removes that overhead. This file prepares it:
+a **static cache** preallocated at its final size, and a one-token step, `decode_one_token`, whose
+every shape is fixed, with positions and the cache slot passed as *tensors* (so nothing a compiler
+guards on changes between steps), cache writes by `index_copy_` at a tensor slot into buffers that
+never move, no read of a device value on the host inside the step (inputs are validated once,
+before the loop), no counter updated inside it, and attention for the single new query written
+out as small reductions (`one_query_attention`) rather than a flash-attention kernel made for long
+sequences.
 
-Even then a compiled layer is about a dozen kernels, and at batch 1 each is so short that its
-start and its tail, when the memory idles, weigh as much as its reading. For Llama-shaped layers
-on a CUDA GPU the step is therefore written by hand in Triton (`_decode_kernels.py`): five kernels
-per layer, each one block of weights streamed with the norm, rotation, cache write, activation or
-residual around it folded in, each launched so that it overlaps the tail of the one before. Other
-models keep the compiled step. The prompt's own pass, the *prefill*, is recorded as a CUDA graph
-too once its shape comes back.
+`generate(..., compile=True)` then hands that step to the fast-path page,
+[`annotated_src/kv_cache_fast.py`](annotated_src/kv_cache_fast.py): for Llama-shaped layers five
+hand-written Triton kernels per layer, each one block of weights streamed with the norm, rotation,
+cache write, activation or residual around it folded in; for any other decoder the step compiled
+by `torch.compile`. On a CUDA GPU the step is recorded once as a CUDA graph and replayed for every
+token, and the prompt's own pass, the *prefill*, is recorded too once its shape comes back. The
+switch `annotated_src.fastpath.set_enabled("kv_cache", False)` turns all of it off: `compile=True`
+then runs the same step eagerly.
 
 ## The API
 
-It follows [torchtune](https://github.com/pytorch/torchtune)'s: `KVCache`, `MultiHeadAttention`
-with grouped-query attention, `TransformerSelfAttentionLayer`, `TransformerCrossAttentionLayer`,
-`TransformerDecoder` with `setup_caches`, `caches_are_setup`, `caches_are_enabled`,
-`reset_caches`, `disable_kv_cache` and chunked output, the `llama_decoder` builder, and
-`generate`. One difference of layout: per-head tensors here are `[batch, seq_len, n_heads,
-head_dim]` throughout, the cache included.
+It follows [torchtune](https://github.com/pytorch/torchtune)'s names and structure: `KVCache`,
+`MultiHeadAttention` with grouped-query attention, `TransformerSelfAttentionLayer`,
+`TransformerCrossAttentionLayer`, `TransformerDecoder` with `setup_caches`, `caches_are_setup`,
+`caches_are_enabled`, `reset_caches`, `disable_kv_cache` and chunked output, a Llama builder and
+`generate`. It is not a drop-in replacement; the differences a torchtune user will meet:
+
+* **layout**: per-head tensors here are `[batch, seq_len, n_heads, head_dim]` throughout, the cache
+  included; torchtune's cache is `[batch, n_kv_heads, max_seq_len, head_dim]`;
+* **`KVCache.update`** returns the buffers of the first `batch` rows (the rows written), torchtune's
+  the whole buffers; ours also takes explicit slots (`update(k, v, slots)`, for the static step);
+* **state dict**: the names of the attention and feed-forward weights are torchtune's, but the norms
+  are `nn.RMSNorm` (`.weight`, where torchtune's `RMSNorm` has `.scale`), and the rotary embedding
+  pairs features $(i, i + d/2)$ (Hugging Face's layout) where torchtune's Llama pairs $(2i, 2i + 1)$:
+  a torchtune checkpoint needs its norms renamed and its $W_Q$, $W_K$ rows permuted, which
+  `convert_torchtune_state_dict` (below) does;
+* **`generate`** takes `max_new_tokens` (torchtune: `max_generated_tokens`) and `generator`
+  (torchtune: `rng`, which it draws from differently, so one seed gives other tokens), adds
+  `compile`, wants a 2-D prompt, and returns the tokens only, always `prompt_len + max_new_tokens`
+  long (torchtune: tokens and logits, shorter when every row stopped early). Both read left padding
+  from `pad_id`; a finished row is filled with `pad_id` here, with token 0 in torchtune (which
+  multiplies it by zero);
+* **checks**: a cached forward refuses positions that disagree with the cache's slots when no mask
+  is given (below), and refuses to run while autograd records (caches are for inference).
 
 ## Slots and positions
 
@@ -82,36 +98,40 @@ a left-padded batch, a row with $p$ pads has its first real token in slot $p$ bu
 that it is rotated exactly as if it ran alone. Masks are written over slots, positions only go to
 RoPE. When every row starts at slot 0 the two coincide, and the default causal mask of a cached
 call, slot $j$ visible from position $i$ when $j \le i$, is the usual one, aligned to the bottom
-right: the newest query sees every filled slot.
+right: the newest query sees every filled slot. That default is only right when the positions
+*are* the slots about to be written, so without an explicit `mask` a cached forward requires
+`input_pos` to equal them, and says so otherwise.
 
 ## What this file holds
 
 * `KVCache`, `grouped_query_attention` (and `one_query_attention`, its form for one query),
-  `MultiHeadAttention` (with `fuse_qkv`), the two layer types and `TransformerDecoder` (the cache
-  API above, chunked output, `chunked_cross_entropy`);
+  `MultiHeadAttention`, the two layer types and `TransformerDecoder` (the cache API above, chunked
+  output, `chunked_cross_entropy`);
 * `llama_decoder`, a Llama-shaped model built from them;
-* `generate`: the uncached reference that recomputes everything, the cached loop, and the fast
-  one-token step (`decode_one_token`; compiled by `compiled_decode_one_token`, or run by the
-  Triton kernels that `decode_kernels_for` sets up; recorded as a CUDA graph by `DecodeGraph`;
-  `decode_step` picks the variant), with the prefill recorded by `PrefillGraph`;
+* `generate`: the uncached reference that recomputes everything, the cached loop, and the static
+  one-token step `decode_one_token`, with `decode_step`, the fork to the fast path;
 * helpers that count the FLOPs, bytes and cache memory of a generated token (`decode_cost`,
-  `kv_cache_bytes_per_token`).
+  `kv_cache_bytes_per_token`);
+* converters that load weights from a Hugging Face `LlamaForCausalLM` (`llama_decoder_from_hf`) or
+  a torchtune checkpoint (`convert_torchtune_state_dict`).
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import copy
-import os
-import weakref
-from collections.abc import Iterator, Sequence
+import math
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from annotated_src import fastpath, kv_cache_fast
 from annotated_src._checks import check_int, check_tensor, fail
+# The fast path's graphs and counters, for callers that check that every step was a replay.
+from annotated_src.kv_cache_fast import DecodeGraph, PrefillGraph, _decode_graphs, decode_graph_counters  # noqa: F401
+from annotated_src.rope import RotaryPositionalEmbeddings, apply_rotary, convert_interleaved_to_half, rotary_tables
 
 # ## The cache
 #
@@ -135,7 +155,19 @@ from annotated_src._checks import check_int, check_tensor, fail
 
 
 class KVCache(nn.Module):
-    """Preallocated keys and values, `[batch, max_seq_len, num_kv_heads, head_dim]`, filled in order."""
+    """Preallocated keys and values, `[batch_size, max_seq_len, num_kv_heads, head_dim]`, filled in order.
+
+    Args:
+        batch_size (int): the most sequences the cache holds; a smaller batch uses the first rows.
+        max_seq_len (int): the number of slots.
+        num_kv_heads (int): $n_{kv}$.
+        head_dim (int): $d$.
+        dtype (torch.dtype): of the buffers, floating point.
+        device (torch.device | str | None): of the buffers. Default: the default device.
+
+    Raises:
+        TypeError, ValueError: a size is not an int >= 1, or `dtype` is not floating point.
+    """
 
     def __init__(self, batch_size: int, max_seq_len: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device | str | None = None):
@@ -168,13 +200,21 @@ class KVCache(nn.Module):
 
     def update(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write `k`, `v` (`[batch, seq_len, num_kv_heads, head_dim]`) into the next free slots, or
-        into `slots` (`[seq_len]`, on the cache's device) if given.
+        """Write `k`, `v` into the next free slots, or into `slots` if given.
 
-        Returns the whole buffers for the first `batch` rows, `[batch, max_seq_len, num_kv_heads,
-        head_dim]`; slots not yet written hold zeros and must be masked by the caller. With explicit
-        `slots` nothing is checked and the counter does not move: the caller (the decode step of
-        `generate`) has validated the lengths once, and keeps the bookkeeping.
+        Args:
+            k (torch.Tensor): `[batch, seq_len, num_kv_heads, head_dim]`, in the cache's dtype and device.
+            v (torch.Tensor): the same shape.
+            slots (torch.Tensor | None): `[seq_len]` slots on the cache's device. With explicit
+                `slots` nothing is checked and the counter does not move: the caller (the static
+                decode step) has validated the lengths once, and keeps the bookkeeping.
+
+        Returns:
+            `(k_out, v_out)`: the whole buffers of the first `batch` rows, `[batch, max_seq_len,
+            num_kv_heads, head_dim]`; slots not yet written hold zeros and must be masked by the caller.
+
+        Raises:
+            TypeError, ValueError: a shape, dtype or device is wrong, or the cache would overflow.
         """
         batch, seq_len = k.shape[0], k.shape[1]
         # The readable path writes at the counter and advances it. The decode step passes the slot
@@ -190,6 +230,10 @@ class KVCache(nn.Module):
         # The checks read the counter, a synchronisation on a GPU.
         if not torch.compiler.is_compiling():
             check_tensor("k", k, ndim=4, layout="[batch, seq_len, num_kv_heads, head_dim]", floating=True)
+            for name, t in (("k", k), ("v", v)):
+                if t.dtype != self.k_cache.dtype or t.device != self.k_cache.device:
+                    fail(name, f"a {t.dtype} tensor on {t.device}",
+                         f"the cache's dtype and device, {self.k_cache.dtype} on {self.k_cache.device}", TypeError)
             if k.shape[0] > self.batch_size:
                 fail("k", f"batch {k.shape[0]}", f"at most the cache's batch_size {self.batch_size}")
             if k.shape[2:] != self.k_cache.shape[2:]:
@@ -228,10 +272,18 @@ class KVCache(nn.Module):
 
 def grouped_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
                             *, is_causal: bool = False) -> torch.Tensor:
-    """Attention of `q` `[batch, seq_len, n_heads, head_dim]` over `k`, `v` `[batch, kv_len, n_kv_heads, head_dim]`.
+    """Grouped-query attention of `q` over `k`, `v`, by one call to `scaled_dot_product_attention`.
 
-    `mask`, boolean, True where a query may attend: `[seq_len, kv_len]` or `[batch, seq_len, kv_len]`.
-    Returns `[batch, seq_len, n_heads, head_dim]`.
+    Args:
+        q (torch.Tensor): `[batch, seq_len, n_heads, head_dim]`.
+        k (torch.Tensor): `[batch, kv_len, n_kv_heads, head_dim]`, `n_kv_heads` dividing `n_heads`.
+        v (torch.Tensor): the same shape as `k`.
+        mask (torch.Tensor | None): boolean, True where a query may attend, `[seq_len, kv_len]` or
+            `[batch, seq_len, kv_len]`. Default None (no mask, or `is_causal`).
+        is_causal (bool): SDPA's causal mask, aligned to the top left; only without `mask`. Default False.
+
+    Returns:
+        `[batch, seq_len, n_heads, head_dim]`.
     """
     batch, seq_len, n_heads, head_dim = q.shape
     n_kv = k.shape[2]
@@ -266,9 +318,9 @@ def grouped_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
 # the same arithmetic becomes three small reductions that the compiler generates itself (scores;
 # the softmax's maximum and sum; the weighted sum, with the softmax's exponentials recomputed
 # inside it): the mask, the scaling and the conversions to float32 and back are folded into them,
-# and the keys and values are read where they lie, in their own dtype. In one measurement on an
-# H200 (TinyLlama, bfloat16, 1024 slots) the whole compiled step took 1.34 ms with this form and
-# 1.54 ms with SDPA.
+# and the keys and values are read where they lie, in their own dtype. (Measured once, when the
+# compiled step was the fast path: the step was faster with this form than with SDPA. No cell
+# re-measures it; the Triton kernels have since replaced the compiled step for Llama-shaped models.)
 #
 # The group of query heads is folded as in `grouped_query_attention` (no copy of the cache): `q`
 # becomes `[batch, n_kv, group, head_dim]`, and query head $h$ meets key/value head $\lfloor h / g
@@ -280,11 +332,17 @@ def grouped_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
 
 
 def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Attention of one query per row, `q` `[batch, 1, n_heads, head_dim]`, over `k`, `v` `[batch, kv_len,
-    n_kv_heads, head_dim]` where `mask` (`[batch or 1, 1, kv_len]` or `[1, kv_len]`, boolean) is True.
+    """Attention of one query per row, written out; equals `grouped_query_attention(q, k, v, mask)`.
 
-    Equals `grouped_query_attention(q, k, v, mask)`; every row needs at least one True in `mask`.
-    Returns `[batch, 1, n_heads, head_dim]`.
+    Args:
+        q (torch.Tensor): `[batch, 1, n_heads, head_dim]`.
+        k (torch.Tensor): `[batch, kv_len, n_kv_heads, head_dim]`.
+        v (torch.Tensor): the same shape as `k`.
+        mask (torch.Tensor): boolean, True where the query may attend, `[batch or 1, 1, kv_len]` or
+            `[1, kv_len]`; every row needs at least one True.
+
+    Returns:
+        `[batch, 1, n_heads, head_dim]`, in `q`'s dtype.
     """
     batch, _, n_heads, head_dim = q.shape
     n_kv = k.shape[2]
@@ -320,7 +378,23 @@ def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
 
 
 class MultiHeadAttention(nn.Module):
-    """Grouped-query attention with rotary positions and an optional key/value cache."""
+    """Grouped-query attention with rotary positions and an optional key/value cache.
+
+    Args:
+        embed_dim (int): the width of the residual stream.
+        num_heads (int): $n_h$.
+        num_kv_heads (int): $n_{kv}$, a divisor of `num_heads`.
+        head_dim (int): $d$.
+        q_proj, k_proj, v_proj, output_proj (nn.Module): $W_Q$ (`embed_dim -> n_h d`), $W_K$, $W_V$
+            (`embed_dim -> n_kv d`), $W_O$ (`n_h d -> embed_dim`).
+        pos_embeddings (nn.Module | None): the rotary embedding, None for cross-attention.
+        kv_cache (KVCache | None): a cache, usually set up later by `setup_cache`.
+        max_seq_len (int): the longest sequence without a cache. Default 4096.
+        is_causal (bool): a query sees only earlier positions (False for cross-attention). Default True.
+
+    Raises:
+        TypeError, ValueError: a size is not an int >= 1, or `num_kv_heads` does not divide `num_heads`.
+    """
 
     def __init__(self, *, embed_dim: int, num_heads: int, num_kv_heads: int, head_dim: int, q_proj: nn.Module,
                  k_proj: nn.Module, v_proj: nn.Module, output_proj: nn.Module, pos_embeddings: nn.Module | None = None,
@@ -339,8 +413,6 @@ class MultiHeadAttention(nn.Module):
         self.max_seq_len = max_seq_len
         self.is_causal = is_causal
         self.cache_enabled = kv_cache is not None
-        # `[(n_h + 2 n_kv) d, embed_dim]` once `fuse_qkv` has run (see below), else None
-        self._qkv: torch.Tensor | None = None
 
     def setup_cache(self, batch_size: int, dtype: torch.dtype, max_seq_len: int) -> None:
         """Preallocate a `KVCache` of `max_seq_len` slots on the device of the weights."""
@@ -349,73 +421,31 @@ class MultiHeadAttention(nn.Module):
         self.cache_enabled = True
 
     def reset_cache(self) -> None:
+        """Empty the cache, if there is one."""
         if self.kv_cache is not None:
             self.kv_cache.reset()
-
-    # #### One projection for queries, keys and values
-    #
-    # In a decode step the three projections of the same token are three matrix-vector products
-    # that each read their weights once: $W_Q$ (`[n_h d, embed_dim]`) and the two much smaller $W_K$,
-    # $W_V$ (`[n_{kv} d, embed_dim]` each, 1 MB in TinyLlama). A product that small is over before
-    # the GPU reaches its bandwidth; stacked, $[W_Q; W_K; W_V]$ is one product, one kernel, whose
-    # output is split into $q, k, v$ (as in gpt-fast).
-    #
-    # `fuse_qkv` stacks them *in place*: it copies the three weights into one tensor and makes the
-    # three parameters views of its rows. Nothing else changes: the parameters keep their names,
-    # values and shapes (the state dict is torchtune's), the readable path still calls `q_proj`,
-    # `k_proj` and `v_proj`, and whatever updates a parameter in place updates the stacked tensor.
-    # What it costs: one copy of the three weights, once. What could undo it: converting the model
-    # (`.to()`, `.cuda()`, `.bfloat16()`) replaces each parameter's storage; `_apply` below stacks
-    # them again afterwards. Anything else that replaces a parameter (`load_state_dict(...,
-    # assign=True)`, `param.data = ...`) is found by the next `fuse_qkv`, which `decode_step` (and so
-    # `generate`) calls before every generation, and which checks that the parameters are still the
-    # rows of the stacked tensor.
-    def fuse_qkv(self) -> torch.Tensor | None:
-        """Store $W_Q$, $W_K$, $W_V$ as the rows of one tensor `[(n_h + 2 n_kv) d, embed_dim]` and return
-        it; None (and nothing changed) unless the three are bias-free `nn.Linear`s of one dtype and device."""
-        projs = (self.q_proj, self.k_proj, self.v_proj)
-        if not all(type(p) is nn.Linear and p.bias is None for p in projs):
-            self._qkv = None
-            return None
-        ws = [p.weight for p in projs]
-        if self._qkv is not None and _rows_of(self._qkv, ws):
-            return self._qkv
-        if len({(w.dtype, w.device, w.shape[1]) for w in ws}) != 1:
-            self._qkv = None
-            return None
-        with torch.no_grad():
-            fused = torch.cat([w.detach() for w in ws])
-            for w, rows in zip(ws, fused.split([w.shape[0] for w in ws])):
-                w.data = rows
-        self._qkv = fused
-        return fused
-
-    def _apply(self, fn, recurse=True):
-        # A conversion gives every parameter its own new storage: stack them again.
-        fused, self._qkv = self._qkv is not None, None
-        super()._apply(fn, recurse)
-        if fused:
-            self.fuse_qkv()
-        return self
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None, *, mask: torch.Tensor | None = None,
                 input_pos: torch.Tensor | None = None, cache_slots: torch.Tensor | None = None) -> torch.Tensor:
         """`x` `[batch, seq_len, embed_dim]` attends to `y` `[batch, kv_len, embed_dim]` (or the cache).
 
-        `cache_slots` (`[seq_len]`): write the new keys and values there, unchecked (see `KVCache.update`).
+        Args:
+            x (torch.Tensor): the queries' stream, `[batch, seq_len, embed_dim]`.
+            y (torch.Tensor | None): the keys' and values' stream, `x` itself for self-attention, the
+                encoder's output for cross-attention, or None to reuse the cross-attention cache.
+            mask (torch.Tensor | None): boolean, True where a query may attend, `[seq_len, kv_len]` or
+                `[batch, seq_len, kv_len]` (`kv_len` is the cache's length when cached).
+            input_pos (torch.Tensor | None): positions for the rotary embedding, `[seq_len]` or
+                `[batch, seq_len]`.
+            cache_slots (torch.Tensor | None): `[seq_len]`: the static step's hook (see below).
+
+        Returns:
+            `[batch, seq_len, embed_dim]`.
         """
         batch, seq_len, _ = x.shape
         use_cache = self.kv_cache is not None and self.cache_enabled
-        # The decode step (`cache_slots` given) of a self-attention layer whose weights are stacked
-        # multiplies by them once: `[batch, seq_len, (n_h + 2 n_kv) d]`, split into q, k, v.
-        fused = cache_slots is not None and y is x and self._qkv is not None
-        if fused:
-            kv_width = self.num_kv_heads * self.head_dim
-            q, k, v = F.linear(x, self._qkv).split([self.num_heads * self.head_dim, kv_width, kv_width], dim=-1)
-        else:
-            q = self.q_proj(x)
         # `[batch, seq_len, n_heads, head_dim]`
-        q = q.view(batch, seq_len, self.num_heads, self.head_dim)
+        q = self.q_proj(x).view(batch, seq_len, self.num_heads, self.head_dim)
         if self.pos_embeddings is not None:
             q = self._rotate(q, input_pos, checked=cache_slots is None)
         if y is None:
@@ -424,11 +454,9 @@ class MultiHeadAttention(nn.Module):
                 fail("y", None, "the encoder's output when the layer has no enabled cache")
             k, v = self.kv_cache.k_cache[:batch], self.kv_cache.v_cache[:batch]
         else:
-            if not fused:
-                k, v = self.k_proj(y), self.v_proj(y)
             # `[batch, kv_len, n_kv_heads, head_dim]`
-            k = k.view(batch, y.shape[1], self.num_kv_heads, self.head_dim)
-            v = v.view(batch, y.shape[1], self.num_kv_heads, self.head_dim)
+            k = self.k_proj(y).view(batch, y.shape[1], self.num_kv_heads, self.head_dim)
+            v = self.v_proj(y).view(batch, y.shape[1], self.num_kv_heads, self.head_dim)
             if self.pos_embeddings is not None:
                 k = self._rotate(k, input_pos, checked=cache_slots is None)
             if use_cache:
@@ -443,37 +471,33 @@ class MultiHeadAttention(nn.Module):
         if mask is None:
             out = grouped_query_attention(q, k, v, is_causal=self.is_causal and seq_len > 1)
         elif cache_slots is not None and seq_len == 1:
-            # The decode step: one query per row, attention written out (see `one_query_attention`).
+            # The static step: one query per row, attention written out (see `one_query_attention`).
             out = one_query_attention(q, k, v, mask)
         else:
             out = grouped_query_attention(q, k, v, mask)
         # `[batch, seq_len, embed_dim]`
         return self.output_proj(out.reshape(batch, seq_len, self.num_heads * self.head_dim))
 
-    # The rotary module checks the range of `input_pos` on every call, which reads the positions
-    # back to the host: one synchronisation per layer and token. The decode step of `generate`
-    # (`checked=False`) has validated its positions once, before the loop, and takes the rotary
-    # tables' rows and the readable rotation directly. Any other rotary module is called as is.
+    # The static step's hook. `cache_slots` is given only by `decode_one_token` (and the prefill of
+    # the fast path), which have checked their inputs once, before the loop. It changes three things,
+    # each so that the step reads nothing back to the host and writes only where it is told: the
+    # keys and values go to `cache_slots` (no counter read or advanced, see `KVCache.update`); the
+    # rotation skips the rotary module's range check of the positions, which reads them back to
+    # the host; and a single query takes `one_query_attention`. The rotation is then the readable
+    # one, `apply_rotary`, with the tables' rows for these positions (float64 tables for float64
+    # inputs, as the rotary module does). Any other rotary module is called as is.
     def _rotate(self, x: torch.Tensor, input_pos: torch.Tensor | None, *, checked: bool) -> torch.Tensor:
-        from annotated_src.rope import RotaryPositionalEmbeddings, apply_rotary
-
         rope = self.pos_embeddings
-        if checked or input_pos is None or type(rope) is not RotaryPositionalEmbeddings or rope.fast is not False:
+        if checked or input_pos is None or type(rope) is not RotaryPositionalEmbeddings:
             return rope(x, input_pos=input_pos)
-        cos, sin = rope._cos_sin(x, input_pos)
-        return apply_rotary(x, cos, sin, interleaved=rope.interleaved)
-
-
-def _rows_of(fused: torch.Tensor, ws: Sequence[torch.Tensor]) -> bool:
-    """Whether `ws` are, in order, consecutive blocks of rows of `fused` (its memory, its dtype)."""
-    rows = 0
-    for w in ws:
-        start = fused.data_ptr() + rows * fused.stride(0) * fused.element_size()
-        if (w.dtype != fused.dtype or w.device != fused.device or w.shape[1:] != fused.shape[1:]
-                or not w.is_contiguous() or w.data_ptr() != start):
-            return False
-        rows += w.shape[0]
-    return rows == fused.shape[0]
+        # `[batch or 1, seq_len]`
+        pos = input_pos if input_pos.ndim == 2 else input_pos[None]
+        if x.dtype == torch.float64:
+            cos, sin = rotary_tables(pos, rope.dim, rope.base, dtype=torch.float64)
+        else:
+            cos, sin = rope.cos_cached[pos], rope.sin_cached[pos]
+        # `[batch or 1, seq_len, 1, dim / 2]` against `[batch, seq_len, heads, head_dim]`
+        return apply_rotary(x, cos[:, :, None], sin[:, :, None], interleaved=rope.interleaved)
 
 
 # ## Layers
@@ -499,7 +523,14 @@ class _CachedLayer(nn.Module):
 
 
 class TransformerSelfAttentionLayer(_CachedLayer):
-    """Pre-norm causal self-attention and MLP, each with a residual connection."""
+    """Pre-norm causal self-attention and MLP, each with a residual connection.
+
+    Args:
+        attn (MultiHeadAttention): the self-attention.
+        mlp (nn.Module): the feed-forward block.
+        sa_norm (nn.Module): the norm before attention.
+        mlp_norm (nn.Module): the norm before the feed-forward block.
+    """
 
     def __init__(self, attn: MultiHeadAttention, mlp: nn.Module, *, sa_norm: nn.Module, mlp_norm: nn.Module):
         super().__init__()
@@ -516,7 +547,17 @@ class TransformerSelfAttentionLayer(_CachedLayer):
 
 
 class TransformerCrossAttentionLayer(_CachedLayer):
-    """Pre-norm cross-attention over `encoder_input` (cached once) and MLP."""
+    """Pre-norm cross-attention over `encoder_input` (cached once) and MLP.
+
+    Args:
+        attn (MultiHeadAttention): a cross-attention, `is_causal=False` and no positional embedding.
+        mlp (nn.Module): the feed-forward block.
+        ca_norm (nn.Module): the norm before attention.
+        mlp_norm (nn.Module): the norm before the feed-forward block.
+
+    Raises:
+        ValueError: `attn` is causal or rotary.
+    """
 
     def __init__(self, attn: MultiHeadAttention, mlp: nn.Module, *, ca_norm: nn.Module, mlp_norm: nn.Module):
         super().__init__()
@@ -552,8 +593,9 @@ class TransformerCrossAttentionLayer(_CachedLayer):
 # a *bottom-right aligned* causal mask: the last query sees every filled slot, whatever the number
 # of queries. It is a row gather `causal_mask[input_pos]` from a preallocated
 # `[cache_len, cache_len]` lower-triangular buffer, a tensor operation with no shape that depends
-# on the step. Slots and positions coincide when every sequence starts at slot 0; for a
-# left-padded batch `generate` passes per-row positions and its own mask.
+# on the step. Slots and positions coincide when every sequence starts at slot 0, and without an
+# explicit mask they must (the checks below refuse other positions); for a left-padded batch
+# `generate` passes per-row positions and its own mask.
 #
 # **Chunked output.** The logits of a long sequence are large (`[batch, seq_len, vocab]` in
 # float32), so training recipes project the final hidden state in `num_output_chunks` pieces along
@@ -561,7 +603,22 @@ class TransformerCrossAttentionLayer(_CachedLayer):
 
 
 class TransformerDecoder(nn.Module):
-    """Embedding, decoder layers, final norm and output projection, with optional key/value caches."""
+    """Embedding, decoder layers, final norm and output projection, with optional key/value caches.
+
+    Args:
+        tok_embeddings (nn.Embedding): the token embedding, `vocab -> embed_dim`.
+        layers (nn.Module | Sequence[nn.Module]): the layers, or one layer copied `num_layers` times.
+        max_seq_len (int): the longest sequence.
+        num_heads (int): $n_h$ (for torchtune's signature; the layers hold their own).
+        head_dim (int): $d$ (likewise).
+        norm (nn.Module): the final norm.
+        output (nn.Module): the projection to the vocabulary.
+        num_layers (int | None): the number of copies when `layers` is one module.
+        output_hidden_states (Sequence[int] | None): layers whose input is returned too.
+
+    Raises:
+        TypeError, ValueError: `max_seq_len` or `num_layers` is not an int >= 1.
+    """
 
     def __init__(self, *, tok_embeddings: nn.Embedding, layers: nn.Module | Sequence[nn.Module], max_seq_len: int,
                  num_heads: int, head_dim: int, norm: nn.Module, output: nn.Module, num_layers: int | None = None,
@@ -587,8 +644,18 @@ class TransformerDecoder(nn.Module):
 
     def setup_caches(self, batch_size: int, dtype: torch.dtype, *, encoder_max_seq_len: int | None = None,
                      decoder_max_seq_len: int | None = None) -> None:
-        """Preallocate a cache in every layer: `decoder_max_seq_len` slots (default `max_seq_len`)
-        for self-attention, `encoder_max_seq_len` for cross-attention."""
+        """Preallocate a cache in every layer, on the weights' device.
+
+        Args:
+            batch_size (int): the most sequences the caches hold.
+            dtype (torch.dtype): of the caches; a forward pass requires the weights' dtype.
+            encoder_max_seq_len (int | None): slots of the cross-attention caches (needed if there
+                are cross-attention layers).
+            decoder_max_seq_len (int | None): slots of the self-attention caches. Default `max_seq_len`.
+
+        Raises:
+            TypeError, ValueError: a size is not an int >= 1, or `decoder_max_seq_len > max_seq_len`.
+        """
         check_int("batch_size", batch_size, min_value=1)
         decoder_max_seq_len = self.max_seq_len if decoder_max_seq_len is None else decoder_max_seq_len
         check_int("decoder_max_seq_len", decoder_max_seq_len, min_value=1, max_value=self.max_seq_len)
@@ -604,29 +671,28 @@ class TransformerDecoder(nn.Module):
         self.register_buffer("causal_mask", causal, persistent=False)
 
     def caches_are_setup(self) -> bool:
+        """Whether any layer has a cache."""
         return any(layer.caches_are_setup() for layer in self.layers)
 
     def caches_are_enabled(self) -> bool:
+        """Whether any layer has a cache that is used (not inside `disable_kv_cache`)."""
         return any(layer.caches_are_enabled() for layer in self.layers)
 
     def reset_caches(self) -> None:
-        """Empty every cache, keeping the buffers."""
+        """Empty every cache, keeping the buffers.
+
+        Raises:
+            RuntimeError: there are no caches.
+        """
         if not self.caches_are_setup():
             fail("model", "a decoder without caches", "caches set up by setup_caches() before reset_caches()", RuntimeError)
         for layer in self.layers:
             layer.reset_cache()
 
-    def fuse_qkv(self) -> None:
-        """Stack the query, key and value weights of every self-attention layer (`MultiHeadAttention.fuse_qkv`)."""
-        for layer in self.layers:
-            if isinstance(layer, TransformerSelfAttentionLayer):
-                layer.attn.fuse_qkv()
-
     def delete_caches(self) -> None:
         """Free the caches: the decoder goes back to uncached forward passes."""
-        # A decode graph recorded on these caches would write memory that is about to be freed.
-        _decode_graphs.pop(self, None)
-        _prefill_graphs.pop(self, None)
+        # A graph of the fast path recorded on these caches would write memory that is about to be freed.
+        kv_cache_fast.forget(self)
         for layer in self.layers:
             layer.attn.kv_cache = None
             layer.attn.cache_enabled = False
@@ -644,11 +710,13 @@ class TransformerDecoder(nn.Module):
     # ### Chunked output
 
     def set_num_output_chunks(self, num_output_chunks: int) -> None:
-        """Return the logits as a list of `num_output_chunks` pieces along the sequence (0: one tensor)."""
+        """Return the logits as a list of pieces along the sequence (`torch.chunk` into
+        `num_output_chunks`: fewer pieces when the sequence is shorter), or one tensor with 0."""
         self.num_output_chunks = check_int("num_output_chunks", num_output_chunks, min_value=0)
 
     def chunked_output(self, last_hidden_state: torch.Tensor) -> list[torch.Tensor]:
-        """`[batch, seq_len, embed_dim]` -> list of float32 (or float64) logits `[batch, chunk_len, vocab]`."""
+        """`[batch, seq_len, embed_dim]` -> list of float32 (float64 for a float64 model) logits
+        `[batch, chunk_len, vocab]`, `torch.chunk`'s pieces along the sequence."""
         return [_at_least_float32(self.output(chunk)) for chunk in last_hidden_state.chunk(self.num_output_chunks, dim=1)]
 
     # ### Forward
@@ -656,8 +724,29 @@ class TransformerDecoder(nn.Module):
     def forward(self, tokens: torch.Tensor, *, mask: torch.Tensor | None = None,
                 encoder_input: torch.Tensor | None = None, encoder_mask: torch.Tensor | None = None,
                 input_pos: torch.Tensor | None = None):
-        """`tokens` `[batch, seq_len]` -> float32 logits `[batch, seq_len, vocab]` (or chunks, or a list
-        with the requested hidden states first)."""
+        r"""The logits of every position.
+
+        Args:
+            tokens (torch.Tensor): `[batch, seq_len]` token ids, on the weights' device.
+            mask (torch.Tensor | None): boolean, True where a query may attend: `[batch, seq_len,
+                kv_len]` or `[seq_len, kv_len]`, `kv_len` the caches' `decoder_max_seq_len` when
+                cached, else `seq_len`. Default None: causal (over the cache's slots when cached).
+            encoder_input (torch.Tensor | None): `[batch, encoder_len, embed_dim]`, for cross-attention layers.
+            encoder_mask (torch.Tensor | None): `[batch, seq_len, encoder_len]` (the cross-attention
+                caches' length when cached).
+            input_pos (torch.Tensor | None): positions for the rotary embedding, `[seq_len]` or
+                `[batch, seq_len]`. Default: $0, 1, \dots$, or the caches' next slots when cached.
+                When cached and `mask` is None, they must be the caches' next slots.
+
+        Returns:
+            float32 logits `[batch, seq_len, vocab]` (float64 for a float64 model), or the chunks of
+            `chunked_output`, after the requested hidden states (a list) if any.
+
+        Raises:
+            TypeError, ValueError: an argument's type, shape, dtype, device or values are wrong (ids
+                outside the vocabulary, positions past the tables or, when cached, not the next slots).
+            RuntimeError: caches are enabled while autograd records.
+        """
         cached = self.caches_are_enabled()
         if not torch.compiler.is_compiling():
             self._check_inputs(tokens, mask, encoder_input, encoder_mask, input_pos, cached)
@@ -698,8 +787,30 @@ class TransformerDecoder(nn.Module):
         output = self.chunked_output(h) if self.num_output_chunks > 0 else _at_least_float32(self.output(h))
         return hidden + [output] if hidden else output
 
+    # ### Checking the inputs
+    #
+    # Every check names the argument. Three rules concern the cache:
+    #
+    # * **Positions are the cache's slots unless a mask says otherwise.** The default mask of a
+    #   cached call lets position $p$ see slots $j \le p$, which is the causal mask only when the new
+    #   tokens are written to slots $p$: without an explicit `mask`, `input_pos` must equal the next
+    #   free slots (`size`, `size + 1`, ...) in every row. A token at position 11 written to slot 0 of
+    #   an empty cache would otherwise attend to eleven empty slots; a step at position 2 after five
+    #   cached tokens would see only three of them. With a mask, positions are free (left padding).
+    # * **Inference only.** Writing into a cache is an in-place update that autograd cannot
+    #   differentiate through the next call; a cached forward pass while autograd records (grad mode
+    #   on, parameters that require gradients) is refused rather than failing later in `backward`.
+    # * **One dtype and device.** The tokens, positions and masks must be on the weights' device, an
+    #   encoder's output in the weights' dtype too, and the caches in the weights' dtype.
     def _check_inputs(self, tokens, mask, encoder_input, encoder_mask, input_pos, cached) -> None:
         check_tensor("tokens", tokens, ndim=2, layout="[batch, seq_len]", integer=True)
+        weight = self.tok_embeddings.weight
+        for name, t in (("tokens", tokens), ("input_pos", input_pos), ("mask", mask), ("encoder_input", encoder_input),
+                        ("encoder_mask", encoder_mask)):
+            if isinstance(t, torch.Tensor) and t.device != weight.device:
+                fail(name, f"a tensor on {t.device}", f"the model's device, {weight.device}")
+        if cached:
+            self._check_cache_use(tokens, encoder_input)
         batch, seq_len = tokens.shape
         if seq_len > self.max_seq_len:
             fail("tokens", f"seq_len {seq_len}", f"at most max_seq_len={self.max_seq_len}")
@@ -708,25 +819,51 @@ class TransformerDecoder(nn.Module):
             lo, hi = (int(t) for t in torch.aminmax(tokens))
             if lo < 0 or hi >= vocab:
                 fail("tokens", f"ids in [{lo}, {hi}]", f"ids in [0, {vocab - 1}] (the vocabulary)")
-        limit = self.max_seq_len
+        limit, size = self.max_seq_len, None
         if cached:
             cache_batch = self._cache_batch_size()
             if batch > cache_batch:
                 fail("tokens", f"batch {batch}", f"at most the caches' batch_size {cache_batch}")
             if self._self_caches():
-                limit = self.decoder_max_cache_seq_len
-                size = self._self_caches()[0].size
+                limit, size = self.decoder_max_cache_seq_len, self._self_caches()[0].size
                 if size + seq_len > limit:
                     fail("tokens", f"{seq_len} positions after {size} cached",
                          f"at most decoder_max_seq_len={limit} positions in the cache")
         if input_pos is not None:
-            check_tensor("input_pos", input_pos, ndim=(1, 2), layout="[seq_len] or [batch, seq_len]", integer=True)
-            if input_pos.shape[-1] != seq_len or (input_pos.ndim == 2 and input_pos.shape[0] != batch):
-                fail("input_pos", f"shape {tuple(input_pos.shape)}", f"[{seq_len}] or [{batch}, {seq_len}]")
-            lo, hi = (int(p) for p in torch.aminmax(input_pos))
-            if lo < 0 or hi >= limit:
-                what = "the caches' decoder_max_seq_len" if limit != self.max_seq_len or cached else "max_seq_len"
-                fail("input_pos", f"positions in [{lo}, {hi}]", f"positions in [0, {limit - 1}] ({what}={limit})")
+            self._check_positions(input_pos, batch, seq_len, limit, cached, size if mask is None else None)
+        self._check_masks(tokens, mask, encoder_input, encoder_mask, cached)
+
+    def _check_cache_use(self, tokens: torch.Tensor, encoder_input: torch.Tensor | None) -> None:
+        if torch.is_grad_enabled() and (any(p.requires_grad for p in self.parameters())
+                                        or (encoder_input is not None and encoder_input.requires_grad)):
+            fail("model", "a cached forward pass while autograd records",
+                 "caches used for inference only: run under torch.no_grad() or torch.inference_mode(), or "
+                 "train without caches (disable_kv_cache or delete_caches)", RuntimeError)
+        dtype = self.tok_embeddings.weight.dtype
+        for layer in self.layers:
+            cache = layer.attn.kv_cache
+            if layer.caches_are_enabled() and cache.k_cache.dtype != dtype:
+                fail("model", f"caches in {cache.k_cache.dtype}",
+                     f"caches in the weights' dtype: setup_caches(batch_size, {dtype})", TypeError)
+
+    def _check_positions(self, input_pos, batch: int, seq_len: int, limit: int, cached: bool,
+                         next_slot: int | None) -> None:
+        check_tensor("input_pos", input_pos, ndim=(1, 2), layout="[seq_len] or [batch, seq_len]", integer=True)
+        if input_pos.shape[-1] != seq_len or (input_pos.ndim == 2 and input_pos.shape[0] != batch):
+            fail("input_pos", f"shape {tuple(input_pos.shape)}", f"[{seq_len}] or [{batch}, {seq_len}]")
+        lo, hi = (int(p) for p in torch.aminmax(input_pos))
+        if lo < 0 or hi >= limit:
+            what = "the caches' decoder_max_seq_len" if limit != self.max_seq_len or cached else "max_seq_len"
+            fail("input_pos", f"positions in [{lo}, {hi}]", f"positions in [0, {limit - 1}] ({what}={limit})")
+        if next_slot is not None:
+            slots = torch.arange(next_slot, next_slot + seq_len, device=input_pos.device)
+            if not bool((input_pos == slots).all()):
+                got = input_pos.tolist() if input_pos.numel() <= 8 else f"positions in [{lo}, {hi}]"
+                fail("input_pos", got, f"the caches' next slots {next_slot}..{next_slot + seq_len - 1} in every row "
+                     "when no mask is given (pass a mask to use other positions)")
+
+    def _check_masks(self, tokens, mask, encoder_input, encoder_mask, cached) -> None:
+        batch, seq_len = tokens.shape
         if mask is not None:
             kv_len = self.decoder_max_cache_seq_len if cached and self._self_caches() else seq_len
             check_tensor("mask", mask, ndim=(2, 3), layout="[seq_len, kv_len] or [batch, seq_len, kv_len]")
@@ -736,6 +873,9 @@ class TransformerDecoder(nn.Module):
                 fail("mask", f"shape {tuple(mask.shape)}", f"[{batch}, {seq_len}, {kv_len}] or [{seq_len}, {kv_len}]")
         if encoder_input is not None:
             check_tensor("encoder_input", encoder_input, ndim=3, layout="[batch, encoder_len, embed_dim]", floating=True)
+            if encoder_input.dtype != self.tok_embeddings.weight.dtype:
+                fail("encoder_input", f"dtype {encoder_input.dtype}",
+                     f"the weights' dtype, {self.tok_embeddings.weight.dtype}", TypeError)
             if encoder_input.shape[0] != batch:
                 fail("encoder_input", f"shape {tuple(encoder_input.shape)}", f"batch {batch}, as tokens has")
             if cached and self.encoder_max_cache_seq_len is not None and encoder_input.shape[1] > self.encoder_max_cache_seq_len:
@@ -760,7 +900,14 @@ def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
 
 @contextlib.contextmanager
 def disable_kv_cache(model: TransformerDecoder) -> Iterator[TransformerDecoder]:
-    """Run `model` without its caches for a while; the caches and their contents stay as they were."""
+    """Run `model` without its caches inside the block; the caches and their contents stay as they were.
+
+    Args:
+        model (TransformerDecoder): a decoder with caches set up.
+
+    Raises:
+        RuntimeError: `model` has no caches.
+    """
     if not model.caches_are_setup():
         fail("model", "a decoder without caches", "caches set up by setup_caches()", RuntimeError)
     attns = [layer.attn for layer in model.layers]
@@ -778,17 +925,28 @@ def chunked_cross_entropy(logits: list[torch.Tensor] | torch.Tensor, labels: tor
                           ignore_index: int = -100) -> torch.Tensor:
     r"""Mean cross-entropy over the labels that are not `ignore_index`, computed chunk by chunk.
 
-    `logits`: the list `chunked_output` returns (or one `[batch, seq_len, vocab]` tensor); `labels`
-    `[batch, seq_len]`, cut into the same number of chunks along the sequence. Each chunk's loss is
-    summed in float32, then the total is divided by the number of counted labels, which equals the
-    unchunked `F.cross_entropy(..., ignore_index=ignore_index)`.
+    Each chunk's loss is summed in float32 (float64 for float64 logits), then the total is divided
+    by the number of counted labels, which equals the unchunked
+    `F.cross_entropy(..., ignore_index=ignore_index)`.
+
+    Args:
+        logits (list[torch.Tensor] | torch.Tensor): the list `chunked_output` returns, chunks
+            `[batch, chunk_len, vocab]` along the sequence, or one `[batch, seq_len, vocab]` tensor.
+        labels (torch.Tensor): `[batch, seq_len]` target ids, cut into the same chunks.
+        ignore_index (int): labels not counted. Default -100.
+
+    Returns:
+        The mean loss, a scalar in float32 (float64 for float64 logits).
+
+    Raises:
+        ValueError, TypeError: `labels` is not an integer `[batch, seq_len]` tensor whose length is the logits'.
     """
     chunks = [logits] if isinstance(logits, torch.Tensor) else list(logits)
     check_tensor("labels", labels, ndim=2, layout="[batch, seq_len]", integer=True)
     if sum(c.shape[1] for c in chunks) != labels.shape[1]:
         fail("labels", f"shape {tuple(labels.shape)}", f"seq_len {sum(c.shape[1] for c in chunks)}, as the logits have")
     label_chunks = labels.split([c.shape[1] for c in chunks], dim=1)
-    total = sum(F.cross_entropy(c.float().reshape(-1, c.shape[-1]), y.reshape(-1), ignore_index=ignore_index,
+    total = sum(F.cross_entropy(_at_least_float32(c).reshape(-1, c.shape[-1]), y.reshape(-1), ignore_index=ignore_index,
                                 reduction="sum") for c, y in zip(chunks, label_chunks))
     return total / (labels != ignore_index).sum().clamp(min=1)
 
@@ -802,7 +960,12 @@ def chunked_cross_entropy(logits: list[torch.Tensor] | torch.Tensor, labels: tor
 
 
 class FeedForward(nn.Module):
-    """SwiGLU: `w2(silu(w1(x)) * w3(x))`."""
+    """SwiGLU: `w2(silu(w1(x)) * w3(x))`, bias-free.
+
+    Args:
+        embed_dim (int): input and output width.
+        hidden_dim (int): the width of `w1`, `w3` (the gate and up projections).
+    """
 
     def __init__(self, embed_dim: int, hidden_dim: int):
         super().__init__()
@@ -815,6 +978,7 @@ class FeedForward(nn.Module):
 
 
 def llama_intermediate_dim(embed_dim: int, multiple_of: int = 256) -> int:
+    r"""Llama's feed-forward width, $\frac{2}{3} \cdot 4 \cdot$ `embed_dim` rounded up to a multiple of `multiple_of`."""
     hidden = int(2 * 4 * embed_dim / 3)
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
 
@@ -822,9 +986,23 @@ def llama_intermediate_dim(embed_dim: int, multiple_of: int = 256) -> int:
 def llama_decoder(*, vocab_size: int, num_layers: int, num_heads: int, num_kv_heads: int, embed_dim: int,
                   max_seq_len: int, intermediate_dim: int | None = None, norm_eps: float = 1e-5,
                   rope_base: int = 10_000) -> TransformerDecoder:
-    """A Llama-shaped `TransformerDecoder` (RMSNorm, SwiGLU, rotary GQA self-attention)."""
-    from annotated_src.rope import RotaryPositionalEmbeddings
+    r"""A Llama-shaped `TransformerDecoder` (RMSNorm, SwiGLU, rotary GQA self-attention).
 
+    Args:
+        vocab_size (int): the vocabulary.
+        num_layers (int): $L$.
+        num_heads (int): $n_h$.
+        num_kv_heads (int): $n_{kv}$, a divisor of `num_heads`.
+        embed_dim (int): the width of the stream, a multiple of `num_heads` (`head_dim = embed_dim / num_heads`).
+        max_seq_len (int): the longest sequence, and the rotary tables' length.
+        intermediate_dim (int | None): the feed-forward width. Default `llama_intermediate_dim(embed_dim)`.
+        norm_eps (float): the RMSNorms' epsilon. Default 1e-5.
+        rope_base (int): the rotary embedding's base $\theta$. Default 10 000.
+
+    Returns:
+        The decoder, its rotary embedding in the half-split layout (pairs $(i, i + d/2)$) and an
+        output projection untied from the embedding.
+    """
     for name, value in (("vocab_size", vocab_size), ("num_layers", num_layers), ("num_heads", num_heads),
                         ("num_kv_heads", num_kv_heads), ("embed_dim", embed_dim), ("max_seq_len", max_seq_len)):
         check_int(name, value, min_value=1)
@@ -874,14 +1052,52 @@ def llama_decoder(*, vocab_size: int, num_layers: int, num_heads: int, num_kv_he
 # per row, at slot `prompt_len + step`, with positions one past the row's last. Without caches
 # every step reruns the whole sequence: the readable reference, and what a cache saves.
 #
-# Sampling: `temperature=0` takes the argmax; otherwise the logits are divided by the temperature,
-# cut to the `top_k` largest, and sampled from their softmax with `generator`. A row that has
-# produced a token of `stop_tokens` is finished; its later tokens are `pad_id`.
+# Sampling: `temperature=0` takes the argmax; otherwise the logits are divided by the temperature
+# (a finite number > 0: a negative one would turn the distribution upside down), cut to the
+# `top_k` largest, and sampled from their softmax with `generator`. A row that has produced a
+# token of `stop_tokens` is finished; its later tokens are `pad_id`.
 
 
 def sample(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int | None = None,
            generator: torch.Generator | None = None) -> torch.Tensor:
-    """Next tokens `[batch]` from float logits `[batch, vocab]`."""
+    """The next token of each row, drawn from its logits.
+
+    Args:
+        logits (torch.Tensor): `[batch, vocab]`, floating point.
+        temperature (float): 0 takes the argmax; otherwise a finite number > 0 that divides the
+            logits before the softmax. Default 1.0.
+        top_k (int | None): draw among the `top_k` largest logits of each row only. Default None (all).
+        generator (torch.Generator | None): the random generator of the draw, on the logits' device.
+
+    Returns:
+        `[batch]` token ids, int64.
+
+    Raises:
+        TypeError: `logits` is not a floating-point tensor, or an argument is not of its type.
+        ValueError: a shape, `temperature` (negative, NaN or infinite), `top_k` (< 1) or the
+            generator's device is wrong.
+    """
+    check_tensor("logits", logits, ndim=2, layout="[batch, vocab]", floating=True)
+    _check_sampling(temperature, top_k, generator, logits.device)
+    return _draw(logits, temperature, top_k, generator)
+
+
+def _check_sampling(temperature, top_k, generator, device: torch.device) -> None:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        fail("temperature", temperature, "a float >= 0", TypeError)
+    if not (math.isfinite(temperature) and temperature >= 0):
+        fail("temperature", temperature, "a finite float >= 0 (0 takes the argmax)")
+    if top_k is not None:
+        check_int("top_k", top_k, min_value=1)
+    if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            fail("generator", type(generator).__name__, "a torch.Generator or None", TypeError)
+        if generator.device.type != device.type:
+            fail("generator", f"a generator on {generator.device}", f"one on the device of the tokens, {device}")
+
+
+def _draw(logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None):
+    # (unchecked: `generate` checks the arguments once, `sample` at every call)
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits / temperature
@@ -893,16 +1109,32 @@ def sample(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int | None 
 
 
 def padding_positions_and_mask(prompt: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """For a left-padded `prompt` `[batch, prompt_len]`: which columns are real tokens `[batch,
-    prompt_len]` and each token's position within its row `[batch, prompt_len]`."""
+    """Which columns of a left-padded prompt are real tokens, and each token's position in its row.
+
+    Args:
+        prompt (torch.Tensor): `[batch, prompt_len]` token ids, left-padded with `pad_id`.
+        pad_id (int): the padding token.
+
+    Returns:
+        `(real, positions)`, each `[batch, prompt_len]`: True from each row's first token other than
+        `pad_id` on, and $0, 1, \\dots$ counted from it (0 on the padding).
+    """
     real = (prompt != pad_id).long().cumsum(dim=1) > 0
     positions = (real.long().cumsum(dim=1) - 1).clamp(min=0)
     return real, positions
 
 
 def causal_padding_mask(real: torch.Tensor, kv_len: int | None = None) -> torch.Tensor:
-    """`[batch, seq_len, kv_len]`: column $j \\le i$ and real, or $j = i$ (`real` `[batch, kv_len]`
-    padded with True past `seq_len`)."""
+    r"""The mask of a left-padded batch: column $j \le i$ and real, or $j = i$.
+
+    Args:
+        real (torch.Tensor): `[batch, seq_len]`, True on real tokens.
+        kv_len (int | None): the number of key columns; columns past `seq_len` count as real (the
+            cache's slots to come). Default `seq_len`.
+
+    Returns:
+        `[batch, seq_len, kv_len]`, boolean, True where a query may attend.
+    """
     batch, seq_len = real.shape
     kv_len = seq_len if kv_len is None else kv_len
     keys = torch.ones(batch, kv_len, dtype=torch.bool, device=real.device)
@@ -912,496 +1144,331 @@ def causal_padding_mask(real: torch.Tensor, kv_len: int | None = None) -> torch.
     return ((j <= i)[None] & keys[:, None, :]) | (j == i)[None]
 
 
-# ### The decode step
+# ### The static decode step
 #
-# One token per row through the cached model, the function that the fast path compiles. Every
-# input is a tensor of a fixed shape: `tokens` `[batch, 1]`, `input_pos` `[batch, 1]` (each row's
-# position, for RoPE), `slot` `[1]` (the cache column the new token is written to, shared by the
-# batch) and `keys` `[batch, cache_len]` (False on a row's left padding, the same for the whole
-# generation). The mask is built inside the step, $M_{r,j} = \text{keys}_{r,j} \wedge [\, j \le
-# \text{slot} \,]$, `[batch, 1, cache_len]`. What makes the step capturable as **one CUDA graph**:
+# One token per row through the cached model, the function that the fast path compiles or replaces
+# with its kernels. Every input is a tensor of a fixed shape: `tokens` `[batch, 1]`, `input_pos`
+# `[batch, 1]` (each row's position, for RoPE), `slot` `[1]` (the cache column the new token is
+# written to, shared by the batch) and `keys` `[batch, cache_len]` (False on a row's left padding,
+# the same for the whole generation). The mask is built inside the step, $M_{r,j} =
+# \text{keys}_{r,j} \wedge [\, j \le \text{slot} \,]$, `[batch, 1, cache_len]`. What makes the step
+# capturable as **one CUDA graph**:
 #
-# * nothing the compiler guards on changes from one token to the next (no Python integer that
+# * nothing a compiler guards on changes from one token to the next (no Python integer that
 #   counts the tokens, no shape that grows), so it compiles once;
 # * it reads no device value on the host: no `.item()`, no `int(tensor)`, no checks (`generate`
-#   validates the lengths once, before the loop), so there is no synchronisation to break the graph;
+#   validates once, before the loop), so there is no synchronisation to break the graph;
 # * the only memory it writes in place is the caches' key and value buffers, which are allocated
-#   once and marked static (`mark_static_address`): a graph may update them where they lie. The
-#   caches' counters are not touched; the slot arrives as an input, and `generate` advances `slot`
-#   and `input_pos` itself, eagerly, between replays (gpt-fast's recipe). The inputs that change
-#   are copied into the graph's own input buffers at each replay, a few bytes.
+#   once and never move: a graph may update them where they lie. The caches' counters are not
+#   touched; the slot arrives as an input, and `generate` advances `slot` and `input_pos` itself,
+#   eagerly, between steps (gpt-fast's recipe).
 #
-# Recorded as one CUDA graph, the step replays with one launch per token instead of a few hundred.
-# Inside it, two of the fast path's choices live in `MultiHeadAttention`: the stacked
-# query/key/value projection (`fuse_qkv`) and attention written out for the single query
-# (`one_query_attention`); `generate` without `compile` runs the very same step eagerly. The prefill
-# stays eager: it runs once per call, with a length that depends on the prompt, and a compiled
-# version would recompile for every new length.
+# Run eagerly (`generate` with caches and `compile=False`), it is the readable cached loop, with
+# no synchronisation per token either. The prefill stays an ordinary forward pass: it runs once per
+# call, with a length that depends on the prompt.
 
 
 def decode_one_token(model: TransformerDecoder, tokens: torch.Tensor, input_pos: torch.Tensor,
                      slot: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """Logits `[batch, vocab]` of the next token: `tokens` `[batch, 1]` at positions `input_pos`
-    `[batch, 1]`, written to cache slot `slot` `[1]`, attending to the slots `<= slot` where `keys`
-    `[batch, cache_len]` is True. Unchecked: the caller validates (as `generate` does)."""
-    # `[batch, 1, cache_len]`
+    r"""Logits of the next token, through the cached model, unchecked.
+
+    Args:
+        model (TransformerDecoder): a decoder with caches set up and enabled.
+        tokens (torch.Tensor): `[batch, 1]` token ids.
+        input_pos (torch.Tensor): `[batch, 1]` their positions.
+        slot (torch.Tensor): `[1]`, the cache slot they are written to.
+        keys (torch.Tensor): `[batch, cache_len]`, boolean, False on slots never to be seen (left padding).
+
+    Returns:
+        `[batch, vocab]` logits, float32 (float64 for a float64 model). The caller validates the
+        inputs (as `generate` does): nothing here reads them back.
+    """
+    # `[batch, 1, cache_len]`: the row's visible slots up to the new one
     mask = (keys & (torch.arange(keys.shape[1], device=keys.device) <= slot))[:, None, :]
     return model._forward(tokens, input_pos=input_pos, mask=mask, cache_slots=slot)[:, -1]
 
 
-_compiled_decode_one_token: dict = {}
-
-
-def compiled_decode_one_token(mode: str | None = None):
-    """`decode_one_token` through `torch.compile(mode=mode, fullgraph=True, dynamic=False)`: Inductor's
-    kernels alone (`mode=None`, what `DecodeGraph` records), or with the compiler's own CUDA graphs
-    (`mode="reduce-overhead"`)."""
-    if mode not in (None, "reduce-overhead"):
-        fail("mode", mode, 'None or "reduce-overhead"')
-    if mode not in _compiled_decode_one_token:
-        _compiled_decode_one_token[mode] = torch.compile(decode_one_token, mode=mode, fullgraph=True, dynamic=False)
-    return _compiled_decode_one_token[mode]
-
-
-# One compiler setting, as gpt-fast uses it: with `coordinate_descent_tuning`, Inductor turns a
-# matrix product with a single row (every projection of a one-token step) into a Triton reduction
-# that it can fuse with the norm or activation next to it and tune for bandwidth, instead of a
-# separate library call. It applies on CUDA only and costs some compile time. An empty dict turns
-# it off.
-DECODE_INDUCTOR_CONFIG = {"coordinate_descent_tuning": True}
-
-
-# ### Hand-written kernels for Llama-shaped layers
-#
-# Even compiled, a layer's step is about a dozen kernels, and at batch 1 each of them is so short
-# that its start and its tail, when the memory idles, weigh as much as its reading does. For the
-# layers `llama_decoder` builds, `_decode_kernels.py` has the step as five Triton kernels per layer,
-# each a matrix-vector product (or attention) with the norm, rotation, cache write, activation or
-# residual around it folded in, and (on Hopper GPUs) each launched so that it may start while the
-# one before finishes. `decode_kernels_for` collects a model's weights, norms, rotary tables and
-# caches for them, or says why it cannot: the kernels cover exactly this layer (RMSNorm, stacked
-# bias-free query/key/value projections, `RotaryPositionalEmbeddings` over the whole head, a
-# power-of-two head size of at least 16, SwiGLU `FeedForward`, no cross-attention), on CUDA with
-# Triton, in float32, bfloat16 or float16, for batches of at most `DECODE_KERNELS_MAX_BATCH` rows
-# (each row re-reads most of the weights, from the L2 cache). Any other model keeps the compiled
-# step; `DecodeGraph.why_not_triton` says why. The flag `DECODE_KERNELS = False` turns them off.
-#
-# In one run on an H200 (TinyLlama's shape, bfloat16, prompt 128 + 256 tokens), the compiled step
-# replayed in 1.27 ms per token and these kernels in 0.85 ms.
-DECODE_KERNELS = True
-DECODE_KERNELS_MAX_BATCH = 8
-
-
-def decode_kernels_for(model: TransformerDecoder, batch: int):
-    """A `_decode_kernels.DecodeKernels` running `decode_one_token` for `model` (caches set up, query/key/
-    value weights stacked) at `batch` rows, or a string saying why the kernels do not apply."""
-    from annotated_src import _decode_kernels as dk
-    from annotated_src.rope import RotaryPositionalEmbeddings
-
-    if not isinstance(model, TransformerDecoder):
-        fail("model", type(model).__name__, "a TransformerDecoder", TypeError)
-    check_int("batch", batch, min_value=1)
-    if not DECODE_KERNELS:
-        return "turned off (DECODE_KERNELS = False)"
-    if dk.triton is None:
-        return "triton is not installed"
-    emb = model.tok_embeddings.weight
-    # (Triton's interpreter, `TRITON_INTERPRET=1`, runs them on the CPU, slowly: for checking them.)
-    on_device = emb.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
-    if not on_device or emb.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        return f"weights on {emb.device} in {emb.dtype}, not CUDA float32/bfloat16/float16"
-    if batch > DECODE_KERNELS_MAX_BATCH:
-        return f"batch {batch} > DECODE_KERNELS_MAX_BATCH={DECODE_KERNELS_MAX_BATCH}"
-    if model.output_hidden_states or model.num_output_chunks or type(model.tok_embeddings) is not nn.Embedding:
-        return "hidden states or chunked output requested, or a custom embedding"
-
-    def rms(norm):
-        return type(norm) is nn.RMSNorm and norm.weight is not None and norm.weight.shape == (emb.shape[1],)
-
-    def plain(linear):
-        return type(linear) is nn.Linear and linear.bias is None and linear.weight.dtype == emb.dtype
-
-    if not (rms(model.norm) and plain(model.output)):
-        return "the final norm is not an RMSNorm or the output not a bias-free Linear"
-    layers = []
-    rope = None
-    for i, layer in enumerate(model.layers):
-        attn = getattr(layer, "attn", None)
-        ok = (type(layer) is TransformerSelfAttentionLayer and type(layer.mlp) is FeedForward
-              and rms(layer.sa_norm) and rms(layer.mlp_norm) and attn._qkv is not None
-              and attn._qkv.dtype == emb.dtype and plain(attn.output_proj)
-              and all(plain(w) for w in (layer.mlp.w1, layer.mlp.w2, layer.mlp.w3))
-              and type(attn.pos_embeddings) is RotaryPositionalEmbeddings and attn.pos_embeddings.dim == attn.head_dim
-              and attn.head_dim >= 16 and attn.head_dim & (attn.head_dim - 1) == 0
-              and attn.kv_cache is not None and attn.cache_enabled and attn.kv_cache.k_cache.dtype == emb.dtype)
-        if not ok:
-            return (f"layer {i} is not a Llama-shaped self-attention layer with stacked projections, full "
-                    "rotary embeddings, a power-of-two head_dim >= 16 and an enabled cache")
-        if rope is None:
-            rope = attn.pos_embeddings
-        elif attn.pos_embeddings is not rope and not (attn.pos_embeddings.cos_cached.equal(rope.cos_cached)
-                                                      and attn.pos_embeddings.interleaved == rope.interleaved):
-            return f"layer {i} has rotary tables of its own"
-        eps = lambda n: n.eps if n.eps is not None else torch.finfo(emb.dtype).eps  # noqa: E731
-        layers.append(dict(qkv=attn._qkv, wo=attn.output_proj.weight, w1=layer.mlp.w1.weight, w3=layer.mlp.w3.weight,
-                           w2=layer.mlp.w2.weight, sa_norm=layer.sa_norm.weight, sa_eps=eps(layer.sa_norm),
-                           mlp_norm=layer.mlp_norm.weight, mlp_eps=eps(layer.mlp_norm),
-                           k_cache=attn.kv_cache.k_cache, v_cache=attn.kv_cache.v_cache))
-    if not layers:
-        return "no layers"
-    a = model.layers[0].attn
-    return dk.DecodeKernels(layers=layers, embedding=emb, norm=model.norm.weight,
-                            norm_eps=model.norm.eps if model.norm.eps is not None else torch.finfo(emb.dtype).eps,
-                            output=model.output.weight, cos=rope.cos_cached, sin=rope.sin_cached,
-                            interleaved=rope.interleaved, num_heads=a.num_heads, num_kv_heads=a.num_kv_heads,
-                            head_dim=a.head_dim, batch=batch)
-
-
-# ### Recording the CUDA graph by hand
-#
-# `torch.compile(mode="reduce-overhead")` records CUDA graphs itself, through *CUDA graph trees*: a
-# general mechanism that, before every replay, runs the compiler's guards and checks that each
-# tensor the graph reads from outside is still where the recording found it. The step's inputs
-# include every weight and cache buffer, about two hundred tensors for TinyLlama. A profile on an
-# H200 found that bookkeeping longer on the CPU than the step's kernels on the GPU (about 1.55 ms
-# per token against 1.25 ms of kernels): the step waited on the CPU, not on the memory.
-#
-# The fast path therefore records one call of the step into a `torch.cuda.CUDAGraph` of its own:
-# the Triton kernels where they apply, else the step compiled by Inductor *without* CUDA graphs
-# (`compiled_decode_one_token()`). A replay is then one launch and nothing else: the graph reads
-# the weights and the caches at the addresses it recorded, which is why the caches are allocated
-# once and never move.
-#
-# * **Static inputs.** The graph reads its four inputs from tensors of its own; each call copies
-#   the new `tokens`, `input_pos`, `slot` and `keys` into them (four small copies) and
-#   replays. Its logits `[batch, vocab]` are a tensor of its own too, overwritten by the next
-#   replay: `generate` samples from them before it replays again (one stream orders the two).
-# * **Warm-up, then record.** Compiling, tuning kernels and creating library handles cannot happen
-#   while a graph records, so two calls on a side stream come first. They are real steps: they
-#   write the new token's keys and values into its slot. That is harmless because the recording is
-#   made with the first step's own inputs: the replay that follows writes the same values to the
-#   same slot.
-# * **Valid while nothing moves.** A graph stores raw addresses. `decode_graph` keeps one graph per
-#   model, with the addresses of every parameter and buffer and the shapes of the inputs it was
-#   recorded with, compares them before each generation, and records anew when anything moved (new
-#   caches, a converted model). `delete_caches` drops the graph.
-# * **Loud failures.** If compiling, recording or replaying fails, `generate` raises and says so. The
-#   flag `DECODE_CUDA_GRAPH = False` turns the hand-made graph off: `compile=True` then runs the
-#   step through `torch.compile(mode="reduce-overhead")`, correct but slower at batch 1.
-#
-# What it costs: compiling once per model shape (for the compiled step), a recording (two warm-up
-# steps) per model and cache, and one step's intermediate tensors held in the graph's memory pool.
-# `decode_graph_counters` counts the recordings (also by kind: `recordings_triton`,
-# `recordings_compiled`) and the replays, and the prefill's (`prefill_recordings`,
-# `prefill_replays`, below), so that a caller can check that every step was a replay.
-DECODE_CUDA_GRAPH = True
-decode_graph_counters: collections.Counter = collections.Counter()
-_decode_graphs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _graph_key(model: TransformerDecoder, inputs: Sequence[torch.Tensor]) -> tuple:
-    """What a recorded graph depends on: where every weight and buffer lies, and the inputs' shapes."""
-    tensors = [*model.parameters(), *model.buffers()]
-    tensors += [layer.attn._qkv for layer in model.layers if layer.attn._qkv is not None]
-    return (tuple((t.data_ptr(), t.shape, t.dtype) for t in tensors)
-            + tuple((t.shape, t.dtype, t.device) for t in inputs))
-
-
-def _record(step, inputs: Sequence[torch.Tensor], config: dict):
-    """Two warm-up calls of `step(*inputs)` on a side stream, then one recorded into a CUDA graph:
-    `(graph, output)`."""
-    from torch._inductor import config as inductor_config
-
-    with torch.cuda.device(inputs[0].device), inductor_config.patch(config):
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                step(*inputs)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = step(*inputs)
-    return graph, out
-
-
-class _Replay:
-    """Copy new inputs into the graph's own, replay, return the graph's output."""
-
-    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
-        for static, new in zip(self.inputs, inputs):
-            static.copy_(new)
-        self.graph.replay()
-        decode_graph_counters[self.counter] += 1
-        return self.out
-
-
-class DecodeGraph(_Replay):
-    """One call of the decode step, recorded into a `torch.cuda.CUDAGraph` with the first step's
-    inputs: the hand-written kernels (`decode_kernels_for`) where they apply, else the compiled
-    `decode_one_token`. Calling it with `(tokens, input_pos, slot, keys)` copies the inputs into the
-    graph's own and replays it; the logits it returns, `[batch, vocab]`, are the graph's, valid until
-    the next call."""
-
-    counter = "replays"
-
-    def __init__(self, model: TransformerDecoder, tokens: torch.Tensor, input_pos: torch.Tensor,
-                 slot: torch.Tensor, keys: torch.Tensor, key: tuple | None = None):
-        self.key = key if key is not None else _graph_key(model, (tokens, input_pos, slot, keys))
-        self.inputs = tuple(t.clone() for t in (tokens, input_pos, slot, keys))
-        # The hand-written kernels where they apply, else the compiled step; `kernels` says which,
-        # `why_not_triton` why not.
-        self.step = decode_kernels_for(model, tokens.shape[0])
-        if isinstance(self.step, str):
-            self.kernels, self.why_not_triton = "compiled", self.step
-            compiled = compiled_decode_one_token()
-            self.step = lambda *inputs: compiled(model, *inputs)  # noqa: E731
-        else:
-            self.kernels, self.why_not_triton = "triton", None
-        self.graph, self.out = _record(self.step, self.inputs, DECODE_INDUCTOR_CONFIG)
-        decode_graph_counters["recordings"] += 1
-        decode_graph_counters[f"recordings_{self.kernels}"] += 1
-
-    @property
-    def logits(self) -> torch.Tensor:
-        return self.out
-
-
-def decode_graph(model: TransformerDecoder, tokens: torch.Tensor, input_pos: torch.Tensor, slot: torch.Tensor,
-                 keys: torch.Tensor) -> DecodeGraph:
-    """The model's `DecodeGraph`, recorded now (with these inputs, the first step's) unless one
-    recorded on the same weights, caches and input shapes exists. Unchecked, like the step."""
-    graph = _decode_graphs.get(model)
-    key = _graph_key(model, (tokens, input_pos, slot, keys))
-    if graph is None or graph.key != key:
-        _decode_graphs.pop(model, None)  # free the old graph's memory before recording a new one
-        graph = DecodeGraph(model, tokens, input_pos, slot, keys, key)
-        _decode_graphs[model] = graph
-    return graph
-
-
-# ### The prefill, recorded too
-#
-# The prompt's pass through the cached model (the *prefill*) runs eagerly: a compiled version would
-# recompile for every new prompt length. Eagerly it is a few hundred kernel launches, each waiting
-# on the CPU (about 23 ms for TinyLlama and 128 tokens on an H200, against roughly 2 ms of GPU
-# work), which a generation of 256 tokens pays once, about 0.09 ms per token. The fast path records
-# it as a CUDA graph too, `PrefillGraph`, once a prompt shape comes back: the first generation with
-# a new `[batch, prompt_len]` runs the prefill eagerly and only notes the shape (a prompt of a new
-# length costs nothing more than before), a second one with the same shape records the graph
-# (three eager passes' worth of time, once), and every later one replays it. The recorded call is
-# the unchecked `_forward` with explicit cache slots $0, \dots, $ `prompt_len` $- 1$ (the caches
-# are empty at the start of a generation); `generate` checks its inputs once before. One graph per
-# model is kept, the latest shape's.
-_prefill_graphs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
 def _prefill(model: TransformerDecoder, prompt: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
              slots: torch.Tensor) -> torch.Tensor:
-    """Float logits `[batch, vocab]` of the last position; writes the prompt into cache slots `slots`."""
+    """Float logits `[batch, vocab]` of the last position; writes the prompt into cache slots `slots`. Unchecked."""
     return model._forward(prompt, input_pos=positions, mask=mask, cache_slots=slots, last_only=True)[:, -1]
 
 
-class PrefillGraph(_Replay):
-    """`_prefill` recorded into a CUDA graph; called like it, returns its logits (the graph's)."""
-
-    counter = "prefill_replays"
-
-    def __init__(self, model: TransformerDecoder, inputs: Sequence[torch.Tensor], key: tuple):
-        self.key = key
-        self.inputs = tuple(t.clone() for t in inputs)
-        self.graph, self.out = _record(lambda *a: _prefill(model, *a), self.inputs, {})
-        decode_graph_counters["prefill_recordings"] += 1
+# ### The fork to the fast path
+#
+# The fast path takes the lesson's step and makes it fast (`annotated_src/kv_cache_fast.py`). It
+# needs the tensors of a Llama-shaped model for its kernels, which `llama_weights` collects here,
+# where the classes are known (the fast-path page knows none of them), or a sentence saying why
+# the model is not one; and every parameter and buffer, whose addresses a recorded graph depends on.
 
 
-def prefill_logits(model: TransformerDecoder, prompt: torch.Tensor, positions: torch.Tensor,
-                   mask: torch.Tensor) -> torch.Tensor:
-    """The cached prefill of `generate`'s fast path: eager for a prompt shape seen for the first time,
-    recorded at the second, replayed after. Unchecked."""
-    slots = torch.arange(prompt.shape[1], device=prompt.device)
-    inputs = (prompt, positions, mask, slots)
-    key = _graph_key(model, inputs)
-    entry = _prefill_graphs.get(model)
-    if isinstance(entry, PrefillGraph) and entry.key == key:
-        return entry(*inputs)
-    if entry != key:
-        # A new shape: note it and run eagerly.
-        _prefill_graphs[model] = key
-        return _prefill(model, *inputs)
-    _prefill_graphs.pop(model, None)
-    graph = PrefillGraph(model, inputs, key)
-    _prefill_graphs[model] = graph
-    return graph(*inputs)
+def llama_weights(model: TransformerDecoder) -> kv_cache_fast.DecoderWeights | str:
+    """The tensors of a Llama-shaped `model` for the fast step's kernels, or a sentence saying why
+    it is not one (the kernels cover exactly the layers `llama_decoder` builds, with caches enabled)."""
+    def rms(norm):
+        return type(norm) is nn.RMSNorm and norm.weight is not None
+
+    def plain(linear):
+        return type(linear) is nn.Linear and linear.bias is None
+
+    def eps(norm):  # (an RMSNorm without eps uses its dtype's)
+        return norm.eps if norm.eps is not None else torch.finfo(norm.weight.dtype).eps
+
+    if model.output_hidden_states or model.num_output_chunks or type(model.tok_embeddings) is not nn.Embedding:
+        return "hidden states or chunked output requested, or a custom embedding"
+    if not (rms(model.norm) and plain(model.output)):
+        return "the final norm is not an RMSNorm or the output not a bias-free Linear"
+    layers, rope = [], None
+    for i, layer in enumerate(model.layers):
+        attn = getattr(layer, "attn", None)
+        if not (type(layer) is TransformerSelfAttentionLayer and type(layer.mlp) is FeedForward
+                and rms(layer.sa_norm) and rms(layer.mlp_norm) and type(attn.pos_embeddings) is RotaryPositionalEmbeddings
+                and all(plain(p) for p in (attn.q_proj, attn.k_proj, attn.v_proj, attn.output_proj,
+                                           layer.mlp.w1, layer.mlp.w2, layer.mlp.w3))
+                and attn.kv_cache is not None and attn.cache_enabled):
+            return (f"layer {i} is not a Llama-shaped self-attention layer (RMSNorm, bias-free projections, "
+                    "rotary embeddings, SwiGLU) with an enabled cache")
+        if rope is None:
+            rope = attn.pos_embeddings
+        elif not (attn.pos_embeddings.cos_cached.equal(rope.cos_cached) and attn.pos_embeddings.interleaved == rope.interleaved):
+            return f"layer {i} has rotary tables of its own"
+        layers.append(kv_cache_fast.LayerWeights(
+            wq=attn.q_proj.weight, wk=attn.k_proj.weight, wv=attn.v_proj.weight, wo=attn.output_proj.weight,
+            w1=layer.mlp.w1.weight, w3=layer.mlp.w3.weight, w2=layer.mlp.w2.weight, sa_norm=layer.sa_norm.weight,
+            sa_eps=eps(layer.sa_norm), mlp_norm=layer.mlp_norm.weight, mlp_eps=eps(layer.mlp_norm),
+            k_cache=attn.kv_cache.k_cache, v_cache=attn.kv_cache.v_cache))
+    if not layers:
+        return "no layers"
+    a = model.layers[0].attn
+    return kv_cache_fast.DecoderWeights(
+        layers=layers, embedding=model.tok_embeddings.weight, norm=model.norm.weight, norm_eps=eps(model.norm),
+        output=model.output.weight, cos=rope.cos_cached, sin=rope.sin_cached, interleaved=rope.interleaved,
+        num_heads=a.num_heads, num_kv_heads=a.num_kv_heads, head_dim=a.head_dim)
 
 
-# `decode_step` is the step as `generate` runs it, a function of `(tokens, input_pos, slot, keys)`:
-# eager; compiled with the hand-made graph on CUDA (the fast path); compiled with the compiler's
-# graphs when `DECODE_CUDA_GRAPH` is False; compiled without graphs on a CPU. It stacks the
-# query/key/value weights first (a check when they already are), and looks the graph up at the
-# first call, whose inputs record it.
+def decode_kernels_for(model: TransformerDecoder, batch: int) -> kv_cache_fast.DecodeKernels | str:
+    """The fast path's Triton kernels running `decode_one_token` for `model` at `batch` rows, or a
+    sentence saying why they do not apply (`kv_cache_fast.supports`)."""
+    if not isinstance(model, TransformerDecoder):
+        fail("model", type(model).__name__, "a TransformerDecoder", TypeError)
+    return kv_cache_fast.decode_kernels_for(llama_weights(model), check_int("batch", batch, min_value=1))
 
 
-def decode_step(model: TransformerDecoder, *, compile: bool, device: torch.device | str):
-    """`step(tokens, input_pos, slot, keys) -> logits [batch, vocab]` for a model whose caches are set
-    up: `decode_one_token`, eager or (`compile=True`) compiled as described above."""
+def compiled_decode_one_token(mode: str | None = None) -> Callable:
+    """`decode_one_token` through `torch.compile(mode=mode, fullgraph=True, dynamic=False)`
+    (`kv_cache_fast.compiled`): `mode=None` or `"reduce-overhead"` (the compiler's own CUDA graphs)."""
+    return kv_cache_fast.compiled(decode_one_token, mode)
+
+
+def _model_tensors(model: nn.Module) -> list[torch.Tensor]:
+    return [*model.parameters(), *model.buffers()]
+
+
+# `decode_step` is the step as `generate` runs it, a function of `(tokens, input_pos, slot, keys)`.
+# `compile=True` asks for the fast step, wherever the chapter's switch leaves it on; any failure
+# there raises a `FastPathError` that names the switch. Otherwise it is `decode_one_token`, eagerly.
+
+
+def decode_step(model: TransformerDecoder, *, compile: bool, device: torch.device | str) -> Callable:
+    """`step(tokens, input_pos, slot, keys) -> logits [batch, vocab]` for a model whose caches are set up.
+
+    Args:
+        model (TransformerDecoder): with caches set up and enabled.
+        compile (bool): take the fast step (`annotated_src/kv_cache_fast.py`) unless
+            `fastpath.is_enabled("kv_cache")` is False; else `decode_one_token` eagerly.
+        device (torch.device | str): the model's device.
+
+    Returns:
+        The step. The fast step's logits are a buffer that its next call overwrites.
+
+    Raises:
+        ValueError: `model` has no enabled caches.
+    """
     if not isinstance(model, TransformerDecoder) or not model.caches_are_enabled():
         fail("model", type(model).__name__, "a TransformerDecoder with caches set up and enabled")
-    device = torch.device(device)
-    model.fuse_qkv()
-    if not compile:
-        return lambda tokens, input_pos, slot, keys: decode_one_token(model, tokens, input_pos, slot, keys)
-    if device.type == "cuda" and DECODE_CUDA_GRAPH:
-        graph = None
+    if compile and fastpath.is_enabled("kv_cache"):
+        fast = fastpath.run("kv_cache", kv_cache_fast.decode_step, model, decode_one_token, llama_weights(model),
+                            device=device, tensors=_model_tensors(model))
+        return lambda tokens, input_pos, slot, keys: fastpath.run("kv_cache", fast, tokens, input_pos, slot, keys)
+    return lambda tokens, input_pos, slot, keys: decode_one_token(model, tokens, input_pos, slot, keys)
 
-        def step(tokens, input_pos, slot, keys):
-            nonlocal graph
-            if graph is None:
-                graph = decode_graph(model, tokens, input_pos, slot, keys)
-            return graph(tokens, input_pos, slot, keys)
 
-        return step
-    from torch._inductor import config as inductor_config
-
-    compiled = compiled_decode_one_token("reduce-overhead" if device.type == "cuda" else None)
-
-    def step(tokens, input_pos, slot, keys):
-        with inductor_config.patch(DECODE_INDUCTOR_CONFIG):
-            if device.type != "cuda":
-                return compiled(model, tokens, input_pos, slot, keys)
-            # The compiler's graph outputs live in memory its next replay overwrites: start a new
-            # step and copy the logits out before anything else runs.
-            torch.compiler.cudagraph_mark_step_begin()
-            return compiled(model, tokens, input_pos, slot, keys).clone()
-
-    return step
+# ### `generate`
+#
+# Checks once; sets up caches for the call if `compile` asks for them and there are none, and
+# otherwise keeps what the caller had cached to put it back at the end; then the first logits
+# (the prefill, or the uncached pass over the prompt) and one step per new token.
 
 
 @torch.no_grad()
 def generate(model: TransformerDecoder, prompt: torch.Tensor, *, max_new_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, stop_tokens: Sequence[int] | None = None, pad_id: int = 0,
              generator: torch.Generator | None = None, compile: bool = False) -> torch.Tensor:
-    """Continue each left-padded row of `prompt` `[batch, prompt_len]` by `max_new_tokens` tokens.
+    """Continue each left-padded row of `prompt` by `max_new_tokens` tokens.
 
-    `generator` (for sampling) must live on the model's device.
+    Uses the model's caches if they are set up and enabled, recomputes the whole sequence each
+    step if not. The caches are left as they were found: set up or not, enabled or not, and with
+    the same contents.
 
-    Returns `[batch, prompt_len + max_new_tokens]`. Uses the model's caches if they are set up and
-    enabled, recomputes the whole sequence each step if not; `compile=True` runs the compiled
-    static-cache step (setting up caches for the call if there are none). The model's caches are
-    left as they were found: set up or not, enabled or not, and with the same contents. A cached
-    generation stacks each self-attention layer's query, key and value weights into one tensor
-    (`MultiHeadAttention.fuse_qkv`: the same parameters and values, in one piece of memory).
+    Args:
+        model (TransformerDecoder): the decoder.
+        prompt (torch.Tensor): `[batch, prompt_len]` token ids on the model's device, left-padded
+            with `pad_id`; every row holds at least one other token.
+        max_new_tokens (int): how many tokens to append, >= 1.
+        temperature (float): 0 for greedy decoding, else a finite number > 0. Default 1.0.
+        top_k (int | None): sample among the `top_k` most likely tokens only. Default None.
+        stop_tokens (Sequence[int] | None): token ids that end a row; its later tokens are `pad_id`.
+        pad_id (int): the padding token, a token id of the vocabulary. Default 0.
+        generator (torch.Generator | None): for sampling, on the prompt's device.
+        compile (bool): run the fast static-cache step (`decode_step`), setting up caches for the
+            call if there are none. Default False.
+
+    Returns:
+        `[batch, prompt_len + max_new_tokens]` token ids.
+
+    Raises:
+        TypeError, ValueError: an argument is of the wrong type, shape, device or value; the
+            message names it.
+        FastPathError: the fast path failed (with `compile=True`).
     """
-    check_tensor("prompt", prompt, ndim=2, layout="[batch, prompt_len]", integer=True)
-    check_int("max_new_tokens", max_new_tokens, min_value=1)
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature < 0:
-        fail("temperature", temperature, "a float >= 0")
-    if top_k is not None:
-        check_int("top_k", top_k, min_value=1)
-    batch, prompt_len = prompt.shape
-    total = prompt_len + max_new_tokens
-    if total > model.max_seq_len:
-        fail("prompt", f"prompt_len {prompt_len} + max_new_tokens {max_new_tokens} = {total}",
-             f"at most the model's max_seq_len={model.max_seq_len}")
+    stops = _check_generate(model, prompt, max_new_tokens, temperature, top_k, stop_tokens, pad_id, generator)
     real, positions = padding_positions_and_mask(prompt, pad_id)
     if not bool(real[:, -1].all()):
         fail("prompt", "a row of pad_id only", f"every row to hold at least one token other than pad_id={pad_id}")
-
-    temporary = False
-    if compile and not model.caches_are_setup():
-        dtype = next(model.parameters()).dtype
-        model.setup_caches(batch, dtype, decoder_max_seq_len=total)
-        temporary = True
-    if compile and not model.caches_are_enabled():
-        fail("compile", True, "caches that are enabled (not inside disable_kv_cache)")
-    cached = model.caches_are_enabled()
-    saved = None
-    if cached:
-        caches = model._self_caches()
-        cache_batch, cache_len = model._cache_batch_size(), model.decoder_max_cache_seq_len
-        if batch > cache_batch:
-            fail("prompt", f"batch {batch}", f"at most the caches' batch_size {cache_batch}")
-        if total > cache_len:
-            fail("prompt", f"prompt_len {prompt_len} + max_new_tokens {max_new_tokens} = {total}",
-                 f"at most the caches' decoder_max_seq_len={cache_len}")
-        if caches and caches[0].size > 0:
-            # Keep what the caller had cached, to put it back at the end.
-            saved = [(c.k_cache.clone(), c.v_cache.clone(), c.cache_pos.clone()) for c in caches]
-        for c in caches:
-            c.reset()
-    decode = decode_step(model, compile=compile, device=prompt.device) if cached else None
-    stops = torch.tensor(list(stop_tokens or []), dtype=prompt.dtype, device=prompt.device)
-    finished = torch.zeros(batch, dtype=torch.bool, device=prompt.device)
-    out = [prompt]
-    try:
+    batch, total = prompt.shape[0], prompt.shape[1] + max_new_tokens
+    with _caches_for_generation(model, batch, total, compile) as cached:
         if cached:
-            # Prefill: the whole prompt in one pass, `[batch, prompt_len, cache_len]` mask; on the
-            # fast path recorded as a CUDA graph once its shape comes back (`prefill_logits`).
-            mask = causal_padding_mask(real, cache_len)
-            if compile and prompt.is_cuda and DECODE_CUDA_GRAPH:
-                model._check_inputs(prompt, mask, None, None, positions, cached)
-                try:
-                    logits = prefill_logits(model, prompt, positions, mask)
-                except Exception as e:  # as loud as the decode step's failures below
-                    raise RuntimeError(f"generate(compile=True): the recorded prefill failed ({type(e).__name__}: {e}); "
-                                       "annotated_src.kv_cache.DECODE_CUDA_GRAPH = False runs it eagerly") from e
-            else:
-                logits = model(prompt, input_pos=positions, mask=mask)[:, -1]
-            # `[batch, cache_len]`: every slot but the left padding; the step masks the slots past
-            # the new token.
-            keys = torch.ones(batch, cache_len, dtype=torch.bool, device=prompt.device)
-            keys[:, :prompt_len] = real
-            # The next token's slot `[1]` and positions `[batch, 1]`, advanced in place after each
-            # step, outside the compiled step.
-            slot = torch.full((1,), prompt_len, dtype=torch.long, device=prompt.device)
-            pos = positions[:, -1:] + 1
+            logits, next_logits = _cached_generation(model, prompt, real, positions, compile)
         else:
-            seq_real, seq_pos = real, positions
-            logits = model(prompt, input_pos=positions, mask=causal_padding_mask(real))[:, -1]
+            logits, next_logits = _uncached_generation(model, prompt, real, positions)
+        out, finished = [prompt], torch.zeros(batch, dtype=torch.bool, device=prompt.device)
         for step in range(max_new_tokens):
-            token = sample(logits, temperature=temperature, top_k=top_k, generator=generator)
+            token = _draw(logits, temperature, top_k, generator)
             if stops.numel():
+                # a finished row appends pad_id; a row that draws a stop token is finished after it
                 token = torch.where(finished, torch.full_like(token, pad_id), token)
                 finished |= torch.isin(token, stops)
             out.append(token[:, None])
             if step == max_new_tokens - 1 or (stops.numel() and bool(finished.all())):
                 break
-            if cached:
-                # Slot `prompt_len + step` holds the new token; the row's pads stay hidden.
-                try:
-                    logits = decode(token[:, None], pos, slot, keys)
-                except Exception as e:  # the optional fast path must fail loudly, never silently
-                    if not compile:
-                        raise
-                    raise RuntimeError(f"generate(compile=True): the compiled decode step failed ({type(e).__name__}: "
-                                       f"{e}); compile=False runs the same step eagerly, "
-                                       "annotated_src.kv_cache.DECODE_KERNELS = False records the compiled step "
-                                       "instead of the Triton kernels, and DECODE_CUDA_GRAPH = False uses the "
-                                       "compiler's own CUDA graphs instead of the hand-recorded one") from e
-                slot += 1
-                pos += 1
-            else:
-                # `[batch, 1]`: one past each row's last position
-                pos = positions[:, -1:] + step + 1
-                # The readable reference: rerun everything, `[batch, seq_len]`.
-                seq = torch.cat(out, dim=1)
-                seq_real = torch.cat([seq_real, torch.ones_like(token[:, None], dtype=torch.bool)], dim=1)
-                seq_pos = torch.cat([seq_pos, pos], dim=1)
-                logits = model(seq, input_pos=seq_pos, mask=causal_padding_mask(seq_real))[:, -1]
-        result = torch.cat(out, dim=1)
-        if result.shape[1] < total:
-            result = torch.cat([result, result.new_full((batch, total - result.shape[1]), pad_id)], dim=1)
-        return result
+            logits = next_logits(token[:, None])
+    result = torch.cat(out, dim=1)
+    # (rows that all finished early: the rest is padding)
+    return torch.cat([result, result.new_full((batch, total - result.shape[1]), pad_id)], dim=1)
+
+
+def _check_generate(model, prompt, max_new_tokens, temperature, top_k, stop_tokens, pad_id, generator) -> torch.Tensor:
+    """Check `generate`'s arguments once; return the stop tokens as a tensor `[n_stops]`."""
+    if not isinstance(model, TransformerDecoder):
+        fail("model", type(model).__name__, "a TransformerDecoder", TypeError)
+    check_tensor("prompt", prompt, ndim=2, layout="[batch, prompt_len]", integer=True)
+    if prompt.numel() == 0:
+        fail("prompt", f"shape {tuple(prompt.shape)}", "at least one row and one token")
+    device = model.tok_embeddings.weight.device
+    if prompt.device != device:
+        fail("prompt", f"a tensor on {prompt.device}", f"the model's device, {device}")
+    check_int("max_new_tokens", max_new_tokens, min_value=1)
+    _check_sampling(temperature, top_k, generator, device)
+    vocab = model.tok_embeddings.num_embeddings
+    check_int("pad_id", pad_id, min_value=0, max_value=vocab - 1)
+    if isinstance(stop_tokens, torch.Tensor):
+        stop_tokens = stop_tokens.tolist() if not stop_tokens.is_floating_point() else stop_tokens
+    stops = list(stop_tokens) if stop_tokens is not None else []
+    for t in stops:
+        if isinstance(t, bool) or not isinstance(t, int):
+            fail("stop_tokens", stop_tokens, f"token ids, ints in [0, {vocab - 1}]", TypeError)
+        if not 0 <= t < vocab:
+            fail("stop_tokens", stop_tokens, f"token ids, ints in [0, {vocab - 1}] (the vocabulary)")
+    total = prompt.shape[1] + max_new_tokens
+    if total > model.max_seq_len:
+        fail("prompt", f"prompt_len {prompt.shape[1]} + max_new_tokens {max_new_tokens} = {total}",
+             f"at most the model's max_seq_len={model.max_seq_len}")
+    return torch.tensor(stops, dtype=prompt.dtype, device=device)
+
+
+@contextlib.contextmanager
+def _caches_for_generation(model: TransformerDecoder, batch: int, total: int, compile: bool) -> Iterator[bool]:
+    """Yield whether the generation is cached: set up temporary caches if `compile` needs them,
+    else empty the caller's (saved first), and put everything back as it was afterwards."""
+    temporary = compile and not model.caches_are_setup()
+    if temporary:
+        model.setup_caches(batch, next(model.parameters()).dtype, decoder_max_seq_len=total)
+    if compile and not model.caches_are_enabled():
+        fail("compile", True, "caches that are enabled (not inside disable_kv_cache)")
+    cached, caches, saved = model.caches_are_enabled(), model._self_caches(), None
+    try:
+        if cached:
+            if batch > model._cache_batch_size():
+                fail("prompt", f"batch {batch}", f"at most the caches' batch_size {model._cache_batch_size()}")
+            if total > model.decoder_max_cache_seq_len:
+                fail("prompt", f"prompt_len + max_new_tokens = {total}",
+                     f"at most the caches' decoder_max_seq_len={model.decoder_max_cache_seq_len}")
+            if caches and caches[0].size > 0:
+                # Keep what the caller had cached, to put it back at the end.
+                saved = [(c.k_cache.clone(), c.v_cache.clone(), c.cache_pos.clone()) for c in caches]
+            for c in caches:
+                c.reset()
+        yield cached
     finally:
         if temporary:
             model.delete_caches()
         elif cached:
             for c in caches:
                 c.reset()
-            if saved is not None:
-                for c, (k, v, p) in zip(caches, saved):
-                    c.k_cache.copy_(k)
-                    c.v_cache.copy_(v)
-                    c.cache_pos.copy_(p)
+            for c, (k, v, p) in zip(caches, saved or []):
+                c.k_cache.copy_(k)
+                c.v_cache.copy_(v)
+                c.cache_pos.copy_(p)
+
+
+def _cached_generation(model: TransformerDecoder, prompt: torch.Tensor, real: torch.Tensor, positions: torch.Tensor,
+                       compile: bool) -> tuple[torch.Tensor, Callable]:
+    """The prefill's logits `[batch, vocab]`, and `next_logits(token [batch, 1])`, one cached step."""
+    batch, prompt_len = prompt.shape
+    cache_len = model.decoder_max_cache_seq_len
+    # Prefill: the whole prompt in one pass, `[batch, prompt_len, cache_len]` mask; on the fast path
+    # recorded as a CUDA graph once its shape comes back.
+    mask = causal_padding_mask(real, cache_len)
+    model._check_inputs(prompt, mask, None, None, positions, True)
+    if compile and fastpath.is_enabled("kv_cache"):
+        prefill = lambda *inputs: _prefill(model, *inputs)  # noqa: E731
+        logits = fastpath.run("kv_cache", kv_cache_fast.prefill, model, prefill, prompt, positions, mask,
+                              tensors=_model_tensors(model))
+    else:
+        logits = model._forward(prompt, input_pos=positions, mask=mask)[:, -1]
+    # `[batch, cache_len]`: every slot but the left padding; the step masks the slots past the new token.
+    keys = torch.ones(batch, cache_len, dtype=torch.bool, device=prompt.device)
+    keys[:, :prompt_len] = real
+    # The next token's slot `[1]` and positions `[batch, 1]`, advanced in place after each step,
+    # outside the step.
+    slot = torch.full((1,), prompt_len, dtype=torch.long, device=prompt.device)
+    pos = positions[:, -1:] + 1
+    decode = decode_step(model, compile=compile, device=prompt.device)
+
+    def next_logits(token: torch.Tensor) -> torch.Tensor:
+        logits = decode(token, pos, slot, keys)
+        slot.add_(1)
+        pos.add_(1)
+        return logits
+
+    return logits, next_logits
+
+
+def _uncached_generation(model: TransformerDecoder, prompt: torch.Tensor, real: torch.Tensor,
+                         positions: torch.Tensor) -> tuple[torch.Tensor, Callable]:
+    """The readable reference: the prompt's logits, and `next_logits(token)` that reruns everything."""
+    seq, seq_real, seq_pos = prompt, real, positions
+    logits = model(seq, input_pos=seq_pos, mask=causal_padding_mask(seq_real))[:, -1]
+
+    def next_logits(token: torch.Tensor) -> torch.Tensor:
+        nonlocal seq, seq_real, seq_pos
+        # `[batch, seq_len + 1]`: the new token, real, one past each row's last position
+        seq = torch.cat([seq, token], dim=1)
+        seq_real = torch.cat([seq_real, torch.ones_like(token, dtype=torch.bool)], dim=1)
+        seq_pos = torch.cat([seq_pos, seq_pos[:, -1:] + 1], dim=1)
+        return model(seq, input_pos=seq_pos, mask=causal_padding_mask(seq_real))[:, -1]
+
+    return logits, next_logits
 
 
 # ## Helpers: what a generated token costs
@@ -1415,13 +1482,24 @@ def generate(model: TransformerDecoder, prompt: torch.Tensor, *, max_new_tokens:
 
 
 def kv_cache_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype_bytes: int) -> int:
-    """$2 \\cdot L \\cdot n_{kv} \\cdot d \\cdot b$: keys and values of one position, every layer."""
+    r"""The cache's bytes per position of context, $2 \cdot L \cdot n_{kv} \cdot d \cdot b$ (keys and values, every layer).
+
+    Args:
+        num_layers (int): $L$.
+        num_kv_heads (int): $n_{kv}$.
+        head_dim (int): $d$.
+        dtype_bytes (int): $b$, bytes per element.
+
+    Returns:
+        Bytes.
+    """
     return 2 * num_layers * num_kv_heads * head_dim * dtype_bytes
 
 
 def llama_params(*, vocab_size: int, num_layers: int, num_heads: int, num_kv_heads: int, embed_dim: int,
                  intermediate_dim: int | None = None) -> int:
-    """Parameters of `llama_decoder` with these sizes, the embedding table excluded."""
+    """Parameters of `llama_decoder` with these sizes, the embedding table excluded (the output
+    projection included: it is not tied). Arguments as `llama_decoder`'s."""
     head_dim = embed_dim // num_heads
     hidden = intermediate_dim if intermediate_dim is not None else llama_intermediate_dim(embed_dim)
     attn = embed_dim * head_dim * (2 * num_heads + 2 * num_kv_heads)
@@ -1431,8 +1509,18 @@ def llama_params(*, vocab_size: int, num_layers: int, num_heads: int, num_kv_hea
 
 def decode_cost(*, vocab_size: int, num_layers: int, num_heads: int, num_kv_heads: int, embed_dim: int,
                 intermediate_dim: int | None = None, context: int, cached: bool, dtype_bytes: int = 2) -> dict:
-    """FLOPs and least bytes read for one generated token at `context` positions (the new one
-    included), for a `llama_decoder` of these sizes."""
+    """FLOPs and least bytes read for one generated token, for a `llama_decoder` of these sizes.
+
+    Args:
+        vocab_size, num_layers, num_heads, num_kv_heads, embed_dim, intermediate_dim: as `llama_decoder`'s.
+        context (int): positions attended to, the new one included.
+        cached (bool): a cached step (one token's pass) or an uncached one (a pass over `context` tokens).
+        dtype_bytes (int): bytes per element of weights and cache. Default 2.
+
+    Returns:
+        A dict: `flops`, `bytes` (weights once, one embedding row, and the cache when cached),
+        `params` ($P$, `llama_params`) and `weight_bytes`.
+    """
     check_int("context", context, min_value=1)
     head_dim = embed_dim // num_heads
     params = llama_params(vocab_size=vocab_size, num_layers=num_layers, num_heads=num_heads,
@@ -1446,3 +1534,104 @@ def decode_cost(*, vocab_size: int, num_layers: int, num_heads: int, num_kv_head
         flops = 2 * params * context + attn_flops * context * (context + 1) // 2
         nbytes = weight_bytes
     return {"flops": flops, "bytes": nbytes, "params": params, "weight_bytes": weight_bytes}
+
+
+# ## Loading weights
+#
+# `llama_decoder` builds a model with random weights. Two converters fill it from the checkpoints
+# readers are likely to have:
+#
+# * **Hugging Face** (`transformers.LlamaForCausalLM`): the same modules under other names, and the
+#   same rotary layout, pairs $(i, i + d/2)$, so the weights are copied as they are. The config
+#   gives the sizes, grouped-query heads, the norm's epsilon, RoPE's $\theta$ and whether the
+#   output projection is tied to the embedding (then ours is tied too: one `Parameter`).
+# * **torchtune**: our names, but its RMSNorm keeps its weight as `.scale` and its Llama rotates
+#   pairs $(2i, 2i + 1)$. Renaming the norms and permuting the rows of $W_Q$ and $W_K$ within each
+#   head (`convert_interleaved_to_half` of `annotated_src/rope.py`) gives the same attention scores
+#   in our layout: the permutation is applied to queries and keys alike, so their dot products
+#   are unchanged, and the values and $W_O$ are untouched.
+
+_HF_LAYER_NAMES = {"self_attn.q_proj": "attn.q_proj", "self_attn.k_proj": "attn.k_proj",
+                   "self_attn.v_proj": "attn.v_proj", "self_attn.o_proj": "attn.output_proj",
+                   "mlp.gate_proj": "mlp.w1", "mlp.up_proj": "mlp.w3", "mlp.down_proj": "mlp.w2",
+                   "input_layernorm": "sa_norm", "post_attention_layernorm": "mlp_norm"}
+
+
+def llama_decoder_from_hf(model: nn.Module) -> TransformerDecoder:
+    """A `llama_decoder` with the configuration and weights of a transformers `LlamaForCausalLM`.
+
+    Args:
+        model (nn.Module): a `transformers.LlamaForCausalLM` (its `config` and `state_dict()`):
+            default RoPE (no scaling), SiLU, no biases, `head_dim = hidden_size / num_attention_heads`.
+
+    Returns:
+        The decoder, on the model's device and in its dtype, in eval mode: the same logits.
+
+    Raises:
+        ValueError: the model uses something `llama_decoder` does not build (the message says what).
+    """
+    cfg = model.config
+    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    theta = rope.get("rope_theta", getattr(cfg, "rope_theta", None) or 10_000.0)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    for what, ok in (("rope_type", rope.get("rope_type", "default") == "default"), ("hidden_act", cfg.hidden_act == "silu"),
+                     ("attention_bias", not getattr(cfg, "attention_bias", False)),
+                     ("mlp_bias", not getattr(cfg, "mlp_bias", False)),
+                     ("head_dim", head_dim * cfg.num_attention_heads == cfg.hidden_size)):
+        if not ok:
+            fail("model", f"a config with {what}={getattr(cfg, what, rope.get(what))!r}",
+                 "default RoPE, SiLU, no biases and head_dim = hidden_size / num_attention_heads")
+    weight = model.get_input_embeddings().weight
+    with torch.device(weight.device):
+        ours = llama_decoder(vocab_size=cfg.vocab_size, num_layers=cfg.num_hidden_layers,
+                             num_heads=cfg.num_attention_heads,
+                             num_kv_heads=cfg.num_key_value_heads or cfg.num_attention_heads, embed_dim=cfg.hidden_size,
+                             max_seq_len=cfg.max_position_embeddings, intermediate_dim=cfg.intermediate_size,
+                             norm_eps=cfg.rms_norm_eps, rope_base=theta)
+    tied = bool(getattr(cfg, "tie_word_embeddings", False))
+    if tied:
+        ours.output.weight = ours.tok_embeddings.weight
+    state = {}
+    for name, t in model.state_dict().items():
+        if name.startswith("model.layers."):
+            i, rest = name[len("model.layers."):].split(".", 1)
+            module, leaf = rest.rsplit(".", 1)
+            state[f"layers.{i}.{_HF_LAYER_NAMES[module]}.{leaf}"] = t
+        else:
+            state[{"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
+                   "lm_head.weight": "output.weight"}[name]] = t
+    if tied:
+        state["output.weight"] = state["tok_embeddings.weight"]
+    ours.load_state_dict(state)
+    return ours.to(weight.dtype).eval()
+
+
+def convert_torchtune_state_dict(state_dict: dict[str, torch.Tensor], *, num_heads: int,
+                                 num_kv_heads: int) -> dict[str, torch.Tensor]:
+    """A torchtune Llama state dict in our names and layout, for `llama_decoder(...).load_state_dict`.
+
+    Args:
+        state_dict (dict[str, torch.Tensor]): torchtune's (`layers.{i}.sa_norm.scale`,
+            `layers.{i}.attn.q_proj.weight`, ..., `norm.scale`, `output.weight`).
+        num_heads (int): $n_h$, the query heads.
+        num_kv_heads (int): $n_{kv}$, the key/value heads.
+
+    Returns:
+        A new dict: the norms' `.scale` renamed `.weight`, the rows of $W_Q$ and $W_K$ permuted from
+        the interleaved to the half-split layout, the rest as it was. A checkpoint whose output is
+        tied to the embedding (no `output.weight`) gets the embedding as `output.weight`.
+    """
+    check_int("num_heads", num_heads, min_value=1)
+    check_int("num_kv_heads", num_kv_heads, min_value=1)
+    out = {}
+    for name, t in state_dict.items():
+        if name.endswith("norm.scale"):
+            name = name.removesuffix("scale") + "weight"
+        elif name.endswith("attn.q_proj.weight"):
+            t = convert_interleaved_to_half(t, num_heads)
+        elif name.endswith("attn.k_proj.weight"):
+            t = convert_interleaved_to_half(t, num_kv_heads)
+        out[name] = t
+    if "output.weight" not in out and "tok_embeddings.weight" in out:
+        out["output.weight"] = out["tok_embeddings.weight"]
+    return out

@@ -1,7 +1,7 @@
 r"""
 ---
 title: Rotary positional embeddings (RoPE) and xPos
-summary: Rotary embeddings that make attention scores depend only on relative position, in both pair layouts, with float32 tables, per-token positions, partial rotation, the xPos variant, and the fork to a fast path of one Triton kernel.
+summary: Rotary embeddings that make attention scores depend only on relative position, in both pair layouts, with float32 tables, per-token positions, partial rotation, the xPos variant, scaled frequencies for longer contexts (position interpolation, NTK-aware, YaRN, Llama 3), and the fork to a fast path of one Triton kernel.
 ---
 
 # Rotary positional embeddings (RoPE)
@@ -23,9 +23,10 @@ $$\begin{pmatrix} y^{(1)}_i \\ y^{(2)}_i \end{pmatrix} =
 \qquad \theta_i = \text{base}^{-2i/d}, \quad i = 0, \dots, d/2 - 1.$$
 
 The frequencies fall geometrically from $\theta_0 = 1$ radian per token to
-$\theta_{d/2-1} = \text{base}^{-(d-2)/d} \approx 1/\text{base}$: the first pairs turn fast and tell
-neighbouring tokens apart, the last ones turn so slowly that they stay nearly fixed across the
-whole context and carry content. `base` is 10 000 in the paper.
+$\theta_{d/2-1} = \text{base}^{-(d-2)/d}$, close to $1/\text{base}$ for large $d$: the first pairs
+turn fast and tell neighbouring tokens apart, the last ones turn so slowly (for $d = 128$, once
+every 54 000 tokens) that they barely move across a context of a few thousand tokens, and can
+carry content rather than position. `base` is 10 000 in the paper.
 
 ## Why the score depends only on $m - n$
 
@@ -47,7 +48,8 @@ Shifting both positions by the same amount changes nothing. In complex numbers, 
 $z_i = x^{(1)}_i + \mathrm{i}\, x^{(2)}_i$, the rotation is $z_i e^{\mathrm{i} m\theta_i}$ and the
 pair's contribution to the score is $\operatorname{Re}\big[\bar z^{q}_i z^{k}_i
 e^{\mathrm{i}(n-m)\theta_i}\big]$, the same statement. Rotations also preserve lengths, so
-$\lVert \operatorname{RoPE}(x, m) \rVert = \lVert x \rVert$: RoPE changes no norm and no scale.
+$\lVert \operatorname{RoPE}(x, m) \rVert = \lVert x \rVert$: RoPE changes no norm and no scale
+(xPos, below, does both on purpose).
 
 ## Two layouts of the pairs
 
@@ -63,9 +65,9 @@ features $(0, 2, 4, \dots, d-2, 1, 3, \dots, d-1)$ to positions $(0, 1, \dots, d
 $\operatorname{RoPE}_{\text{half}}(Px, m) = P \operatorname{RoPE}_{\text{interleaved}}(x, m)$.
 Since $P$ is orthogonal, $\langle Pa, Pb \rangle = \langle a, b \rangle$: a model trained in one
 layout runs in the other once the rows of its query and key projections (and biases) are
-permuted by $P$ per head. That is what Hugging Face's conversion script for Meta's weights does,
-and what `convert_interleaved_to_half` below does. The values and the output projection are not
-touched.
+permuted by $P$ per head. That is what Hugging Face's conversion script for Meta's weights does
+(`permute` in `convert_llama_weights_to_hf.py`), and what `convert_interleaved_to_half` below
+does. The values and the output projection are not touched.
 
 ## The bf16 pitfall
 
@@ -76,25 +78,31 @@ dtype rotates position 8191 by the angle of position 8192, and the 64 positions 
 collapse onto three values, 8128, 8160 and 8192: dozens of neighbouring tokens get the *same*
 angles and their relative positions are erased. Here the angles are computed in float64 and
 the $\cos$ and $\sin$ tables kept in float32 whatever the module's dtype; the rotation is done in
-float32 and rounded once to the input's dtype.
+float32 and rounded once to the input's dtype (float64 inputs get float64 tables and arithmetic).
 
 ## xPos
 
 [Sun et al., *A Length-Extrapolatable Transformer* (arXiv 2212.10554)](https://arxiv.org/abs/2212.10554),
-used by LongNet, multiplies each rotated pair by an exponential in the position, so that scores
-decay with distance, more for the fast pairs than for the slow ones:
+used by LongNet, multiplies each rotated pair by an exponential in the position, so that the
+score of a query with an earlier key decays with their distance, more for the fast pairs than
+for the slow ones:
 
 $$\tilde q_m = \zeta^{\,m/\gamma} \odot \operatorname{RoPE}(q, m), \qquad
 \tilde k_n = \zeta^{-n/\gamma} \odot \operatorname{RoPE}(k, n), \qquad
-\zeta_i = \frac{2i/d + 0.4}{1.4} \in [0.29, 1),$$
+\zeta_i = \frac{2i/d + 0.4}{1.4} \in \left[\tfrac{0.4}{1.4}, 1\right),$$
 
-with $\gamma$ = `scale_base` (512). Pair $i$'s contribution to the score is multiplied by
-$\zeta_i^{(m-n)/\gamma}$, still a function of $m - n$ alone. Features past `dim` are neither rotated
-nor scaled.
+with $\gamma$ = `scale_base` (512, as in the authors' code, torchscale). Pair $i$'s contribution to
+the score is multiplied by $\zeta_i^{(m-n)/\gamma}$, still a function of $m - n$ alone: below 1 for
+a key before the query ($n < m$, causal attention), above 1 for a key after it. $\zeta_0 =
+0.4/1.4 \approx 0.29$ for the fastest pair, and the slowest pairs approach 1, barely decaying.
+Features past `dim` are neither rotated nor scaled.
 
 ## What this file holds
 
 * `rotary_angles`, `rotary_tables`: the angles $m\theta_i$ and their $\cos$, $\sin$.
+* `rope_frequencies`: the frequencies $\theta_i$, or their scaled versions for contexts longer than
+  the training one (position interpolation, NTK-aware, YaRN, Llama 3), which the modules take as
+  `scaling=`.
 * `apply_rotary`: the readable rotation of either layout, and the fork to its fast path, on a page
   of its own: [`annotated_src/rope_fast.py`](rope_fast.py) (`apply_rotary_fast`: one Triton
   kernel, `apply_rotary_triton`, or the rotation compiled by `torch.compile`,
@@ -109,6 +117,8 @@ nor scaled.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -121,11 +131,12 @@ from annotated_src.rope_fast import apply_rotary_compiled, apply_rotary_fast, ap
 # ## The angles
 #
 # $\theta_i = \text{base}^{-2i/d}$ and the angle of pair $i$ at position $m$ is $m\theta_i$.
-# `positions` is an integer tensor of any shape; the result has that shape plus a last dimension
+# `positions` is an integer (or real) tensor of any shape; the result has that shape plus a last dimension
 # of $d/2$.
 #
-# The computation happens in `dtype`, float64 by default: an angle near $8192$ radians in float32
-# is off by up to $5 \cdot 10^{-4}$ radians, in float64 by $10^{-12}$. The `dtype` argument exists
+# The computation happens in `dtype`, float64 by default: an angle near $8192$ radians rounded to
+# float32 is off by up to $5 \cdot 10^{-4}$ radians (half the spacing of float32 numbers there,
+# $2^{-10}$), rounded to float64 by $10^{-12}$. The `dtype` argument exists
 # so that the notebook and the tests can show what goes wrong in bfloat16.
 
 
@@ -244,11 +255,154 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, inter
     return torch.cat((y.to(x.dtype), x_pass), dim=-1)
 
 
+# ## Longer contexts: scaling the frequencies
+#
+# A model trained on $L$ tokens has seen the angles $m\theta_i$ for $m < L$ only. Past $L$, the slow
+# pairs, which had not completed a turn within $L$ tokens, reach angles never seen in training, and
+# the model's quality drops. Four published ways to run such a model on longer inputs change the
+# frequencies $\theta_i$ (the rotation itself is unchanged). With $s$ = `factor`, the ratio of the
+# new context to the old one, and $L$ = `original_max_position_embeddings`:
+#
+# * **Position interpolation**, `"linear"` ([Chen et al., arXiv 2306.15595](https://arxiv.org/abs/2306.15595)):
+#   squeeze the positions, $m \to m/s$, which is the same as $\theta_i \to \theta_i / s$. Every
+#   angle stays in the trained range, but neighbouring tokens are $s$ times closer together.
+# * **NTK-aware**, `"dynamic"` (bloc97's and emozilla's Reddit posts, 2023, as Hugging Face
+#   implements them): raise the base instead, $\text{base}' = \text{base}\cdot\kappa^{d/(d-2)}$,
+#   which leaves $\theta_0 = 1$ unchanged and divides the slowest frequency by $\kappa$. "Dynamic"
+#   ties $\kappa$ to the length $\ell$ actually needed, $\kappa = s\,\max(\ell, L)/L - (s - 1)$: 1 up to
+#   $L$, then growing with $\ell$ (here $\ell$ is `seq_len`; the modules use their `max_seq_len`).
+# * **YaRN**, `"yarn"` ([Peng et al., arXiv 2309.00071](https://arxiv.org/abs/2309.00071)): interpolate
+#   only the slow pairs. Pair $i$ turns $r_i = L\theta_i / 2\pi$ times over the old context; pairs that
+#   turn more than $\beta$ = `beta_fast` (32) times keep $\theta_i$, pairs that turn fewer than
+#   $\alpha$ = `beta_slow` (1) times get $\theta_i/s$, and a linear ramp $\gamma_i$ over the pair index
+#   blends the two in between: $\theta_i' = (1 - \gamma_i)\,\theta_i + \gamma_i\,\theta_i/s$. YaRN also
+#   sharpens the softmax, multiplying queries and keys by $\sqrt{1/t} = 0.1 \ln s + 1$
+#   (`attention_factor`): here it multiplies the $\cos$ and $\sin$ tables, as in Hugging Face.
+# * **Llama 3**, `"llama3"` (Meta's reference code for Llama 3.1, `apply_scaling`): the same idea with
+#   wavelengths $\lambda_i = 2\pi/\theta_i$ and two thresholds, $L$/`high_freq_factor` and
+#   $L$/`low_freq_factor`: shorter wavelengths keep $\theta_i$, longer ones get $\theta_i/s$, and in
+#   between $\theta_i' = (1 - g)\,\theta_i/s + g\,\theta_i$ with $g = (L/\lambda_i - \text{low})/(\text{high} - \text{low})$.
+#
+# `scaling` is a dict with Hugging Face's configuration keys (`rope_type`, `factor`, ...), so a
+# model's `rope_scaling` or `rope_parameters` can be passed as it is; the tests check the
+# frequencies against transformers' own `ROPE_INIT_FUNCTIONS`. The frequencies are computed in
+# float64, like the angles.
+
+# For each `rope_type`: the keys it needs and the keys it may have.
+SCALING_KEYS = {
+    "linear": ({"factor"}, set()),
+    "dynamic": ({"factor", "original_max_position_embeddings"}, set()),
+    "yarn": ({"factor", "original_max_position_embeddings"}, {"beta_fast", "beta_slow", "attention_factor", "truncate"}),
+    "llama3": ({"factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor"}, set()),
+}
+
+
+def rope_frequencies(dim: int, base: float = 10_000, scaling: dict | None = None, *,
+                     seq_len: int | None = None) -> tuple[torch.Tensor, float]:
+    r"""The frequencies $\theta_i$ of RoPE, possibly scaled for a longer context, and the attention factor.
+
+    Args:
+        dim (int): the number of rotated features $d$, even, at least 2 (4 for `"dynamic"`).
+        base (float): the base of the frequencies $\theta_i = \text{base}^{-2i/d}$, > 1. Default 10 000.
+        scaling (dict | None): None (default) for the paper's frequencies, or Hugging Face's
+            configuration keys: `rope_type` (`"linear"`, `"dynamic"`, `"yarn"` or `"llama3"`),
+            `factor` (>= 1), `original_max_position_embeddings` (all but `"linear"`),
+            `low_freq_factor` and `high_freq_factor` (`"llama3"`), and optionally `beta_fast`,
+            `beta_slow`, `attention_factor`, `truncate` (`"yarn"`); a `rope_theta` key must equal `base`.
+        seq_len (int | None): the context length to scale for, needed by `"dynamic"`. Default None.
+
+    Returns:
+        tuple[torch.Tensor, float]: `(inv_freq, attention_factor)`: `[dim / 2]` float64 $\theta_i$ on
+        the CPU, and the factor that multiplies the $\cos$ and $\sin$ tables (1 except for YaRN).
+
+    Raises:
+        TypeError: `scaling` is not a dict or None, or a value has the wrong type.
+        ValueError: `dim` or `base` is invalid, `rope_type` is unknown, a key is missing, unknown
+            or out of range, or `"dynamic"` is given no `seq_len`.
+    """
+    _check_dim(dim)
+    _check_base(base)
+    # $\theta_i = \text{base}^{-2i/d}$, `[dim / 2]`
+    theta = float(base) ** -(torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    if scaling is None:
+        return theta, 1.0
+    kind, p = _check_scaling(scaling, dim, base, seq_len)
+    s, L = p["factor"], p.get("original_max_position_embeddings")
+    if kind == "linear":
+        return theta / s, 1.0
+    if kind == "dynamic":
+        kappa = s * max(seq_len, L) / L - (s - 1)
+        return rope_frequencies(dim, base * kappa ** (dim / (dim - 2)))[0], 1.0
+    if kind == "yarn":
+        return _yarn(theta, dim, base, s, L, p)
+    return _llama3(theta, s, L, p["low_freq_factor"], p["high_freq_factor"]), 1.0
+
+
+def _yarn(theta: torch.Tensor, dim: int, base: float, s: float, L: int, p: dict) -> tuple[torch.Tensor, float]:
+    # The pair index whose frequency turns `r` times over the old context: $L\theta_i / 2\pi = r$.
+    def pair_turning(r: float) -> float:
+        return dim * math.log(L / (r * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = pair_turning(p.get("beta_fast", 32)), pair_turning(p.get("beta_slow", 1))
+    if p.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    high = high + 0.001 if low == high else high
+    # $\gamma_i$: 0 for the fast pairs (kept), 1 for the slow ones (interpolated), a ramp between.
+    gamma = ((torch.arange(dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+    factor = p.get("attention_factor")
+    if factor is None:
+        factor = 0.1 * math.log(s) + 1 if s > 1 else 1.0
+    return (1 - gamma) * theta + gamma * theta / s, float(factor)
+
+
+def _llama3(theta: torch.Tensor, s: float, L: int, low: float, high: float) -> torch.Tensor:
+    wavelength = 2 * math.pi / theta
+    # $g$: 0 at wavelength $L$/low (and longer: interpolated), 1 at $L$/high (and shorter: kept).
+    g = ((L / wavelength - low) / (high - low)).clamp(0, 1)
+    return (1 - g) * theta / s + g * theta
+
+
+def _check_scaling(scaling, dim: int, base: float, seq_len) -> tuple[str, dict]:
+    if not isinstance(scaling, dict):
+        fail("scaling", type(scaling).__name__, "None or a dict of Hugging Face's rope_scaling keys", TypeError)
+    kind = scaling.get("rope_type")
+    if kind not in SCALING_KEYS:
+        fail("scaling['rope_type']", kind, f"one of {', '.join(map(repr, SCALING_KEYS))}")
+    needed, optional = SCALING_KEYS[kind]
+    # A model's `rope_parameters` also name the base: it must be ours.
+    if "rope_theta" in scaling and scaling["rope_theta"] != base:
+        fail("scaling['rope_theta']", scaling["rope_theta"], f"base = {base}, or no rope_theta key")
+    p = {k: v for k, v in scaling.items() if k not in ("rope_type", "rope_theta")}
+    if needed - p.keys():
+        fail("scaling", scaling, f"the keys {sorted(needed)} for rope_type {kind!r} (missing {sorted(needed - p.keys())})")
+    if p.keys() - needed - optional:
+        fail("scaling", scaling, f"only the keys {sorted(needed | optional | {'rope_type', 'rope_theta'})} for rope_type {kind!r} "
+             f"(unknown: {sorted(p.keys() - needed - optional)})")
+    for key, value in p.items():
+        if key == "truncate" and not isinstance(value, bool):
+            fail("scaling['truncate']", value, "a bool", TypeError)
+        if key != "truncate" and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0
+                                  or value == float("inf")):
+            fail(f"scaling[{key!r}]", value, "a finite number > 0")
+    if p["factor"] < 1:
+        fail("scaling['factor']", p["factor"], "a number >= 1 (the new context over the old one)")
+    if kind == "llama3" and not p["high_freq_factor"] > p["low_freq_factor"]:
+        fail("scaling['high_freq_factor']", p["high_freq_factor"], f"more than low_freq_factor = {p['low_freq_factor']}")
+    if kind == "dynamic":
+        if dim < 4:
+            fail("dim", dim, "at least 4 for dynamic scaling (its exponent is d / (d - 2))")
+        if seq_len is None:
+            fail("seq_len", seq_len, "the context length to scale for (an int >= 1): dynamic scaling needs it")
+        check_int("seq_len", seq_len, min_value=1)
+    return kind, p
+
+
 # ## The fork to the fast path
 #
-# The rotation above is the whole method. Its fast path, one Triton kernel that reads and writes
-# every element once, lives on a page of its own, [`annotated_src/rope_fast.py`](rope_fast.py),
-# with the autograd Function whose backward is the same kernel with the opposite angle and a
+# The rotation, `apply_rotary`, is the whole method. Its fast path, one Triton kernel that reads
+# and writes every element once, lives on a page of its own,
+# [`annotated_src/rope_fast.py`](rope_fast.py), with the autograd Function whose backward is the same kernel with the opposite angle and a
 # `torch.compile` version for where the kernel does not run. The modules below rotate through this
 # fork: the fast path where it applies, else the readable rotation.
 #
@@ -340,6 +494,8 @@ def _check_positions(input_pos, x: torch.Tensor, max_seq_len: int | None) -> tor
         fail("input_pos", f"shape {tuple(input_pos.shape)}", want)
     # Positions are indices: like PyTorch's indexing, we take them on the CPU or on `x`'s device,
     # and move them to `x`'s device.
+    if input_pos.device != x.device and input_pos.device.type != "cpu":
+        fail("input_pos", f"device {input_pos.device}", f"the CPU or x's device, {x.device}")
     input_pos = input_pos.to(x.device)
     # Reading the extreme positions costs one device synchronisation per call. Without it a
     # position past the table would be an out-of-bounds gather: on CUDA a device-side assert that
@@ -372,7 +528,8 @@ def _check_positions(input_pos, x: torch.Tensor, max_seq_len: int | None) -> tor
 
 
 class _RotaryBase(nn.Module):
-    def __init__(self, dim: int, max_seq_len: int, base: float, interleaved: bool, fast: bool | None):
+    def __init__(self, dim: int, max_seq_len: int, base: float, interleaved: bool, fast: bool | None,
+                 scaling: dict | None = None):
         super().__init__()
         _check_dim(dim)
         check_int("max_seq_len", max_seq_len, min_value=1)
@@ -382,12 +539,23 @@ class _RotaryBase(nn.Module):
         if fast is not None and not isinstance(fast, bool):
             fail("fast", fast, "None (follow annotated_src.fastpath), True or False", TypeError)
         self.dim, self.max_seq_len, self.base = dim, max_seq_len, base
-        self.interleaved, self.fast = interleaved, fast
+        self.interleaved, self.fast, self.scaling = interleaved, fast, scaling
+        # $\theta_i$ (scaled for a longer context if asked, for the whole table) and the factor of the
+        # tables, both fixed for the module's life.
+        self.inv_freq, self.attention_factor = rope_frequencies(
+            dim, base, scaling, seq_len=max_seq_len if scaling is not None else None)
         # On the default device: the CPU, or the device of an enclosing `with torch.device(...)`.
         self._build_tables(torch.empty(0).device)
 
+    # $\cos m\theta_i$ and $\sin m\theta_i$ (times the attention factor) from float64 angles, in `dtype`.
+    def _tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        angles = positions.to(torch.float64).unsqueeze(-1) * self.inv_freq.to(positions.device)
+        if self.attention_factor == 1:
+            return angles.cos().to(dtype), angles.sin().to(dtype)
+        return (angles.cos() * self.attention_factor).to(dtype), (angles.sin() * self.attention_factor).to(dtype)
+
     def _table_values(self) -> dict[str, torch.Tensor]:
-        cos, sin = rotary_tables(torch.arange(self.max_seq_len), self.dim, self.base, dtype=torch.float32)
+        cos, sin = self._tables(torch.arange(self.max_seq_len), torch.float32)
         return {"cos_cached": cos, "sin_cached": sin}
 
     def _build_tables(self, device: torch.device):
@@ -422,14 +590,15 @@ class _RotaryBase(nn.Module):
 
     def _cos_sin(self, x: torch.Tensor, input_pos: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         if x.dtype == torch.float64:
-            cos, sin = rotary_tables(self._positions(input_pos, x), self.dim, self.base, dtype=torch.float64)
+            cos, sin = self._tables(self._positions(input_pos, x), torch.float64)
             return cos.unsqueeze(2), sin.unsqueeze(2)
         seq_len = x.shape[1]
         return self._rows(self.cos_cached, input_pos, seq_len), self._rows(self.sin_cached, input_pos, seq_len)
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, max_seq_len={self.max_seq_len}, base={self.base}, "
-                f"interleaved={self.interleaved}, fast={self.fast}")
+                f"interleaved={self.interleaved}, fast={self.fast}"
+                + (f", scaling={self.scaling}" if self.scaling is not None else ""))
 
 
 class RotaryPositionalEmbeddings(_RotaryBase):
@@ -448,11 +617,16 @@ class RotaryPositionalEmbeddings(_RotaryBase):
             where it runs and `rope_fast.supports` the input; True always takes the fast path, even
             with the switch off (the kernel where it runs, the `torch.compile` rotation elsewhere);
             False never does.
+        scaling (dict | None): None (default), or a context extension in Hugging Face's
+            `rope_scaling` keys (see `rope_frequencies`): position interpolation, dynamic NTK-aware
+            (scaled for `seq_len = max_seq_len`), YaRN (its attention factor multiplies the
+            tables) or Llama 3.
 
     Raises:
         TypeError: an argument has the wrong type (`dim`, `max_seq_len` not ints, `interleaved` not a bool,
-            `fast` not None or a bool).
-        ValueError: `dim` is odd or below 2, `max_seq_len` below 1, or `base` not a finite number > 1.
+            `fast` not None or a bool, `scaling` not None or a dict).
+        ValueError: `dim` is odd or below 2, `max_seq_len` below 1, `base` not a finite number > 1,
+            or `scaling` is not a valid scaling (as `rope_frequencies` says).
 
     `forward(x, *, input_pos=None)`:
 
@@ -475,8 +649,8 @@ class RotaryPositionalEmbeddings(_RotaryBase):
     """
 
     def __init__(self, dim: int, max_seq_len: int = 4096, base: float = 10_000, *, interleaved: bool = False,
-                 fast: bool | None = None):
-        super().__init__(dim, max_seq_len, base, interleaved, fast)
+                 fast: bool | None = None, scaling: dict | None = None):
+        super().__init__(dim, max_seq_len, base, interleaved, fast, scaling)
 
     def forward(self, x: torch.Tensor, *, input_pos: torch.Tensor | None = None) -> torch.Tensor:
         _check_x("x", x, self.dim)
@@ -493,17 +667,40 @@ class RotaryPositionalEmbeddings(_RotaryBase):
 # The scale multiplies both members of a pair by the same number, so it folds into the tables:
 # $\zeta_i^{s} R(\alpha)$ is the matrix of $R(\alpha)$ with $\zeta_i^{s}\cos\alpha$ and
 # $\zeta_i^{s}\sin\alpha$ in place of $\cos\alpha$ and $\sin\alpha$. The query uses `cos * scale`,
-# `sin * scale`, the key `cos / scale`, `sin / scale`, and the same rotation kernel does the rest.
+# `sin * scale`, the key `cos / scale`, `sin / scale`, and the same rotation (readable or fast) does
+# the rest.
 #
 # **Centring.** $\zeta_0 = 0.4/1.4 \approx 0.29$, so $\zeta_0^{-n/\gamma}$ at $n = 65\,536$ and
 # $\gamma = 512$ is $10^{70}$: past the range of float32 and bfloat16, while the query's factor
 # underflows to zero. Any fixed shift $c$ of the exponent, $\zeta^{(m-c)/\gamma}$ for the query and
 # $\zeta^{-(n-c)/\gamma}$ for the key, leaves the product $\zeta^{(m-n)/\gamma}$ unchanged. We take
-# $c$ = `max_seq_len // 2`, so the exponents stay within $\pm$`max_seq_len / (2 gamma)`
-# (a factor between $0.0067$ and $150$ for the defaults). torchscale centres on the middle of
-# the current call's positions instead; a centre that depends on the call would give a query
-# decoded with a KV cache a different scale from the one its keys were cached with, so ours is
-# fixed by the module.
+# $c$ = `max_seq_len // 2`, so the exponents stay within $\pm$`(max_seq_len // 2) / gamma`
+# (a factor between $0.0067$ and $150$ for the defaults). torchscale centres on the middle of the
+# positions up to the end of the current call (`-(len + offset) // 2`), a centre that moves as the
+# sequence grows; a moving centre would give a query decoded with a KV cache a different scale from
+# the one its keys were cached with, so ours is fixed by the module.
+#
+# **The limit.** Centring halves the exponents; it cannot make them small for a long table. The
+# largest factor is $\zeta_0^{-(L/2)/\gamma} = 3.5^{(L/2)/\gamma}$ for $L$ = `max_seq_len`, and
+# its reciprocal the smallest. A product of a huge and a tiny float is as accurate as the float's
+# rounding allows as long as neither leaves the float's range; once one overflows to infinity and
+# the other to zero, their product is NaN. So the module refuses a table whose factors leave
+# $[2^{-64}, 2^{64}]$: that keeps them inside the normal range of float32 and bfloat16 ($2^{-126}$
+# to $2^{128}$) with $2^{64}$ to spare for the activations they multiply. For $\gamma = 512$ that is `max_seq_len` up to 36 261; a longer
+# table needs a proportionally larger $\gamma$. float16 reaches only 65 504 (about $2^{16}$), so it
+# is accepted only where the factors stay within $2^{\pm 8}$, leaving $2^8$ for the activations:
+# `max_seq_len` up to 4 533 for $\gamma = 512$ (the default 4096 included); bfloat16 has float32's
+# range and is the dtype for longer tables.
+
+# The limits on the factors, and the factor's base $1/\zeta_0 = 1.4 / 0.4 = 3.5$.
+XPOS_TABLE_LIMIT = 2.0 ** 64
+XPOS_FLOAT16_LIMIT = 2.0 ** 8
+_XPOS_BASE = 1.4 / 0.4
+
+
+def _xpos_reach(scale_base: float, limit: float) -> int:
+    r"""The longest `max_seq_len` whose xPos factors $3.5^{\pm(L/2)/\gamma}$ stay within `limit`."""
+    return 2 * math.floor(scale_base * math.log(limit) / math.log(_XPOS_BASE)) + 1
 
 
 class XPos(_RotaryBase):
@@ -523,8 +720,9 @@ class XPos(_RotaryBase):
 
     Raises:
         TypeError: an argument has the wrong type.
-        ValueError: `dim` is odd or below 2, `max_seq_len` below 1, `base` not a finite number
-            > 1, or `scale_base` not a finite number > 0.
+        ValueError: `dim` is odd or below 2, `max_seq_len` below 1 or beyond the reach of the
+            float32 tables (36 261 for `scale_base` 512: see "The limit" above), `base` not a
+            finite number > 1, or `scale_base` not a finite number > 0.
 
     `forward(q, k, *, input_pos=None)`:
 
@@ -537,8 +735,9 @@ class XPos(_RotaryBase):
         tuple[torch.Tensor, torch.Tensor]: `(q_rot, k_rot)`, each `[b, s, n_h, h_d]` in `q`'s dtype.
 
     Raises:
-        TypeError: `q` or `k` is not a floating-point tensor, `k`'s dtype is not `q`'s, or
-            `input_pos` is not an integer tensor.
+        TypeError: `q` or `k` is not a floating-point tensor, `k`'s dtype is not `q`'s,
+            `input_pos` is not an integer tensor, or `q` is float16 and `max_seq_len` is beyond
+            float16's reach (4 533 for `scale_base` 512).
         ValueError: as `RotaryPositionalEmbeddings.forward`, for `q`; `k`'s shape or device is not `q`'s.
         annotated_src.fastpath.FastPathError: the fast path was taken and failed.
     """
@@ -549,6 +748,14 @@ class XPos(_RotaryBase):
                 or scale_base == float("inf")):
             fail("scale_base", scale_base, "a finite number > 0")
         self.scale_base = scale_base
+        check_int("max_seq_len", max_seq_len, min_value=1)
+        reach = _xpos_reach(scale_base, XPOS_TABLE_LIMIT)
+        if max_seq_len > reach:
+            needed = (max_seq_len // 2) * math.log(_XPOS_BASE) / math.log(XPOS_TABLE_LIMIT)
+            fail("max_seq_len", max_seq_len,
+                 f"at most {reach} for scale_base = {scale_base}: xPos multiplies pair 0 by up to "
+                 f"3.5^((max_seq_len // 2) / scale_base), which the float32 tables keep within 2^64 "
+                 f"(or a scale_base of at least {math.ceil(needed)} for this max_seq_len)")
         super().__init__(dim, max_seq_len, base, interleaved, fast)
 
     def zeta(self) -> torch.Tensor:
@@ -574,6 +781,12 @@ class XPos(_RotaryBase):
         check_tensor("k", k, floating=True)
         check_same("k", k, "q", q)
         self._check_device("q", q)
+        if q.dtype == torch.float16 and self.max_seq_len > _xpos_reach(self.scale_base, XPOS_FLOAT16_LIMIT):
+            fail("q", "dtype torch.float16",
+                 f"bfloat16, float32 or float64 for max_seq_len = {self.max_seq_len} and scale_base = "
+                 f"{self.scale_base}: xPos's factors reach 3.5^{(self.max_seq_len // 2) / self.scale_base:.3g}, and "
+                 f"float16 (at most 65504) is accepted while they stay within 2^8, up to max_seq_len = "
+                 f"{_xpos_reach(self.scale_base, XPOS_FLOAT16_LIMIT)}", TypeError)
         input_pos = _check_positions(input_pos, q, self.max_seq_len)
         cos, sin = self._cos_sin(q, input_pos)
         # `[1 or batch, seq_len, 1, dim / 2]`
@@ -593,8 +806,8 @@ class XPos(_RotaryBase):
 #
 # Everything above in one readable function that recomputes $\theta$, the angles and the tables on
 # every call, the way RoPE is often first written. It is the naive baseline of the benchmark
-# (recomputing the tables costs a few small kernels per call) and a second, independent
-# reference for the tests. The angles are computed in float32 here (float64 for float64 inputs),
+# (recomputing the tables costs a few small kernels per call) and a second reference for the
+# tests, with tables of its own (the rotation is `apply_rotary`'s). The angles are computed in float32 here (float64 for float64 inputs),
 # as a typical implementation does; the module's cache is more precise.
 
 

@@ -11,17 +11,18 @@ where they fork to this page. Here is what they fork to.
 
 | kernel | stands for (in `annotated_src/rope.py`) | what it saves | how it was measured |
 | --- | --- | --- | --- |
-| `_rope_kernel`, launched by `rope_kernel(...)` | `apply_rotary`: the slice, the upcast, the four products, the two sums, the concatenations and the downcast, each a kernel that reads and writes a whole tensor | every element of `x` is read once and written once (the traffic of a copy), and each token's table rows are loaded once for all its heads | rows "fast module (Triton kernel)" and "fast path (Triton kernel only)" of the benchmark suite `annotated_src.bench.rope` (notebook 01, "Timing"), against "readable module", "naive per-call" and "copy (ceiling)" |
+| `_rope_kernel`, launched by `rope_kernel(...)` | `apply_rotary`: its ten operations (the upcast, four products, two sums, the concatenation of the pairs, the downcast, the concatenation with the features past `dim`), each a kernel that reads and writes up to a whole tensor | every element of `x` is read once and written once (the traffic of a copy), and each token's table rows are loaded once for all its heads | rows "fast module (Triton kernel)" and "fast path (Triton kernel only)" of the benchmark suite `annotated_src.bench.rope` (notebook 01, "Timing"), against "readable module", "naive per-call" and "copy (ceiling)" |
 | the backward of `_RotaryFunction` | autograd through `apply_rotary` | the same kernel, called with $-\sin$: the gradient is the rotation by the opposite angle | not timed; `tests/test_rope.py` checks it against autograd through `apply_rotary` |
-| `apply_rotary_compiled` (`torch.compile`) | `apply_rotary` | one fused elementwise kernel that Inductor writes, for where the Triton kernel does not run (no Triton, a CPU, tables with gradients) | row "compiled rotation (torch.compile)" of `annotated_src.bench.rope` |
+| `apply_rotary_compiled` (`torch.compile`) | `apply_rotary` | one fused elementwise kernel that Inductor writes; what `fast=True` takes where the Triton kernel does not run (no Triton, a CPU, tables with gradients) | row "compiled rotation (torch.compile)" of `annotated_src.bench.rope` |
 
 ## Why one kernel is enough
 
 RoPE is memory-bound. Per pair of features it does four multiplications and two additions, and
-moves the pair in and out: in bfloat16, 6 operations for 8 bytes. A GPU does tens of
-floating-point operations per byte it moves, so the rotation takes the time of its memory
-traffic. The readable version launches a kernel for the slice, the upcast, each product, each
-sum, the concatenation and the downcast, and every one of them reads and writes a full tensor.
+moves the pair in and out: in bfloat16, 6 operations for 8 bytes. A recent GPU does more than
+ten floating-point operations (in float32, without its tensor cores) in the time it moves one byte,
+so the rotation takes the time of its memory traffic. The readable version launches ten kernels (the upcast, each product, each sum, the
+concatenations and the downcast), each reading and writing up to a whole tensor, most of them
+float32 intermediates twice the size of a bfloat16 `x`.
 The least any implementation can move is one read of `x` and one write of the result: the
 traffic of a copy, which is the ceiling the benchmark compares with.
 
@@ -32,12 +33,15 @@ tables *once*, `[dim / 2]` float32 each, and applies them to all `n_heads` heads
 `[n_heads, dim / 2]` tile of first members $x^{(1)}$ and one of second members $x^{(2)}$. Every
 element of `x` is read once and written once; the tables are read once per token: for 32 heads of
 128 bfloat16 features, two float32 rows of 64 are a thirty-second of the bytes of `x` read and
-written. The arithmetic is the readable path's, in float32, rounded once to `x`'s dtype.
+written. The arithmetic is the readable path's, in float32, rounded once to `x`'s dtype (the
+compiler may fuse a product and a sum into one multiply-add, so the last bit can differ; the
+tests allow one unit in the last place).
 
 * The half layout pairs feature $i$ with $i + d/2$: the two tiles are two contiguous halves of
   each head. The interleaved layout pairs $2i$ with $2i + 1$: two stride-2 tiles that share
-  cache lines, so memory still sees each byte once. The layout changes which two addresses form
-  a pair, not what is computed, so it is one compile-time argument of one kernel.
+  cache lines, so the second load is served by the cache and memory still sees each byte once.
+  The layout changes which two addresses form a pair, not what is computed, so it is one
+  compile-time argument of one kernel.
 * Features past `dim` are copied through by the same program.
 * The backward pass is the same kernel. The Jacobian of $y = R(\alpha)\,x$ is $R(\alpha)$, so
   $\partial L / \partial x = R(\alpha)^\top\, \partial L / \partial y = R(-\alpha)\,
@@ -69,7 +73,8 @@ if fastpath.HAS_TRITON:
                      HALF: tl.constexpr, HALF_P2: tl.constexpr, HEADS_P2: tl.constexpr,
                      PASS: tl.constexpr, PASS_P2: tl.constexpr, INTERLEAVED: tl.constexpr):
         # `x`, `y`: `[batch, seq_len, n_heads, head_dim]`, unit stride over `head_dim`;
-        # `cos`, `sin`: `[batch or 1, seq_len, dim / 2]` (`stride_tb` is 0 when shared by the batch).
+        # `cos`, `sin`: `[batch or 1, seq_len, 1, dim / 2]`, one layout for both, unit stride over
+        # `dim / 2` (`stride_tb` is 0 when the batch shares one table).
         tl.static_assert(HALF_P2 >= HALF)
         tl.static_assert(PASS_P2 >= PASS)
         token = tl.program_id(0)
@@ -112,7 +117,7 @@ def supports(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
     Args:
         x (torch.Tensor): `[b, s, n_h, h_d]`, float16, bfloat16 or float32.
         cos (torch.Tensor): `[1 or b, s, 1, dim / 2]` float32, without gradient, with `dim <= h_d`.
-        sin (torch.Tensor): like `cos`, with the same strides, on `x`'s device.
+        sin (torch.Tensor): like `cos`, on `x`'s device.
 
     Returns:
         bool: True when all of the above hold.
@@ -121,17 +126,28 @@ def supports(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
             and x.dim() == 4 and x.dtype in KERNEL_DTYPES
             and cos.dtype == torch.float32 and sin.dtype == torch.float32 and cos.shape == sin.shape
             and cos.dim() == 4 and cos.shape[0] in (1, x.shape[0]) and cos.shape[1] == x.shape[1] and cos.shape[2] == 1
-            and sin.stride() == cos.stride() and cos.device == x.device == sin.device
-            and 2 * cos.shape[-1] <= x.shape[-1] and not (cos.requires_grad or sin.requires_grad))
+            and cos.device == x.device == sin.device
+            and 1 <= cos.shape[-1] and 2 * cos.shape[-1] <= x.shape[-1] and not (cos.requires_grad or sin.requires_grad))
 
 
 def rope_kernel(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
-    """Launch `_rope_kernel`: one program per token. Arguments as `apply_rotary_triton`, already checked."""
+    r"""Launch `_rope_kernel`, one program per token: the rotation, without autograd and without checks.
+
+    Args:
+        x (torch.Tensor): `[b, s, n_h, h_d]`, as `supports` takes it (`apply_rotary_triton` checks).
+        cos (torch.Tensor): `[1 or b, s, 1, dim / 2]` float32.
+        sin (torch.Tensor): like `cos`.
+        interleaved (bool): pairs $(2i, 2i+1)$ if True, $(i, i + dim/2)$ if False.
+
+    Returns:
+        torch.Tensor: a new `[b, s, n_h, h_d]` tensor in `x`'s dtype.
+    """
     # Any strides over batch, position and head (e.g. a slice of a fused projection), unit
-    # stride over the features.
+    # stride over the features; the two tables in one layout.
     if x.stride(-1) != 1:
         x = x.contiguous()
-    cos, sin = (t if t.stride(-1) == 1 else t.contiguous() for t in (cos, sin))
+    if cos.stride(-1) != 1 or sin.stride() != cos.stride():
+        cos, sin = cos.contiguous(), sin.contiguous()
     batch, seq_len, n_heads, head_dim = x.shape
     half = cos.shape[-1]
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -211,9 +227,9 @@ def apply_rotary_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *
 # with the rotation's sign, and the tables are widened to one angle per feature before the call.
 # The compiler emits one elementwise kernel in which each thread reads its feature and its
 # partner and the two table entries and writes one output: the memory traffic of a copy, but
-# four more loads per element from cache (x's partner, and both tables at full width), where the
-# kernel above loads every table entry once per token and every element once. The benchmark
-# compares the two. It is the fast path where the kernel does not run: without Triton, on the CPU
+# three more loads per element, served by the cache (x's partner, and both tables at full width),
+# where the kernel above loads every table entry once per token and every element once. The
+# benchmark compares the two. It is the fast path where the kernel does not run: without Triton, on the CPU
 # (where Inductor emits C++), or with tables that need gradients.
 #
 # We compile once per process with `fullgraph=True` (a graph break would be a silent loss of

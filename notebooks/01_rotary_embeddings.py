@@ -10,11 +10,11 @@
 #
 # $$\langle R(m\theta) q, R(n\theta) k \rangle = q^\top R\big((n - m)\theta\big)\, k .$$
 #
-# This notebook shows the idea with pictures, checks every property that
-# [`annotated_src/rope.py`](../annotated_src/rope.py) claims, shows the bfloat16 pitfall that the
-# module avoids, and times the implementations on the GPU. Every number printed below is a
-# check that holds on any device; the timings (marked) are those of the GPU the stored outputs
-# come from.
+# This notebook shows the idea with pictures, checks the properties that
+# [`annotated_src/rope.py`](../annotated_src/rope.py) claims (`tests/test_rope.py` checks them all),
+# shows the bfloat16 pitfall that the module avoids, and times the implementations on the GPU.
+# Every number printed below is a check that holds on any device; the timings (marked) are those
+# of the GPU the stored outputs come from.
 
 # %% tags=["nbval-ignore-output"]
 from annotated_src.notebook_utils import provenance, pick_device, randn
@@ -42,9 +42,9 @@ batch, seq_len, n_heads, head_dim = (2, 128, 4, 64) if SMALL else (4, 2048, 16, 
 # ## The frequencies
 #
 # Pair $i$ turns by $\theta_i$ radians per token, so it completes a turn every $2\pi/\theta_i$
-# tokens. With `base` = 10 000 and $d = 128$ the first pair turns once every 6 tokens and the last
-# once every 54 000: the fast pairs tell neighbouring tokens apart, the slow ones barely move
-# within a context and are free to carry content.
+# tokens. With `base` = 10 000 and $d = 128$ the first pair turns once every 6.3 tokens and the
+# last once every 54 000: the fast pairs tell neighbouring tokens apart, the slow ones barely move
+# within a context of a few thousand tokens and can carry content rather than position.
 
 # %%
 d, base = 128, 10_000
@@ -73,7 +73,9 @@ print("turns of the last pair over 4096 tokens:", round(4096 / wavelength[-1].it
 # $m - n = \text{const}$: the absolute positions have disappeared. The right panel follows one
 # row with $q = k$ = the all-ones vector, for which the score is $2\sum_i \cos((m-n)\theta_i)$
 # (the long-term decay of section 3.4.3 of the RoFormer paper): it is largest at distance 0 and
-# its envelope decays with distance, because the pairs' contributions fall out of phase.
+# its envelope decays with distance (its largest value falls from each band of distances to the
+# next: 1-63, 64-255, 256-1023, 1024-2047, 2048-4095), because the pairs' contributions fall out
+# of phase.
 
 # %%
 rope = RotaryPositionalEmbeddings(d, max_seq_len=4096).to(device)
@@ -206,8 +208,9 @@ print("wrong by more than 0.1 radian, fraction of (position, pair):", round(((ba
 
 # %% [markdown]
 # The module computes its angles in float64, keeps $\cos$ and $\sin$ in float32, rotates in float32
-# and rounds once to the input's dtype. At positions up to 8192 its bfloat16 output is the exact
-# rotation of its bfloat16 input, correctly rounded up to one unit in the last place (ulp):
+# and rounds once to the input's dtype. At positions up to 8192 its bfloat16 output is within half
+# a unit in the last place (ulp) of the exact rotation of its bfloat16 input, as close as bfloat16
+# can get (up to the float32 tables' own rounding, far below a bfloat16 ulp):
 
 # %%
 long_rope = RotaryPositionalEmbeddings(128, max_seq_len=8193).to(torch.bfloat16)
@@ -232,9 +235,12 @@ print("largest absolute error with bf16 angles:", round((buggy - exact).abs().ma
 # [xPos (Sun et al., arXiv 2212.10554)](https://arxiv.org/abs/2212.10554), used by LongNet in
 # chapter 3, multiplies the query's pair $i$ by $\zeta_i^{m/\gamma}$ and the key's by
 # $\zeta_i^{-n/\gamma}$, $\zeta_i = (2i/d + 0.4)/1.4$, so pair $i$'s share of the score is scaled by
-# $\zeta_i^{(m-n)/\gamma}$: the fast pairs (small $\zeta_i$) are damped the most with distance,
-# which is what lets the model extrapolate to longer inputs. The module centres the exponent at
-# `max_seq_len // 2` to keep it in range; the product, and so every score, does not change.
+# $\zeta_i^{(m-n)/\gamma}$: for a key before the query the fast pairs (small $\zeta_i$) are damped
+# the most with distance, which the paper credits for the model's extrapolation to longer inputs.
+# The module centres the exponent at `max_seq_len // 2` to keep it in range; the product, and so
+# every score, does not change. Centring cannot make the factors small for a long table: the module
+# refuses tables whose factors would leave $2^{\pm 64}$ in float32 (`max_seq_len` above 36 261 for
+# $\gamma = 512$), and float16 inputs past $2^{\pm 8}$ (above 4 533), with an error naming the limit.
 
 # %%
 gamma = 512
@@ -263,14 +269,17 @@ print("xPos scores invariant under a shift of all positions:",
 # %% [markdown]
 # ## The fast path
 #
-# RoPE reads every element once and writes it once, with six floating-point operations in between:
-# it is bound by memory bandwidth, and the readable version, one kernel per operation, moves the
-# tensor through memory about a dozen times. `RotaryPositionalEmbeddings(fast=True)` (the default
-# on CUDA) runs the same arithmetic as one Triton kernel: one program per token loads that token's
-# $\cos$ and $\sin$ rows once and rotates all of its heads, so every element of `x` is read once and
-# written once. (Without Triton, the fast path is the same function compiled by `torch.compile`.)
-# First, that it computes the same thing (a GPU cell: on the CPU the tests check the compiled path
-# on a small input, and on a GPU the tests check the kernel's values and gradients):
+# RoPE needs to read every element once and write it once, with six floating-point operations per
+# pair of features in between: it is bound by memory bandwidth, and the readable version runs ten
+# kernels, each reading and writing up to a whole tensor (float32 intermediates, twice the bytes of
+# bfloat16). On a GPU the module runs the same arithmetic as one Triton kernel, described in
+# [`annotated_src/rope_fast.py`](../annotated_src/rope_fast.py): one program per token loads that
+# token's $\cos$ and $\sin$ rows once and rotates all of its heads, so every element of `x` is read
+# once and written once. The module takes it by default where it runs; `fast=False` turns it off
+# for one module, `annotated_src.fastpath` for the whole chapter, and `fast=True` forces the fast
+# path (where the kernel cannot run, the same rotation compiled by `torch.compile`). First, that it
+# computes the same thing (a GPU cell; on the CPU, `make kernels` runs the kernel's tests under
+# Triton's interpreter: values, gradients and second derivatives against the readable rotation):
 
 # %% tags=["gpu-only", "nbval-ignore-output"]
 if device.type == "cuda":
@@ -317,8 +326,9 @@ else:
 # than the naive per-call version. Two rows measure it: the module called on a tensor (its Python
 # checks and table lookup included), and the kernel alone, which is what remains when the
 # module's Python work is out of the way. The compiled rotation is shown for comparison: it moves
-# the same bytes but loads each element's partner and both table entries again for every feature,
-# and on a recent GPU the cache, not the memory, then sets its pace.
+# the same bytes from memory but loads each element's partner and both table entries again for
+# every feature; we attribute its lower fraction of the copy bandwidth to those extra loads, which
+# the cache must serve (the benchmark measures the time, not its cause).
 
 # %% tags=["gpu-only", "nbval-ignore-output"]
 if device.type == "cuda":
@@ -339,6 +349,28 @@ else:
     print("needs a CUDA GPU")
 
 # %% [markdown]
+# ## Longer contexts than the training one
+#
+# A model trained on $L$ tokens has seen the angles $m\theta_i$ for $m < L$ only; past $L$ its slow
+# pairs reach angles it never saw. Four published remedies change the frequencies and keep the
+# rotation, with $s$ the ratio of the new context to the old one:
+#
+# * position interpolation ([Chen et al., 2023](https://arxiv.org/abs/2306.15595)):
+#   $\theta_i' = \theta_i / s$, the positions squeezed into the trained range;
+# * NTK-aware scaling (bloc97 and emozilla, 2023): a larger base,
+#   $\text{base}' = \text{base}\cdot\kappa^{d/(d-2)}$, which keeps $\theta_0$ and divides the slowest
+#   frequency by $\kappa$ ("dynamic": $\kappa = s\,\ell/L - (s - 1)$ for a context of $\ell \ge L$ tokens);
+# * YaRN ([Peng et al., 2023](https://arxiv.org/abs/2309.00071)): the fast pairs (more than 32
+#   turns over $L$ tokens) keep $\theta_i$, the slow ones (fewer than 1) get $\theta_i/s$, a ramp
+#   blends the two, and queries and keys are multiplied by $0.1 \ln s + 1$;
+# * Llama 3 (Meta's reference code for Llama 3.1): the same split by wavelength, with thresholds
+#   $L/4$ and $L$ and a smooth blend between them.
+#
+# `rope_frequencies(dim, base, scaling, seq_len=...)` computes them from Hugging Face's configuration
+# keys, and `RotaryPositionalEmbeddings(..., scaling=...)` applies them; `tests/test_rope.py` checks
+# both against transformers' own functions and each method's property above.
+
+# %% [markdown]
 # ## Summary
 #
 # * RoPE rotates pairs of features by $m\theta_i$; scores then depend on $m - n$ only, and norms
@@ -348,6 +380,9 @@ else:
 #   between them by permuting the query and key projections.
 # * The angles must not be computed in bfloat16: above 256, positions collapse. The module keeps
 #   float32 tables built from float64 angles, even in a bfloat16 model.
-# * xPos adds a per-pair decay $\zeta_i^{(m-n)/\gamma}$ that keeps the relative-position property.
+# * Position interpolation, NTK-aware scaling, YaRN and Llama 3 stretch a trained model's context
+#   by changing the frequencies, not the rotation.
+# * xPos adds a per-pair factor $\zeta_i^{(m-n)/\gamma}$ (a decay for keys before the query) that keeps
+#   the relative-position property, within a table length the module checks.
 # * The fast path, one Triton kernel, reads and writes each element once, at close to the speed
 #   of a copy.

@@ -4,9 +4,10 @@
 # [LongNet](https://arxiv.org/abs/2307.02486) makes attention linear in the sequence length by
 # mixing sparse patterns: pattern $i$ cuts the sequence into segments of $w_i$ tokens and keeps
 # every $r_i$-th token of each segment, head $j$ starting at offset $j \bmod r_i$. This notebook
-# shows what that computes (a dense softmax with a $\log C$ bias), checks the fast path against
-# that formula, and times it against dense fused attention (SDPA) up to a million tokens.
-# The code is `annotated_src/dilated_attention.py`.
+# shows what that computes (a dense softmax with a $\log C$ bias), checks `dilated_attention`
+# against that formula, and times it against dense fused attention (SDPA) up to a million tokens.
+# The code is `annotated_src/dilated_attention.py`; its fast path, which the timings measure, is
+# `annotated_src/dilated_attention_fast.py`.
 
 # %% tags=["nbval-ignore-output"]
 from annotated_src.notebook_utils import provenance, pick_device, randn
@@ -66,11 +67,14 @@ print("largest count:", int(C.max()), "| pairs per head with C=1, 2, 3:",
 # So a pair held by two patterns counts twice ($+\log 2$ on its logit): overlapping patterns
 # do not average, they re-weight. In log-space the mixing is $L = \operatorname{logsumexp}_i \ell_i$,
 # $O = \sum_i e^{\ell_i - L} O_i$ with $\ell_i = \log s_i$, which is what flash attention returns.
-# The fast path runs one fused attention call per pattern on gathered segments (cuDNN's kernel, the
-# one SDPA itself picks on Hopper GPUs, or flash attention) and combines them that way; its
-# backward feeds each pattern's fused backward the *combined* $O$ and $L$, which gives exactly the
-# gradient of the dense formula. Checks on random inputs in float64 (a length that is no multiple
-# of any segment, a rate that does not divide its segment, causal and not):
+# The readable path of `dilated_attention` computes each pattern as one batched softmax over its
+# sparse segments and mixes them that way, in plain autograd. The fast path (CUDA, 16- and 32-bit
+# floats) runs one fused attention call per pattern on gathered segments (cuDNN's kernel, the one
+# SDPA itself picks on Hopper GPUs, or flash attention) and mixes them the same way; its backward
+# feeds each pattern's fused backward the *combined* $O$ and $L$, which gives exactly the gradient
+# of the dense formula (the tests check both paths). Checks on random inputs in float64, which the
+# readable path computes (a length that is no multiple of any segment, a rate that does not divide
+# its segment, causal and not; `fast` below names the function `dilated_attention`):
 
 # %%
 def check(seq_len, ws, rs, causal, seed):
@@ -94,7 +98,9 @@ for args in [(100, [16, 32, 64], [1, 2, 4], False), (100, [16, 32, 64], [1, 2, 4
 # %% [markdown]
 # Two special cases: with a single pattern $w = N$, $r = 1$ dilated attention *is* plain
 # attention; with $r_1 = 1$ every token is held by some pattern in every head (without it, some
-# queries are held by no pattern, and their output is defined as zero).
+# queries are held by no pattern, and their output is defined as zero). A pattern of rate $r$
+# reaches every token only through $r$ heads or more (head $j$ takes residue $j \bmod r$): with 4
+# heads, a pattern of rate 8 leaves residues 4 to 7 of each segment to other patterns.
 
 # %%
 q, k, v = (randn(1, 64, 4, 16, seed=20 + i) for i in range(3))
@@ -107,9 +113,13 @@ print("every position held with r = 2, 4 only:", bool((count_matrix(64, 4, [16, 
 # ## Cost: $4 N d \sum_i w_i / r_i^2$
 #
 # Pattern $i$ has $N / w_i$ segments of $(w_i/r_i)^2$ query-key pairs per head, $4d$ FLOPs each
-# ($QK^\top$ and $PV$). For fixed patterns the cost is linear in $N$; LongNet picks $w_i/r_i$
-# constant so that each pattern costs the same. Measured time against that formula, for several
-# pattern sets at one length (timing: output not compared):
+# ($QK^\top$ and $PV$). For fixed patterns the cost is linear in $N$. LongNet keeps $w_i/r_i$
+# constant, which keeps the number of slots per segment fixed, but not the cost: pattern $i$ costs
+# $4 N d\, (w_i / r_i) / r_i$ per head, so with rates $1, 2, 4, \dots$ each pattern costs half the
+# one before and all of them together less than twice the first. The FLOP counts printed below
+# show it: adding $(4096, 2)$ to $(2048, 1)$ adds half of its FLOPs, and five patterns cost less
+# than twice one. Measured time against that formula, for several pattern sets at one length
+# (timing: output not compared):
 
 # %% tags=["nbval-ignore-output"]
 from annotated_src.bench.core import time_ms
@@ -168,8 +178,8 @@ if device.type == "cuda":  # timing at full size: CUDA only
     print(f"speed-up at 256K: {dense[262144] / dil[262144]:.1f}x; t(1M)/t(256K) = {dil[1048576] / dil[262144]:.2f}")
 
 # %% [markdown]
-# Forward and backward at 256K and 1M tokens, and the peak memory (GiB) of each: both fit on one
-# 80 GB H100.
+# Forward and backward at 256K and 1M tokens, and the peak memory (GiB) of each, as allocated by
+# PyTorch: below the 80 GB of an H100 for both lengths.
 
 # %% tags=["gpu-only", "nbval-ignore-output"]
 if device.type == "cuda":  # timing at full size: CUDA only
@@ -193,28 +203,42 @@ if device.type == "cuda":  # timing at full size: CUDA only
 #   by its softmax denominator divided by the *sum over patterns*, but compute it per segment, per
 #   head or after normalising, or simply average the patterns' outputs; only the paper's weights
 #   $s_i / \sum_j s_j$ per query give $\operatorname{softmax}(S + \log C)V$.
-# * **Stopped gradients.** One well-known implementation detaches the mixing weights, so the values
-#   are right but the gradient misses the term through $s_i / \sum_j s_j$; the tests of this
-#   chapter show the difference. Ours is the exact gradient of the dense formula.
+# * **Stopped gradients.** The LongNet authors' code (torchscale's `DilatedAttention`) computes the
+#   mixing weights under `torch.no_grad()`, so the values are right but the gradient misses the
+#   term through $s_i / \sum_j s_j$; the tests of this chapter show the difference. Ours is the
+#   exact gradient of the dense formula.
 # * **Overlap.** Where patterns overlap (a pair held by two of them), the paper's rule counts the
 #   pair twice ($\log C = \log 2$); implementations that mask out duplicates or average outputs
 #   count it once. Neither is wrong as a model, but they are different models.
-# * **Offsets.** The paper shifts the sparse positions by head ($j \bmod r$); some
-#   implementations use offset 0 for every head, which leaves positions that no head of the
-#   pattern sees.
+# * **Offsets.** The paper shifts the sparse positions by head; we take residue $j \bmod r$.
+#   Some implementations use offset 0 for every head, which leaves positions that no head of the
+#   pattern sees; torchscale gives residues to heads in blocks of $\lceil n_h / r \rceil$ heads.
+#   Either way a pattern whose rate exceeds the number of heads leaves residues without a head,
+#   and torchscale's blocks leave some even with enough heads (5 heads and $r = 4$ take residues
+#   0, 0, 1, 1, 2).
 
 # %% [markdown]
-# ## Sequence parallel on 2 GPUs
+# ## Sequence parallel
 #
-# `distributed_dilated_attention` splits the sequence over the ranks of a process group; patterns
-# whose segments stay on one rank run locally, longer ones all-gather only their sparse keys and
-# values. The figures below are written by
+# `distributed_dilated_attention` splits the sequence over the ranks of a process group, $n$ tokens
+# each. Patterns whose segments stay on one rank run locally; a longer pattern's segment spans
+# $w / n$ ranks, and each rank sends its sparse keys and values, point to point, only to the
+# other ranks of its segment (only to the later ones with causal masking), and in the backward the
+# gradients of the blocks it received back to their owners. So the bytes a rank sends per pattern
+# and direction are at most $(w / n - 1) \cdot 2 b\, (n / r)\, n_h d$ elements: they depend on
+# the pattern and on $n$, not on the number of ranks. The lesson gives the algorithm, a diagram of
+# who sends what to whom, and the formula, which `tests/test_dilated_distributed.py` checks by
+# counting the bytes each rank sends at 2, 4 and 8 CPU processes.
+#
+# The figures below are written by
 # `torchrun --nproc-per-node 2 -m annotated_src.bench.dilated_distributed --json notebooks/results/dilated_distributed.json`
-# on a 2-GPU machine (NCCL). These were measured on 2 H200s with the previous version of the
-# per-pattern work (flash attention, and gathers and combination in plain PyTorch), before the
-# switch to cuDNN's kernel and the Triton gather and merge kernels: the single-GPU forward at 1M
-# tokens measured above (about 45 ms) is half the one-GPU figure below (87 ms). The bytes each
-# rank sends do not depend on those kernels.
+# on a 2-GPU machine (NCCL). They were measured with an earlier version of the code: flash
+# attention per pattern, gathers and mixing in plain PyTorch, keys and values all-gathered over the
+# whole group, and gathered again in the backward. Its single-GPU rows are therefore slower than
+# the single-GPU forward at 1M tokens measured above. At 2 ranks the forward sends what the
+# point-to-point exchange sends (the only spanning pattern's segment is both ranks); the backward
+# of the current code sends only the gradients, one block per spanning pattern, about a third less
+# than the fwd+bwd bytes below.
 
 # %% tags=["nbval-ignore-output"]
 import annotated_src

@@ -66,7 +66,9 @@ plt.show()
 
 # %% [markdown]
 # Per step, a regular window recomputes $n^2$ scores and projects $n$ tokens; the continual layers
-# project one token and compute $2n - 1$ scores (retroactive) or $n$ (single-output).
+# project one token and compute the $2n - 1$ new scores plus the $n - 1$ scores of the old queries
+# with the key that left, to take its term away (retroactive), or the $n$ scores of one row
+# (single-output).
 #
 # ## The single-output update
 #
@@ -135,8 +137,9 @@ print("largest score above 88:", bool(scores.amax() > 88))
 print("exp overflows float32: ", bool(torch.exp(scores).isinf().any()))
 
 # %% [markdown]
-# Through the stabilised layer the same stream stays finite and equal to regular attention on
-# every window; the rows whose dominant key left were recomputed exactly.
+# Through the stabilised layer the same stream stays finite and as accurate as regular float32
+# attention on every window (both measured against float64); the rows whose dominant key left
+# were recomputed exactly.
 
 # %%
 retro30 = RetroactiveMultiheadAttention.build_from(mha, sequence_len=n)
@@ -215,16 +218,18 @@ for n_, d_ in ((64, 64), (256, 64), (1024, 64), (4096, 64), (64, 1024)):
     print(f"{n_:>5} {d_:>4} {reg:>12,} {ret:>12,} {sin:>11,} {reg / ret:>10.1f} {reg / sin:>11.1f}")
 
 # %% [markdown]
-# Attention is only part of a block: projections ($4nd_\text{model}^2$ per window for the
-# regular layer, $4d_\text{model}^2$ per token for the continual ones) and the feed-forward
-# network scale the same way, which is where the paper's whole-model savings come from.
+# Attention is only part of a block: the projections take $4nd_\text{model}^2$ multiplications per
+# window for the regular layer and $4d_\text{model}^2$ per token for the continual ones, and the
+# feed-forward network of a single-output block runs on one row instead of $n$ (a retroactive
+# block's runs on all $n$ rows, since every row changes). That is where the paper's whole-model
+# savings come from, largest for the one-block model.
 #
 # ## Latency per step on a GPU
 #
 # The benchmark suite `annotated_src.bench.continual` times one step at the size (float32,
-# $d_\text{model} = 512$, 8 heads, batch 32, window 1024) against `nn.MultiheadAttention`
-# recomputing the newest query over the window and against the continual-inference library when
-# it is installed. (On a CPU the notebook skips these cells; the outputs shown are the GPU's.)
+# $d_\text{model} = 512$, 8 heads, batch 32, window 1024) on a stream whose window changes at every
+# step, against `nn.MultiheadAttention` recomputing the newest query over the window and against
+# the continual-inference library when it is installed. (On a CPU the notebook skips these cells; the outputs shown are the GPU's.)
 
 # %% tags=["nbval-ignore-output", "gpu-only"]
 from annotated_src.bench import continual as bench

@@ -4,8 +4,8 @@
 # A language model generates one token at a time, and causal attention means that nothing it
 # computed for earlier positions changes when a token is appended. A **key/value cache** keeps
 # each layer's keys and values so that a step processes only the new token. This notebook counts
-# what that saves, checks that the cached model computes exactly what the uncached one does
-# (left-padded batches and chunked prefill included), and times a TinyLlama-shaped model on a GPU
+# what that saves, checks that the cached model computes what the uncached one does, to float32
+# rounding (left-padded batches and chunked prefill included), and times a TinyLlama-shaped model on a GPU
 # against the memory-bandwidth bound and against Hugging Face's `generate`.
 #
 # Everything comes from `annotated_src.kv_cache`; this notebook defines no model.
@@ -48,8 +48,9 @@ for c in contexts:
 # %% [markdown]
 # The uncached step's work grows linearly with the context (quadratically over a whole generation);
 # the cached step's stays near $2P$ = 2.07 GFLOP, and it does about **one FLOP per byte it reads**.
-# An H100 does several hundred bf16 FLOPs in the time it reads one byte, so a cached step at batch 1
-# is bound by memory bandwidth: its speed limit is
+# A current GPU does over a hundred bf16 FLOPs in the time it reads one byte (the timing section
+# below prints the matrix-product and copy ceilings measured in its run), so a cached step at batch
+# 1 is bound by memory bandwidth: its speed limit is
 #
 # $$\text{tokens/s} \le \frac{\text{bandwidth}}{\text{weight bytes} + \text{cache bytes}}.$$
 
@@ -106,8 +107,8 @@ plt.show()
 # A small float32 model, random weights. Each check prints a boolean:
 #
 # * a prefill of 7 tokens then one-token steps give the logits of one uncached forward pass;
-# * a prefill in three chunks gives the logits of a one-shot prefill: the causal mask of a chunk is
-#   aligned to the bottom right, so the chunk's last query sees every cached position;
+# * a prefill in three chunks gives the logits of the uncached pass too: the causal mask of a chunk
+#   is aligned to the bottom right, so the chunk's last query sees every cached position;
 # * in a left-padded batch each row gets its own positions and mask, and equals the row run alone;
 # * `disable_kv_cache` gives uncached results and leaves the cache as it was;
 # * greedy `generate` equals an uncached argmax loop, with and without caches.
@@ -170,11 +171,13 @@ with torch.no_grad():
 #   are advanced by `generate`, eagerly, between replays, as gpt-fast does.
 #
 # Which step the graph holds depends on the model. Any model gets the step compiled by
-# `torch.compile(fullgraph=True, dynamic=False)`. Llama-shaped layers with a head size of at least 16
-# get five hand-written Triton kernels per layer instead (`_decode_kernels.py`): each streams one
-# block of weights with the norm, rotation, cache write, activation or residual around it folded in,
-# and on Hopper GPUs each may start while the one before finishes. The prompt's prefill is
-# recorded as a graph too, from the second generation with the same prompt shape on.
+# `torch.compile(fullgraph=True, dynamic=False)`. Llama-shaped layers with a power-of-two head size
+# of at least 16 (at batches of at most 8) get five hand-written Triton kernels per layer instead
+# (`annotated_src/kv_cache_fast.py`, the chapter's fast-path page): each streams one block of
+# weights with the norm, rotation, cache write, activation or residual around it folded in, and on
+# Hopper GPUs each may start while the one before finishes. The prompt's prefill is recorded as a
+# graph too, from the second generation with the same prompt shape on.
+# `annotated_src.fastpath.set_enabled("kv_cache", False)` turns all of it off.
 #
 # The model above has a head size of 8, so its graph holds the compiled step. On the GPU, its
 # tokens equal the eager ones, and `decode_graph_counters` shows one recording and one replay per
@@ -203,9 +206,9 @@ if not SMALL:
     print("the graph holds:", _decode_graphs[model].kernels, "|", _decode_graphs[model].why_not_triton)
 
 # %% [markdown]
-# The same model with a head size of 16 gets the Triton kernels. Three generations with the same
-# prompt: the first runs the prefill eagerly and records the decode step, the second records the
-# prefill, the third replays both. All equal the eager cached generation:
+# A model of the same kind with a head size of 16 (`embed_dim` 64) gets the Triton kernels. Three
+# generations with the same prompt: the first runs the prefill eagerly and records the decode step,
+# the second records the prefill, the third replays both. All equal the eager cached generation:
 
 # %% tags=["gpu-only", "nbval-ignore-output"]
 if not SMALL:
@@ -260,10 +263,14 @@ fig.tight_layout()
 plt.show()
 
 # %% [markdown]
-# What the numbers say: the uncached step slows down as the context grows, since its work does;
-# the cached steps barely move, because at these lengths the weights, not the cache, are what a
-# token reads. The eager cached step is limited by kernel launches, far below the bound; the
-# fast step ("ours cached compiled": TinyLlama's layers get the Triton kernels, replayed as one CUDA
-# graph per token) is the one that approaches it. The table above gives the fraction measured in
-# this run; the rest of the gap is the start and tail of about a hundred kernels per token, the
-# small products that never reach full bandwidth, and the prefill.
+# What the numbers say. At batch 1 both eager rows are bound by the host, not by the GPU: each
+# launches a few hundred kernels per token, and in the context rows their times jump from one
+# context to the next instead of following it. The uncached step's work does grow with the context
+# (the FLOP table at the top), but at these lengths the GPU finishes it while the CPU is still
+# launching kernels, so the growth stays hidden; over a whole generation the cached eager loop is
+# still the faster of the two (the ratio in the table). The fast step ("ours cached
+# compiled": TinyLlama's layers get the Triton kernels, replayed as one CUDA graph per token) takes
+# the host out of the loop; its time grows slowly with the context, as the cache it reads does. The
+# table gives the fraction of the bandwidth bound measured in this run; the rest of the gap is the
+# start and tail of about a hundred kernels per token, the small products that never reach full
+# bandwidth, and, for the generation row, the prefill.

@@ -1,4 +1,4 @@
-"""Build the side-by-side site: `python site/build.py [--out DIR] [--src-root DIR]`.
+"""Build the side-by-side site: `python site/build.py [--out DIR] [--src-root DIR] [--repo-url URL]`.
 
 Reads `annotated_src/` and `notebooks/*.ipynb` (stored outputs; nothing is executed) under the
 source root, writes the pages into a fresh directory and swaps it in place of `--out`
@@ -25,9 +25,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=HERE / "_build", help="output directory (default: site/_build)")
     parser.add_argument("--src-root", type=Path, default=HERE.parent,
                         help="directory holding annotated_src/ and notebooks/ (default: the repository)")
+    parser.add_argument("--repo-url", default=None,
+                        help="where the sources are online, for the pages' source links: a URL with `{path}` in it, "
+                             "or a repository's address (default: [project.urls] Repository in pyproject.toml)")
     args = parser.parse_args(argv)
     try:
-        index = build(args.src_root, args.out)
+        index = build(args.src_root, args.out, args.repo_url)
     except BuildError as e:
         print(f"site build failed: {e}", file=sys.stderr)
         return 1

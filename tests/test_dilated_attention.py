@@ -1,17 +1,20 @@
-"""Tests of the dilated-attention chapter: every claim of `annotated_src/dilated_attention.py`."""
+"""Tests of the dilated-attention chapter: every claim of `annotated_src/dilated_attention.py` and of
+its fast path, `annotated_src/dilated_attention_fast.py` (the sequence-parallel function is tested
+in `tests/test_dilated_distributed.py`)."""
 
 from __future__ import annotations
 
 import math
-import os
-import socket
-import tempfile
 
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from annotated_src import dilated_attention as da
+from annotated_src import dilated_attention_fast as daf
+from annotated_src import fastpath
 from annotated_src.dilated_attention import (
     DilatedAttention,
     MultiheadDilatedAttention,
@@ -40,6 +43,13 @@ def grads(out, inputs, seed=99):
     return torch.autograd.grad((out * g).sum(), inputs)
 
 
+def fast(q, k, v, ws, rs, *, is_causal=False):
+    """The fast path's autograd Function, called directly (it runs on any device; its kernels only
+    where they apply): the lesson clips the segments and computes the scale first."""
+    ws = tuple(min(w, q.shape[1]) for w in ws)
+    return daf.dilated_attention(q, k, v, ws, tuple(rs), is_causal=is_causal, scale=q.shape[-1] ** -0.5)
+
+
 # Mixed patterns, causal and not, lengths that are no multiple of any segment, rates that do not
 # divide their segment, patterns that leave some queries uncovered.
 CASES = [
@@ -53,33 +63,36 @@ CASES = [
 
 
 @pytest.mark.parametrize("seq_len,ws,rs,causal", CASES)
-def test_fast_and_loop_equal_dense_formula_float64(seq_len, ws, rs, causal):
+def test_readable_loop_and_fast_equal_dense_formula_float64(seq_len, ws, rs, causal, no_fast_path):
+    no_fast_path("dilated_attention")
     q, k, v = qkv(2, seq_len, 5, 8, seed=seq_len)
     ref = dilated_attention_reference(q, k, v, ws, rs, is_causal=causal)
-    loop = dilated_attention_loop(q, k, v, ws, rs, is_causal=causal)
-    fast = dilated_attention(q, k, v, ws, rs, is_causal=causal)
-    torch.testing.assert_close(loop, ref, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(fast, ref, rtol=1e-10, atol=1e-12)
-    g_ref, g_loop, g_fast = (grads(o, (q, k, v)) for o in (ref, loop, fast))
-    for a, b, c in zip(g_ref, g_loop, g_fast):
-        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-11)
-        torch.testing.assert_close(c, a, rtol=1e-9, atol=1e-11)
+    outs = {"loop": dilated_attention_loop(q, k, v, ws, rs, is_causal=causal),
+            "readable": dilated_attention(q, k, v, ws, rs, is_causal=causal),
+            "fast": fast(q, k, v, ws, rs, is_causal=causal)}
+    g_ref = grads(ref, (q, k, v))
+    for name, out in outs.items():
+        torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12, msg=name)
+        for a, b in zip(g_ref, grads(out, (q, k, v))):
+            torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-11, msg=name)
 
 
 @pytest.mark.parametrize("seq_len,ws,rs,causal", CASES[:4])
-def test_fast_float32_within_tolerance(seq_len, ws, rs, causal):
+def test_float32_within_tolerance(seq_len, ws, rs, causal, no_fast_path):
+    no_fast_path("dilated_attention")
     q, k, v = qkv(1, seq_len, 4, 16, seed=7)
     q32, k32, v32 = (x.detach().float().requires_grad_() for x in (q, k, v))
     ref = dilated_attention_reference(q, k, v, ws, rs, is_causal=causal)
-    fast = dilated_attention(q32, k32, v32, ws, rs, is_causal=causal)
-    loop = dilated_attention_loop(q32, k32, v32, ws, rs, is_causal=causal)
-    torch.testing.assert_close(fast.double(), ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(fast, loop, rtol=1e-5, atol=1e-5)
-    for a, b in zip(grads(ref, (q, k, v)), grads(fast, (q32, k32, v32))):
-        torch.testing.assert_close(b.double(), a, rtol=1e-4, atol=1e-4)
+    g_ref = grads(ref, (q, k, v))
+    for out in (dilated_attention(q32, k32, v32, ws, rs, is_causal=causal), fast(q32, k32, v32, ws, rs, is_causal=causal)):
+        assert out.dtype == torch.float32
+        torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+        for a, b in zip(g_ref, grads(out, (q32, k32, v32))):
+            torch.testing.assert_close(b.double(), a, rtol=1e-4, atol=1e-4)
 
 
-def test_bfloat16_close_to_float64():
+def test_bfloat16_close_to_float64(no_fast_path):
+    no_fast_path("dilated_attention")
     q, k, v = qkv(1, 96, 4, 16, seed=3)
     ref = dilated_attention_reference(q, k, v, [32, 64], [1, 2])
     out = dilated_attention(*(x.detach().bfloat16() for x in (q, k, v)), [32, 64], [1, 2])
@@ -88,27 +101,15 @@ def test_bfloat16_close_to_float64():
 
 
 def test_gradient_flows_through_mixing_weights():
-    # Detaching the mixing weights (as one popular implementation does) changes the gradient:
-    # the exact gradient is the dense formula's, which ours matches (tests above); here we show the
-    # detached variant does not, so the difference is real.
+    # Detaching the mixing weights (as torchscale's code does) keeps the values and changes the
+    # gradient: ours is the dense formula's (tests above); the detached variant's is not.
     q, k, v = qkv(1, 32, 2, 8, seed=11)
-    ws, rs = [8, 16], [1, 2]
-    outs, lses = [], []
-    for w, r in zip(ws, rs):
-        o_i, l_i = da._attn_fwd_math(da._gather(q, w, r), da._gather(k, w, r), da._gather(v, w, r), causal=False, scale=8 ** -0.5)
-        outs.append(((w, r), o_i, l_i))
-        lses.append(da._scatter_full(l_i, w, r, 32, -math.inf))
-    total = torch.logsumexp(torch.stack(lses), 0)
-    detached = torch.zeros_like(q)
-    for (w, r), o_i, l_i in outs:
-        wgt = torch.exp(l_i - da._gather(total, w, r)).detach()
-        buf = torch.zeros_like(q)
-        da._scatter_add_(buf, o_i * wgt[..., None], w, r)
-        detached = detached + buf
-    exact = dilated_attention(q, k, v, ws, rs)
-    torch.testing.assert_close(detached, exact)  # same values
-    g_det, g_exact = grads(detached, (q,)), grads(exact, (q,))
-    assert not torch.allclose(g_det[0], g_exact[0], atol=1e-6)
+    parts = [da._pattern_attention(q, k, v, w, r, is_causal=False, scale=8 ** -0.5) for w, r in [(8, 1), (16, 2)]]
+    total = torch.logsumexp(torch.stack([lse for _, lse in parts]), 0)
+    detached = sum(torch.exp(lse - total).detach()[..., None] * o for o, lse in parts)
+    exact = dilated_attention(q, k, v, [8, 16], [1, 2])
+    torch.testing.assert_close(detached, exact)
+    assert not torch.allclose(grads(detached, (q,))[0], grads(exact, (q,))[0], atol=1e-6)
 
 
 def test_single_pattern_full_segment_is_plain_attention():
@@ -144,10 +145,10 @@ def test_uncovered_queries_give_zeros():
 
 def test_gather_is_a_view_without_padding():
     x = rand(2, 64, 4, 8)
-    g = da._gather(x, 16, 1)
+    g = daf.gather(x, 16, 1)
     assert g.data_ptr() == x.data_ptr() and g.shape == (8, 16, 4, 8)
     acc = torch.zeros_like(x)
-    da._scatter_add_(acc, da._gather(x, 16, 4), 16, 4)
+    daf.scatter_add_(acc, daf.gather(x, 16, 4), 16, 4)
     held = count_matrix(64, 4, [16], [4]).diagonal(dim1=1, dim2=2).T.bool()  # `[seq_len, n_heads]`
     torch.testing.assert_close(acc, x * held[None, :, :, None])
 
@@ -156,11 +157,9 @@ def test_gather_is_a_view_without_padding():
 def test_gather_and_scatter_by_definition(seq_len, w, r):
     # 6 heads: r = 2, 3, 6 divide them (the diagonal view), r = 4, 8 do not (the indexed gather).
     x = rand(2, seq_len, 6, 3, seed=5)
-    g = da._gather(x, w, r)
     n_seg, m = -(-seq_len // w), -(-w // r)
-    assert g.shape == (2 * n_seg, m, 6, 3)
-    order = da._head_order(6, r)
-    want = torch.zeros_like(g)
+    order = daf._head_order(6, r)
+    want = torch.zeros(2 * n_seg, m, 6, 3, dtype=x.dtype)
     for b in range(2):
         for seg in range(n_seg):
             for t in range(m):
@@ -168,14 +167,24 @@ def test_gather_and_scatter_by_definition(seq_len, w, r):
                     inner = head % r + r * t
                     if inner < w and seg * w + inner < seq_len:
                         want[b * n_seg + seg, t, c] = x[b, seg * w + inner, head]
+    g = daf.gather(x, w, r)
     torch.testing.assert_close(g, want, rtol=0, atol=0)
-    # The scatter is its inverse on the pattern's positions, and leaves the others alone.
-    acc = torch.zeros_like(x)
-    da._scatter_add_(acc, g, w, r)
+    # The lesson's `_sparsify` holds the same slots, heads in their own order.
+    sparse = da._sparsify(x, w, r).reshape(2 * n_seg, m, 6, 3)
+    torch.testing.assert_close(sparse[:, :, order], want, rtol=0, atol=0)
+    # The scatters are inverses on the pattern's positions, and leave the others alone.
     held = count_matrix(seq_len, 6, [w], [r]).diagonal(dim1=1, dim2=2).T.bool()  # `[seq_len, n_heads]`
+    acc = torch.zeros_like(x)
+    daf.scatter_add_(acc, g, w, r)
     torch.testing.assert_close(acc, x * held[None, :, :, None], rtol=0, atol=0)
-    full = da._scatter_full(g[..., 0].contiguous(), w, r, seq_len, -1.0)
+    torch.testing.assert_close(da._unsparsify(da._sparsify(x, w, r), w, r, seq_len, 0.0), x * held[None, :, :, None])
+    full = daf.scatter_full(g[..., 0].contiguous(), w, r, seq_len, -1.0)
     torch.testing.assert_close(full, torch.where(held[None], x[..., 0], torch.full((), -1.0, dtype=x.dtype)))
+    # Real slots are those that hold a position.
+    pos, real = da._slot_positions(seq_len, w, r, 6, x.device)
+    valid = daf.slot_valid(seq_len, w, r, 6, x.device)
+    torch.testing.assert_close(real[:, :, order], valid if valid is not None else torch.ones_like(real))
+    assert bool((pos[real] < seq_len).all())
 
 
 def test_flops_formula():
@@ -188,42 +197,15 @@ def test_geometric_patterns():
     assert geometric_patterns(100, first_segment=64) == ([64, 128], [1, 2])
 
 
-@pytest.mark.parametrize("ws,rs,match", [
-    ([8, 16], [1], "dilation_rates"),
-    ([0, 16], [1, 2], "segment_lengths"),
-    ([8, 16], [1, -2], "dilation_rates"),
-    ([8, 4], [1, 8], "dilation_rates"),
-    ([], [], "segment_lengths"),
-])
-def test_bad_patterns_raise(ws, rs, match):
-    q, k, v = qkv(1, 16, 2, 4)
-    with pytest.raises(ValueError, match=match):
-        dilated_attention(q, k, v, ws, rs)
-
-
-def test_bad_tensors_raise():
-    q, k, v = qkv(1, 16, 2, 4)
-    with pytest.raises(ValueError, match="^q"):
-        dilated_attention(q[0], k, v, 8, 1)
-    with pytest.raises(ValueError, match="^v"):
-        dilated_attention(q, k, v[:, :8], 8, 1)
-    with pytest.raises(TypeError, match="segment_lengths"):
-        dilated_attention(q, k, v, "8", 1)
-    with pytest.raises(ValueError, match="softmax_scale"):
-        dilated_attention(q, k, v, 8, 1, softmax_scale=-1.0)
-    with pytest.raises(TypeError, match="is_causal"):
-        dilated_attention(q, k, v, 8, 1, is_causal=1)
-
-
 def test_module_any_length_and_gradients():
     torch.manual_seed(0)
     m = DilatedAttention(64, 8, dilation_rate=[1, 2], segment_size=[64, 128]).double()
-    x = rand(2, 1000, 64)
+    x = rand(2, 300, 64)
     y = m(x)
     assert y.shape == x.shape
     # The module is the function between two projections.
-    q, k, v = m.qkv(x).view(2, 1000, 3, 8, 8).unbind(2)
-    ref = m.out(dilated_attention_reference(q, k, v, [64, 128], [1, 2]).reshape(2, 1000, 64))
+    q, k, v = m.qkv(x).view(2, 300, 3, 8, 8).unbind(2)
+    ref = m.out(dilated_attention_reference(q, k, v, [64, 128], [1, 2]).reshape(2, 300, 64))
     torch.testing.assert_close(y, ref)
     y.sum().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
@@ -304,158 +286,235 @@ def test_multihead_layer_geometric_defaults():
     assert y.shape == (1, 300, 32) and torch.isfinite(y).all()
 
 
-def test_kernel_fallback_warns_once_per_kernel_and_stays_correct(monkeypatch):
-    # A kernel that raises must be reported and replaced (cuDNN by flash, flash by the plain
-    # path), never silently wrong. On the CPU we pretend both kernels apply, and both fail.
-    q, k, v = qkv(1, 32, 2, 8, seed=1)
-    monkeypatch.setattr(da, "_kernels_for",
-                        lambda *a: [n for n in ("cudnn", "flash") if da._kernel_state[n] is None])
-    monkeypatch.setattr(da, "_kernel_state", {"cudnn": None, "flash": None})
 
-    def boom(*a, **kw):
+
+def test_a_failing_fast_path_raises_naming_the_chapter(monkeypatch):
+    # The fast path never falls back quietly: where it applies and fails, the error names the
+    # chapter and the switch.
+    q, k, v = qkv(1, 16, 2, 4, dtype=torch.float32)
+
+    def broken(*args, **kwargs):
         raise RuntimeError("no kernel")
 
-    monkeypatch.setattr(da, "_attn_fwd_cudnn", boom)
-    monkeypatch.setattr(da, "_attn_fwd_flash", boom)
-    with pytest.warns(RuntimeWarning) as record:
-        out = dilated_attention(q, k, v, [8, 16], [1, 2])
-    messages = [str(w.message) for w in record]
-    assert sum("cuDNN attention kernel failed" in m for m in messages) == 1
-    assert sum("flash-attention kernel failed" in m for m in messages) == 1
-    torch.testing.assert_close(out, dilated_attention_reference(q, k, v, [8, 16], [1, 2]))
-    assert da._kernel_state["cudnn"] is not None and da._kernel_state["flash"] is not None
+    monkeypatch.setattr(fastpath, "applies", lambda chapter, *tensors: True)
+    monkeypatch.setattr(daf, "dilated_attention", broken)
+    with pytest.raises(fastpath.FastPathError, match="dilated_attention.*set_enabled"):
+        dilated_attention(q, k, v, 8, 1)
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("kernel", ["cudnn", "flash"])
-def test_cuda_kernels_match_reference(kernel, monkeypatch):
-    # Each fused kernel on its own (the other disabled), values and gradients, causal and not,
-    # a length that is no multiple of the segments (the padded non-causal patterns take the
-    # plain path; the others the kernel).
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
-    other = {"cudnn": "flash", "flash": "cudnn"}[kernel]
-    monkeypatch.setattr(da, "_kernel_state", {kernel: None, other: "disabled by the test"})
-    for seq_len in (4096, 4096 + 100):
-        q, k, v = qkv(1, seq_len, 4, 64, seed=8)
-        for causal in (False, True):
-            ref = dilated_attention_reference(q, k, v, [512, 1024, 2048], [1, 2, 4], is_causal=causal)
-            qc, kc, vc = (x.detach().cuda().bfloat16().requires_grad_() for x in (q, k, v))
-            out = dilated_attention(qc, kc, vc, [512, 1024, 2048], [1, 2, 4], is_causal=causal)
-            torch.testing.assert_close(out.double().cpu(), ref, rtol=3e-2, atol=3e-2)
-            for a, b in zip(grads(ref, (q, k, v)), grads(out, (qc, kc, vc))):
-                torch.testing.assert_close(b.double().cpu(), a, rtol=5e-2, atol=5e-2)
-    assert da._kernel_state[kernel] is None
+def test_private_aten_calls_bind_their_named_arguments():
+    # The CUDA kernels cannot run here; on the meta device the aten ops check their arguments by
+    # name and return shapes, which is what the wrappers unpack.
+    q, k, v = (torch.empty(2, 16, 4, 64, device="meta", dtype=torch.bfloat16) for _ in range(3))
+    for name in ("cudnn", "flash"):
+        fwd, bwd = daf._FUSED[name]
+        o, lse, (kernel, aux) = fwd(q, k, v, causal=True, scale=0.125)
+        assert kernel == name and o.shape == q.shape and lse.shape == (2, 16, 4)
+        dq, dk, dv = bwd(q, k, v, o, lse, torch.empty_like(o), aux, causal=True, scale=0.125)
+        assert dq.shape == dk.shape == dv.shape == q.shape
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("ws, rs", [([128, 256, 512, 1024], [1, 2, 4, 8]), ([256, 512], [2, 4])])
-def test_cuda_gather_and_merge_kernels_equal_readable_path(dtype, ws, rs, monkeypatch):
-    # float32: plain attention per pattern; bfloat16: the fused kernels. Combined by the Triton
-    # kernels or the readable way: same values, same gradients, and the same on every run. Without
-    # a pattern of rate 1 (second case) some positions are held by no pattern: zeros.
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
-    q, k, v = qkv(2, 1024, 8, 32, seed=12)
-    ref = dilated_attention_reference(q, k, v, ws, rs)
-    qc, kc, vc = (x.detach().cuda().to(dtype).requires_grad_() for x in (q, k, v))
-    assert da._gpu_kernels_apply(qc, ws, rs)
-    for w, r in zip(ws, rs):
-        torch.testing.assert_close(da._gather_gpu(qc.detach(), w, r), da._gather(qc.detach(), w, r), rtol=0, atol=0)
-    out = dilated_attention(qc, kc, vc, ws, rs)
-    assert all(torch.equal(out, dilated_attention(qc, kc, vc, ws, rs)) for _ in range(3))
+# ## The Triton kernels, against the readable code (`make kernels` runs them under the interpreter)
+KERNEL_PATTERNS = [((8, 16, 32), (1, 2, 4)), ((16, 32), (2, 4)), ((32,), (1,))]
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("w, r", [(8, 1), (8, 2), (16, 4), (32, 2)])
+def test_gather_kernel_equals_gather(kernel_device, w, r):
+    x = rand(2, 32, 4, 8, seed=w + r, dtype=torch.float32).to(kernel_device)
+    assert daf.kernels_apply(x, (w,), (r,))
+    torch.testing.assert_close(daf.gather_kernel(x, w, r), daf.gather(x, w, r), rtol=0, atol=0)
+    # A strided input (a slice of a fused projection) reads the same slots.
+    wide = rand(2, 32, 4, 16, seed=3, dtype=torch.float32).to(kernel_device)[..., :8]
+    torch.testing.assert_close(daf.gather_kernel(wide, w, r), daf.gather(wide, w, r), rtol=0, atol=0)
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("ws, rs", KERNEL_PATTERNS)
+def test_merge_kernels_equal_the_readable_mix(kernel_device, ws, rs):
+    # Each pattern's (O_i, l_i) merged by the kernels, the pattern of rate 1 last by the final
+    # kernel, equals the lesson's `_mix` of the same parts.
+    batch, seq_len, n_heads, head_dim = 2, 32, 4, 8
+    q, k, v = (x.detach().float().to(kernel_device) for x in qkv(batch, seq_len, n_heads, head_dim, seed=4))
+    total = torch.full((batch, seq_len, n_heads), -math.inf, device=kernel_device)
+    acc = torch.full((batch, seq_len, n_heads, head_dim), math.nan, device=kernel_device)  # never cleared
+    out = torch.empty_like(q)
+    order = sorted(range(len(ws)), key=lambda i: rs[i] == 1)
+    for i in order:
+        w, r = ws[i], rs[i]
+        o_i, l_i, _ = daf.attn_fwd(daf.gather(q, w, r), daf.gather(k, w, r), daf.gather(v, w, r), causal=False, scale=0.5)
+        if rs[i] == 1:
+            daf.merge_final_kernel(acc, total, out, o_i, l_i, w, r)
+        else:
+            daf.merge_kernel(acc, total, o_i, l_i, w, r)
+    parts = [da._pattern_attention(q, k, v, w, r, is_causal=False, scale=0.5) for w, r in zip(ws, rs)]
+    want = da._mix([o for o, _ in parts], [lse for _, lse in parts])
+    got = out if 1 in rs else torch.where(total[..., None] > -math.inf, acc, 0.0)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    lse_want = torch.logsumexp(torch.stack([lse for _, lse in parts]), 0)
+    torch.testing.assert_close(total, lse_want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("ws, rs", KERNEL_PATTERNS)
+def test_fast_path_equals_readable_path_values_and_gradients(kernel_device, ws, rs, causal, no_fast_path):
+    # `dilated_attention` with its fast path (the Triton gathers and merges; plain attention per
+    # pattern in float32) against the same call with the fast path off, and both against float64.
+    q, k, v = qkv(2, 32, 4, 8, seed=12)
+    ref = dilated_attention_reference(q, k, v, ws, rs, is_causal=causal)
+    qc, kc, vc = (x.detach().float().to(kernel_device).requires_grad_() for x in (q, k, v))
+    assert fastpath.applies("dilated_attention", qc, kc, vc) and daf.kernels_apply(qc, ws, rs)
+    out = dilated_attention(qc, kc, vc, ws, rs, is_causal=causal)
     g_out = grads(out, (qc, kc, vc))
-    monkeypatch.setitem(da._gpu_kernels_state, "broken", "disabled by the test")
-    readable = dilated_attention(qc, kc, vc, ws, rs)
-    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
-    torch.testing.assert_close(out, readable, **tol)
-    ref_tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
-    torch.testing.assert_close(out.double().cpu(), ref, **ref_tol)
+    no_fast_path("dilated_attention")
+    readable = dilated_attention(qc, kc, vc, ws, rs, is_causal=causal)
+    torch.testing.assert_close(out, readable, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.double().cpu(), ref, rtol=1e-4, atol=1e-5)
     for a, b, c in zip(grads(ref, (q, k, v)), g_out, grads(readable, (qc, kc, vc))):
-        torch.testing.assert_close(b, c, **tol)
-        torch.testing.assert_close(b.double().cpu(), a, **({"rtol": 5e-2, "atol": 5e-2} if dtype != torch.float32 else ref_tol))
+        torch.testing.assert_close(b, c, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(b.double().cpu(), a, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.cuda
-def test_cuda_default_path_uses_a_kernel():
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
-    q, k, v = (x.cuda().bfloat16() for x in qkv(1, 1024, 4, 64, seed=9))
-    _, _, aux = da._attn_fwd(da._gather(q, 512, 2), da._gather(k, 512, 2), da._gather(v, 512, 2),
-                             causal=False, scale=0.125)
-    assert aux is not None and aux[0] in ("cudnn", "flash")
+# ## Second derivatives: right on the readable path, refused by the fast path
+def _hvp(fn, q, k, v, seed=5):
+    """The Hessian-vector product of `sum(fn(q, k, v) * g)` with respect to `q`, along a random `u`."""
+    out = fn(q, k, v)
+    (dq,) = torch.autograd.grad((out * rand(*out.shape, seed=seed)).sum(), (q,), create_graph=True)
+    (hvp,) = torch.autograd.grad((dq * rand(*q.shape, seed=seed + 1)).sum(), (q,))
+    return hvp
 
 
-# ## Sequence parallel, 2 CPU processes with gloo
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@pytest.mark.parametrize("causal", [False, True])
+def test_second_derivative_of_readable_path_equals_dense_formula(causal, no_fast_path):
+    no_fast_path("dilated_attention")
+    q, k, v = qkv(1, 21, 3, 4, seed=8)
+    ws, rs = [6, 21], [1, 4]
+    want = _hvp(lambda *x: dilated_attention_reference(*x, ws, rs, is_causal=causal), q, k, v)
+    for fn in (dilated_attention, dilated_attention_loop):
+        torch.testing.assert_close(_hvp(lambda *x: fn(*x, ws, rs, is_causal=causal), q, k, v), want, rtol=1e-8, atol=1e-10)
 
 
-DIST_CASES = [
-    (64, [8, 32, 64], [1, 2, 4], False),
-    (64, [8, 32, 64], [1, 2, 4], True),
-    (64, [16, 64], [1, 8], True),
-]
+def test_readable_path_passes_gradgradcheck(no_fast_path):
+    no_fast_path("dilated_attention")
+    q, k, v = qkv(1, 7, 2, 2, seed=9)
+    assert torch.autograd.gradgradcheck(lambda *x: dilated_attention(*x, [3, 7], [1, 2], is_causal=True), (q, k, v))
 
 
-def _dist_worker(rank: int, world: int, port: int, out_dir: str):
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        for c, (seq_len, ws, rs, causal) in enumerate(DIST_CASES):
-            q, k, v = qkv(2, seq_len, 4, 8, seed=c)
-            full = dilated_attention(q, k, v, ws, rs, is_causal=causal)
-            g_full = grads(full, (q, k, v))
-            n = seq_len // world
-            sl = slice(rank * n, (rank + 1) * n)
-            ql, kl, vl = (x.detach()[:, sl].clone().requires_grad_() for x in (q, k, v))
-            stats = {}
-            out = da.distributed_dilated_attention(ql, kl, vl, ws, rs, is_causal=causal, stats=stats)
-            g = rand(*full.shape, seed=99, dtype=full.dtype)[:, sl]
-            gl = torch.autograd.grad((out * g).sum(), (ql, kl, vl))
-            torch.testing.assert_close(out, full.detach()[:, sl], rtol=1e-10, atol=1e-12)
-            for a, b in zip(g_full, gl):
-                torch.testing.assert_close(b, a[:, sl], rtol=1e-9, atol=1e-11)
-            # Only the spanning patterns' sparse keys and values travel.
-            expect = sum(2 * 2 * (n // r) * 4 * 8 * 8 * (world - 1) for w, r in zip(ws, rs) if w > n)
-            assert stats.get("bytes_sent", 0) == expect
-        open(os.path.join(out_dir, f"ok{rank}"), "w").close()
-    finally:
-        dist.destroy_process_group()
+@pytest.mark.parametrize("loss", ["attention only", "attention and a term in q"])
+def test_fast_path_refuses_second_derivative(loss):
+    # With a loss that also depends on q directly, `once_differentiable` alone would let the second
+    # derivative through, treating the attention's gradient as a constant: refused up front.
+    q, k, v = qkv(1, 16, 2, 4, seed=10)
+    out = fast(q, k, v, [8, 16], [1, 2])
+    total = (out * rand(*out.shape, seed=1)).sum() + (q.square().sum() if loss != "attention only" else 0)
+    with pytest.raises(RuntimeError, match="fast path .*differentiates once"):
+        torch.autograd.grad(total, (q,), create_graph=True)
+    # A first derivative is fine.
+    assert torch.isfinite(torch.autograd.grad(fast(q, k, v, [8, 16], [1, 2]).sum(), (q,))[0]).all()
 
 
-def test_distributed_equals_single_process_gloo():
-    import torch.distributed as dist
-    import torch.multiprocessing as mp
-
-    if not dist.is_available():
-        pytest.skip("torch.distributed not available")
-    with tempfile.TemporaryDirectory() as out_dir:
-        ctx = mp.start_processes(_dist_worker, args=(2, _free_port(), out_dir), nprocs=2, join=False,
-                                 start_method="spawn")
-        import time
-
-        deadline = time.monotonic() + 120
-        while not ctx.join(timeout=5):
-            if time.monotonic() > deadline:
-                for p in ctx.processes:
-                    p.kill()
-                pytest.fail("distributed workers timed out")
-        assert sorted(os.listdir(out_dir)) == ["ok0", "ok1"]
+# ## Property tests: random shapes and patterns against the dense formula in float64
+@st.composite
+def problems(draw):
+    seq_len = draw(st.integers(1, 40))
+    n_heads = draw(st.integers(1, 5))
+    n_patterns = draw(st.integers(1, 3))
+    ws = [draw(st.integers(1, 48)) for _ in range(n_patterns)]
+    rs = [draw(st.integers(1, w)) for w in ws]
+    return seq_len, n_heads, ws, rs, draw(st.booleans()), draw(st.integers(0, 2**16))
 
 
-def test_distributed_rejects_bad_segments():
-    import torch.distributed as dist
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(problems())
+def test_any_shape_and_pattern_equals_dense_formula(no_fast_path, problem):
+    no_fast_path("dilated_attention")
+    seq_len, n_heads, ws, rs, causal, seed = problem
+    q, k, v = qkv(2, seq_len, n_heads, 3, seed=seed)
+    ref = dilated_attention_reference(q, k, v, ws, rs, is_causal=causal)
+    g_ref = grads(ref, (q, k, v))
+    for out in (dilated_attention(q, k, v, ws, rs, is_causal=causal), fast(q, k, v, ws, rs, is_causal=causal)):
+        torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-11)
+        for a, b in zip(g_ref, grads(out, (q, k, v))):
+            torch.testing.assert_close(b, a, rtol=1e-8, atol=1e-10)
+    # A query held by no pattern gets zeros; every other query a convex mix of values.
+    held = count_matrix(seq_len, n_heads, ws, rs).diagonal(dim1=1, dim2=2).T.bool()  # `[seq_len, n_heads]`
+    assert bool((ref[:, ~held] == 0).all())
 
-    if dist.is_available() and dist.is_initialized():
-        pytest.skip("a process group is already initialised")
+
+
+
+# ## Bad input: every public function names the argument
+@pytest.mark.parametrize("ws,rs,exc,match", [
+    ([8, 16], [1], ValueError, "dilation_rates"),
+    ([0, 16], [1, 2], ValueError, "segment_lengths"),
+    ([8, 16], [1, -2], ValueError, "dilation_rates"),
+    ([8, 4], [1, 8], ValueError, "dilation_rates"),
+    ([], [], ValueError, "segment_lengths"),
+    ([8.0], [1], TypeError, "segment_lengths"),
+    ([8], [True], TypeError, "dilation_rates"),
+    ("8", 1, TypeError, "segment_lengths"),
+    (8, "1", TypeError, "dilation_rates"),
+])
+def test_bad_patterns_raise(ws, rs, exc, match):
     q, k, v = qkv(1, 16, 2, 4)
-    with pytest.raises(RuntimeError, match="group"):
-        da.distributed_dilated_attention(q, k, v, 8, 1)
+    for fn in (dilated_attention, dilated_attention_loop, dilated_attention_reference):
+        with pytest.raises(exc, match=f"^{match}"):
+            fn(q, k, v, ws, rs)
+    with pytest.raises(exc, match=f"^{match}"):
+        count_matrix(16, 2, ws, rs)
+    with pytest.raises(exc, match=f"^{match}"):
+        dilated_flops(16, 2, 4, ws, rs)
+
+
+def test_bad_tensors_raise():
+    q, k, v = qkv(1, 16, 2, 4)
+    cases = [
+        ((q[0], k, v), ValueError, "^q: got 'shape"),
+        ((q, k, v[:, :8]), ValueError, "^v: got 'shape"),
+        ((q, k[:, :, :1], v), ValueError, "^k: got 'shape"),
+        ((q, k.float(), v), TypeError, "^k: got 'dtype"),
+        ((q, k, v.float()), TypeError, "^v: got 'dtype"),
+        ((q, k, v.to("meta")), ValueError, "^v: got 'device"),
+        ((q.long(), k, v), TypeError, "^q: got 'dtype"),
+        (("q", k, v), TypeError, "^q: got"),
+        ((q[:, :0], k[:, :0], v[:, :0]), ValueError, "seq_len >= 1"),
+    ]
+    for args, exc, match in cases:
+        for fn in (dilated_attention, dilated_attention_loop, dilated_attention_reference):
+            with pytest.raises(exc, match=match):
+                fn(*args, 8, 1)
+    with pytest.raises(ValueError, match="^softmax_scale"):
+        dilated_attention(q, k, v, 8, 1, softmax_scale=-1.0)
+    with pytest.raises(TypeError, match="^is_causal"):
+        dilated_attention(q, k, v, 8, 1, is_causal=1)
+
+
+def test_bad_sizes_of_the_helpers_raise():
+    with pytest.raises(ValueError, match="^seq_len"):
+        count_matrix(0, 2, 8, 1)
+    with pytest.raises(TypeError, match="^n_heads"):
+        count_matrix(8, 2.0, 8, 1)
+    with pytest.raises(ValueError, match="^head_dim"):
+        dilated_flops(16, 2, 0, 8, 1)
+    with pytest.raises(ValueError, match="^ratio"):
+        geometric_patterns(64, ratio=1)
+    with pytest.raises(ValueError, match="^first_segment"):
+        geometric_patterns(64, first_segment=0)
+    with pytest.raises(TypeError, match="^relative_position"):
+        relative_position_bucket(torch.zeros(3))
+    with pytest.raises(ValueError, match="^max_distance"):
+        relative_position_bucket(torch.arange(3), num_buckets=32, max_distance=8)
+
+
+
+
+def test_module_input_of_another_dtype_or_device_raises():
+    m = DilatedAttention(16, 2, dilation_rate=[1, 2], segment_size=[8, 16])
+    with pytest.raises(TypeError, match="^x: got 'dtype torch.float64', expected the dtype of the module's weights"):
+        m(rand(1, 10, 16))
+    with pytest.raises(ValueError, match="^x: got 'device meta', expected the device of the module's weights"):
+        m(torch.empty(1, 10, 16, device="meta"))
 
 
 def test_segment_longer_than_sequence_is_clipped_exactly():
@@ -463,3 +522,42 @@ def test_segment_longer_than_sequence_is_clipped_exactly():
     out = dilated_attention(q, k, v, [16, 128], [1, 4], is_causal=True)
     torch.testing.assert_close(out, dilated_attention_reference(q, k, v, [16, 128], [1, 4], is_causal=True))
     torch.testing.assert_close(out, dilated_attention(q, k, v, [16, 40], [1, 4], is_causal=True))
+
+
+# ## CUDA only: the fused attention kernels (cuDNN's and flash) cannot run elsewhere
+@pytest.mark.cuda
+@pytest.mark.parametrize("kernel", ["cudnn", "flash"])
+def test_cuda_fused_kernels_match_reference(kernel):
+    # Each fused kernel on its own (SDPA's cuDNN backend switched off for flash), values and
+    # gradients, causal and not, a length that is no multiple of the segments (the padded
+    # non-causal patterns take plain attention; the others the kernel).
+    previous = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(kernel == "cudnn")
+    try:
+        for seq_len in (4096, 4096 + 100):
+            q, k, v = qkv(1, seq_len, 4, 64, seed=8)
+            for causal in (False, True):
+                ref = dilated_attention_reference(q, k, v, [512, 1024, 2048], [1, 2, 4], is_causal=causal)
+                qc, kc, vc = (x.detach().cuda().bfloat16().requires_grad_() for x in (q, k, v))
+                assert daf.fused_kernel_for(qc, kc, causal=causal, masked=False) == kernel
+                out = dilated_attention(qc, kc, vc, [512, 1024, 2048], [1, 2, 4], is_causal=causal)
+                torch.testing.assert_close(out.double().cpu(), ref, rtol=3e-2, atol=3e-2)
+                for a, b in zip(grads(ref, (q, k, v)), grads(out, (qc, kc, vc))):
+                    torch.testing.assert_close(b.double().cpu(), a, rtol=5e-2, atol=5e-2)
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(previous)
+
+
+@pytest.mark.cuda
+def test_cuda_bfloat16_fast_path_equals_readable_path(no_fast_path):
+    q, k, v = qkv(2, 1024, 8, 32, seed=12)
+    ws, rs = [128, 256, 512, 1024], [1, 2, 4, 8]
+    qc, kc, vc = (x.detach().cuda().bfloat16().requires_grad_() for x in (q, k, v))
+    out = dilated_attention(qc, kc, vc, ws, rs)
+    assert all(torch.equal(out, dilated_attention(qc, kc, vc, ws, rs)) for _ in range(3))
+    g_out = grads(out, (qc, kc, vc))
+    no_fast_path("dilated_attention")
+    readable = dilated_attention(qc, kc, vc, ws, rs)
+    torch.testing.assert_close(out, readable, rtol=1e-2, atol=1e-2)
+    for b, c in zip(g_out, grads(readable, (qc, kc, vc))):
+        torch.testing.assert_close(b, c, rtol=5e-2, atol=5e-2)

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from annotated_src.kv_cache import (FeedForward, KVCache, MultiHeadAttention, TransformerCrossAttentionLayer,
                                     TransformerDecoder, TransformerSelfAttentionLayer, causal_padding_mask,
                                     chunked_cross_entropy, disable_kv_cache, generate, grouped_query_attention,
-                                    llama_decoder, llama_intermediate_dim)
+                                    llama_decoder, llama_intermediate_dim, sample)
 
 VOCAB = 97
 
@@ -284,56 +288,27 @@ def test_decode_step_writes_its_slot_and_equals_the_counted_step():
 
 
 @torch.no_grad()
-def test_fused_qkv_views_keep_the_parameters_and_the_state_dict():
-    m = _model()
-    before = {k: v.clone() for k, v in m.state_dict().items()}
-    m.fuse_qkv()
-    after = m.state_dict()
-    assert list(after) == list(before) and all(torch.equal(after[k], v) for k, v in before.items())
-    a = m.layers[0].attn
-    fused = a._qkv
-    assert fused.shape == (4 * 8 + 2 * 2 * 8, 32)
-    for w, rows in zip((a.q_proj.weight, a.k_proj.weight, a.v_proj.weight), fused.split([32, 16, 16])):
-        assert isinstance(w, nn.Parameter) and w.data_ptr() == rows.data_ptr() and torch.equal(w, rows)
-    # An in-place update of a parameter is an update of the stacked weights.
-    a.k_proj.weight.add_(1.0)
-    assert torch.equal(fused[32:48], a.k_proj.weight)
-    assert m.layers[0].attn.fuse_qkv() is fused  # still the rows: nothing to do
-    # A conversion gives each parameter new memory; the layer stacks them again.
-    m.double()
-    a = m.layers[0].attn
-    assert a._qkv.dtype == torch.float64 and a.fuse_qkv() is a._qkv
-    assert a.q_proj.weight.data_ptr() == a._qkv.data_ptr()
-    # Parameters replaced otherwise are found by the next fuse_qkv, which stacks them again.
-    m.load_state_dict({k: v.double() for k, v in before.items()}, assign=True)
-    a = m.layers[0].attn
-    old = a._qkv
-    new = a.fuse_qkv()
-    assert new is not old and torch.equal(new[:32], before["layers.0.attn.q_proj.weight"].double())
-    assert a.v_proj.weight.data_ptr() == new[48:].data_ptr()
-
-
-@torch.no_grad()
-def test_fused_decode_step_equals_the_unfused_step_and_the_readable_path():
+def test_eager_decode_step_equals_the_readable_path():
     from annotated_src.kv_cache import decode_one_token, decode_step
 
     m = _model()
     tok = _tokens(2, 7)
     m.setup_caches(2, torch.float32, decoder_max_seq_len=12)
     m(tok[:, :6])
-    readable = m(tok[:, 6:7])[:, -1]  # SDPA and three projections, slot from the counters
-    keys = torch.ones(2, 12, dtype=torch.bool)
-    keys[1, :2] = False  # a row whose first slots are hidden, as left padding is
-    args = (tok[:, 6:7], torch.full((2, 1), 6), torch.tensor([6]), keys)
-    unfused = decode_one_token(m, *args)
-    assert m.layers[0].attn._qkv is None
-    fused = decode_step(m, compile=False, device="cpu")(*args)
-    assert m.layers[0].attn._qkv is not None
-    _close(fused, unfused)
+    readable = m(tok[:, 6:7])[:, -1]  # SDPA, checked rotation, slot from the counters
     m.reset_caches()
     m(tok[:, :6])
-    keys[1, :2] = True
+    keys = torch.ones(2, 12, dtype=torch.bool)
+    args = (tok[:, 6:7], torch.full((2, 1), 6), torch.tensor([6]), keys)
     _close(decode_step(m, compile=False, device="cpu")(*args), readable)
+    m.reset_caches()
+    m(tok[:, :6])
+    keys[1, :2] = False  # a row whose first slots are hidden, as left padding is
+    hidden = decode_one_token(m, *args)
+    mask = keys[:, None, :] & (torch.arange(12) <= 6)
+    m.reset_caches()
+    m(tok[:, :6])
+    _close(hidden, m(tok[:, 6:7], input_pos=torch.tensor([6]), mask=mask)[:, -1])
 
 
 @torch.no_grad()
@@ -460,6 +435,7 @@ def test_hidden_states_come_first():
 # ## Bad input
 
 
+@torch.no_grad()
 def test_errors():
     m = _model(max_seq_len=16)
     tok = _tokens(2, 4)
@@ -475,8 +451,6 @@ def test_errors():
         generate(m, _tokens(1, 10), max_new_tokens=7)
     with pytest.raises(ValueError, match="prompt: got 'a row of pad_id only'"):
         generate(m, torch.zeros(1, 3, dtype=torch.long), max_new_tokens=1)
-    with pytest.raises(ValueError, match="temperature"):
-        generate(m, tok, max_new_tokens=1, temperature=-1.0)
     m.setup_caches(1, torch.float32, decoder_max_seq_len=8)
     with pytest.raises(ValueError, match="tokens: got 'batch 2'"):
         m(tok)
@@ -510,6 +484,174 @@ def test_errors():
         llama_decoder(vocab_size=8, num_layers=1, num_heads=4, num_kv_heads=3, embed_dim=32, max_seq_len=8)
 
 
+@torch.no_grad()
+def test_cached_positions_must_be_the_next_slots_without_a_mask():
+    m = _model()
+    m.setup_caches(2, torch.float32, decoder_max_seq_len=16)
+    tok = _tokens(2, 8)
+    # A token at position 11 written to slot 0 of an empty cache would see eleven empty slots.
+    with pytest.raises(ValueError, match=r"input_pos: got \[11\], expected the caches' next slots 0\.\.0"):
+        m(tok[:, :1], input_pos=torch.tensor([11]))
+    m(tok[:, :5])
+    # A step at position 2 after five cached tokens would see only three of them.
+    with pytest.raises(ValueError, match=r"input_pos: got \[2\], expected the caches' next slots 5\.\.5"):
+        m(tok[:, 5:6], input_pos=torch.tensor([2]))
+    with pytest.raises(ValueError, match="input_pos: got \\[\\[5\\], \\[4\\]\\]"):  # one row wrong
+        m(tok[:, 5:6], input_pos=torch.tensor([[5], [4]]))
+    assert m._self_caches()[0].size == 5  # nothing was written
+    ok = m(tok[:, 5:7], input_pos=torch.tensor([[5, 6], [5, 6]]))
+    m.reset_caches()
+    m(tok[:, :5])
+    _close(m(tok[:, 5:7]), ok)
+    # With a mask, positions are the caller's (a left-padded row starts at 0 in a later slot).
+    m.reset_caches()
+    mask = torch.ones(2, 3, 16, dtype=torch.bool).tril()
+    m(tok[:, :3], input_pos=torch.tensor([[0, 1, 2], [0, 0, 1]]), mask=mask)
+
+
+def test_a_cached_forward_refuses_to_train_and_the_uncached_one_trains():
+    m = _model()
+    tok = _tokens(2, 6)
+    m.setup_caches(2, torch.float32, decoder_max_seq_len=8)
+    with pytest.raises(RuntimeError, match="model: got 'a cached forward pass while autograd records'.*no_grad"):
+        m(tok)
+    with disable_kv_cache(m):
+        m(tok).sum().backward()
+    assert m.output.weight.grad is not None
+    m.requires_grad_(False)  # frozen weights: nothing for autograd to record
+    m(tok)
+
+
+def test_inputs_on_another_dtype_or_device_name_the_argument():
+    m = _model()
+    tok = _tokens(2, 4)
+    meta = torch.device("meta")
+    for name, kwargs in (("input_pos", {"input_pos": torch.arange(4, device=meta)}),
+                         ("mask", {"mask": torch.ones(4, 4, dtype=torch.bool, device=meta)})):
+        with pytest.raises(ValueError, match=f"{name}: got 'a tensor on meta', expected the model's device, cpu"):
+            m(tok, **kwargs)
+    with pytest.raises(ValueError, match="tokens: got 'a tensor on meta'"):
+        m(tok.to(meta))
+    with pytest.raises(ValueError, match="prompt: got 'a tensor on meta'"):
+        generate(m, tok.to(meta), max_new_tokens=1)
+    with pytest.raises(TypeError, match="encoder_input: got 'dtype torch.float64', expected the weights' dtype"):
+        m(tok, encoder_input=torch.randn(2, 3, 32, dtype=torch.float64))
+    cache = KVCache(2, 8, 2, 4, torch.float32)
+    with pytest.raises(TypeError, match="k: got 'a torch.float64 tensor on cpu', expected the cache's dtype"):
+        cache.update(torch.randn(2, 1, 2, 4, dtype=torch.float64), torch.randn(2, 1, 2, 4, dtype=torch.float64))
+    m.setup_caches(2, torch.bfloat16, decoder_max_seq_len=8)
+    with torch.no_grad(), pytest.raises(TypeError, match=r"model: got 'caches in torch.bfloat16'.*setup_caches"):
+        m(tok)
+
+
+def test_sampling_and_generate_arguments_are_checked(gen):
+    logits = torch.randn(2, 5, generator=gen)
+    for t in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="temperature: got"):
+            sample(logits, temperature=t)
+    with pytest.raises(TypeError, match="temperature"):
+        sample(logits, temperature=True)
+    with pytest.raises(ValueError, match="top_k: got 0"):
+        sample(logits, top_k=0)
+    with pytest.raises(TypeError, match="logits"):
+        sample(logits.long())
+    with pytest.raises(TypeError, match="generator"):
+        sample(logits, generator=5)
+    assert torch.equal(sample(logits, temperature=0), logits.argmax(-1))
+    m = _model(max_seq_len=16)
+    tok = _tokens(2, 4)
+    for empty in (torch.zeros(1, 0, dtype=torch.long), torch.zeros(0, 4, dtype=torch.long)):
+        with pytest.raises(ValueError, match="prompt: got 'shape"):
+            generate(m, empty, max_new_tokens=1)
+    for pad_id, exc in ((VOCAB, ValueError), (-1, ValueError), (1.5, TypeError)):
+        with pytest.raises(exc, match="pad_id: got"):
+            generate(m, tok, max_new_tokens=1, pad_id=pad_id)
+    with pytest.raises(TypeError, match=r"stop_tokens: got \[1.5\]"):
+        generate(m, tok, max_new_tokens=1, stop_tokens=[1.5])
+    with pytest.raises(ValueError, match="stop_tokens: got \\[97\\]"):
+        generate(m, tok, max_new_tokens=1, stop_tokens=[VOCAB])
+    with pytest.raises(ValueError, match="temperature: got nan"):
+        generate(m, tok, max_new_tokens=1, temperature=float("nan"))
+    # stop tokens as a tensor are token ids too
+    ref = generate(m, tok, max_new_tokens=3, temperature=0, stop_tokens=[1, 2])
+    assert torch.equal(generate(m, tok, max_new_tokens=3, temperature=0, stop_tokens=torch.tensor([1, 2])), ref)
+
+
+def test_chunked_cross_entropy_keeps_float64_and_passes_gradcheck(gen):
+    logits = torch.randn(2, 5, 7, dtype=torch.float64, generator=gen, requires_grad=True)
+    labels = torch.randint(0, 7, (2, 5), generator=gen)
+    labels[0, 1] = -100
+    loss = chunked_cross_entropy(list(logits.split([2, 3], dim=1)), labels)
+    assert loss.dtype == torch.float64
+    torch.testing.assert_close(loss, F.cross_entropy(logits.reshape(-1, 7), labels.reshape(-1)), atol=1e-12, rtol=0)
+    assert torch.autograd.gradcheck(lambda x: chunked_cross_entropy(list(x.split([2, 3], dim=1)), labels), (logits,))
+
+
+# ## Properties, against the uncached model
+
+
+@functools.cache
+def _shared_model() -> TransformerDecoder:
+    return _model()
+
+
+@settings(max_examples=15, deadline=None)
+@given(lengths=st.lists(st.integers(1, 5), min_size=1, max_size=4), batch=st.integers(1, 3), seed=st.integers(0, 99))
+@torch.no_grad()
+def test_property_any_chunking_of_a_cached_forward_equals_the_uncached_one(lengths, batch, seed):
+    m = _shared_model()
+    tok = _tokens(batch, sum(lengths), seed=seed)
+    full = m(tok)
+    m.setup_caches(batch, torch.float32, decoder_max_seq_len=sum(lengths) + 2)
+    try:
+        out, start = [], 0
+        for n in lengths:
+            out.append(m(tok[:, start:start + n], input_pos=torch.arange(start, start + n)))
+            start += n
+        _close(torch.cat(out, 1), full)
+    finally:
+        m.delete_caches()
+
+
+@settings(max_examples=20, deadline=None)
+@given(filled=st.integers(0, 6), pos=st.integers(0, 9), per_row=st.booleans())
+@torch.no_grad()
+def test_property_cached_positions_are_accepted_exactly_when_they_are_the_next_slot(filled, pos, per_row):
+    m = _shared_model()
+    tok = _tokens(2, 8)
+    uncached = m(tok[:, :filled + 1])[:, -1:]
+    m.setup_caches(2, torch.float32, decoder_max_seq_len=10)
+    try:
+        if filled:
+            m(tok[:, :filled])
+        input_pos = torch.full((2, 1), pos) if per_row else torch.tensor([pos])
+        if pos == filled:
+            _close(m(tok[:, filled:filled + 1], input_pos=input_pos), uncached)
+        else:
+            with pytest.raises(ValueError, match="input_pos"):
+                m(tok[:, filled:filled + 1], input_pos=input_pos)
+    finally:
+        m.delete_caches()
+
+
+@settings(max_examples=10, deadline=None)
+@given(pads=st.lists(st.integers(0, 5), min_size=1, max_size=3), new=st.integers(1, 4))
+@torch.no_grad()
+def test_property_a_left_padded_batch_generates_what_each_row_does_alone(pads, new):
+    m = _shared_model()
+    rows = [_tokens(1, 6 - p, seed=20 + i) for i, p in enumerate(pads)]
+    prompt = torch.zeros(len(pads), 6, dtype=torch.long)
+    for i, r in enumerate(rows):
+        prompt[i, 6 - r.shape[1]:] = r[0]
+    m.setup_caches(len(pads), torch.float32, decoder_max_seq_len=12)
+    try:
+        batched = generate(m, prompt, max_new_tokens=new, temperature=0)
+    finally:
+        m.delete_caches()
+    for i, r in enumerate(rows):
+        assert torch.equal(batched[i, 6 - r.shape[1]:], generate(m, r, max_new_tokens=new, temperature=0)[0])
+
+
 # ## The fast path
 
 
@@ -534,17 +676,45 @@ def test_compiled_step_equals_eager_without_recompiling():
 
 
 @torch.no_grad()
-def test_a_failing_compiled_step_raises_and_names_the_way_out(monkeypatch):
-    import annotated_src.kv_cache as kv
+def test_a_failing_fast_step_raises_and_names_the_switch(monkeypatch):
+    import annotated_src.kv_cache_fast as fast
+    from annotated_src.fastpath import FastPathError
 
     def broken(*args, **kwargs):
         raise RuntimeError("no kernel")
 
-    monkeypatch.setattr(kv, "compiled_decode_one_token", lambda mode=None: broken)
+    monkeypatch.setattr(fast, "compiled", lambda step, mode=None: broken)
+    monkeypatch.setattr(fast, "supports", lambda weights, batch: "not in this test")
     m = _model(layers=1)
-    with pytest.raises(RuntimeError, match="compiled decode step failed.*no kernel.*DECODE_CUDA_GRAPH = False"):
+    with pytest.raises(FastPathError, match=r"kv_cache.*no kernel.*set_enabled\('kv_cache', False\)"):
         generate(m, _tokens(1, 4), max_new_tokens=3, temperature=0, compile=True)
     assert not m.caches_are_setup()  # the temporary caches are gone all the same
+
+
+@torch.no_grad()
+def test_the_switch_turns_the_fast_step_off(no_fast_path, monkeypatch):
+    import annotated_src.kv_cache_fast as fast
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the fast path ran with its switch off")
+
+    monkeypatch.setattr(fast, "decode_step", forbidden)
+    monkeypatch.setattr(fast, "prefill", forbidden)
+    m = _model(layers=1)
+    prompt = _tokens(2, 5)
+    eager = generate(m, prompt, max_new_tokens=4, temperature=0)
+    no_fast_path("kv_cache")
+    assert torch.equal(generate(m, prompt, max_new_tokens=4, temperature=0, compile=True), eager)
+
+
+@torch.no_grad()
+def test_the_fast_step_leaves_the_parameters_alone():
+    m = _model()
+    before = {k: (v.clone(), v.data_ptr()) for k, v in m.state_dict().items()}
+    generate(m, _tokens(2, 4), max_new_tokens=2, temperature=0, compile=True)
+    after = m.state_dict()
+    assert list(after) == list(before)
+    assert all(torch.equal(after[k], v) and after[k].data_ptr() == p for k, (v, p) in before.items())
 
 
 # ## Costs
@@ -581,7 +751,7 @@ def test_cuda_compiled_step_replays_one_recorded_graph_per_token_and_equals_eage
 
     import torch._dynamo
 
-    import annotated_src.kv_cache as kv
+    import annotated_src.kv_cache_fast as fast
     from annotated_src.kv_cache import decode_graph_counters
 
     m = _model(layers=2).cuda()
@@ -595,7 +765,7 @@ def test_cuda_compiled_step_replays_one_recorded_graph_per_token_and_equals_eage
     with torch._dynamo.config.patch(error_on_recompile=True), warnings.catch_warnings():
         # float32 on purpose (exact agreement with eager): the compiler's TF32 advice is declined.
         warnings.filterwarnings("ignore", message="TensorFloat32 tensor cores")
-        fast = generate(m, prompt, max_new_tokens=12, temperature=0, compile=True)
+        fast_tokens = generate(m, prompt, max_new_tokens=12, temperature=0, compile=True)
         again = generate(m, prompt, max_new_tokens=12, temperature=0, compile=True)
     delta = {k: v - before.get(k, 0) for k, v in decode_graph_counters.items() if v != before.get(k, 0)}
     # One recording (of the compiled step: this model's head_dim of 8 is too small for the Triton
@@ -605,13 +775,13 @@ def test_cuda_compiled_step_replays_one_recorded_graph_per_token_and_equals_eage
                      "prefill_replays": 1}
     # New caches move the buffers: the graph is recorded again, and is still right.
     m.delete_caches()
-    assert m not in kv._decode_graphs  # dropped with the caches it wrote to
+    assert m not in fast._decode_graphs  # dropped with the caches it wrote to
     m.setup_caches(3, torch.float32, decoder_max_seq_len=24)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="TensorFloat32 tensor cores")
         moved = generate(m, prompt, max_new_tokens=12, temperature=0, compile=True)
     assert decode_graph_counters["recordings"] - before.get("recordings", 0) == 2
-    assert torch.equal(cached, eager) and torch.equal(fast, eager) and torch.equal(again, eager)
+    assert torch.equal(cached, eager) and torch.equal(fast_tokens, eager) and torch.equal(again, eager)
     assert torch.equal(moved, eager)
     assert m._self_caches()[0].size == 0
 
@@ -621,8 +791,9 @@ def test_cuda_compiled_step_replays_one_recorded_graph_per_token_and_equals_eage
 def test_cuda_graph_step_logits_equal_the_eager_step_and_the_compilers_graphs():
     import warnings
 
-    import annotated_src.kv_cache as kv
     import torch._dynamo
+
+    import annotated_src.kv_cache as kv
 
     m = _model(layers=2).cuda()
     tok = _tokens(2, 9).cuda()
@@ -644,11 +815,14 @@ def test_cuda_graph_step_logits_equal_the_eager_step_and_the_compilers_graphs():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="TensorFloat32 tensor cores")
         graph, k_graph = run(kv.decode_step(m, compile=True, device="cuda"))
-        try:
-            kv.DECODE_CUDA_GRAPH = False  # the fallback: torch.compile's own CUDA graphs
-            trees, _ = run(kv.decode_step(m, compile=True, device="cuda"))
-        finally:
-            kv.DECODE_CUDA_GRAPH = True
+        # torch.compile's own CUDA graphs, for comparison (their outputs are copied before the next step)
+        trees_step = kv.compiled_decode_one_token("reduce-overhead")
+
+        def trees_call(*inputs):
+            torch.compiler.cudagraph_mark_step_begin()
+            return trees_step(m, *inputs).clone()
+
+        trees, _ = run(trees_call)
     torch.testing.assert_close(graph, eager, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(trees, eager, atol=1e-4, rtol=1e-4)
     for a, b in zip(k_graph, k_eager):
@@ -689,91 +863,10 @@ def test_cuda_bf16_cached_matches_float64():
     torch.testing.assert_close(out.double().cpu(), ref, atol=0.15, rtol=0.05)
 
 
-# ### The hand-written kernels (`_decode_kernels.py`)
-
-
-def _triton_model(dtype=torch.float32, *, interleaved=False, layers=2, seed=0):
-    """A model the Triton kernels cover: head_dim 16, two query heads per key/value head."""
-    torch.manual_seed(seed)
-    m = llama_decoder(vocab_size=VOCAB, num_layers=layers, num_heads=8, num_kv_heads=4, embed_dim=128,
-                      max_seq_len=256, intermediate_dim=96)
-    for layer in m.layers:
-        layer.attn.pos_embeddings.interleaved = interleaved
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.ndim == 1:
-                p.copy_(1 + 0.1 * torch.randn(p.shape))
-    return m.to(dtype).eval()
-
-
-def test_decode_kernels_say_why_they_do_not_apply():
-    import annotated_src.kv_cache as kv
-
-    m = _triton_model()
-    m.setup_caches(1, torch.float32, decoder_max_seq_len=16)
-    m.fuse_qkv()
-    why = kv.decode_kernels_for(m, 1)
-    # On this CPU: no CUDA device (or no triton); the reason is a sentence, not an exception.
-    assert isinstance(why, str) and why
-    try:
-        kv.DECODE_KERNELS = False
-        assert kv.decode_kernels_for(m, 1).startswith("turned off")
-    finally:
-        kv.DECODE_KERNELS = True
-    with pytest.raises(TypeError, match="model"):
-        kv.decode_kernels_for(m.layers[0], 1)
-    with pytest.raises(ValueError, match="batch"):
-        kv.decode_kernels_for(m, 0)
-
-
-@pytest.mark.cuda
-@torch.no_grad()
-@pytest.mark.parametrize("interleaved", [False, True])
-def test_cuda_triton_decode_step_equals_eager_step_and_float64(interleaved):
-    import annotated_src.kv_cache as kv
-
-    batch, prompt_len, cache = 3, 150, 200  # attention over three blocks of 64 slots
-    prompt = _tokens(batch, prompt_len)
-    prompt[1, :7] = 0
-    prompt[2, :90] = 0
-    real, positions = kv.padding_positions_and_mask(prompt, 0)
-    keys = torch.ones(batch, cache, dtype=torch.bool)
-    keys[:, :prompt_len] = real
-    tok = _tokens(batch, 1, seed=5)
-    pos, slot = positions[:, -1:] + 1, torch.tensor([prompt_len])
-
-    def prefilled(dtype):
-        m = _triton_model(dtype, interleaved=interleaved).cuda()
-        m.setup_caches(batch, dtype, decoder_max_seq_len=cache)
-        m.fuse_qkv()
-        m(prompt.cuda(), input_pos=positions.cuda(), mask=kv.causal_padding_mask(real, cache).cuda())
-        return m
-
-    args = [t.cuda() for t in (tok, pos, slot, keys)]
-    ref64 = kv.decode_one_token(prefilled(torch.float64), *args)
-    for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 0.05)):
-        m = prefilled(dtype)
-        eager = kv.decode_one_token(m, *args).float()
-        k_eager = [c.k_cache.clone() for c in m._self_caches()]
-        v_eager = [c.v_cache.clone() for c in m._self_caches()]
-        kernels = kv.decode_kernels_for(m, batch)
-        assert not isinstance(kernels, str), kernels
-        out = [kernels(*args).clone() for _ in range(3)]
-        # the same logits each time (the merge order does not depend on which program finishes last)
-        assert torch.equal(out[0], out[1]) and torch.equal(out[0], out[2])
-        assert kernels.count.eq(0).all()  # the tickets are back to zero
-        scale = ref64.abs().max().item()
-        torch.testing.assert_close(out[0], eager, atol=tol * scale, rtol=0)
-        torch.testing.assert_close(out[0].double(), ref64, atol=tol * scale, rtol=0)
-        for c, k, v in zip(m._self_caches(), k_eager, v_eager):
-            torch.testing.assert_close(c.k_cache.float(), k.float(), atol=tol, rtol=tol)
-            torch.testing.assert_close(c.v_cache.float(), v.float(), atol=tol, rtol=tol)
-
-
 @pytest.mark.cuda
 @torch.no_grad()
 def test_cuda_generate_fast_path_records_the_triton_step_and_the_prefill():
-    import annotated_src.kv_cache as kv
+    import annotated_src.kv_cache_fast as fast
     from annotated_src.kv_cache import decode_graph_counters
 
     m = _triton_model().cuda()
@@ -786,6 +879,253 @@ def test_cuda_generate_fast_path_records_the_triton_step_and_the_prefill():
     delta = {k: v - before.get(k, 0) for k, v in decode_graph_counters.items() if v != before.get(k, 0)}
     assert delta == {"recordings": 1, "recordings_triton": 1, "replays": 3 * 19, "prefill_recordings": 1,
                      "prefill_replays": 2}
-    assert kv._decode_graphs[m].kernels == "triton"
+    assert fast._decode_graphs[m].kernels == "triton"
     for r in runs:
         assert torch.equal(r, eager)
+
+
+# ## The Triton kernels (`kv_cache_fast.py`), each against the readable code
+#
+# On a GPU, or on the CPU under Triton's interpreter (`make kernels`). A small Llama-shaped layer:
+# head_dim 16, two query heads per key/value head, float32 and bfloat16.
+
+
+def _triton_model(dtype=torch.float32, *, interleaved=False, layers=2, seed=0, embed_dim=128):
+    """A model the Triton kernels cover: head_dim 16, two query heads per key/value head."""
+    torch.manual_seed(seed)
+    m = llama_decoder(vocab_size=VOCAB, num_layers=layers, num_heads=embed_dim // 16, num_kv_heads=embed_dim // 32,
+                      embed_dim=embed_dim, max_seq_len=256, intermediate_dim=96)
+    for layer in m.layers:
+        layer.attn.pos_embeddings.interleaved = interleaved
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.ndim == 1:
+                p.copy_(1 + 0.1 * torch.randn(p.shape))
+    return m.to(dtype).eval()
+
+
+KERNEL_TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
+
+
+def _kernel_close(out, ref, dtype):
+    scale = ref.abs().max().item()
+    torch.testing.assert_close(out.float(), ref.float(), atol=KERNEL_TOL[dtype] * scale, rtol=0)
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_gemv_residual_gated_norm(kernel_device, gen, dtype):
+    import annotated_src.kv_cache_fast as fast
+
+    b, k, n = 3, 96, 40  # neither a multiple of the blocks: the masked tiles
+    x = torch.randn(b, k, generator=gen).to(kernel_device, dtype)
+    w, w3 = (torch.randn(n, k, generator=gen).div(k ** 0.5).to(kernel_device, dtype) for _ in range(2))
+    g = (1 + 0.1 * torch.randn(k, generator=gen)).to(kernel_device, dtype)
+    out0 = torch.randn(b, n, generator=gen).to(kernel_device, dtype)
+    norm = nn.RMSNorm(k, eps=1e-5).to(kernel_device, dtype)
+    with torch.no_grad():
+        norm.weight.copy_(g)
+        x_normed = norm(x)
+    # `x + attn(...)`: the residual added in place
+    out = fast.gemv_residual(x, w, out0.clone())
+    _kernel_close(out, out0.float() + F.linear(x.float(), w.float()), dtype)
+    # `FeedForward`'s activation after `mlp_norm`
+    act = fast.gemv_gated(x, w, w3, g, 1e-5, torch.empty(b, n, device=kernel_device, dtype=dtype))
+    h = x_normed.float()
+    _kernel_close(act, F.silu(F.linear(h, w.float())) * F.linear(h, w3.float()), dtype)
+    # the final `norm` and `output`
+    logits = fast.gemv_norm(x, w, g, 1e-5, torch.empty(b, n, device=kernel_device))
+    _kernel_close(logits, F.linear(h, w.float()), dtype)
+
+
+def _prefilled(dtype, device, *, interleaved=False, batch=3, prompt_len=40, cache=64, layers=2):
+    """A Triton-shaped model with caches holding a left-padded prompt, and one step's inputs."""
+    import annotated_src.kv_cache as kv
+
+    prompt = _tokens(batch, prompt_len)
+    prompt[1, :7] = 0
+    prompt[2, :30] = 0
+    real, positions = kv.padding_positions_and_mask(prompt, 0)
+    keys = torch.ones(batch, cache, dtype=torch.bool)
+    keys[:, :prompt_len] = real
+    m = _triton_model(dtype, interleaved=interleaved, layers=layers).to(device)
+    m.setup_caches(batch, dtype, decoder_max_seq_len=cache)
+    with torch.no_grad():
+        m(prompt.to(device), input_pos=positions.to(device), mask=kv.causal_padding_mask(real, cache).to(device))
+    args = tuple(t.to(device) for t in (_tokens(batch, 1, seed=5), positions[:, -1:] + 1, torch.tensor([prompt_len]),
+                                        keys))
+    return m, args
+
+
+@pytest.mark.kernel
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_kernel_qkv_rope_writes_the_readable_rotated_projections(kernel_device, dtype, interleaved):
+    import annotated_src.kv_cache as kv
+    import annotated_src.kv_cache_fast as fast
+
+    m, (tok, pos, slot, keys) = _prefilled(dtype, kernel_device, interleaved=interleaved)
+    attn, layer = m.layers[0].attn, m.layers[0]
+    x = m.tok_embeddings(tok)[:, 0]
+    # the readable lines: `sa_norm`, the projections, the rotations, and the cache write at the slot
+    h = layer.sa_norm(x[:, None])
+    q = attn._rotate(attn.q_proj(h).view(3, 1, attn.num_heads, attn.head_dim), pos, checked=True)
+    k = attn._rotate(attn.k_proj(h).view(3, 1, attn.num_kv_heads, attn.head_dim), pos, checked=True)
+    v = attn.v_proj(h).view(3, 1, attn.num_kv_heads, attn.head_dim)
+    w = kv.llama_weights(m)
+    lw = w.layers[0]
+    q_out = torch.empty(3, attn.num_heads * attn.head_dim, device=kernel_device, dtype=dtype)
+    fast.qkv_rope(x, torch.cat([lw.wq, lw.wk, lw.wv]), lw.sa_norm, lw.sa_eps, w.cos, w.sin, pos, slot, q_out,
+                  lw.k_cache, lw.v_cache, num_heads=w.num_heads, num_kv_heads=w.num_kv_heads, interleaved=interleaved)
+    _kernel_close(q_out, q.reshape(3, -1), dtype)
+    _kernel_close(lw.k_cache[:, 40], k[:, 0], dtype)
+    _kernel_close(lw.v_cache[:, 40], v[:, 0], dtype)
+
+
+@pytest.mark.kernel
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cache", [64, 600])  # one split; two splits of three blocks
+def test_kernel_attention_equals_one_query_attention(kernel_device, gen, dtype, cache):
+    import annotated_src.kv_cache_fast as fast
+    from annotated_src.kv_cache import one_query_attention
+
+    b, n_kv, group, d, slot = 2, 2, 3, 16, cache - 5
+    q = torch.randn(b, 1, n_kv * group, d, generator=gen).to(kernel_device, dtype)
+    kc, vc = (torch.randn(b, cache, n_kv, d, generator=gen).to(kernel_device, dtype) for _ in range(2))
+    keys = torch.rand(b, cache, generator=gen) < 0.7
+    keys[:, slot] = True
+    keys = keys.to(kernel_device)
+    # the mask `decode_one_token` builds: visible and not past the slot
+    mask = (keys & (torch.arange(cache, device=kernel_device) <= slot))[:, None, :]
+    ref = one_query_attention(q, kc, vc, mask)
+    splits = fast.attention_splits(cache)
+    block_g = fast.attention_group_block(group)
+    parts = b * n_kv * splits * block_g
+    partials = (torch.empty(parts, device=kernel_device), torch.empty(parts, device=kernel_device),
+                torch.empty(parts, d, device=kernel_device), torch.zeros(b * n_kv, dtype=torch.int32, device=kernel_device))
+    out = torch.empty(b, n_kv * group * d, device=kernel_device, dtype=dtype)
+    fast.attention(q.reshape(b, -1), kc, vc, keys, torch.tensor([slot], device=kernel_device), out, partials,
+                   num_kv_heads=n_kv, n_splits=splits)
+    _kernel_close(out, ref.reshape(b, -1), dtype)
+    assert partials[3].eq(0).all()  # the tickets are back to zero
+
+
+@pytest.mark.kernel
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_decode_step_equals_the_readable_step_and_float64(kernel_device, dtype):
+    import annotated_src.kv_cache as kv
+
+    m64, args64 = _prefilled(torch.float64, "cpu", layers=1)
+    ref64 = kv.decode_one_token(m64, *args64)
+    m, args = _prefilled(dtype, kernel_device, layers=1)
+    readable = kv.decode_one_token(m, *args)
+    k_readable = [c.k_cache.clone() for c in m._self_caches()]
+    kernels = kv.decode_kernels_for(m, 3)
+    assert not isinstance(kernels, str), kernels
+    out = [kernels(*args).clone() for _ in range(2)]
+    # the same logits each time (the merge order does not depend on which program finishes last)
+    assert torch.equal(out[0], out[1])
+    _kernel_close(out[0], readable, dtype)
+    _kernel_close(out[0].double().cpu(), ref64, dtype)
+    for c, k in zip(m._self_caches(), k_readable):
+        _kernel_close(c.k_cache, k, dtype)
+    # Weights changed in place are seen after `refresh()` (the stacked copy is the kernels' own).
+    m.layers[0].attn.k_proj.weight.mul_(-1)
+    m.layers[0].attn.q_proj.weight.mul_(0.5)
+    changed = kv.decode_one_token(m, *args)
+    assert not torch.allclose(out[0], changed, atol=1e-3)
+    kernels.refresh()
+    _kernel_close(kernels(*args), changed, dtype)
+
+
+@pytest.mark.kernel
+@torch.no_grad()
+def test_kernel_generate_fast_path_equals_eager(kernel_device):
+    m = _triton_model(layers=1).to(kernel_device)
+    prompt = _tokens(2, 9).to(kernel_device)
+    prompt[0, :3] = 0
+    eager = generate(m, prompt, max_new_tokens=4, temperature=0)
+    assert torch.equal(generate(m, prompt, max_new_tokens=4, temperature=0, compile=True), eager)
+
+
+def test_decode_kernels_say_why_they_do_not_apply():
+    import annotated_src.kv_cache as kv
+    from annotated_src import fastpath
+
+    m = _triton_model()
+    m.setup_caches(1, torch.float32, decoder_max_seq_len=16)
+    why = kv.decode_kernels_for(m, 1)
+    # On a plain CPU the reason is a sentence, not an exception (under the interpreter they apply).
+    assert isinstance(why, str) != fastpath.kernels_run_on("cpu")
+    assert "head_dim 8" in kv.decode_kernels_for(_model().to(torch.float32), 1) or not fastpath.kernels_run_on("cpu")
+    with disable_kv_cache(m):
+        assert "enabled cache" in kv.decode_kernels_for(m, 1)
+    with pytest.raises(TypeError, match="model"):
+        kv.decode_kernels_for(m.layers[0], 1)
+    with pytest.raises(ValueError, match="batch"):
+        kv.decode_kernels_for(m, 0)
+
+
+# ## Loading weights (random small models: nothing is downloaded)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@torch.no_grad()
+def test_llama_decoder_from_hf_gives_transformers_logits_and_greedy_tokens(tied):
+    transformers = pytest.importorskip("transformers")
+    from annotated_src.kv_cache import llama_decoder_from_hf
+
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   rms_norm_eps=1e-6, rope_theta=500.0, tie_word_embeddings=tied, pad_token_id=0)
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    for name, p in hf.named_parameters():
+        if "norm" in name:
+            p.copy_(1 + 0.1 * torch.randn(p.shape))  # random norms too, so that every weight matters
+    ours = llama_decoder_from_hf(hf)
+    assert (ours.output.weight is ours.tok_embeddings.weight) == tied
+    assert ours.layers[0].attn.num_kv_heads == 2 and ours.layers[0].attn.pos_embeddings.base == 500.0
+    assert ours.norm.eps == 1e-6
+    tok = _tokens(2, 9)
+    torch.testing.assert_close(ours(tok), hf(tok).logits, atol=1e-5, rtol=1e-5)
+    expected = hf.generate(tok, attention_mask=torch.ones_like(tok), max_new_tokens=6, min_new_tokens=6,
+                           do_sample=False, pad_token_id=0)
+    assert torch.equal(generate(ours, tok, max_new_tokens=6, temperature=0), expected)
+    ours.setup_caches(2, torch.float32, decoder_max_seq_len=16)
+    assert torch.equal(generate(ours, tok, max_new_tokens=6, temperature=0), expected)
+
+
+def test_llama_decoder_from_hf_refuses_what_it_does_not_build():
+    transformers = pytest.importorskip("transformers")
+    from annotated_src.kv_cache import llama_decoder_from_hf
+
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, attention_bias=True)
+    with pytest.raises(ValueError, match="model: got 'a config with attention_bias=True'"):
+        llama_decoder_from_hf(transformers.LlamaForCausalLM(cfg))
+
+
+@torch.no_grad()
+def test_a_torchtune_state_dict_loads_into_our_layout():
+    from annotated_src.kv_cache import convert_torchtune_state_dict
+
+    # A torchtune-layout model: our modules with interleaved rotary pairs, norms saved as `.scale`.
+    tt = _model()
+    tt.layers[0].attn.pos_embeddings.interleaved = True  # (one rotary module shared by the layers)
+    assert tt.layers[1].attn.pos_embeddings.interleaved
+    sd = {k.removesuffix("weight") + "scale" if k.endswith("norm.weight") else k: v for k, v in tt.state_dict().items()}
+    assert "norm.scale" in sd and "layers.0.sa_norm.scale" in sd
+    ours = _model(seed=1)  # other weights, to be overwritten
+    converted = convert_torchtune_state_dict(sd, num_heads=4, num_kv_heads=2)
+    ours.load_state_dict(converted)
+    assert not torch.equal(converted["layers.0.attn.q_proj.weight"], sd["layers.0.attn.q_proj.weight"])
+    tok = _tokens(2, 9)
+    _close(ours(tok), tt(tok))
+    # a tied checkpoint (no output.weight) gets the embedding as its output projection
+    del sd["output.weight"]
+    assert torch.equal(convert_torchtune_state_dict(sd, num_heads=4, num_kv_heads=2)["output.weight"],
+                       sd["tok_embeddings.weight"])

@@ -6,12 +6,13 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from annotated_src import fastpath, rope, rope_fast
 from annotated_src.rope import (RotaryPositionalEmbeddings, XPos, apply_rotary, convert_half_to_interleaved, convert_interleaved_to_half,
-                                interleaved_to_half_permutation, rope_reference, rotary_angles, rotary_tables)
+                                interleaved_to_half_permutation, rope_frequencies, rope_reference, rotary_angles,
+                                rotary_tables)
 
 
 def randn(*shape, seed=0, dtype=torch.float32):
@@ -212,17 +213,16 @@ def test_output_dtype_is_input_dtype(dtype):
     assert q.dtype == k.dtype == dtype
 
 
-def test_bf16_at_long_positions_within_rounding():
+def test_claim_bf16_output_within_half_ulp_of_exact_rotation_up_to_8192():
     module = RotaryPositionalEmbeddings(128, max_seq_len=8193)
     pos = torch.cat((torch.arange(0, 64), torch.arange(8129, 8193)))
-    x32 = randn(2, pos.numel(), 2, 128, seed=17)
-    x = x32.to(torch.bfloat16)
+    x = randn(2, pos.numel(), 2, 128, seed=17, dtype=torch.bfloat16)
     y = module(x, input_pos=pos)
-    want = module(x.double(), input_pos=pos)  # exact rotation of the same bf16 input
-    # One rounding to bf16: at most half an ulp, 2^-9 of the value (plus the float32 tables' error).
-    err = (y.double() - want).abs()
-    assert (err <= want.abs() * 2.0 ** -8 + 1e-6).all()
-    assert torch.equal(y, want.to(torch.bfloat16)) or err.max() < 2 ** -7 * want.abs().max()
+    exact = module(x.double(), input_pos=pos)  # exact rotation of the same bf16 input
+    # bfloat16's ulp at each value: 2^(exponent - 7).
+    ulp = 2.0 ** (torch.floor(torch.log2(exact.abs().clamp_min(2.0 ** -100))) - 7)
+    # Half an ulp, plus the float32 tables' rounding (2^-24 of the pair's magnitude, far below it).
+    assert ((y.double() - exact).abs() <= 0.5 * ulp + 2.0 ** -20).all()
 
 
 def test_bf16_positions_bug_is_avoided():
@@ -448,6 +448,24 @@ def test_modules_take_the_kernel_where_it_runs(kernel_device, gen, monkeypatch, 
 
 
 @pytest.mark.kernel
+def test_triton_kernel_takes_tables_and_gradients_of_any_layout(kernel_device, gen):
+    # `sin` in another layout than `cos`, `cos` with a non-unit stride over its features, and an
+    # incoming gradient broadcast over everything (stride 0): the launcher copies what it must.
+    x = torch.randn(2, 5, 3, 8, generator=gen).to(kernel_device).requires_grad_(True)
+    angles = torch.rand(2, 5, 1, 4, generator=gen, dtype=torch.float64) * 100
+    cos = torch.cos(angles).float().to(kernel_device)
+    sin = torch.sin(angles).float().repeat(1, 1, 2, 1)[:, :, :1].to(kernel_device)
+    cos_strided = torch.cos(angles).float().repeat_interleave(2, dim=-1)[..., ::2].to(kernel_device)
+    assert sin.stride() != cos.stride() and cos_strided.stride(-1) == 2
+    for c in (cos, cos_strided):
+        y = rope.apply_rotary_triton(x, c, sin)
+        torch.testing.assert_close(y, apply_rotary(x.detach(), c, sin), **KERNEL_TOL[torch.float32])
+        (g,) = torch.autograd.grad(y.sum(), x)  # a gradient of ones, expanded
+        (g_ref,) = torch.autograd.grad(apply_rotary(x, c, sin).sum(), x)
+        torch.testing.assert_close(g, g_ref, **KERNEL_TOL[torch.float32])
+
+
+@pytest.mark.kernel
 def test_triton_kernel_rejects_what_it_cannot_take(kernel_device, gen):
     x = torch.randn(1, 4, 2, 8, generator=gen).to(kernel_device)
     cos = torch.randn(1, 4, 1, 4, generator=gen).to(kernel_device)
@@ -553,50 +571,527 @@ def test_matches_transformers_llama(dim):
     torch.testing.assert_close(module(q, input_pos=pos)[:1], q_hf[:1], rtol=0, atol=1e-5)
 
 
-# ## Errors
+# ## Claims of the prose, one test each
 
 
-def test_errors():
-    x = randn(1, 4, 2, 8)
-    with pytest.raises(ValueError, match="dim: got 7"):
-        RotaryPositionalEmbeddings(7)
-    with pytest.raises(ValueError, match="dim: got 3"):
-        XPos(3)
-    with pytest.raises(ValueError, match=r"x: got .shape \(1, 4, 2, 8\).*dim = 10"):
-        RotaryPositionalEmbeddings(10)(x)
-    with pytest.raises(ValueError, match=r"x: got .shape \(4, 2, 8\).*\[batch, seq_len, n_heads, head_dim\]"):
-        RotaryPositionalEmbeddings(8)(x[0])
-    with pytest.raises(ValueError, match="input_pos: got position 16, expected positions < max_seq_len = 16"):
-        RotaryPositionalEmbeddings(8, max_seq_len=16)(x, input_pos=torch.tensor([0, 1, 2, 16]))
-    with pytest.raises(ValueError, match="input_pos: got position -1"):
-        RotaryPositionalEmbeddings(8)(x, input_pos=torch.tensor([0, 1, 2, -1]))
-    with pytest.raises(ValueError, match="x: got seq_len 4, expected seq_len <= max_seq_len = 3"):
-        RotaryPositionalEmbeddings(8, max_seq_len=3)(x)
-    with pytest.raises(TypeError, match="input_pos: got .dtype torch.float32"):
-        RotaryPositionalEmbeddings(8)(x, input_pos=torch.arange(4.0))
-    with pytest.raises(ValueError, match=r"input_pos: got .shape \(5,\)"):
-        RotaryPositionalEmbeddings(8)(x, input_pos=torch.arange(5))
-    with pytest.raises(ValueError, match=r"input_pos: got .shape \(2, 4\)"):
-        RotaryPositionalEmbeddings(8)(x, input_pos=torch.zeros(2, 4, dtype=torch.long))
-    with pytest.raises(ValueError, match=r"input_pos: got .shape \(1, 1, 4\)"):
-        RotaryPositionalEmbeddings(8)(x, input_pos=torch.zeros(1, 1, 4, dtype=torch.long))
-    with pytest.raises(TypeError, match="x: got .dtype torch.int64"):
-        RotaryPositionalEmbeddings(8)(torch.zeros(1, 4, 2, 8, dtype=torch.long))
-    with pytest.raises(ValueError, match="input_pos: got position 99"):
-        XPos(8, max_seq_len=99)(x, x, input_pos=torch.tensor([0, 1, 2, 99]))
-    with pytest.raises(ValueError, match=r"k: got .shape \(1, 3, 2, 8\)"):
-        XPos(8)(x, x[:, :3])
-    with pytest.raises(ValueError, match="scale_base: got 0"):
-        XPos(8, scale_base=0)
-    with pytest.raises(ValueError, match="base: got 1"):
-        RotaryPositionalEmbeddings(8, base=1)
-    with pytest.raises(TypeError, match="fast: got 'yes'"):
-        RotaryPositionalEmbeddings(8, fast="yes")
-    with pytest.raises(ValueError, match=r"weight: got .shape \(10, 4\)"):
-        convert_interleaved_to_half(torch.zeros(10, 4), n_heads=3)
-    with pytest.raises(ValueError, match="dim: got 5"):
-        interleaved_to_half_permutation(5)
-    with pytest.raises(ValueError, match="dim: got 7"):
-        rope_reference(x, dim=7)
-    with pytest.raises(ValueError, match=r"x: got .shape \(1, 4, 2, 8\).*dim = 10"):
-        rope_reference(x, dim=10)
+def test_claim_angle_near_8192_float32_off_by_up_to_5e_4_float64_by_1e_12():
+    # Half the spacing of each type's numbers at 8192 radians.
+    a = torch.tensor(8192.0, dtype=torch.float64)
+    half_f32 = (torch.nextafter(a.float(), torch.tensor(1e9)) - a.float()).item() / 2
+    half_f64 = (torch.nextafter(a, torch.tensor(1e9, dtype=torch.float64)) - a).item() / 2
+    assert half_f32 == 2 ** -11 and 4e-4 < half_f32 <= 5e-4
+    assert half_f64 <= 1e-12
+    # And the angles of positions 8000..8191 computed in float32 are that far off.
+    angles = rotary_angles(torch.arange(8000, 8192), 128)
+    err = (rotary_angles(torch.arange(8000, 8192), 128, dtype=torch.float32).double() - angles).abs().max()
+    assert 1e-4 < err <= 5e-4 + 1e-6
+
+
+def test_claim_readable_rotation_runs_ten_kernels():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    x = randn(1, 8, 2, 16, seed=80, dtype=torch.bfloat16)
+    cos, sin = (t[None, :, None] for t in rotary_tables(torch.arange(8), 16))
+    kernels = {"_to_copy", "mul", "sub", "add", "cat", "stack"}  # the ones that write memory
+    for interleaved in (False, True):
+        with Count() as count:
+            apply_rotary(x, cos, sin, interleaved=interleaved)
+        assert sum(op in kernels for op in count.ops) == 10, count.ops
+
+
+def test_claim_bf16_integers_exact_to_256_then_spacing_2_4_and_32():
+    def spacing(lo, hi):
+        values = torch.arange(lo, hi).to(torch.bfloat16).double().unique()
+        return (values[1:] - values[:-1]).unique().tolist()
+
+    assert torch.equal(torch.arange(257).to(torch.bfloat16).long(), torch.arange(257))
+    assert spacing(256, 512) == [2.0] and spacing(512, 1024) == [4.0] and spacing(4096, 8192) == [32.0]
+
+
+def test_claim_frequencies_fall_from_one_radian_to_about_one_over_base():
+    theta = rotary_angles(torch.tensor(1), 128)
+    assert theta[0] == 1 and math.isclose(theta[-1].item(), 10_000 ** (-126 / 128))
+    assert 0.8 < theta[-1].item() * 10_000 < 1.2  # "close to 1 / base for large d"
+    wavelength = 2 * math.pi / theta
+    assert round(wavelength[0].item(), 1) == 6.3 and 54_000 <= wavelength[-1].item() < 55_000
+    assert (theta[1:] < theta[:-1]).all()
+
+
+def test_claim_all_ones_score_is_twice_sum_of_cosines_largest_at_zero_envelope_decays():
+    module = RotaryPositionalEmbeddings(128, max_seq_len=4096)
+    ones = torch.ones(1, 1, 1, 128, dtype=torch.float64)
+    distances = torch.arange(4096)
+    q0 = module(ones, input_pos=torch.tensor([0]))
+    scores = (q0 * module(ones.expand(1, 4096, 1, 128), input_pos=distances)).sum(-1).flatten()
+    theta = rotary_angles(torch.tensor(1), 128)
+    torch.testing.assert_close(scores, 2 * torch.cos(distances.double()[:, None] * theta).sum(-1), rtol=0, atol=1e-9)
+    assert scores.argmax() == 0
+    bands = [(1, 64), (64, 256), (256, 1024), (1024, 2048), (2048, 4096)]
+    peaks = [scores[a:b].max().item() for a, b in bands]
+    assert all(p > q for p, q in zip(peaks, peaks[1:])), peaks
+
+
+def test_claim_interleaved_layout_is_meta_llama_view_as_complex():
+    # Meta's LLaMA: `torch.view_as_complex` on adjacent features, times e^{i m theta}.
+    x = randn(2, 6, 3, 16, seed=81, dtype=torch.float64)
+    pos = torch.arange(100, 106)
+    freqs_cis = torch.polar(torch.ones(6, 8, dtype=torch.float64), rotary_angles(pos, 16))
+    meta = torch.view_as_real(torch.view_as_complex(x.reshape(2, 6, 3, 8, 2)) * freqs_cis[None, :, None]).flatten(-2)
+    torch.testing.assert_close(RotaryPositionalEmbeddings(16, interleaved=True)(x, input_pos=pos), meta, rtol=0, atol=1e-12)
+
+
+def test_claim_conversion_is_hf_conversion_script_permute():
+    # `permute` of transformers' `convert_llama_weights_to_hf.py`, written out.
+    def hf_permute(w, n_heads, dim1, dim2):
+        return w.view(n_heads, dim1 // n_heads // 2, 2, dim2).transpose(1, 2).reshape(dim1, dim2)
+
+    w = randn(4 * 16, 24, seed=82)
+    assert torch.equal(convert_interleaved_to_half(w, 4), hf_permute(w, 4, 64, 24))
+
+
+def test_claim_tables_are_a_thirty_second_of_the_traffic_for_32_heads_of_128_bf16():
+    table_bytes = 2 * 64 * 4  # two float32 rows of dim / 2 = 64
+    x_bytes = 2 * 32 * 128 * 2  # read and write 32 heads of 128 bfloat16 features
+    assert table_bytes * 32 == x_bytes
+
+
+def test_claim_xpos_zeta_from_0_4_over_1_4_below_one_and_default_factors_0_0067_to_150():
+    module = XPos(128)
+    zeta = module.zeta()
+    assert zeta[0] == 0.4 / 1.4 and (zeta < 1).all() and (zeta[1:] > zeta[:-1]).all()
+    scale = module.scale_cached.double()
+    assert 0.0066 < scale.min() < 0.0067 and 149 < scale.max() < 151
+    # Below 1 for a key before the query, above 1 after it: pair 0, distances +100 and -100.
+    assert zeta[0] ** (100 / 512) < 1 < zeta[0] ** (-100 / 512)
+
+
+def test_claim_xpos_leaves_features_past_dim_untouched():
+    q, k = randn(1, 5, 2, 12, seed=83), randn(1, 5, 2, 12, seed=84)
+    q_rot, k_rot = XPos(8, max_seq_len=64)(q, k, input_pos=torch.tensor([0, 7, 31, 40, 63]))
+    assert torch.equal(q_rot[..., 8:], q[..., 8:]) and torch.equal(k_rot[..., 8:], k[..., 8:])
+    assert not torch.allclose(q_rot[..., :8], q[..., :8])
+
+
+# ## xPos: how far its tables reach
+
+
+def test_xpos_refuses_tables_past_float32_reach_naming_the_limit():
+    # The brief's case: a 131072-position table had inf and 0 in its float32 scales and NaN scores.
+    with pytest.raises(ValueError, match=r"max_seq_len: got 131072, expected at most 36261 for scale_base = 512.*"
+                                         r"scale_base of at least 1851"):
+        XPos(128, max_seq_len=131072)
+    # A larger gamma reaches further, as the message says.
+    assert torch.isfinite(XPos(8, max_seq_len=131072, scale_base=1851).scale_cached).all()
+
+
+def test_xpos_factors_within_2_pow_64_up_to_the_limit_and_scores_exact():
+    # "The module refuses a table whose factors leave [2^-64, 2^64]" and "up to 36 261 for gamma = 512".
+    assert rope._xpos_reach(512, rope.XPOS_TABLE_LIMIT) == 36261
+    assert rope._xpos_reach(512, rope.XPOS_FLOAT16_LIMIT) == 4533
+    with pytest.raises(ValueError, match="max_seq_len: got 36262"):
+        XPos(8, max_seq_len=36262)
+    module = XPos(8, max_seq_len=36261)
+    scale = module.scale_cached.double()
+    assert scale.max() <= 2.0 ** 64 and scale.min() >= 2.0 ** -64 and (scale > 0).all()
+    # At the two ends of the table, the float32 and bfloat16 scores equal the float64 ones.
+    q, k = randn(1, 2, 2, 8, seed=70), randn(1, 2, 2, 8, seed=71)
+    pos = torch.tensor([0, 36260])
+    want = [t.double() for t in module(q.double(), k.double(), input_pos=pos)]
+    want_scores = torch.einsum("bihd,bjhd->bhij", *want)
+    for dtype, rtol in ((torch.float32, 1e-5), (torch.bfloat16, 2 ** -6)):
+        q_rot, k_rot = module(q.to(dtype), k.to(dtype), input_pos=pos)
+        assert torch.isfinite(q_rot).all() and torch.isfinite(k_rot).all()
+        scores = torch.einsum("bihd,bjhd->bhij", q_rot.double(), k_rot.double())
+        exact = torch.einsum("bihd,bjhd->bhij", *module(q.to(dtype).double(), k.to(dtype).double(), input_pos=pos))
+        torch.testing.assert_close(scores, exact, rtol=rtol * 4, atol=0)
+    assert want_scores.isfinite().all()
+
+
+def test_xpos_float16_refused_past_its_reach_and_exact_within_it():
+    q16, k16 = randn(1, 4, 2, 8, seed=72, dtype=torch.float16), randn(1, 4, 2, 8, seed=73, dtype=torch.float16)
+    with pytest.raises(TypeError, match=r"q: got 'dtype torch.float16', expected bfloat16, float32 or float64 for "
+                                        r"max_seq_len = 8192.*up to max_seq_len = 4533"):
+        XPos(8, max_seq_len=8192)(q16, k16)
+    module = XPos(8, max_seq_len=4533)
+    pos = torch.tensor([0, 1, 4531, 4532])
+    q_rot, k_rot = module(q16, k16, input_pos=pos)
+    assert torch.isfinite(q_rot).all() and torch.isfinite(k_rot).all()
+    want_q, want_k = module(q16.double(), k16.double(), input_pos=pos)
+    torch.testing.assert_close(q_rot.double(), want_q, rtol=2 ** -10, atol=1e-6)
+    torch.testing.assert_close(k_rot.double(), want_k, rtol=2 ** -10, atol=1e-6)
+
+
+# ## Inputs on other devices and in other dtypes
+
+
+def test_x_on_another_device_is_an_error_naming_x():
+    module = RotaryPositionalEmbeddings(8)
+    with pytest.raises(ValueError, match=r"x: got 'device meta', expected the module's device cpu"):
+        module(torch.empty(1, 2, 1, 8, device="meta"))
+    with pytest.raises(ValueError, match=r"q: got 'device meta', expected the module's device cpu"):
+        XPos(8)(torch.empty(1, 2, 1, 8, device="meta"), torch.empty(1, 2, 1, 8, device="meta"))
+    with pytest.raises(ValueError, match=r"k: got 'device meta', expected the device of q, cpu"):
+        XPos(8)(randn(1, 2, 1, 8), torch.empty(1, 2, 1, 8, device="meta"))
+
+
+def test_input_pos_is_taken_on_the_cpu_or_x_device_only():
+    # Positions are indices: on the CPU or x's device (moved to x's device), nowhere else.
+    with pytest.raises(ValueError, match=r"input_pos: got 'device meta', expected the CPU or x's device, cpu"):
+        RotaryPositionalEmbeddings(8)(randn(1, 2, 1, 8), input_pos=torch.zeros(2, dtype=torch.long, device="meta"))
+
+
+@pytest.mark.cuda
+def test_input_pos_on_the_cpu_is_moved_to_x_device():
+    module = RotaryPositionalEmbeddings(8, max_seq_len=64).cuda()
+    x = randn(2, 5, 2, 8, seed=74).cuda()
+    pos = torch.tensor([3, 9, 1, 63, 0])
+    assert torch.equal(module(x, input_pos=pos), module(x, input_pos=pos.cuda()))
+
+
+def test_dtypes_convention_compute_in_float32_or_wider_return_x_dtype():
+    # Module: float16, bfloat16, float32 inputs use the float32 tables; the result is rounded once.
+    module = RotaryPositionalEmbeddings(8, max_seq_len=64)
+    x = randn(2, 5, 2, 8, seed=75)
+    for dtype in (torch.float16, torch.bfloat16):
+        assert torch.equal(module(x.to(dtype)), module(x.to(dtype).float()).to(dtype))
+    # apply_rotary: computed in the wider of x's and the tables' dtypes, returned in x's.
+    cos, sin = rotary_tables(torch.arange(5), 8, dtype=torch.float64)
+    cos, sin = cos[None, :, None], sin[None, :, None]
+    y = apply_rotary(x, cos, sin)
+    assert y.dtype == torch.float32
+    assert torch.equal(y, apply_rotary(x.double(), cos, sin).float())
+    # The tables must agree with each other, and live on x's device.
+    with pytest.raises(TypeError, match=r"sin: got 'dtype torch.float32', expected the dtype of cos, torch.float64"):
+        apply_rotary(x, cos, sin.float())
+    with pytest.raises(ValueError, match=r"cos: got 'device meta', expected x's device, cpu"):
+        apply_rotary(x, cos.to("meta"), sin.to("meta"))
+    # xPos: k in q's dtype.
+    with pytest.raises(TypeError, match=r"k: got 'dtype torch.float64', expected the dtype of q, torch.float32"):
+        XPos(8)(x, x.double())
+
+
+# ## Properties over shapes, dtypes and positions (hypothesis), against float64 references
+
+
+def complex_reference(x: torch.Tensor, positions: torch.Tensor, dim: int, base: float = 10_000,
+                      interleaved: bool = False, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """RoPE in complex numbers, in float64: pair i of the token at position m is z_i e^{i m theta_i}.
+
+    `x` `[..., s, n_h, h_d]`, `positions` `[s]` or `[b, s]`; `scale` (xPos) `positions.shape + (dim / 2,)`."""
+    x = x.double()
+    i = torch.arange(dim // 2, dtype=torch.float64)
+    theta = torch.tensor([base ** (-2 * k / dim) for k in i.tolist()], dtype=torch.float64)
+    rot = torch.exp(1j * positions.double()[..., None] * theta)
+    if scale is not None:
+        rot = rot * scale
+    rot = rot.unsqueeze(-2)  # a head axis
+    if interleaved:
+        z = torch.complex(x[..., 0:dim:2], x[..., 1:dim:2]) * rot
+        y = torch.stack((z.real, z.imag), dim=-1).flatten(-2)
+    else:
+        z = torch.complex(x[..., :dim // 2], x[..., dim // 2:dim]) * rot
+        y = torch.cat((z.real, z.imag), dim=-1)
+    return torch.cat((y, x[..., dim:]), dim=-1)
+
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+
+
+def tol(dtype, scale=1.0):
+    """One rounding to `dtype` (and float32 tables), relative to the largest magnitude."""
+    eps = {torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7, torch.float32: 2 ** -21, torch.float64: 1e-12}[dtype]
+    return dict(rtol=0, atol=eps * scale)
+
+
+shapes = st.tuples(st.integers(1, 3), st.integers(1, 6), st.integers(1, 3), st.integers(1, 6), st.integers(0, 3))
+
+
+@settings(max_examples=40, deadline=None, database=None, derandomize=True)
+@given(shape=shapes, dtype=st.sampled_from(DTYPES), interleaved=st.booleans(), per_sample=st.booleans(),
+       max_pos=st.integers(1, 5000), seed=st.integers(0, 2 ** 16))
+def test_property_module_and_apply_rotary_equal_complex_reference(shape, dtype, interleaved, per_sample, max_pos, seed):
+    batch, seq_len, n_heads, half, extra = shape
+    dim, head_dim = 2 * half, 2 * half + extra
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, seq_len, n_heads, head_dim, generator=g, dtype=torch.float64).to(dtype)
+    pos = torch.randint(0, max_pos, (batch, seq_len) if per_sample else (seq_len,), generator=g)
+    want = complex_reference(x, pos, dim, interleaved=interleaved)
+    scale = x.double().abs().max().item() + 1e-3
+    module = RotaryPositionalEmbeddings(dim, max_seq_len=max_pos, interleaved=interleaved)
+    y = module(x, input_pos=pos)
+    assert y.dtype == dtype and y.shape == x.shape
+    torch.testing.assert_close(y.double(), want, **tol(dtype, scale))
+    # The readable rotation on float32 tables, and rope_reference (float32 angles: up to
+    # max_pos * 2^-24 radians off, float64 angles for float64 input).
+    cos, sin = rotary_tables(pos if per_sample else pos[None], dim, dtype=torch.promote_types(dtype, torch.float32))
+    torch.testing.assert_close(apply_rotary(x, cos[:, :, None], sin[:, :, None], interleaved=interleaved).double(),
+                               want, **tol(dtype, scale))
+    angle_err = 0 if dtype == torch.float64 else max_pos * 2 ** -23
+    torch.testing.assert_close(rope_reference(x, dim=dim, input_pos=pos, interleaved=interleaved).double(), want,
+                               rtol=0, atol=tol(dtype, scale)["atol"] + 2 * angle_err * scale)
+
+
+@settings(max_examples=30, deadline=None, database=None, derandomize=True)
+@given(shape=shapes, dtype=st.sampled_from([torch.bfloat16, torch.float32, torch.float64]), interleaved=st.booleans(),
+       max_pos=st.integers(1, 4096), gamma=st.sampled_from([64, 512, 2048]), seed=st.integers(0, 2 ** 16))
+def test_property_xpos_equals_complex_reference(shape, dtype, interleaved, max_pos, gamma, seed):
+    batch, seq_len, n_heads, half, extra = shape
+    dim, head_dim = 2 * half, 2 * half + extra
+    max_pos = min(max_pos, rope._xpos_reach(gamma, rope.XPOS_TABLE_LIMIT))
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, seq_len, n_heads, head_dim, generator=g, dtype=torch.float64).to(dtype)
+    k = torch.randn(batch, seq_len, n_heads, head_dim, generator=g, dtype=torch.float64).to(dtype)
+    pos = torch.randint(0, max_pos, (seq_len,), generator=g)
+    zeta = (torch.arange(0, dim, 2, dtype=torch.float64) / dim + 0.4) / 1.4
+    s = zeta ** ((pos.double()[:, None] - max_pos // 2) / gamma)
+    want_q = complex_reference(q, pos, dim, interleaved=interleaved, scale=s)
+    want_k = complex_reference(k, pos, dim, interleaved=interleaved, scale=1 / s)
+    q_rot, k_rot = XPos(dim, max_seq_len=max_pos, scale_base=gamma, interleaved=interleaved)(q, k, input_pos=pos)
+    for got, want in ((q_rot, want_q), (k_rot, want_k)):
+        # Relative to each element's own scale factor.
+        torch.testing.assert_close(got.double(), want, rtol=tol(dtype)["atol"] * 4, atol=tol(dtype)["atol"] * 4)
+
+
+@settings(max_examples=40, deadline=None, database=None, derandomize=True)
+@given(half=st.integers(1, 64), base=st.sampled_from([10.0, 500.0, 10_000, 1e6]),
+       positions=st.lists(st.integers(0, 10 ** 6), min_size=1, max_size=8))
+def test_property_angles_and_tables_equal_formula(half, base, positions):
+    dim = 2 * half
+    pos = torch.tensor(positions)
+    angles = rotary_angles(pos, dim, base)
+    want = torch.tensor([[m * base ** (-2 * i / dim) for i in range(half)] for m in positions], dtype=torch.float64)
+    torch.testing.assert_close(angles, want, rtol=1e-14, atol=0)
+    cos, sin = rotary_tables(pos, dim, base)
+    assert cos.dtype == sin.dtype == torch.float32
+    torch.testing.assert_close(cos.double(), want.cos(), rtol=0, atol=2 ** -24)
+    torch.testing.assert_close(sin.double(), want.sin(), rtol=0, atol=2 ** -24)
+
+
+@settings(max_examples=30, deadline=None, database=None, derandomize=True)
+@given(half=st.integers(1, 16), extra=st.integers(0, 4), n_heads=st.integers(1, 4), bias=st.booleans())
+def test_property_layout_permutation_and_conversion_round_trip(half, extra, n_heads, bias):
+    dim, head_dim = 2 * half, 2 * half + extra
+    perm = interleaved_to_half_permutation(dim, head_dim)
+    assert sorted(perm.tolist()) == list(range(head_dim))
+    w = randn(n_heads * head_dim, *(() if bias else (5,)), seed=half + 10 * extra)
+    there = convert_interleaved_to_half(w, n_heads, dim)
+    assert torch.equal(convert_half_to_interleaved(there, n_heads, dim), w)
+    assert torch.equal(there.view(n_heads, head_dim, -1)[:, :, 0], w.view(n_heads, head_dim, -1)[:, perm, 0])
+
+
+@pytest.mark.kernel
+@settings(max_examples=12, deadline=None, database=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])  # `kernel_device` is a constant
+@given(shape=shapes, dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32]), interleaved=st.booleans(),
+       per_sample=st.booleans(), seed=st.integers(0, 2 ** 16))
+def test_property_triton_kernel_equals_readable(kernel_device, shape, dtype, interleaved, per_sample, seed):
+    batch, seq_len, n_heads, half, extra = shape
+    dim, head_dim = 2 * half, 2 * half + extra
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, seq_len, n_heads, head_dim, generator=g).to(device=kernel_device, dtype=dtype)
+    pos = torch.randint(0, 1000, (batch if per_sample else 1, seq_len), generator=g)
+    cos, sin = (t[:, :, None].to(kernel_device) for t in rotary_tables(pos, dim))
+    y = rope.apply_rotary_triton(x, cos, sin, interleaved=interleaved)
+    torch.testing.assert_close(y, apply_rotary(x, cos, sin, interleaved=interleaved), **KERNEL_TOL[dtype])
+
+
+# ## Longer contexts: scaled frequencies, against transformers
+
+SCALINGS = {
+    "linear": (10_000, dict(rope_type="linear", factor=4.0)),
+    "dynamic": (10_000, dict(rope_type="dynamic", factor=4.0, original_max_position_embeddings=256)),
+    "yarn": (10_000, dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=256)),
+    "yarn-betas": (10_000, dict(rope_type="yarn", factor=8.0, original_max_position_embeddings=512, beta_fast=16,
+                                beta_slow=2, truncate=False)),
+    "yarn-attention": (10_000, dict(rope_type="yarn", factor=2.0, original_max_position_embeddings=256,
+                                    attention_factor=1.3)),
+    "llama3": (500_000, dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                             original_max_position_embeddings=256)),
+}
+
+
+def hf_config(dim, base, scaling, max_positions):
+    transformers = pytest.importorskip("transformers")
+    original = scaling.get("original_max_position_embeddings", max_positions)
+    # transformers' dynamic scaling reads the trained length from max_position_embeddings.
+    max_position_embeddings = original if scaling["rope_type"] == "dynamic" else max(max_positions, 2 * original)
+    return transformers.LlamaConfig(hidden_size=2 * dim, num_attention_heads=2, head_dim=dim,
+                                    max_position_embeddings=max_position_embeddings,
+                                    rope_parameters={**scaling, "rope_theta": float(base)})
+
+
+@pytest.mark.parametrize("name", list(SCALINGS))
+@pytest.mark.parametrize("dim", [16, 64])
+def test_rope_frequencies_equal_transformers_rope_init_functions(name, dim):
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    base, scaling = SCALINGS[name]
+    for seq_len in (100, 1000, 4096):
+        config = hf_config(dim, base, scaling, 4096)
+        want, want_factor = ROPE_INIT_FUNCTIONS[scaling["rope_type"]](config, "cpu", seq_len=seq_len)
+        inv_freq, factor = rope_frequencies(dim, base, scaling, seq_len=seq_len)
+        assert inv_freq.dtype == torch.float64 and inv_freq.shape == (dim // 2,)
+        # transformers computes in float32.
+        torch.testing.assert_close(inv_freq, want.double(), rtol=2e-6, atol=0)
+        assert math.isclose(factor, want_factor, rel_tol=1e-12)
+
+
+@pytest.mark.parametrize("name", [n for n in SCALINGS if n != "dynamic"] + ["dynamic"])
+def test_scaled_module_equals_transformers_llama_rotary_embedding(name):
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+    base, scaling = SCALINGS[name]
+    dim, max_seq_len = 32, 1024
+    hf = LlamaRotaryEmbedding(config=hf_config(dim, base, scaling, max_seq_len))
+    q, k = randn(2, 40, 2, dim, seed=90), randn(2, 40, 2, dim, seed=91)
+    # The last position is max_seq_len - 1, so transformers' dynamic scaling picks seq_len = max_seq_len.
+    pos = torch.stack((torch.arange(40), torch.arange(max_seq_len - 40, max_seq_len)))
+    cos, sin = hf(q, pos)
+    q_hf, k_hf = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
+    module = RotaryPositionalEmbeddings(dim, max_seq_len=max_seq_len, base=base, scaling=scaling)
+    # transformers' angles are float32 (errors up to ~1000 * 2^-24 radians), ours float64.
+    torch.testing.assert_close(module(q, input_pos=pos), q_hf, rtol=0, atol=5e-4)
+    torch.testing.assert_close(module(k, input_pos=pos), k_hf, rtol=0, atol=5e-4)
+    # The float64 path applies the same scaling.
+    torch.testing.assert_close(module(q.double(), input_pos=pos).float(), module(q, input_pos=pos), rtol=0, atol=1e-5)
+
+
+def test_claim_position_interpolation_is_positions_divided_by_factor():
+    x = randn(1, 6, 2, 16, seed=92, dtype=torch.float64)
+    pos = torch.tensor([0, 1, 5, 100, 999, 4095])
+    y = RotaryPositionalEmbeddings(16, scaling=dict(rope_type="linear", factor=4.0))(x, input_pos=pos)
+    torch.testing.assert_close(y, complex_reference(x, pos / 4.0, 16), rtol=0, atol=1e-12)
+
+
+def test_claim_ntk_keeps_the_fastest_frequency_and_divides_the_slowest_by_kappa():
+    theta, _ = rope_frequencies(64)
+    for seq_len, kappa in ((100, 1.0), (512, 1.0), (1024, 4 * 1024 / 512 - 3)):
+        scaled, factor = rope_frequencies(64, scaling=dict(rope_type="dynamic", factor=4.0,
+                                                             original_max_position_embeddings=512), seq_len=seq_len)
+        assert factor == 1.0 and scaled[0] == theta[0] == 1
+        torch.testing.assert_close(scaled[-1], theta[-1] / kappa, rtol=1e-12, atol=0)
+
+
+def test_claim_yarn_keeps_fast_pairs_interpolates_slow_ones_and_sets_attention_factor():
+    L, s = 4096, 16.0
+    theta, _ = rope_frequencies(128)
+    scaled, factor = rope_frequencies(128, scaling=dict(rope_type="yarn", factor=s, original_max_position_embeddings=L))
+    turns = L * theta / (2 * math.pi)
+    assert torch.equal(scaled[turns > 32 + 1], theta[turns > 32 + 1])  # a pair past the ramp's rounding
+    torch.testing.assert_close(scaled[turns < 1 / 2], theta[turns < 1 / 2] / s, rtol=1e-12, atol=0)
+    between = (scaled < theta) & (scaled > theta / s)
+    assert between.any()
+    assert math.isclose(factor, 0.1 * math.log(s) + 1)
+    # The factor multiplies the tables, so each score by its square.
+    module = RotaryPositionalEmbeddings(128, max_seq_len=64, scaling=dict(rope_type="yarn", factor=s,
+                                                                          original_max_position_embeddings=L))
+    torch.testing.assert_close(module.cos_cached[0].double(), torch.full((64,), factor, dtype=torch.float64),
+                               rtol=1e-7, atol=0)
+
+
+def test_claim_llama3_keeps_short_wavelengths_divides_long_ones_blends_between():
+    L, s = 8192, 8.0
+    theta, _ = rope_frequencies(128, 500_000)
+    scaled, _ = rope_frequencies(128, 500_000, scaling=dict(rope_type="llama3", factor=s, low_freq_factor=1.0,
+                                                             high_freq_factor=4.0, original_max_position_embeddings=L))
+    wavelength = 2 * math.pi / theta
+    short, long = wavelength < L / 4, wavelength > L / 1
+    assert torch.equal(scaled[short], theta[short])
+    torch.testing.assert_close(scaled[long], theta[long] / s, rtol=1e-12, atol=0)
+    middle = ~short & ~long
+    assert middle.any() and ((scaled[middle] <= theta[middle]) & (scaled[middle] >= theta[middle] / s)).all()
+
+
+def test_default_frequencies_are_the_paper_s_and_tables_unchanged():
+    theta, factor = rope_frequencies(8)
+    assert factor == 1.0 and torch.equal(theta, rotary_angles(torch.tensor(1), 8))
+    module = RotaryPositionalEmbeddings(8, max_seq_len=16)
+    cos, sin = rotary_tables(torch.arange(16), 8)
+    assert torch.equal(module.cos_cached, cos) and torch.equal(module.sin_cached, sin)
+
+
+# ## Errors: every public function names the argument, the value and what it expected
+
+X = randn(1, 4, 2, 8)
+T4 = torch.ones(1, 4, 1, 4)
+BAD_INPUTS = [
+    ("rotary_angles positions", lambda: rotary_angles([0, 1], 8), TypeError, r"positions: got 'list', expected a torch.Tensor"),
+    ("rotary_angles bool", lambda: rotary_angles(torch.tensor([True]), 8), TypeError, r"positions: got 'dtype torch.bool', expected an integer or floating"),
+    ("rotary_angles dim", lambda: rotary_angles(torch.arange(3), 5), ValueError, r"dim: got 5, expected an even number"),
+    ("rotary_angles base", lambda: rotary_angles(torch.arange(3), 8, 1), ValueError, r"base: got 1, expected a finite number > 1"),
+    ("rotary_angles dtype", lambda: rotary_angles(torch.arange(3), 8, dtype=torch.int32), TypeError, r"dtype: got torch.int32, expected a floating-point torch.dtype"),
+    ("rotary_tables dtype", lambda: rotary_tables(torch.arange(3), 8, dtype=torch.long), TypeError, r"dtype: got torch.int64, expected a floating-point"),
+    ("rotary_tables dim", lambda: rotary_tables(torch.arange(3), 0), ValueError, r"dim: got 0, expected an int >= 2"),
+    ("apply_rotary x", lambda: apply_rotary(X.long(), T4, T4), TypeError, r"x: got 'dtype torch.int64', expected a floating-point tensor"),
+    ("apply_rotary cos type", lambda: apply_rotary(X, 1.0, T4), TypeError, r"cos: got 'float', expected a torch.Tensor"),
+    ("apply_rotary sin shape", lambda: apply_rotary(X, T4, T4[:, :3]), ValueError, r"sin: got 'shape \(1, 3, 1, 4\)', expected the shape of cos"),
+    ("apply_rotary too many pairs", lambda: apply_rotary(X, torch.ones(1, 4, 1, 5), torch.ones(1, 4, 1, 5)), ValueError, r"cos: got 'shape \(1, 4, 1, 5\)', expected a last dimension dim / 2 between 1 and head_dim / 2 = 4"),
+    ("apply_rotary broadcast", lambda: apply_rotary(X, torch.ones(1, 3, 1, 4), torch.ones(1, 3, 1, 4)), ValueError, r"cos: got 'shape \(1, 3, 1, 4\)', expected a shape that broadcasts to x's \(1, 4, 2, 4\)"),
+    ("apply_rotary grows x", lambda: apply_rotary(X, torch.ones(3, 4, 1, 4), torch.ones(3, 4, 1, 4)), ValueError, r"cos: got 'shape \(3, 4, 1, 4\)', expected a shape that broadcasts"),
+    ("apply_rotary_compiled x", lambda: rope.apply_rotary_compiled(X.long(), T4, T4), TypeError, r"x: got 'dtype torch.int64', expected a floating-point"),
+    ("apply_rotary_fast x", lambda: rope.apply_rotary_fast("x", T4, T4), TypeError, r"x: got 'str', expected a torch.Tensor"),
+    ("apply_rotary_triton x", lambda: rope.apply_rotary_triton(X[0], T4, T4), ValueError, r"x: got 'shape \(4, 2, 8\)', expected \[batch, seq_len, n_heads, head_dim\]"),
+    ("module dim", lambda: RotaryPositionalEmbeddings(7), ValueError, r"dim: got 7, expected an even number"),
+    ("module dim type", lambda: RotaryPositionalEmbeddings(8.0), TypeError, r"dim: got 8.0, expected an int"),
+    ("module max_seq_len", lambda: RotaryPositionalEmbeddings(8, max_seq_len=0), ValueError, r"max_seq_len: got 0, expected an int >= 1"),
+    ("module base", lambda: RotaryPositionalEmbeddings(8, base=1), ValueError, r"base: got 1, expected a finite number > 1"),
+    ("module base inf", lambda: RotaryPositionalEmbeddings(8, base=float("inf")), ValueError, r"base: got inf, expected a finite number > 1"),
+    ("module interleaved", lambda: RotaryPositionalEmbeddings(8, interleaved=1), TypeError, r"interleaved: got 1, expected a bool"),
+    ("module fast", lambda: RotaryPositionalEmbeddings(8, fast="yes"), TypeError, r"fast: got 'yes', expected None \(follow annotated_src.fastpath\), True or False"),
+    ("module fast int", lambda: RotaryPositionalEmbeddings(8, fast=1), TypeError, r"fast: got 1, expected None"),
+    ("module x head_dim", lambda: RotaryPositionalEmbeddings(10)(X), ValueError, r"x: got 'shape \(1, 4, 2, 8\)', expected head_dim \(the last dimension\) >= dim = 10"),
+    ("module x ndim", lambda: RotaryPositionalEmbeddings(8)(X[0]), ValueError, r"x: got 'shape \(4, 2, 8\)', expected 4 dimensions \[batch, seq_len, n_heads, head_dim\]"),
+    ("module x dtype", lambda: RotaryPositionalEmbeddings(8)(X.long()), TypeError, r"x: got 'dtype torch.int64', expected a floating-point tensor"),
+    ("module position high", lambda: RotaryPositionalEmbeddings(8, max_seq_len=16)(X, input_pos=torch.tensor([0, 1, 2, 16])), ValueError, r"input_pos: got position 16, expected positions < max_seq_len = 16"),
+    ("module position negative", lambda: RotaryPositionalEmbeddings(8)(X, input_pos=torch.tensor([0, 1, 2, -1])), ValueError, r"input_pos: got position -1, expected positions >= 0"),
+    ("module seq_len", lambda: RotaryPositionalEmbeddings(8, max_seq_len=3)(X), ValueError, r"x: got seq_len 4, expected seq_len <= max_seq_len = 3"),
+    ("module input_pos dtype", lambda: RotaryPositionalEmbeddings(8)(X, input_pos=torch.arange(4.0)), TypeError, r"input_pos: got 'dtype torch.float32', expected an integer tensor"),
+    ("module input_pos length", lambda: RotaryPositionalEmbeddings(8)(X, input_pos=torch.arange(5)), ValueError, r"input_pos: got 'shape \(5,\)', expected \[4\] or \[1, 4\]"),
+    ("module input_pos batch", lambda: RotaryPositionalEmbeddings(8)(X, input_pos=torch.zeros(2, 4, dtype=torch.long)), ValueError, r"input_pos: got 'shape \(2, 4\)'"),
+    ("module input_pos ndim", lambda: RotaryPositionalEmbeddings(8)(X, input_pos=torch.zeros(1, 1, 4, dtype=torch.long)), ValueError, r"input_pos: got 'shape \(1, 1, 4\)', expected \[seq_len\] or \[batch, seq_len\]"),
+    ("xpos dim", lambda: XPos(3), ValueError, r"dim: got 3, expected an even number"),
+    ("xpos scale_base", lambda: XPos(8, scale_base=0), ValueError, r"scale_base: got 0, expected a finite number > 0"),
+    ("xpos max_seq_len", lambda: XPos(8, max_seq_len=40_000), ValueError, r"max_seq_len: got 40000, expected at most 36261 for scale_base = 512"),
+    ("xpos position", lambda: XPos(8, max_seq_len=99)(X, X, input_pos=torch.tensor([0, 1, 2, 99])), ValueError, r"input_pos: got position 99, expected positions < max_seq_len = 99"),
+    ("xpos k shape", lambda: XPos(8)(X, X[:, :3]), ValueError, r"k: got 'shape \(1, 3, 2, 8\)', expected the shape of q"),
+    ("xpos k type", lambda: XPos(8)(X, None), TypeError, r"k: got 'NoneType', expected a torch.Tensor"),
+    ("rope_reference dim", lambda: rope_reference(X, dim=7), ValueError, r"dim: got 7, expected an even number"),
+    ("rope_reference head_dim", lambda: rope_reference(X, dim=10), ValueError, r"x: got 'shape \(1, 4, 2, 8\)', expected head_dim \(the last dimension\) >= dim = 10"),
+    ("rope_reference base", lambda: rope_reference(X, base=0.5), ValueError, r"base: got 0.5, expected a finite number > 1"),
+    ("rope_reference input_pos", lambda: rope_reference(X, input_pos=torch.arange(3)), ValueError, r"input_pos: got 'shape \(3,\)', expected \[4\] or \[1, 4\]"),
+    ("rope_reference interleaved", lambda: rope_reference(X, interleaved="yes"), TypeError, r"interleaved: got 'yes', expected a bool"),
+    ("permutation dim", lambda: interleaved_to_half_permutation(5), ValueError, r"dim: got 5, expected an even number"),
+    ("permutation head_dim", lambda: interleaved_to_half_permutation(8, 6), ValueError, r"head_dim: got 6, expected an int >= 8"),
+    ("convert weight rows", lambda: convert_interleaved_to_half(torch.zeros(10, 4), n_heads=3), ValueError, r"weight: got 'shape \(10, 4\)', expected a number of rows divisible by n_heads = 3"),
+    ("convert weight ndim", lambda: convert_interleaved_to_half(torch.zeros(2, 8, 4), n_heads=2), ValueError, r"weight: got 'shape \(2, 8, 4\)', expected \[n_heads \* head_dim, d_model\]"),
+    ("convert n_heads", lambda: convert_half_to_interleaved(torch.zeros(8, 4), n_heads=0), ValueError, r"n_heads: got 0, expected an int >= 1"),
+    ("convert dim", lambda: convert_half_to_interleaved(torch.zeros(8, 4), n_heads=2, dim=6), ValueError, r"dim: got 6, expected at most head_dim = 4"),
+    ("rope_frequencies dim", lambda: rope_frequencies(3), ValueError, r"dim: got 3, expected an even number"),
+    ("rope_frequencies scaling type", lambda: rope_frequencies(8, scaling=4.0), TypeError, r"scaling: got 'float', expected None or a dict"),
+    ("rope_frequencies rope_type", lambda: rope_frequencies(8, scaling=dict(rope_type="ntk", factor=2.0)), ValueError, r"scaling\['rope_type'\]: got 'ntk', expected one of 'linear', 'dynamic', 'yarn', 'llama3'"),
+    ("rope_frequencies missing", lambda: rope_frequencies(8, scaling=dict(rope_type="yarn", factor=2.0)), ValueError, r"scaling: got .*expected the keys .*missing \['original_max_position_embeddings'\]"),
+    ("rope_frequencies unknown", lambda: rope_frequencies(8, scaling=dict(rope_type="linear", factor=2.0, beta=1)), ValueError, r"scaling: got .*unknown: \['beta'\]"),
+    ("rope_frequencies factor", lambda: rope_frequencies(8, scaling=dict(rope_type="linear", factor=0.5)), ValueError, r"scaling\['factor'\]: got 0.5, expected a number >= 1"),
+    ("rope_frequencies value", lambda: rope_frequencies(8, scaling=dict(rope_type="linear", factor="2")), ValueError, r"scaling\['factor'\]: got '2', expected a finite number > 0"),
+    ("rope_frequencies llama3", lambda: rope_frequencies(8, scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=4.0, high_freq_factor=1.0, original_max_position_embeddings=64)), ValueError, r"scaling\['high_freq_factor'\]: got 1.0, expected more than low_freq_factor = 4.0"),
+    ("rope_frequencies seq_len", lambda: rope_frequencies(8, scaling=dict(rope_type="dynamic", factor=2.0, original_max_position_embeddings=64)), ValueError, r"seq_len: got None, expected the context length"),
+    ("rope_frequencies dynamic dim", lambda: rope_frequencies(2, scaling=dict(rope_type="dynamic", factor=2.0, original_max_position_embeddings=64), seq_len=8), ValueError, r"dim: got 2, expected at least 4"),
+    ("rope_frequencies rope_theta", lambda: rope_frequencies(8, 10_000, scaling=dict(rope_type="linear", factor=2.0, rope_theta=500_000.0)), ValueError, r"scaling\['rope_theta'\]: got 500000.0, expected base = 10000"),
+    ("module scaling", lambda: RotaryPositionalEmbeddings(8, scaling=dict(rope_type="yarn", factor=2.0)), ValueError, r"scaling: got .*missing"),
+    ("convert dim odd", lambda: convert_interleaved_to_half(torch.zeros(8, 4), n_heads=1, dim=3), ValueError, r"dim: got 3, expected an even number"),
+]
+
+
+@pytest.mark.parametrize("call,exc,message", [c[1:] for c in BAD_INPUTS], ids=[c[0] for c in BAD_INPUTS])
+def test_bad_inputs_name_argument_value_and_expectation(call, exc, message):
+    with pytest.raises(exc, match=message):
+        call()

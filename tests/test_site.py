@@ -176,6 +176,22 @@ def test_operator_names_and_functions_are_set_as_names():
     assert '<mi>cos</mi><mspace width="0.1667em"></mspace>' in out
 
 
+@pytest.mark.parametrize("latex, wanted, unwanted", [
+    # `\bmod` is a binary operator with TeX's medium spaces, not a name glued to its neighbours.
+    (r"j \bmod r", '<mo lspace="0.2222em" rspace="0.2222em">mod</mo>', "<mi>mod</mi>"),
+    # `/` is an ordinary symbol: no operator spacing around it.
+    (r"a/b", '<mi>a</mi><mo lspace="0em" rspace="0em">/</mo><mi>b</mi>', "<mo>/</mo>"),
+    (r"10000^{-2i/d}", '<mo lspace="0em" rspace="0em">/</mo>', "<mo>/</mo>"),
+    # A prime follows its letter (its glyph is already raised): never a superscript of it.
+    (r"k'", '<mi>k</mi><mo lspace="0em" rspace="0em">′</mo>', "<msup>"),
+    (r"x_i^\prime", '<msub><mi>x</mi><mi>i</mi></msub><mo lspace="0em" rspace="0em">′</mo>', "<msubsup>"),
+    (r"f''(x)", '<mi>f</mi><mo lspace="0em" rspace="0em">″</mo>', "<msup>"),
+])
+def test_math_spacing_follows_tex(latex, wanted, unwanted):
+    out = latex_to_mathml(latex, display=False, path="p", line=1)
+    assert wanted in out and unwanted not in out.split("<annotation")[0], out
+
+
 def test_prose_links_to_sources_and_notebooks_go_to_their_pages():
     r = Renderer(link_map={"annotated_src/tiny.py": "tiny.html", "01_tiny.ipynb": "01_tiny.html"})
     html = r.render("[a](../annotated_src/tiny.py#L3) [b](01_tiny.ipynb) [c](https://example.org/x.py) [d](#here)",
@@ -257,6 +273,101 @@ def test_notebook_page_links_imported_names_to_their_definitions(built):
     assert 'href="01_tiny.html"' in module_page and 'href="tiny.html"' in page
 
 
+def test_function_local_and_aliased_module_imports_resolve():
+    mods = {name: parse_module((FIXTURE / "annotated_src" / f"{name}.py").read_text(),
+                               path=f"annotated_src/{name}.py", name=name)
+            for name in ("tiny", "tiny_fast", "_tiny_kernels", "helpers")}
+    # `from annotated_src import _tiny_kernels as kern`, inside a function.
+    assert resolve_definition(mods, "tiny_fast", "kern") == ("_tiny_kernels.html", "")
+    assert resolve_definition(mods, "tiny", "tiny_fast") == ("tiny_fast.html", "")
+    assert ("", "_tiny_kernels") in mods["tiny_fast"].package_imports
+
+
+def test_fast_page_and_kernels_are_reachable_from_their_chapter_and_back(built):
+    lesson, fast, kernels = ((built / f"{n}.html").read_text() for n in ("tiny", "tiny_fast", "_tiny_kernels"))
+    assert 'href="tiny_fast.html" data-rel="fast"' in lesson
+    assert 'href="tiny_fast.html">how it is made fast</a>' in lesson  # the prose link to annotated_src/tiny_fast.py
+    assert 'href="tiny.html" data-rel="lesson"' in fast and 'href="_tiny_kernels.html" data-rel="uses"' in fast
+    assert '<a class="xref n" href="_tiny_kernels.html">kern</a>' in fast
+    assert 'href="tiny_fast.html" data-rel="used-by"' in kernels and 'href="tiny.html" data-rel="lesson"' in kernels
+    assert "How it is made fast</span>" in fast and "Chapter 1: Tiny attention</a>" in fast  # the breadcrumb
+    index = (built / "index.html").read_text()
+    chapter = index.split('<li class="chapter"')[1]
+    assert 'href="tiny_fast.html">How it is made fast</a>' in chapter and 'href="_tiny_kernels.html"' in chapter
+    others = index[index.index('id="others-h"'):]
+    assert "tiny_fast.html" not in others and "_tiny_kernels.html" not in others and "helpers.html" in others
+
+
+def test_every_line_of_a_module_has_an_anchor(built):
+    for name in ("tiny", "tiny_fast", "hostile"):
+        page = (built / f"{name}.html").read_text()
+        n_lines = len((FIXTURE / "annotated_src" / f"{name}.py").read_text().splitlines())
+        ids = set(re.findall(r'id="(L\d+)"', page))
+        assert ids == {f"L{n}" for n in range(1, n_lines + 1)}, name
+    page = (built / "tiny.html").read_text()
+    comment = line_of(TINY, "# Dividing by")
+    # A comment line's anchor sits just before the prose it became.
+    assert re.search(rf'id="L{comment}"></span>(<span class="line-anchor" id="L\d+"></span>)*<h2 id="the-scale', page)
+
+
+def test_every_page_links_to_its_source(tmp_path, built):
+    for name in ("tiny", "_tiny_kernels", "helpers", "bench"):
+        page = (built / f"{name}.html").read_text()
+        href = re.search(r'<a class="pill source" href="([^"]+)" data-rel="source"', page).group(1)
+        assert (built / href).read_bytes() == (FIXTURE / href.removeprefix("source/")).read_bytes()
+        assert 'data-rel="repository"' not in page  # no address configured
+    assert 'href="notebooks/01_tiny.ipynb" download data-rel="source"' in (built / "01_tiny.html").read_text()
+    # The repository's address, from pyproject.toml or given.
+    root = copy_fixture(tmp_path)
+    (root / "pyproject.toml").write_text('[project]\nname = "x"\n[project.urls]\nRepository = "https://git.example/x"\n')
+    build(root, tmp_path / "a")
+    assert 'href="https://git.example/x/blob/HEAD/annotated_src/tiny.py" data-rel="repository"' in \
+        (tmp_path / "a" / "tiny.html").read_text()
+    build(root, tmp_path / "b", repo_url="https://code.example/y/{path}?plain=1")
+    assert 'href="https://code.example/y/notebooks/01_tiny.ipynb?plain=1" data-rel="repository"' in \
+        (tmp_path / "b" / "01_tiny.html").read_text()
+
+
+def test_pages_have_contents_breadcrumbs_and_chapter_links_top_and_bottom(built):
+    page = (built / "tiny.html").read_text()
+    toc = page[page.index('<nav class="toc"'):page.index("</nav>", page.index('<nav class="toc"'))]
+    assert re.findall(r'href="#([^"]+)"', toc) == ["the-scale", "attention-2", "the-fast-path"]
+    assert "header-anchor" not in toc and "<math" in toc  # headings with their math, without the "#"
+    assert '<li><a href="index.html">All chapters</a></li>' in page
+    assert page.count('class="chapter-nav chapter-nav-top"') == 1 and page.count("chapter-nav-bottom") == 1
+    # A page without two headings lists its definitions.
+    kernels = (built / "_tiny_kernels.html").read_text()
+    assert 'href="#weighted_sum"' not in kernels or "<code>weighted_sum</code>" in kernels
+
+
+def test_search_index_has_one_entry_per_heading_and_the_definitions(built):
+    search = (built / "assets" / "search-index.js").read_text()
+    entries = json.loads(search[len("window.SEARCH_INDEX = "):].rstrip().rstrip(";"))
+    urls = [e["u"] for e in entries]
+    assert len(urls) == len(set(urls))
+    tiny = [e for e in entries if e["u"].startswith("tiny.html#")]
+    assert [e["h"] for e in tiny if e.get("k") != "d"] == ["Tiny attention", "The scale 1 / √ d", "Attention",
+                                                           "The fast path"]
+    defs = {e["h"]: e for e in tiny if e.get("k") == "d"}
+    assert defs["attention"]["u"] == "tiny.html#attention" and defs["attention"]["x"].startswith("Softmax-weighted")
+    assert "Tiny.__call__" in defs and "SCALE_NOTE" not in defs
+    # Loaded on first use, not by every page.
+    assert "search-index.js" not in (built / "tiny.html").read_text()
+
+
+def test_the_math_font_is_a_small_woff2(built):
+    fonts = list((built / "assets").glob("*.woff2"))
+    assert len(fonts) == 1 and fonts[0].stat().st_size < 200_000 and not list((built / "assets").glob("*.ttf"))
+    assert fonts[0].name in (built / "assets" / "style.css").read_text()
+
+
+def test_a_module_and_a_notebook_of_one_name_stop_the_build(tmp_path):
+    root = copy_fixture(tmp_path)
+    shutil.copy(root / "notebooks" / "01_tiny.ipynb", root / "notebooks" / "tiny.ipynb")
+    with pytest.raises(BuildError, match=r"^notebooks/tiny\.ipynb:1: a module and a notebook are both named"):
+        build(root, tmp_path / "out")
+
+
 # ---------------------------------------------------------------- the index and chapters
 
 
@@ -287,7 +398,9 @@ def test_index_lists_chapters_in_order_and_marks_missing_ones(built):
     assert index.index("Tiny attention") < index.index("missing chapter")
     assert 'href="tiny.html"' in index and 'href="01_tiny.html"' in index
     assert "02_missing</code>: not yet available" in index and 'href="02_missing.html"' not in index
-    assert "NVIDIA H100 80GB HBM3" in index and "2026-11-25" in index and "1.60× vs naive" in index
+    assert "NVIDIA H100 80GB HBM3" in index and "2026-11-25" in index and 'title="vs naive">1.60×' in index
+    record = (built / "results.html").read_text()
+    assert 'href="results.html"' in index and "1.60× vs naive" in record and "50% of copy" in record
 
 
 def test_missing_notebook_is_announced_not_linked(tmp_path):
@@ -349,7 +462,7 @@ class Elements(html.parser.HTMLParser):
             self.found[-1] = (tag, attrs, text + data)
 
 
-OWN_SCRIPTS = ("assets/search-index.js", "assets/site.js")
+OWN_SCRIPTS = ("assets/site.js",)
 # Where a reference to another host may appear: a link the reader follows, never a fetch.
 FOLLOWED = {("a", "href")}
 

@@ -1,12 +1,18 @@
 """The built site in a real browser: Debian's Chromium driven by Playwright.
 
 Two sites are built: the repository's, and the fixture's (which has a notebook with stored
-outputs). Both are served over HTTP on 127.0.0.1 under sub-paths, and every page is opened at a
-desktop width (1400 px) and a phone width (390 px). For every page: no console error, no failed
-request, no request leaving 127.0.0.1, math rendered (no raw LaTeX in the visible text), prose and
-code side by side on the desktop and stacked on the phone, the theme toggle and the search work.
-Then every local link is checked against the pages' files and ids, and a page is opened from
-`file://`. Screenshots go to `test-artifacts/site/`.
+outputs, a fast path with a kernel module, and hostile prose and outputs). Both are served over
+HTTP on 127.0.0.1 under sub-paths. Every page is opened at 1440x900 and 390x844 in the light theme,
+and a sample of pages in the dark theme at both sizes. For every page: no console error, no failed
+request, no request leaving 127.0.0.1, no script of the content run; math rendered (no raw LaTeX in
+the visible text), display equations inside their column on the desktop, no code block that needs
+a sideways scroll, list markers shown, tables inside their box, no page wider than the screen;
+prose and code side by side on the desktop and stacked on the phone; breadcrumb, contents,
+previous/next (top and bottom) and a source link; text legible in the dark theme; what a first
+visit loads. Then: every local link leads to a file and an id, every page is reachable from the
+index, search ranks definitions first, gives one hit per section and marks the words on the page
+it opens, the contents follow the reading, images open larger, line anchors scroll, math spacing,
+and a page opened from `file://`. Screenshots go to `test-artifacts/site/`.
 """
 
 from __future__ import annotations
@@ -54,15 +60,34 @@ PAGE_REPORT_JS = r"""
   }
   const maths = Array.from(document.querySelectorAll("math"));
   const rowLayout = Array.from(document.querySelectorAll(".section")).filter(
-      s => s.querySelector(".prose > :not(.section-link)") && s.querySelector(":scope > .code .codeblock")).map(s => {
+      s => s.querySelector(".prose > :not(.section-link):not(.line-anchor)") && s.querySelector(":scope > .code .codeblock")).map(s => {
     const p = s.querySelector(".prose").getBoundingClientRect(), c = s.querySelector(":scope > .code").getBoundingClientRect();
     return {id: s.id, pl: p.left, pr: p.right, pt: p.top, pb: p.bottom, cl: c.left, cr: c.right, ct: c.top};
   });
+  const pres = Array.from(document.querySelectorAll("main .codeblock pre, main .prose pre"));
+  const displays = Array.from(document.querySelectorAll(".math-display"));
+  // A list marker is cut when the box that clips the item starts less than a marker's width before it.
+  const clipped = Array.from(document.querySelectorAll(".prose li")).filter(li => {
+    if (!li.checkVisibility() || getComputedStyle(li).listStyleType === "none") return false;
+    const left = li.getBoundingClientRect().left;
+    for (let a = li; a && !a.classList.contains("prose"); a = a.parentElement) {
+      if (a !== li && getComputedStyle(a).overflowX !== "visible" && left - a.getBoundingClientRect().left < 12) return true;
+      if (a === li && getComputedStyle(a).overflowX !== "visible") return true;
+    }
+    return false;
+  });
+  const overTables = Array.from(document.querySelectorAll(".suite table, table.record, .results table")).filter(tb => {
+    const box = tb.parentElement.getBoundingClientRect(), r = tb.getBoundingClientRect();
+    return tb.checkVisibility() && (r.right > box.right + 1 || tb.parentElement.scrollWidth > tb.parentElement.clientWidth + 1);
+  }).length;
+  const toc = document.getElementById("toc");
+  const tocTargets = toc ? Array.from(toc.querySelectorAll("a")).map(a => decodeURIComponent(a.hash.slice(1))) : [];
+  const resources = performance.getEntriesByType("resource").concat(performance.getEntriesByType("navigation"));
   return {
     text: visible.join(" "),
     maths: maths.length,
     // Laid out by the browser's MathML engine (display "math" or "block math"), and not empty.
-    emptyMaths: maths.filter(m => { const r = m.getBoundingClientRect();
+    emptyMaths: maths.filter(m => m.checkVisibility()).filter(m => { const r = m.getBoundingClientRect();
       return r.width < 1 || r.height < 1 || !getComputedStyle(m).display.includes("math"); }).length,
     shownAnnotations: Array.from(document.querySelectorAll("annotation")).filter(a => getComputedStyle(a).display !== "none").length,
     rows: rowLayout,
@@ -71,9 +96,51 @@ PAGE_REPORT_JS = r"""
     scrollWidth: document.documentElement.scrollWidth,
     provenance: document.querySelector("#nb-provenance") !== null,
     brokenImages: Array.from(document.images).filter(i => !i.complete || i.naturalWidth === 0).map(i => i.src),
+    codeBlocks: pres.length,
+    codeScrolls: pres.filter(p => p.checkVisibility() && p.scrollWidth > p.clientWidth + 1).length,
+    displays: displays.length,
+    displaysCut: displays.filter(d => d.checkVisibility() && d.scrollWidth > d.clientWidth + 1).map(d => d.querySelector("annotation")?.textContent.slice(0, 60)),
+    displaysScaled: displays.filter(d => d.style.fontSize).map(d => parseFloat(d.style.fontSize)),
+    markersClipped: clipped.length,
+    listItems: document.querySelectorAll(".prose li").length,
+    tablesOver: overTables,
+    toc: toc ? tocTargets.length : null,
+    tocMissing: tocTargets.filter(id => !document.getElementById(id)),
+    crumbHome: document.querySelector(".crumbs a[href='index.html']") !== null,
+    navTop: document.querySelectorAll(".chapter-nav-top a[rel]").length,
+    navBottom: document.querySelectorAll(".chapter-nav-bottom a[rel]").length,
+    source: document.querySelector("a[data-rel=source]")?.getAttribute("href") || null,
+    bytes: resources.reduce((s, e) => s + (e.decodedBodySize || 0), 0),
+    loaded: resources.map(e => e.name),
   };
 }
 """
+
+# Text against its background in the dark theme: (what, contrast ratio) for the main kinds of text.
+CONTRAST_JS = r"""
+() => {
+  const lum = c => { const v = c.match(/[\d.]+/g).slice(0, 3).map(x => { x = x / 255; return x <= .03928 ? x / 12.92 : ((x + .055) / 1.055) ** 2.4; });
+    return .2126 * v[0] + .7152 * v[1] + .0722 * v[2]; };
+  const bg = el => { for (; el; el = el.parentElement) { const c = getComputedStyle(el).backgroundColor;
+    if (c && !c.startsWith("rgba(0, 0, 0, 0)") && c !== "transparent") return c; } return "rgb(255, 255, 255)"; };
+  const out = [];
+  for (const sel of [".prose p", ".prose p a", ".code .line", ".code .k", ".code .s2", ".code .nf", ".code .mi", ".code .lc",
+                     ".pill", ".crumbs a", ".toc-toggle", "pre.output", ".search input", ".chapter-nav a", ".chapter p"]) {
+    const el = document.querySelector(sel);
+    if (!el) continue;
+    const a = lum(getComputedStyle(el).color), b = lum(bg(el));
+    out.push([sel, (Math.max(a, b) + .05) / (Math.min(a, b) + .05)]);
+  }
+  return out;
+}
+"""
+
+DESKTOP, PHONE = (1440, 900), (390, 844)
+# The pages also checked in the dark theme (a sample: the layout is the light theme's).
+DARK_SAMPLE = ("repo-index", "repo-rope", "repo-kv_cache", "repo-01_rotary_embeddings", "repo-results",
+               "fixture-tiny", "fixture-01_tiny", "fixture-99_hostile")
+# A first visit of any page (its HTML, styles, scripts, font, images) stays under this many bytes.
+FIRST_VISIT_BUDGET = 700_000
 
 
 @pytest.fixture(scope="module")
@@ -109,8 +176,16 @@ def browser():
         b.close()
 
 
+def new_context(browser, size, scheme="light"):
+    width, height = size
+    if width < 600:
+        return browser.new_context(viewport={"width": width, "height": height}, color_scheme=scheme,
+                                   device_scale_factor=1, is_mobile=True, has_touch=True)
+    return browser.new_context(viewport={"width": width, "height": height}, color_scheme=scheme)
+
+
 class Watch:
-    """Everything a page does that it should not: console errors, failed or foreign requests."""
+    """Everything a page does that it should not: console errors, failed or foreign requests, dialogs."""
 
     def __init__(self, page, allowed_prefix: str):
         self.problems: list[str] = []
@@ -120,10 +195,15 @@ class Watch:
         page.on("requestfailed", lambda r: self.problems.append(f"failed request: {r.url} ({r.failure})"))
         page.on("response", lambda r: r.status >= 400 and self.problems.append(f"HTTP {r.status}: {r.url}"))
         page.on("request", self._request)
+        page.on("dialog", self._dialog)
 
     def _request(self, r):
         if not (r.url.startswith(self.allowed) or r.url.startswith("data:") or r.url == "about:blank"):
             self.problems.append(f"request leaving the site: {r.url}")
+
+    def _dialog(self, d):
+        self.problems.append(f"a dialog opened: {d.message}")
+        d.dismiss()
 
 
 def page_urls(root: Path, base: str) -> list[tuple[str, str]]:
@@ -134,9 +214,18 @@ def page_urls(root: Path, base: str) -> list[tuple[str, str]]:
     return out
 
 
-def check_page(page, name: str, url: str, width: int, problems: list[str], seen: dict):
+def source_lines(root: Path, name: str, href: str | None) -> int | None:
+    """The number of lines of a module page's source file (shipped with the site), or None."""
+    if not href or not href.endswith(".py"):
+        return None
+    site = name.split("-", 1)[0]
+    return len((root / site / "_build" / href).read_text().splitlines())
+
+
+def check_page(page, name: str, url: str, width: int, problems: list[str], seen: dict, root: Path):
     page.goto(url, wait_until="load")
     page.evaluate("document.fonts.ready")
+    page.wait_for_timeout(30)  # equations are fitted once the fonts are in
     report = page.evaluate(PAGE_REPORT_JS)
     where = f"{name} at {width}px"
     # The fixture's hostile pages try every way to run a script: none may have run.
@@ -158,18 +247,43 @@ def check_page(page, name: str, url: str, width: int, problems: list[str], seen:
         problems.append(f"{where}: images that did not load: {report['brokenImages']}")
     if report["scrollWidth"] > width + 1:
         problems.append(f"{where}: the page is {report['scrollWidth']}px wide (horizontal scrolling)")
+    if report["codeScrolls"]:
+        problems.append(f"{where}: {report['codeScrolls']} of {report['codeBlocks']} code blocks need a sideways scroll")
+    if width >= 1000 and report["displaysCut"]:
+        problems.append(f"{where}: display equations wider than their column: {report['displaysCut']}")
+    if report["markersClipped"]:
+        problems.append(f"{where}: {report['markersClipped']} of {report['listItems']} list markers are cut off")
+    if report["tablesOver"]:
+        problems.append(f"{where}: {report['tablesOver']} tables are wider than their box")
+    if report["tocMissing"]:
+        problems.append(f"{where}: contents entries without a target: {report['tocMissing'][:5]}")
+    if not name.endswith("-index"):
+        if not report["crumbHome"]:
+            problems.append(f"{where}: no breadcrumb link to the index")
+        if not report["source"]:
+            problems.append(f"{where}: no link to the page's source")
+    if report["navTop"] != report["navBottom"]:
+        problems.append(f"{where}: previous/next links differ top ({report['navTop']}) and bottom ({report['navBottom']})")
+    n_lines = source_lines(root, name, report["source"])
+    if n_lines:
+        missing = sorted(set(range(1, n_lines + 1)) - {int(i[1:]) for i in report["ids"] if re.fullmatch(r"L\d+", i)})
+        if missing:
+            problems.append(f"{where}: lines without an anchor: {missing[:10]}")
+    if any("search-index.js" in u for u in report["loaded"]):
+        problems.append(f"{where}: the search index is loaded before any search")
     for r in report["rows"]:
         if width >= 1000:
             if not (r["pr"] <= r["cl"] + 1 and abs(r["pt"] - r["ct"]) < 2):
                 problems.append(f"{where}: section {r['id']}: prose and code are not side by side ({r})")
         elif not (r["ct"] >= r["pb"] - 1 and abs(r["pl"] - r["cl"]) < 2):
             problems.append(f"{where}: section {r['id']}: prose and code are not stacked ({r})")
-    if width >= 1000 and "side-by-side" not in seen:
-        seen["side-by-side"] = 0
     if width >= 1000:
         seen["side-by-side"] = seen.get("side-by-side", 0) + len(report["rows"])
-    seen.setdefault("maths", 0)
-    seen["maths"] += report["maths"]
+        seen["code blocks"] = seen.get("code blocks", 0) + report["codeBlocks"]
+        seen["display equations"] = seen.get("display equations", 0) + report["displays"]
+        seen.setdefault("bytes", {})[name] = report["bytes"]
+    seen["maths"] = seen.get("maths", 0) + report["maths"]
+    seen["list items"] = seen.get("list items", 0) + report["listItems"]
     return report
 
 
@@ -212,29 +326,34 @@ def test_every_page_in_a_real_browser(served, browser):
     pages = page_urls(root, base)
     assert len(pages) >= 4, pages
 
-    desktop = browser.new_context(viewport={"width": 1400, "height": 900}, color_scheme="light")
-    phone = browser.new_context(viewport={"width": 390, "height": 844}, color_scheme="light",
-                                device_scale_factor=1, is_mobile=True, has_touch=True)
-    for ctx, width in ((desktop, 1400), (phone, 390)):
+    passes = [(DESKTOP, "light", pages), (PHONE, "light", pages),
+              (DESKTOP, "dark", [p for p in pages if p[0] in DARK_SAMPLE]),
+              (PHONE, "dark", [p for p in pages if p[0] in DARK_SAMPLE])]
+    for size, scheme, sample in passes:
+        width = size[0]
+        ctx = new_context(browser, size, scheme)
         page = ctx.new_page()
         watch = Watch(page, base + "/")
-        for name, url in pages:
-            report = check_page(page, name, url, width, problems, seen)
-            page.screenshot(path=str(ARTIFACTS / f"{name}-{width}.png"))
-            if width == 1400:
+        for name, url in sample:
+            report = check_page(page, name, url, width, problems, seen, root)
+            suffix = "" if scheme == "light" else "-dark"
+            page.screenshot(path=str(ARTIFACTS / f"{name}-{width}{suffix}.png"))
+            if scheme == "dark":
+                for what, ratio in page.evaluate(CONTRAST_JS):
+                    if ratio < 4.5:
+                        problems.append(f"{name} at {width}px, dark: {what} has a contrast of {ratio:.2f} (< 4.5)")
+            elif width == DESKTOP[0]:
                 if report["provenance"] or name.endswith("-index"):  # notebooks and the index, whole
                     page.screenshot(path=str(ARTIFACTS / f"{name}-{width}-full.png"), full_page=True)
                 links[url] = set(report["links"])
                 ids[url] = set(report["ids"])
                 check_theme_toggle(page, name, problems)
                 query = "rotary" if name.startswith("repo") else "softmax"
-                if not check_search(page, name, query, problems):
-                    continue
-            problems += [f"{name} at {width}px: {p}" for p in watch.problems]
+                check_search(page, name, query, problems)
+            problems += [f"{name} at {width}px ({scheme}): {p}" for p in watch.problems]
             watch.problems.clear()
         page.close()
-    desktop.close()
-    phone.close()
+        ctx.close()
 
     # Every local link leads to a file of the site, and its #fragment to an id on that page.
     served_root = root.resolve()
@@ -251,47 +370,179 @@ def test_every_page_in_a_real_browser(served, browser):
                 page_url = f"{base}{parsed.path}"
                 if page_url in ids and urllib.parse.unquote(parsed.fragment) not in ids[page_url]:
                     problems.append(f"{source}: link to a missing anchor {href}")
+    # Every page is reachable from its site's index by following links.
+    for site in ("repo", "fixture"):
+        start = f"{base}/{site}/_build/index.html"
+        reached, todo = {start}, [start]
+        while todo:
+            for href in links.get(todo.pop(), ()):
+                url = urllib.parse.urlsplit(href)._replace(query="", fragment="").geturl()
+                if url in links and url not in reached:
+                    reached.add(url)
+                    todo.append(url)
+        orphans = sorted(u for u in links if u.startswith(f"{base}/{site}/") and u not in reached)
+        if orphans:
+            problems.append(f"pages no link leads to from the index: {orphans}")
+    heaviest = max(seen["bytes"].items(), key=lambda kv: kv[1])
+    (ARTIFACTS / "first-visit-bytes.txt").write_text(
+        "".join(f"{n}\t{b}\n" for n, b in sorted(seen["bytes"].items(), key=lambda kv: -kv[1])))
+    if heaviest[1] > FIRST_VISIT_BUDGET:
+        problems.append(f"a first visit of {heaviest[0]} loads {heaviest[1]:,} bytes (> {FIRST_VISIT_BUDGET:,})")
     assert seen.get("maths", 0) > 0, "no math element on any page"
     assert seen.get("side-by-side", 0) > 10, "too few sections with prose and code"
+    assert seen.get("code blocks", 0) > 50 and seen.get("display equations", 0) > 5 and seen.get("list items", 0) > 5, seen
     assert not problems, "\n".join(problems[:40])
 
 
 def test_search_leads_to_the_section(served, browser):
     root, base = served
-    ctx = browser.new_context(viewport={"width": 1400, "height": 900})
+    ctx = new_context(browser, DESKTOP)
     page = ctx.new_page()
     watch = Watch(page, base + "/")
     page.goto(f"{base}/fixture/_build/index.html")
     page.keyboard.press("/")
     assert page.evaluate("document.activeElement.id") == "search-box"
-    page.keyboard.type("softmax weighted")
+    page.keyboard.type("variance scores")
     first = page.locator("#search-results a").first
     first.wait_for(state="visible", timeout=3000)
     href = first.get_attribute("href")
-    assert href.startswith("tiny.html#"), href
+    assert href.startswith("tiny.html?q=variance%20scores#"), href
     page.keyboard.press("Enter")
-    page.wait_for_url(re.compile(r"tiny\.html#"))
+    page.wait_for_url(re.compile(r"tiny\.html\?q=[^#]+#"))
     target = page.evaluate("location.hash.slice(1)")
     assert page.locator(f"[id='{target}']").is_visible()
+    # The words searched for are marked in the section the result leads to.
+    marks = page.locator(".section", has=page.locator(f"[id='{target}']")).locator("mark.search-hit")
+    assert {m.lower() for m in marks.all_inner_texts()} >= {"variance", "scores"}, marks.all_inner_texts()
+    assert marks.first.is_visible()
+    page.screenshot(path=str(ARTIFACTS / "search-marked.png"))
     page.fill("#search-box", "zzzzqqq")
     assert "No results" in page.locator("#search-results").inner_text()
     page.screenshot(path=str(ARTIFACTS / "search-no-results.png"))
-    page.fill("#search-box", "attention checked")
+    # A definition whose name matches comes first.
+    page.fill("#search-box", "attention")
     page.locator("#search-results a").first.wait_for(state="visible", timeout=3000)
+    first = page.locator("#search-results a").first
+    assert first.locator(".r-kind").inner_text() == "def" and first.get_attribute("href").endswith("#attention")
     page.screenshot(path=str(ARTIFACTS / "search-results.png"))
     assert not watch.problems, watch.problems
+    # One hit per section in the repository's site: no two results read the same.
+    page.goto(f"{base}/repo/_build/index.html")
+    for query in ("log-sum-exp", "cache", "rotary"):
+        page.fill("#search-box", query)
+        page.locator("#search-results a").first.wait_for(state="visible", timeout=3000)
+        shown = page.locator("#search-results a").evaluate_all(
+            "els => els.map(a => a.querySelector('.r-title').textContent + ' | ' + a.querySelector('.r-where').textContent)")
+        assert len(shown) == len(set(shown)), (query, shown)
+        hrefs = page.locator("#search-results a").evaluate_all("els => els.map(a => a.getAttribute('href'))")
+        assert len(hrefs) == len(set(hrefs)), (query, hrefs)
+    ctx.close()
+
+
+def test_contents_follow_the_reading(served, browser):
+    root, base = served
+    for size in (DESKTOP, PHONE):
+        ctx = new_context(browser, size)
+        page = ctx.new_page()
+        watch = Watch(page, base + "/")
+        page.goto(f"{base}/repo/_build/kv_cache.html")
+        entries = page.locator("#toc a").all_inner_texts()
+        assert len(entries) >= 3, entries
+        height = page.evaluate("document.documentElement.scrollHeight")
+        page.evaluate(f"window.scrollTo(0, {height // 2})")
+        page.wait_for_timeout(150)
+        button = page.locator("#toc-toggle")
+        assert button.is_visible()
+        box = button.bounding_box()
+        assert 0 <= box["y"] < 60, box  # in the sticky top bar, while reading the middle of the page
+        if size == DESKTOP:
+            current = button.inner_text().strip()
+            assert current in [e.strip() for e in entries] and current != entries[0].strip(), current
+        assert page.locator("#toc a.current").count() == 1
+        button.click()
+        assert page.locator("#toc").is_visible()
+        page.screenshot(path=str(ARTIFACTS / f"contents-open-{size[0]}.png"))
+        link = page.locator("#toc a").nth(2)
+        target = link.get_attribute("href")[1:]
+        link.click()
+        page.wait_for_timeout(150)
+        assert not page.locator("#toc").is_visible()
+        top = page.evaluate(f"document.getElementById({target!r}).getBoundingClientRect().top")
+        assert 0 <= top < 200, top
+        assert not watch.problems, watch.problems
+        ctx.close()
+
+
+def test_images_open_larger_and_line_anchors_scroll(served, browser):
+    root, base = served
+    ctx = new_context(browser, PHONE)
+    page = ctx.new_page()
+    watch = Watch(page, base + "/")
+    page.goto(f"{base}/fixture/_build/01_tiny.html")
+    img = page.locator(".output-image img").first
+    small = img.bounding_box()["width"]
+    img.click()
+    big = page.locator("dialog.lightbox[open] img")
+    big.wait_for(state="visible", timeout=3000)
+    assert big.bounding_box()["width"] > small, (small, big.bounding_box())
+    page.screenshot(path=str(ARTIFACTS / "image-opened-390.png"))
+    page.keyboard.press("Escape")
+    assert page.locator("dialog.lightbox[open]").count() == 0
+    # A comment line's anchor: the page scrolls to the prose that line became.
+    line = next(i for i, t in enumerate((FIXTURE / "annotated_src" / "tiny.py").read_text().splitlines(), 1)
+                if "# Dividing by" in t)
+    page.goto(f"{base}/fixture/_build/tiny.html#L{line}")
+    page.wait_for_timeout(100)
+    top = page.evaluate(f"document.getElementById('L{line}').getBoundingClientRect().top")
+    assert 40 <= top < 200, top
+    assert "variance" in page.evaluate(
+        f"document.getElementById('L{line}').closest('.prose').textContent")
+    assert not watch.problems, watch.problems
+    ctx.close()
+
+
+# TeX's spacing, measured: (LaTeX source, check) on the fixture's page.
+SPACING_JS = r"""
+(tex) => {
+  const math = Array.from(document.querySelectorAll("math")).find(m => m.querySelector("annotation")?.textContent === tex);
+  const parts = Array.from(math.querySelectorAll("mi, mo")).map(e => { const r = e.getBoundingClientRect();
+    return {t: e.textContent, l: r.left, r: r.right, top: r.top, b: r.bottom}; });
+  return {parts, em: parseFloat(getComputedStyle(math).fontSize)};
+}
+"""
+
+
+def test_math_spacing_in_the_browser(served, browser):
+    root, base = served
+    ctx = new_context(browser, DESKTOP)
+    page = ctx.new_page()
+    page.goto(f"{base}/fixture/_build/tiny.html")
+    page.evaluate("document.fonts.ready")
+    m = page.evaluate(SPACING_JS, r"j \bmod r")
+    j, mod, r = m["parts"]
+    assert mod["t"] == "mod" and mod["l"] - j["r"] > 0.15 * m["em"] and r["l"] - mod["r"] > 0.15 * m["em"], m
+    m = page.evaluate(SPACING_JS, "a/b")
+    a, slash, b = m["parts"]
+    assert slash["l"] - a["r"] < 0.1 * m["em"] and b["l"] - slash["r"] < 0.1 * m["em"], m
+    m = page.evaluate(SPACING_JS, "k'")
+    k, prime = m["parts"]
+    # The prime sits beside the top of its letter, not above it.
+    assert prime["b"] > k["top"] + 0.1 * m["em"] and prime["top"] > k["top"] - 0.3 * m["em"], m
+    assert prime["l"] - k["r"] < 0.15 * m["em"], m
+    page.locator("math", has_text="mod").first.scroll_into_view_if_needed()
+    page.screenshot(path=str(ARTIFACTS / "math-spacing.png"))
     ctx.close()
 
 
 def test_theme_follows_the_system_and_the_choice_persists(served, browser):
     root, base = served
     url = f"{base}/fixture/_build/tiny.html"
-    ctx = browser.new_context(viewport={"width": 1400, "height": 900}, color_scheme="dark")
+    ctx = browser.new_context(viewport={"width": 1440, "height": 900}, color_scheme="dark")
     page = ctx.new_page()
     page.goto(url)
     dark_bg = page.evaluate("getComputedStyle(document.body).backgroundColor")
     assert page.evaluate("document.documentElement.getAttribute('data-theme')") is None
-    page.screenshot(path=str(ARTIFACTS / "fixture-tiny-1400-dark.png"))
+    page.screenshot(path=str(ARTIFACTS / "theme-system-dark-1440.png"))
     page.click("#theme-toggle")  # dark (system) -> light (chosen)
     assert page.evaluate("document.documentElement.getAttribute('data-theme')") == "light"
     light_bg = page.evaluate("getComputedStyle(document.body).backgroundColor")
@@ -300,19 +551,19 @@ def test_theme_follows_the_system_and_the_choice_persists(served, browser):
     assert page.evaluate("document.documentElement.getAttribute('data-theme')") == "light"
     assert page.evaluate("getComputedStyle(document.body).backgroundColor") == light_bg
     ctx.close()
-    light = browser.new_context(viewport={"width": 1400, "height": 900}, color_scheme="light")
+    light = browser.new_context(viewport={"width": 1440, "height": 900}, color_scheme="light")
     page = light.new_page()
     page.goto(f"{base}/fixture/_build/01_tiny.html")
     assert page.evaluate("getComputedStyle(document.body).backgroundColor") == light_bg
     page.click("#theme-toggle")
-    page.screenshot(path=str(ARTIFACTS / "fixture-01_tiny-1400-dark.png"), full_page=True)
+    page.screenshot(path=str(ARTIFACTS / "theme-toggled-dark-1440-full.png"), full_page=True)
     assert page.evaluate("getComputedStyle(document.body).backgroundColor") == dark_bg
     light.close()
 
 
 def test_copy_button_copies_the_code_without_line_numbers(served, browser):
     root, base = served
-    ctx = browser.new_context(viewport={"width": 1400, "height": 900})
+    ctx = browser.new_context(viewport={"width": 1440, "height": 900})
     ctx.grant_permissions(["clipboard-read", "clipboard-write"], origin=base)
     page = ctx.new_page()
     page.goto(f"{base}/fixture/_build/tiny.html")
@@ -329,7 +580,7 @@ def test_copy_button_copies_the_code_without_line_numbers(served, browser):
 def test_print_style_stacks_and_hides_the_controls(served, browser):
     root, base = served
     # A reader in the dark theme still prints black on white.
-    ctx = browser.new_context(viewport={"width": 1400, "height": 900}, color_scheme="dark")
+    ctx = browser.new_context(viewport={"width": 1440, "height": 900}, color_scheme="dark")
     page = ctx.new_page()
     page.goto(f"{base}/fixture/_build/tiny.html")
     page.emulate_media(media="print")
@@ -348,7 +599,7 @@ def test_print_style_stacks_and_hides_the_controls(served, browser):
 def test_works_from_file_urls(tmp_path, browser):
     out = tmp_path / "site"
     build(FIXTURE, out)
-    ctx = browser.new_context(viewport={"width": 1400, "height": 900})
+    ctx = browser.new_context(viewport={"width": 1440, "height": 900})
     page = ctx.new_page()
     watch = Watch(page, "file://")
     # Each page is left only once nothing is in flight: a navigation cancels the requests of the
@@ -360,9 +611,9 @@ def test_works_from_file_urls(tmp_path, browser):
     page.fill("#search-box", "softmax")
     page.locator("#search-results a").first.wait_for(state="visible", timeout=3000)
     page.locator("#search-results a").first.click()
-    page.wait_for_url(re.compile(r"^file://.*tiny\.html#"))
+    page.wait_for_url(re.compile(r"^file://.*\.html\?q=softmax#"))
     page.wait_for_load_state("networkidle")
-    assert page.locator(".output-image img").count() == 0 or True
+    assert page.locator("mark.search-hit").count() > 0
     page.goto((out / "01_tiny.html").as_uri(), wait_until="networkidle")
     assert page.evaluate("Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)")
     assert not watch.problems, watch.problems

@@ -33,13 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from annotated_src.bench.core import Result, free_memory, time_ms
-from annotated_src.dilated_attention import (
-    _attn_fwd,
-    _gather,
-    dilated_attention,
-    dilated_attention_loop,
-    dilated_flops,
-)
+from annotated_src.dilated_attention import dilated_attention, dilated_attention_loop, dilated_flops
+from annotated_src.dilated_attention_fast import attn_fwd, gather
 
 SUITE = "dilated"
 SEGMENTS = [2048, 4096, 8192, 16384, 32768]
@@ -106,8 +101,8 @@ def time_case(seq_len: int, device, *, dense: bool, backward: bool, per_pattern:
         del qt, kt, vt
     if per_pattern:
         ws = [min(w, seq_len) for w in segments]
-        gathered = [[_gather(x, w, r) for x in (q, k, v)] for w, r in zip(ws, rates)]
-        ms = time_ms(lambda: [_attn_fwd(*g, causal=False, scale=HEAD_DIM ** -0.5) for g in gathered], device=device)
+        gathered = [[gather(x, w, r) for x in (q, k, v)] for w, r in zip(ws, rates)]
+        ms = time_ms(lambda: [attn_fwd(*g, causal=False, scale=HEAD_DIM ** -0.5) for g in gathered], device=device)
         rows.append(Result(SUITE, "per-pattern SDPA only", ms, case=case, baseline=baseline, flops=flops))
         del gathered
     _free(device)

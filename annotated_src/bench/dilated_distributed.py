@@ -22,8 +22,9 @@ $w = 2048, 4096, \dots, N$ and $r = 1, 2, \dots$ (`geometric_patterns`), so ever
 
 Each case reports the median over a fixed number of iterations (every rank runs the same number,
 so the collectives stay matched) of the slowest rank, tokens per second per GPU, the bytes each rank
-sends (measured by the function: the all-gathers of sparse keys and values, plus in the backward
-their re-gather and the key and value gradients sent home), and the peak memory. Before timing,
+sends (the function's `stats`: what it passed to `torch.distributed.isend`, its sparse keys and
+values to the other ranks of each segment and, in the backward, the gradients of the blocks it
+received back to their owners), and the peak memory. Before timing,
 a small case is checked against the single-process function on the same device. With `--json`,
 rows of other world sizes already in the file are kept, so runs on 1, 2, 4 and 8 GPUs accumulate.
 """

@@ -17,7 +17,7 @@ greedy, timed as one call after a warm-up call (which also compiles), `ms` per n
 * **ours cached eager**: prefill, then one token per step through the cache, eagerly;
 * **ours cached compiled**: the same steps through the fast static-cache step, replayed as one
   hand-recorded CUDA graph per token (`generate(..., compile=True)`): on a GPU, the hand-written
-  Triton kernels of `_decode_kernels.py` (`extra["decode_kernels"]` says which step the graph
+  Triton kernels of `kv_cache_fast.py` (`extra["decode_kernels"]` says which step the graph
   holds), with the prefill recorded as a graph too from the second call on;
 * **HF default cache** and **HF static cache + compile**: `LlamaForCausalLM` of the same shape
   and `generate`, the second with `cache_implementation="static"`, with which `generate` compiles
@@ -34,8 +34,8 @@ checks included), next to `graph_replays` and `graph_recordings`, the change in
 was one replay of a recorded CUDA graph; `graph_recordings_triton` and `graph_recordings_compiled`
 say which kernels the graphs were recorded from (the hand-written Triton step or the compiled one). Also `cudagraph_counters`, the change in the compiler's
 counters whose name contains "cudagraph", and `cudagraph_skip_reasons`, the compiler's messages
-for steps it ran without a graph; they concern the compiler's own CUDA graphs, which the step uses
-only when `DECODE_CUDA_GRAPH` is turned off.
+for steps it ran without a graph; they concern the compiler's own CUDA graphs, which the fast step
+does not use (it records its own), so they stay at zero unless something else compiled with them.
 
 `bytes_moved` is the least a token must read: every weight once (one row of the embedding) and the
 cache up to the context (the mean context for generation), `decode_cost` of
@@ -53,8 +53,8 @@ import warnings
 import torch
 
 from annotated_src.bench.core import Result, ceilings, free_memory, time_ms
-from annotated_src.kv_cache import (_decode_graphs, decode_cost, decode_graph_counters, decode_step, disable_kv_cache,
-                                    generate, llama_decoder)
+from annotated_src.kv_cache import decode_cost, decode_step, disable_kv_cache, generate, llama_decoder
+from annotated_src.kv_cache_fast import _decode_graphs, decode_graph_counters
 from annotated_src.notebook_utils import randint
 
 SUITE = "kv_cache"
@@ -106,8 +106,8 @@ def _result(name: str, case: str, ms_per_token: float, bytes_per_token: float, c
 # ## Whether the compiled step runs as a CUDA graph
 #
 # The fast path counts its graph recordings and replays (`decode_graph_counters`): a compiled row
-# whose replays fall short of its steps ran some steps without a graph. With `DECODE_CUDA_GRAPH`
-# off, the compiler records the graphs; when it cannot (an input mutated in place that is not a
+# whose replays fall short of its steps ran some steps without a graph. Where the compiler records
+# graphs of its own (`mode="reduce-overhead"`) and cannot (an input mutated in place that is not a
 # static buffer, an operation on the CPU, a synchronisation, ...), it logs the reason, counts a
 # "cudagraph skip", and runs the step kernel by kernel: correct, but as slow as eager launches.
 # The rows record all of it.

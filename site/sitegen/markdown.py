@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 import re
+import xml.etree.ElementTree as ET
 
 import latex2mathml.converter
 from markdown_it import MarkdownIt
@@ -28,6 +29,58 @@ def _scrollable(mathml: str) -> str:
     return f'<span class="math-display">{mathml}</span>'
 
 
+# TeX's spacing, where latex2mathml's MathML would get the browser's operator dictionary instead.
+_PRIMES = {"\u2032", "\u2033", "\u2034", "\u2057"}
+_BINARY_WORDS = {"mod"}  # `\\bmod`: a binary operator, with TeX's medium space on each side
+_MEDIUM = "0.2222em"
+_MATHML_NS = "http://www.w3.org/1998/Math/MathML"
+
+
+def tex_spacing(mathml: str) -> str:
+    """latex2mathml's output with the spacing TeX gives it.
+
+    * `\\operatorname{RoPE}` comes out as `<mo>RoPE</mo>`, spaced like a `+`: it becomes a name;
+      `\\bmod` (`<mo>mod</mo>`) stays a binary operator, with a medium space on each side.
+    * `/` is an ordinary symbol in TeX (`a/b` has no space around the slash); MathML's operator
+      dictionary spaces it like a relation.
+    * a prime `'` is a superscript in TeX's input but its glyph in a Unicode math font is already
+      raised: set as a superscript it floats above its letter. It follows its letter instead.
+    * `\\cos x` is two identifiers with no space between: the thin space TeX puts is added.
+    """
+    root = ET.fromstring(mathml.replace(f' xmlns="{_MATHML_NS}"', "", 1))
+    for el in root.iter():
+        if el.tag == "mo" and el.text in _BINARY_WORDS:
+            el.set("lspace", _MEDIUM)
+            el.set("rspace", _MEDIUM)
+        elif el.tag == "mo" and el.text and re.fullmatch(r"[A-Za-z][A-Za-z0-9]+", el.text):
+            el.tag = "mi"
+        elif el.tag == "mo" and el.text == "/":
+            el.set("lspace", "0em")
+            el.set("rspace", "0em")
+    changed = True
+    while changed:  # `x''` nests one prime's superscript inside the other's
+        changed = False
+        for parent in list(root.iter()):
+            for i, el in enumerate(list(parent)):
+                if el.tag in ("msup", "msubsup") and len(el) in (2, 3) and el[-1].tag in ("mi", "mo") \
+                        and (el[-1].text or "") and set(el[-1].text) <= _PRIMES:
+                    prime = ET.Element("mo", {"lspace": "0em", "rspace": "0em"})
+                    prime.text = el[-1].text
+                    if el.tag == "msup":
+                        base = el[0]
+                    else:
+                        base = ET.Element("msub")
+                        base.extend([el[0], el[1]])
+                    group = ET.Element("mrow")
+                    group.extend([base, prime])
+                    group.tail = el.tail
+                    parent[i] = group
+                    changed = True
+    out = ET.tostring(root, encoding="unicode", short_empty_elements=False)
+    out = out.replace("<math", f'<math xmlns="{_MATHML_NS}"', 1)
+    return _FUNCTION_NAME.sub(r'\g<0><mspace width="0.1667em"></mspace>', out)
+
+
 def latex_to_mathml(latex: str, *, display: bool, path: str, line: int | None) -> str:
     """One expression to a `<math>` element; a broken expression raises `BuildError`."""
     source = latex.strip()
@@ -42,10 +95,7 @@ def latex_to_mathml(latex: str, *, display: bool, path: str, line: int | None) -
     unknown = _UNKNOWN_COMMAND.findall(html.unescape(text))
     if unknown:
         raise BuildError(path, line, f"broken LaTeX {source!r}: unknown command {unknown[0]}")
-    # `\\operatorname{RoPE}` comes out as an operator (`<mo>RoPE</mo>`), spaced like a `+`: make it a name.
-    out = re.sub(r"<mo>([A-Za-z][A-Za-z0-9]+)</mo>", r"<mi>\1</mi>", out)
-    # latex2mathml sets `\\cos x` as two identifiers with no space between: add the thin space TeX puts.
-    out = _FUNCTION_NAME.sub(r'\g<0><mspace width="0.1667em"></mspace>', out)
+    out = tex_spacing(out)
     # The source as an annotation, so that copying the rendered text gives the LaTeX back.
     annotation = f'<annotation encoding="application/x-tex">{html.escape(source)}</annotation>'
     return re.sub(r"</math>$", "", out.replace("\n", "")).replace(

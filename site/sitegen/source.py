@@ -53,8 +53,13 @@ class Module:
     intro_line: int
     sections: list[Section]
     definitions: dict[str, int]  # top-level (and `Class.method`) name -> line
-    imports: dict[str, tuple[str, str]]  # name -> (module it comes from, name there)
+    imports: dict[str, tuple[str, str]]  # name -> (module it comes from, name there), function-local ones too
     source: str
+    # Every `annotated_src` module this one imports, anywhere in the file: (module, name imported from it),
+    # both relative to the package (`from annotated_src import _x as y` -> ("", "_x")).
+    package_imports: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    kinds: dict[str, str] = dataclasses.field(default_factory=dict)  # definition -> "def", "class", "value"
+    doc_summaries: dict[str, str] = dataclasses.field(default_factory=dict)  # definition -> docstring's first line
 
     @property
     def title(self) -> str:
@@ -148,22 +153,60 @@ def parse_module(source: str, *, path: str, name: str) -> Module:
     docstrings: dict[int, tuple[int, int, str]] = {}
     definitions: dict[str, int] = {}
     imports: dict[str, tuple[str, str]] = {}
+    kinds: dict[str, str] = {}
+    summaries: dict[str, str] = {}
+
+    def summary_of(node) -> str:
+        d = _docstring_of(node)
+        text = inspect.cleandoc(d.value.value) if d is not None else ""
+        return text.split("\n\n")[0].replace("\n", " ").strip()
+
     for node in _top_level(tree.body):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
             definitions[node.name] = node.lineno
+            kinds[node.name] = "class" if isinstance(node, ast.ClassDef) else "def"
+            summaries[node.name] = summary_of(node)
             if isinstance(node, ast.ClassDef):
                 for sub in node.body:
                     if isinstance(sub, (ast.FunctionDef, ast.AsyncFunctionDef)):
                         definitions.setdefault(f"{node.name}.{sub.name}", sub.lineno)
+                        kinds.setdefault(f"{node.name}.{sub.name}", "def")
+                        summaries.setdefault(f"{node.name}.{sub.name}", summary_of(sub))
         elif isinstance(node, (ast.Assign, ast.AnnAssign)):
             targets = node.targets if isinstance(node, ast.Assign) else [node.target]
             for t in targets:
                 for n in ast.walk(t):
                     if isinstance(n, ast.Name):
                         definitions.setdefault(n.id, node.lineno)
+                        kinds.setdefault(n.id, "value")
         elif isinstance(node, ast.ImportFrom) and node.module:
             for alias in node.names:
                 imports[alias.asname or alias.name] = ("." * node.level + node.module, alias.name)
+    # Imports anywhere (inside a function too): the names they bind link like top-level ones, and
+    # the modules they name are the ones this page uses.
+    package_imports: list[tuple[str, str]] = []
+    package = name.split(".")[:-1] if not path.endswith("__init__.py") else name.split(".")
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[: len(package) - (node.level - 1)] if node.level > 1 else package
+                src = ".".join(base + ([node.module] if node.module else []))
+                written = "." * node.level + (node.module or "")
+            elif node.module == "annotated_src" or (node.module or "").startswith("annotated_src."):
+                src = node.module[len("annotated_src."):] if "." in node.module else ""
+                written = node.module
+            else:
+                continue
+            for alias in node.names:
+                if alias.name != "*":
+                    package_imports.append((src, alias.name))
+                    imports.setdefault(alias.asname or alias.name, (written, alias.name))
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.startswith("annotated_src."):
+                    package_imports.append((alias.name[len("annotated_src."):], ""))
+                    if alias.asname:
+                        imports.setdefault(alias.asname, (alias.name, ""))
     for node in ast.walk(tree):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
             d = _docstring_of(node)
@@ -204,4 +247,5 @@ def parse_module(source: str, *, path: str, name: str) -> Module:
         n += 1
     sections = [s for s in sections if s.prose or s.trimmed_code()]
     return Module(path=path, name=name, front=front, intro=intro, intro_line=intro_line, sections=sections,
-                  definitions=definitions, imports=imports, source=source)
+                  definitions=definitions, imports=imports, source=source, package_imports=package_imports,
+                  kinds=kinds, doc_summaries=summaries)

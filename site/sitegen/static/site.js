@@ -1,4 +1,6 @@
-// Attention, Annotated: theme toggle, copy buttons and search. No network: the search index is a script.
+// Attention, Annotated: theme toggle, copy buttons, contents, display equations that fit, images
+// opened larger, and search. No network: the search index is a script of the site, loaded the first
+// time the reader searches.
 (function () {
   "use strict";
   var root = document.documentElement;
@@ -50,13 +52,101 @@
     });
   });
 
-  // Search: every term must appear; a match in the title or heading ranks first.
+  // Display equations: one wider than its column is set smaller, down to 70%; past that it scrolls.
+  function fitEquations() {
+    Array.prototype.forEach.call(document.querySelectorAll(".math-display"), function (box) {
+      box.style.fontSize = "";
+      box.classList.remove("scrolls");
+      if (!box.clientWidth) return;
+      var need = box.scrollWidth, have = box.clientWidth;
+      if (need > have + 1) {
+        var scale = Math.max(0.7, (have - 2) / need);
+        box.style.fontSize = (Math.floor(scale * 100) / 100) + "em";
+        if (box.scrollWidth > box.clientWidth + 1) box.classList.add("scrolls");
+      }
+    });
+  }
+  var fitTimer = null;
+  window.addEventListener("resize", function () { clearTimeout(fitTimer); fitTimer = setTimeout(fitEquations, 100); });
+  if (document.fonts && document.fonts.ready) document.fonts.ready.then(fitEquations);
+  fitEquations();
+
+  // On this page: the heading being read is marked, and named in the top bar's button.
+  var toc = document.getElementById("toc"), tocButton = document.getElementById("toc-toggle");
+  if (toc) {
+    var links = Array.prototype.slice.call(toc.querySelectorAll("a"));
+    var targets = links.map(function (a) { return document.getElementById(decodeURIComponent(a.hash.slice(1))); });
+    var current = tocButton && tocButton.querySelector(".toc-current");
+    var update = function () {
+      var k = 0;
+      for (var i = 0; i < targets.length; i++) {
+        if (targets[i] && targets[i].getBoundingClientRect().top < 90) k = i;
+      }
+      links.forEach(function (a, i) { a.classList.toggle("current", i === k); });
+      if (current && links[k]) current.textContent = (links[k].innerText || links[k].textContent).trim();
+    };
+    var ticking = false;
+    window.addEventListener("scroll", function () {
+      if (!ticking) { ticking = true; requestAnimationFrame(function () { ticking = false; update(); }); }
+    }, { passive: true });
+    update();
+    if (tocButton) {
+      var setOpen = function (open) { toc.classList.toggle("open", open); tocButton.setAttribute("aria-expanded", open ? "true" : "false"); };
+      tocButton.addEventListener("click", function (ev) { ev.stopPropagation(); setOpen(!toc.classList.contains("open")); });
+      toc.addEventListener("click", function (ev) { if (ev.target.closest("a")) setOpen(false); });
+      document.addEventListener("click", function (ev) { if (!toc.contains(ev.target)) setOpen(false); });
+      document.addEventListener("keydown", function (ev) { if (ev.key === "Escape") setOpen(false); });
+    }
+  }
+
+  // Images in prose and outputs open larger on click (the figure's link opens the file without JS).
+  var box = null;
+  function openImage(shown) {
+    var src = shown.currentSrc || shown.src, alt = shown.alt;
+    if (!box) {
+      box = document.createElement("dialog");
+      box.className = "lightbox"; box.id = "lightbox"; box.setAttribute("aria-label", "Image");
+      box.appendChild(document.createElement("img"));
+      box.addEventListener("click", function () { box.close(); });
+      document.body.appendChild(box);
+    }
+    var img = box.querySelector("img");
+    img.src = src; img.alt = alt || "";
+    // Larger than on the page: its own size, or at least half as large again, as the screen allows.
+    var w = Math.max(shown.naturalWidth || 0, shown.getBoundingClientRect().width * 1.6);
+    var aspect = (shown.naturalHeight || 1) / (shown.naturalWidth || 1);
+    w = Math.min(w, window.innerWidth * 0.96, window.innerHeight * 0.92 / aspect);
+    img.style.width = Math.round(w) + "px";
+    box.showModal();
+  }
+  Array.prototype.forEach.call(document.querySelectorAll("main img"), function (img) {
+    var link = img.closest("a");
+    if (link && !link.classList.contains("zoom")) return;  // an image that is a link stays a link
+    img.classList.add("zoomable");
+    (link || img).addEventListener("click", function (ev) { ev.preventDefault(); openImage(img); });
+  });
+
+  // Search: loaded on first use. Definitions whose name matches rank first, then headings, then text;
+  // each entry is one section of a page. The page a result opens marks the words searched for.
   var input = document.getElementById("search-box");
   var list = document.getElementById("search-results");
-  var index = window.SEARCH_INDEX || [];
-  var prepared = index.map(function (e) {
-    return { e: e, head: (e.t + " " + e.h).toLowerCase(), body: (e.x || "").toLowerCase() };
-  });
+  var prepared = null, waiting = [];
+  function loadIndex(then) {
+    if (prepared) { then(); return; }
+    waiting.push(then);
+    if (waiting.length > 1) return;  // already on its way
+    var s = document.createElement("script");
+    s.src = "assets/search-index.js";
+    s.onload = function () {
+      var index = Array.isArray(window.SEARCH_INDEX) ? window.SEARCH_INDEX : [];
+      prepared = index.map(function (e) {
+        return { e: e, def: e.k === "d", name: (e.h || "").toLowerCase(), head: (e.t + " " + e.h).toLowerCase(),
+                 body: (e.x || "").toLowerCase() };
+      });
+      waiting.splice(0).forEach(function (f) { f(); });
+    };
+    document.head.appendChild(s);
+  }
   function snippet(text, term) {
     var i = text.toLowerCase().indexOf(term);
     if (i < 0) return text.slice(0, 120);
@@ -66,18 +156,25 @@
   function search(q) {
     var terms = q.toLowerCase().split(/\s+/).filter(Boolean);
     if (!terms.length) return [];
-    var hits = [];
-    prepared.forEach(function (p) {
+    var whole = terms.join(" "), hits = [];
+    prepared.forEach(function (p, order) {
       var score = 0;
       for (var i = 0; i < terms.length; i++) {
+        var inName = p.def && p.name.indexOf(terms[i]) >= 0;
         var inHead = p.head.indexOf(terms[i]) >= 0, inBody = p.body.indexOf(terms[i]) >= 0;
-        if (!inHead && !inBody) return;
-        score += inHead ? 3 : 1;
+        if (!inName && !inHead && !inBody) return;
+        score += inName ? 10 : inHead ? 3 : 1;
       }
-      hits.push({ p: p, score: score });
+      if (p.def && (p.name === whole || p.name.split(".").pop() === whole)) score += 20;
+      hits.push({ p: p, score: score, order: order });
     });
-    hits.sort(function (a, b) { return b.score - a.score; });
-    return hits.slice(0, 15).map(function (h) { return { e: h.p.e, term: terms[0] }; });
+    hits.sort(function (a, b) { return b.score - a.score || a.order - b.order; });
+    return hits.slice(0, 15).map(function (h) { return { e: h.p.e, def: h.p.def, term: terms[0] }; });
+  }
+  function withQuery(url, q) {
+    var i = url.indexOf("#");
+    var page = i < 0 ? url : url.slice(0, i), hash = i < 0 ? "" : url.slice(i);
+    return page + "?q=" + encodeURIComponent(q) + hash;
   }
   function render(q) {
     list.innerHTML = "";
@@ -89,7 +186,8 @@
     }
     hits.forEach(function (h) {
       var li = document.createElement("li"), a = document.createElement("a");
-      a.href = h.e.u;
+      a.href = withQuery(h.e.u, q.trim());
+      if (h.def) { var k = document.createElement("span"); k.className = "r-kind"; k.textContent = "def"; a.appendChild(k); }
       var t = document.createElement("span"); t.className = "r-title"; t.textContent = h.e.h || h.e.t;
       var w = document.createElement("span"); w.className = "r-where"; w.textContent = "  " + h.e.t;
       var x = document.createElement("span"); x.className = "r-text"; x.textContent = snippet(h.e.x || "", h.term);
@@ -98,7 +196,8 @@
     list.hidden = false;
   }
   if (input && list) {
-    input.addEventListener("input", function () { render(input.value); });
+    input.addEventListener("focus", function () { loadIndex(function () {}); });
+    input.addEventListener("input", function () { loadIndex(function () { render(input.value); }); });
     input.addEventListener("keydown", function (ev) {
       var links = list.querySelectorAll("a"), active = list.querySelector("a.active");
       var i = Array.prototype.indexOf.call(links, active);
@@ -121,4 +220,33 @@
       if (!list.contains(ev.target) && ev.target !== input) list.hidden = true;
     });
   }
+
+  // The words a search result was opened for, marked in the section it leads to (or the page).
+  function markQuery() {
+    var q = new URLSearchParams(window.location.search).get("q");
+    if (!q) return;
+    var terms = q.toLowerCase().split(/\s+/).filter(function (t) { return t.length > 1; });
+    if (!terms.length) return;
+    var id = decodeURIComponent(window.location.hash.slice(1));
+    var scope = (id && document.getElementById(id)) || document.querySelector("main");
+    scope = scope.closest(".section") || scope;
+    var pattern = new RegExp(terms.map(function (t) { return t.replace(/[.*+?^${}()|[\]\\]/g, "\\$&"); }).join("|"), "gi");
+    var nodes = [], walker = document.createTreeWalker(scope, NodeFilter.SHOW_TEXT);
+    for (var n = walker.nextNode(); n; n = walker.nextNode()) {
+      if (!n.parentElement.closest("math, script, style, .ln, .copy, .header-anchor, .section-link")) nodes.push(n);
+    }
+    var first = null;
+    nodes.forEach(function (node) {
+      var text = node.data, last = 0, frag = document.createDocumentFragment(), m;
+      pattern.lastIndex = 0;
+      while ((m = pattern.exec(text))) {
+        frag.appendChild(document.createTextNode(text.slice(last, m.index)));
+        var mark = document.createElement("mark"); mark.className = "search-hit"; mark.textContent = m[0];
+        frag.appendChild(mark); first = first || mark; last = m.index + m[0].length;
+      }
+      if (last) { frag.appendChild(document.createTextNode(text.slice(last))); node.parentNode.replaceChild(frag, node); }
+    });
+    if (first && !id) first.scrollIntoView({ block: "center" });
+  }
+  markQuery();
 })();
