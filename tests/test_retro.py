@@ -718,6 +718,24 @@ def test_cca_flops_counts_projections_and_attention():
     assert f == q + kv + attn + q
 
 
+@settings(max_examples=15, **HYPOTHESIS)
+@given(batch=st.integers(1, 2), seq_len=st.integers(1, 13), chunk_len=st.integers(2, 4), neighbors=st.integers(1, 3),
+       neighbor_len=st.integers(2, 5), n_heads=st.integers(1, 3), d_k=st.integers(2, 4))
+def test_property_cca_flops_equals_the_matrix_products_of_the_reference(batch, seq_len, chunk_len, neighbors,
+                                                                         neighbor_len, n_heads, d_k):
+    """`cca_flops` counts exactly the products `forward_reference` runs (PyTorch's FLOP counter agrees).
+    Sizes of 1 are left out: einsum then multiplies elementwise, which the counter does not count."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    layer = ChunkedCrossAttention(6, n_heads, d_k, chunk_len)
+    h = torch.randn(batch, seq_len, 6)
+    e = torch.randn(batch, seq_len // chunk_len, neighbors, neighbor_len, 6)
+    with FlopCounterMode(display=False) as counter:
+        layer(h, e, implementation="einsum")
+    assert counter.get_total_flops() == retro.cca_flops(batch, seq_len, 6, n_heads, d_k, chunk_len, neighbors,
+                                                        neighbor_len)
+
+
 def test_benchmark_size_is_180_gflop_of_which_key_value_projections_are_76_percent():
     """The figures the benchmark's docstring and notebook 02 state for its size."""
     f = retro.cca_flops(4, 2048, 1024, 16, 64, 64, 2, 128)
