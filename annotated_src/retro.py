@@ -72,9 +72,9 @@ and its fast path.
 
 * `ChunkedCrossAttention`: the readable einsum reference (`forward_reference`) and the same layer
   as one `scaled_dot_product_attention` call (`forward_sdpa`). By default the layer takes the fast
-  path of [`annotated_src/retro_fast.py`](retro_fast.py), which is `forward_sdpa` with keys and
-  values from one product and a bias-dropout-add that `torch.compile` can fuse; the switch
-  `annotated_src.fastpath.set_enabled("retro", False)` turns it off.
+  path of [`annotated_src/retro_fast.py`](annotated_src/retro_fast.py), which is `forward_sdpa`
+  with keys and values from one product and a bias-dropout-add that `torch.compile` can fuse; the
+  switch `annotated_src.fastpath.set_enabled("retro", False)` turns it off.
 * The neighbour encoder (`NeighborEncoder`) and the model (`RetroModel`), whose self-attention uses
   rotary embeddings from `annotated_src.rope`, and its `generate`, which retrieves whenever a chunk
   of the generated text completes.
