@@ -135,6 +135,17 @@ def test_property_every_path_equals_the_definition_over_shapes(batch, chunk_len,
         torch.testing.assert_close(run_layer(layer, h, e, path), want, rtol=1e-9, atol=1e-9, msg=path)
 
 
+def test_strided_inputs_and_an_empty_batch_give_the_same_result_in_every_path(gen):
+    layer = make_layer(gen)
+    h = torch.randn(14, 2, 16, generator=gen).transpose(0, 1)            # `[batch, seq_len, d_model]`, strided
+    e = torch.randn(2, 3, 8, 2, 16, generator=gen).transpose(2, 3)       # neighbours and time swapped back
+    assert not h.is_contiguous() and not e.is_contiguous()
+    want = run_layer(layer, h.contiguous(), e.contiguous(), "einsum")
+    for path in PATHS:
+        torch.testing.assert_close(run_layer(layer, h, e, path), want, rtol=1e-5, atol=1e-5, msg=path)
+        assert run_layer(layer, h[:0], e[:0], path).shape == (0, 14, 16)
+
+
 # ---------------------------------------------------------------- which positions read which neighbours
 
 @pytest.mark.parametrize("path", list(PATHS))
