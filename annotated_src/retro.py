@@ -665,6 +665,8 @@ class RetroModel(nn.Module):
                  generator: torch.Generator | None = None) -> torch.Tensor:
         """Continue `prompt` by `max_new_tokens` tokens, retrieving the neighbours of each chunk as it completes.
 
+        The model runs in its current mode: call `.eval()` first, or dropout acts at every step.
+
         Args:
             prompt (torch.Tensor): token ids `[b, s0]`, `s0 >= 1`, on the device of the weights.
             max_new_tokens (int): how many tokens to add; `s0 + max_new_tokens <= max_seq_len`.
