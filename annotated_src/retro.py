@@ -813,7 +813,8 @@ def build_chunk_database(documents: Sequence[torch.Tensor], chunk_len: int, embe
         documents (Sequence[torch.Tensor]): the corpus, 1-d tensors of token ids.
         chunk_len (int): $m$; a document of `L` tokens gives the chunks that start at `0, m, 2m, ...`
             with `2m` tokens left, `max(0, (L - 2m) // m + 1)` of them.
-        embedder (FrozenChunkEmbedder): makes the keys; moved to `device`.
+        embedder (FrozenChunkEmbedder): makes the keys; moved to the database's device (in place, as
+            `nn.Module.to` moves a module).
         device (torch.device | str | None): where the database lives. Default: the documents' device.
 
     Returns:
@@ -881,7 +882,8 @@ def retrieve(db: ChunkDatabase, x: torch.Tensor, k: int, embedder: FrozenChunkEm
         db (ChunkDatabase): the database.
         x (torch.Tensor): token ids `[batch, seq_len]`; its `seq_len // chunk_len` complete chunks are queries.
         k (int): neighbours per chunk, at most the chunks a query may retrieve from.
-        embedder (FrozenChunkEmbedder): the embedder that made `db.keys`.
+        embedder (FrozenChunkEmbedder): the embedder that made `db.keys`; moved to the database's
+            device (in place, as `nn.Module.to` moves a module).
         doc_ids (torch.Tensor | None): `[batch]` document ids of the rows of `x`: no neighbour of
             row `b` comes from document `doc_ids[b]` (the training rule). Default None.
         query_block (int): how many queries share one distance matrix (bounds the memory). Default 4096.
