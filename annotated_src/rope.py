@@ -525,6 +525,9 @@ def _check_positions(input_pos, x: torch.Tensor, max_seq_len: int | None) -> tor
 # * `interleaved` picks the pair layout: `False` pairs $(i, i + d/2)$, `True` pairs $(2i, 2i+1)$
 # * `fast` overrides the fast-path switch for this module: `None` follows it, `True` always takes
 #   the fast path, `False` never (see the fork above)
+# * `scaling` (`RotaryPositionalEmbeddings` only) scales the frequencies for a longer context, as
+#   `rope_frequencies` does, for a context of `max_seq_len` tokens; YaRN's attention factor
+#   multiplies the tables
 #
 # The tables are `[max_seq_len, dim / 2]` float32 buffers, registered as non-persistent so that
 # the module has no `state_dict` entries (they are a function of the arguments, not learned).
@@ -545,7 +548,8 @@ class _RotaryBase(nn.Module):
         if fast is not None and not isinstance(fast, bool):
             fail("fast", fast, "None (follow annotated_src.fastpath), True or False", TypeError)
         self.dim, self.max_seq_len, self.base = dim, max_seq_len, base
-        self.interleaved, self.fast, self.scaling = interleaved, fast, scaling
+        self.interleaved, self.fast = interleaved, fast
+        self.scaling = dict(scaling) if isinstance(scaling, dict) else scaling
         # $\theta_i$ (scaled for a longer context if asked, for the whole table) and the factor of the
         # tables, both fixed for the module's life.
         self.inv_freq, self.attention_factor = rope_frequencies(
