@@ -72,9 +72,9 @@ and its fast path.
 
 * `ChunkedCrossAttention`: the readable einsum reference (`forward_reference`) and the same layer
   as one `scaled_dot_product_attention` call (`forward_sdpa`). By default the layer takes the fast
-  path of [`annotated_src/retro_fast.py`](retro_fast.py), which is `forward_sdpa` with keys and
-  values from one product and a bias-dropout-add that `torch.compile` can fuse; the switch
-  `annotated_src.fastpath.set_enabled("retro", False)` turns it off.
+  path of [`annotated_src/retro_fast.py`](annotated_src/retro_fast.py), which is `forward_sdpa`
+  with keys and values from one product and a bias-dropout-add that `torch.compile` can fuse; the
+  switch `annotated_src.fastpath.set_enabled("retro", False)` turns it off.
 * The neighbour encoder (`NeighborEncoder`) and the model (`RetroModel`), whose self-attention uses
   rotary embeddings from `annotated_src.rope`, and its `generate`, which retrieves whenever a chunk
   of the generated text completes.
@@ -665,6 +665,8 @@ class RetroModel(nn.Module):
                  generator: torch.Generator | None = None) -> torch.Tensor:
         """Continue `prompt` by `max_new_tokens` tokens, retrieving the neighbours of each chunk as it completes.
 
+        The model runs in its current mode: call `.eval()` first, or dropout acts at every step.
+
         Args:
             prompt (torch.Tensor): token ids `[b, s0]`, `s0 >= 1`, on the device of the weights.
             max_new_tokens (int): how many tokens to add; `s0 + max_new_tokens <= max_seq_len`.
@@ -811,7 +813,8 @@ def build_chunk_database(documents: Sequence[torch.Tensor], chunk_len: int, embe
         documents (Sequence[torch.Tensor]): the corpus, 1-d tensors of token ids.
         chunk_len (int): $m$; a document of `L` tokens gives the chunks that start at `0, m, 2m, ...`
             with `2m` tokens left, `max(0, (L - 2m) // m + 1)` of them.
-        embedder (FrozenChunkEmbedder): makes the keys; moved to `device`.
+        embedder (FrozenChunkEmbedder): makes the keys; moved to the database's device (in place, as
+            `nn.Module.to` moves a module).
         device (torch.device | str | None): where the database lives. Default: the documents' device.
 
     Returns:
@@ -879,7 +882,8 @@ def retrieve(db: ChunkDatabase, x: torch.Tensor, k: int, embedder: FrozenChunkEm
         db (ChunkDatabase): the database.
         x (torch.Tensor): token ids `[batch, seq_len]`; its `seq_len // chunk_len` complete chunks are queries.
         k (int): neighbours per chunk, at most the chunks a query may retrieve from.
-        embedder (FrozenChunkEmbedder): the embedder that made `db.keys`.
+        embedder (FrozenChunkEmbedder): the embedder that made `db.keys`; moved to the database's
+            device (in place, as `nn.Module.to` moves a module).
         doc_ids (torch.Tensor | None): `[batch]` document ids of the rows of `x`: no neighbour of
             row `b` comes from document `doc_ids[b]` (the training rule). Default None.
         query_block (int): how many queries share one distance matrix (bounds the memory). Default 4096.

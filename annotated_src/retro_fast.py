@@ -1,16 +1,17 @@
 r"""
 ---
 title: How the RETRO chapter is made fast
-summary: Chunked cross-attention as one scaled_dot_product_attention call with the chunks as a batch, keys and values from one matrix product, and the output bias, dropout and residual in one elementwise pass that torch.compile can fuse into one kernel.
+summary: Chunked cross-attention as one scaled_dot_product_attention call with the chunks as a batch, keys and values from one matrix product, and the output bias, dropout and residual in one elementwise function that torch.compile fuses.
 ---
 
 # How the RETRO chapter is made fast
 
-The lesson is [`annotated_src/retro.py`](retro.py): it computes chunked cross-attention twice in
-readable PyTorch, as einsums (`forward_reference`) and as one `scaled_dot_product_attention` call
-in which the chunk becomes a batch dimension (`forward_sdpa`). This page holds what the layer runs
-by default instead, and why. There is no Triton kernel in this chapter: the fast path is the SDPA
-formulation with three changes that only save memory traffic and launches.
+The lesson is [`annotated_src/retro.py`](annotated_src/retro.py): it computes chunked
+cross-attention twice in readable PyTorch, as einsums (`forward_reference`) and as one
+`scaled_dot_product_attention` call in which the chunk becomes a batch dimension (`forward_sdpa`).
+This page holds what the layer runs by default instead, and why. There is no Triton kernel in this
+chapter: the fast path is the SDPA formulation with changes that only save memory traffic and
+launches.
 
 | piece | stands for, in the lesson | what it saves | measured by |
 | --- | --- | --- | --- |
@@ -19,10 +20,10 @@ formulation with three changes that only save memory traffic and launches.
 | `chunked_bias_dropout_add` | the last three lines of `forward_sdpa`: output bias, dropout, residual | nothing by itself (eagerly, the projection would add the bias within its product): it gathers the elementwise steps into one function for the next row | suite `retro`, row `eager` of `bias-dropout-add` |
 | `fused_chunked_bias_dropout_add` | `chunked_bias_dropout_add`, compiled by `torch.compile` | each element of `y` and `h` read once and of the result written once, instead of four passes over memory | suite `retro`, rows `eager` and `compiled` of `bias-dropout-add` (CUDA only) |
 
-What SDPA itself saves over the einsum reference (on a GPU its flash kernel never writes the
-`[batch, chunks, n_heads, chunk_len, neighbors * neighbor_len]` score tensor to memory, which the
-reference writes and reads back) is the lesson's own point, measured by the rows `einsum reference`
-and `sdpa fast path` of the same suite.
+What SDPA itself saves over the einsum reference (where it picks a fused kernel, on a GPU in bf16
+or fp16, the `[batch, chunks, n_heads, chunk_len, neighbors * neighbor_len]` score tensor is never
+written to memory; the reference writes it and reads it back) is the lesson's own point, measured
+by the rows `einsum reference` and `sdpa fast path` of the same suite.
 
 The lesson takes this path through the one switch of `annotated_src.fastpath`:
 
@@ -34,7 +35,7 @@ if implementation == "sdpa" and fastpath.is_enabled("retro") and retro_fast.supp
 `fastpath.set_enabled("retro", False)` (or `ANNOTATED_SRC_FAST_PATHS=retro`) runs the lesson's
 `forward_sdpa` instead. The fork asks `fastpath.is_enabled` rather than `fastpath.applies`: that
 second question is whether Triton kernels can run on a device, and this chapter has none; SDPA
-runs wherever PyTorch does, and `torch.compile` may trace this path like any other PyTorch code.
+runs wherever PyTorch runs, and `torch.compile` may trace this path like any other PyTorch code.
 
 This file imports nothing from its lesson: the lesson hands it the tensors, its `LayerNorm` and
 `Linear` modules, and the numbers of the layer.

@@ -131,8 +131,8 @@ from annotated_src.rope_fast import apply_rotary_compiled, apply_rotary_fast, ap
 # ## The angles
 #
 # $\theta_i = \text{base}^{-2i/d}$ and the angle of pair $i$ at position $m$ is $m\theta_i$.
-# `positions` is an integer (or real) tensor of any shape; the result has that shape plus a last dimension
-# of $d/2$.
+# `positions` is an integer (or real) tensor of any shape; the result has that shape plus a last
+# dimension of $d/2$.
 #
 # The computation happens in `dtype`, float64 by default: an angle near $8192$ radians rounded to
 # float32 is off by up to $5 \cdot 10^{-4}$ radians (half the spacing of float32 numbers there,
@@ -259,13 +259,14 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, inter
 #
 # A model trained on $L$ tokens has seen the angles $m\theta_i$ for $m < L$ only. Past $L$, the slow
 # pairs, which had not completed a turn within $L$ tokens, reach angles never seen in training, and
-# the model's quality drops. Four published ways to run such a model on longer inputs change the
+# the model's quality drops. Four ways in use to run such a model on longer inputs change the
 # frequencies $\theta_i$ (the rotation itself is unchanged). With $s$ = `factor`, the ratio of the
 # new context to the old one, and $L$ = `original_max_position_embeddings`:
 #
-# * **Position interpolation**, `"linear"` ([Chen et al., arXiv 2306.15595](https://arxiv.org/abs/2306.15595)):
-#   squeeze the positions, $m \to m/s$, which is the same as $\theta_i \to \theta_i / s$. Every
-#   angle stays in the trained range, but neighbouring tokens are $s$ times closer together.
+# * **Position interpolation**, `"linear"`
+#   ([Chen et al., arXiv 2306.15595](https://arxiv.org/abs/2306.15595)): squeeze the positions,
+#   $m \to m/s$, which is the same as $\theta_i \to \theta_i / s$. Every angle stays in the trained
+#   range, but neighbouring tokens are $s$ times closer together.
 # * **NTK-aware**, `"dynamic"` (bloc97's and emozilla's Reddit posts, 2023, as Hugging Face
 #   implements them): raise the base instead, $\text{base}' = \text{base}\cdot\kappa^{d/(d-2)}$,
 #   which leaves $\theta_0 = 1$ unchanged and divides the slowest frequency by $\kappa$. "Dynamic"
@@ -274,14 +275,17 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, inter
 # * **YaRN**, `"yarn"` ([Peng et al., arXiv 2309.00071](https://arxiv.org/abs/2309.00071)): interpolate
 #   only the slow pairs. Pair $i$ turns $r_i = L\theta_i / 2\pi$ times over the old context; pairs that
 #   turn more than $\beta$ = `beta_fast` (32) times keep $\theta_i$, pairs that turn fewer than
-#   $\alpha$ = `beta_slow` (1) times get $\theta_i/s$, and a linear ramp $\gamma_i$ over the pair index
-#   blends the two in between: $\theta_i' = (1 - \gamma_i)\,\theta_i + \gamma_i\,\theta_i/s$. YaRN also
-#   sharpens the softmax, multiplying queries and keys by $\sqrt{1/t} = 0.1 \ln s + 1$
+#   $\alpha$ = `beta_slow` (1) times get $\theta_i/s$, and a ramp $\gamma_i$ from 0 to 1 blends the
+#   two in between: $\theta_i' = (1 - \gamma_i)\,\theta_i/s + \gamma_i\,\theta_i$. The paper writes
+#   the ramp linear in $r_i$; the authors' code and Hugging Face make it linear in the pair index $i$
+#   between the pairs that turn $\beta$ and $\alpha$ times (rounded outwards unless `truncate` is
+#   False), and so do we. YaRN also sharpens the softmax, multiplying queries and keys by $\sqrt{1/t} = 0.1 \ln s + 1$
 #   (`attention_factor`): here it multiplies the $\cos$ and $\sin$ tables, as in Hugging Face.
 # * **Llama 3**, `"llama3"` (Meta's reference code for Llama 3.1, `apply_scaling`): the same idea with
 #   wavelengths $\lambda_i = 2\pi/\theta_i$ and two thresholds, $L$/`high_freq_factor` and
 #   $L$/`low_freq_factor`: shorter wavelengths keep $\theta_i$, longer ones get $\theta_i/s$, and in
-#   between $\theta_i' = (1 - g)\,\theta_i/s + g\,\theta_i$ with $g = (L/\lambda_i - \text{low})/(\text{high} - \text{low})$.
+#   between $\theta_i' = (1 - g)\,\theta_i/s + g\,\theta_i$ with
+#   $g = (L/\lambda_i - \text{low})/(\text{high} - \text{low})$.
 #
 # `scaling` is a dict with Hugging Face's configuration keys (`rope_type`, `factor`, ...), so a
 # model's `rope_scaling` or `rope_parameters` can be passed as it is; the tests check the
@@ -348,12 +352,13 @@ def _yarn(theta: torch.Tensor, dim: int, base: float, s: float, L: int, p: dict)
         low, high = math.floor(low), math.ceil(high)
     low, high = max(low, 0), min(high, dim - 1)
     high = high + 0.001 if low == high else high
-    # $\gamma_i$: 0 for the fast pairs (kept), 1 for the slow ones (interpolated), a ramp between.
-    gamma = ((torch.arange(dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+    # $1 - \gamma_i$, linear in the pair index: 0 for the fast pairs (kept), 1 for the slow ones
+    # (interpolated).
+    ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
     factor = p.get("attention_factor")
     if factor is None:
         factor = 0.1 * math.log(s) + 1 if s > 1 else 1.0
-    return (1 - gamma) * theta + gamma * theta / s, float(factor)
+    return ramp * theta / s + (1 - ramp) * theta, float(factor)
 
 
 def _llama3(theta: torch.Tensor, s: float, L: int, low: float, high: float) -> torch.Tensor:
@@ -402,9 +407,10 @@ def _check_scaling(scaling, dim: int, base: float, seq_len) -> tuple[str, dict]:
 #
 # The rotation, `apply_rotary`, is the whole method. Its fast path, one Triton kernel that reads
 # and writes every element once, lives on a page of its own,
-# [`annotated_src/rope_fast.py`](rope_fast.py), with the autograd Function whose backward is the same kernel with the opposite angle and a
-# `torch.compile` version for where the kernel does not run. The modules below rotate through this
-# fork: the fast path where it applies, else the readable rotation.
+# [`annotated_src/rope_fast.py`](rope_fast.py), with the autograd Function whose backward is the
+# same kernel with the opposite angle, and a `torch.compile` version for where the kernel does not
+# run. The modules below rotate through this fork: the fast path where it applies, else the
+# readable rotation.
 #
 # * `fast=None` (the modules' default) follows the switch `annotated_src.fastpath` (on unless
 #   turned off) and takes the kernel where it runs (a CUDA GPU, or the CPU under Triton's
@@ -519,6 +525,9 @@ def _check_positions(input_pos, x: torch.Tensor, max_seq_len: int | None) -> tor
 # * `interleaved` picks the pair layout: `False` pairs $(i, i + d/2)$, `True` pairs $(2i, 2i+1)$
 # * `fast` overrides the fast-path switch for this module: `None` follows it, `True` always takes
 #   the fast path, `False` never (see the fork above)
+# * `scaling` (`RotaryPositionalEmbeddings` only) scales the frequencies for a longer context, as
+#   `rope_frequencies` does, for a context of `max_seq_len` tokens; YaRN's attention factor
+#   multiplies the tables
 #
 # The tables are `[max_seq_len, dim / 2]` float32 buffers, registered as non-persistent so that
 # the module has no `state_dict` entries (they are a function of the arguments, not learned).
@@ -539,7 +548,8 @@ class _RotaryBase(nn.Module):
         if fast is not None and not isinstance(fast, bool):
             fail("fast", fast, "None (follow annotated_src.fastpath), True or False", TypeError)
         self.dim, self.max_seq_len, self.base = dim, max_seq_len, base
-        self.interleaved, self.fast, self.scaling = interleaved, fast, scaling
+        self.interleaved, self.fast = interleaved, fast
+        self.scaling = dict(scaling) if isinstance(scaling, dict) else scaling
         # $\theta_i$ (scaled for a longer context if asked, for the whole table) and the factor of the
         # tables, both fixed for the module's life.
         self.inv_freq, self.attention_factor = rope_frequencies(

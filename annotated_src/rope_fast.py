@@ -6,7 +6,7 @@ summary: The rotation of the RoPE chapter as one Triton kernel (one program per 
 
 # How the RoPE chapter is made fast
 
-The lesson is [`annotated_src/rope.py`](rope.py): the rotation, the modules and the one place
+The lesson is [`annotated_src/rope.py`](../annotated_src/rope.py): the rotation, the modules and the one place
 where they fork to this page. Here is what they fork to.
 
 | kernel | stands for (in `annotated_src/rope.py`) | what it saves | how it was measured |

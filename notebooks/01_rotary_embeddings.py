@@ -13,8 +13,9 @@
 # This notebook shows the idea with pictures, checks the properties that
 # [`annotated_src/rope.py`](../annotated_src/rope.py) claims (`tests/test_rope.py` checks them all),
 # shows the bfloat16 pitfall that the module avoids, and times the implementations on the GPU.
-# Every number printed below is a check that holds on any device; the timings (marked) are those
-# of the GPU the stored outputs come from.
+# Every value printed below is the same on any device (the notebook's CPU re-run is compared with
+# these stored outputs); the timings, in the "Timing" section, are those of the GPU the stored
+# outputs come from.
 
 # %% tags=["nbval-ignore-output"]
 from annotated_src.notebook_utils import provenance, pick_device, randn

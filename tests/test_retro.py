@@ -135,6 +135,17 @@ def test_property_every_path_equals_the_definition_over_shapes(batch, chunk_len,
         torch.testing.assert_close(run_layer(layer, h, e, path), want, rtol=1e-9, atol=1e-9, msg=path)
 
 
+def test_strided_inputs_and_an_empty_batch_give_the_same_result_in_every_path(gen):
+    layer = make_layer(gen)
+    h = torch.randn(14, 2, 16, generator=gen).transpose(0, 1)            # `[batch, seq_len, d_model]`, strided
+    e = torch.randn(2, 3, 8, 2, 16, generator=gen).transpose(2, 3)       # neighbours and time swapped back
+    assert not h.is_contiguous() and not e.is_contiguous()
+    want = run_layer(layer, h.contiguous(), e.contiguous(), "einsum")
+    for path in PATHS:
+        torch.testing.assert_close(run_layer(layer, h, e, path), want, rtol=1e-5, atol=1e-5, msg=path)
+        assert run_layer(layer, h[:0], e[:0], path).shape == (0, 14, 16)
+
+
 # ---------------------------------------------------------------- which positions read which neighbours
 
 @pytest.mark.parametrize("path", list(PATHS))
@@ -509,15 +520,15 @@ def test_encoder_errors_are_named(call, exc, match, gen):
 
 # ---------------------------------------------------------------- generation
 
-@pytest.mark.parametrize("prompt_len", [1, 3, 4, 6])
+@pytest.mark.parametrize("prompt_len", [3, 4])
 def test_each_greedy_token_is_the_argmax_of_the_full_model_with_the_neighbours_of_its_completed_chunks(prompt_len,
                                                                                                       gen):
     m, k = 4, 2
     model = make_model(chunk_len=m)
     docs, emb, db = small_corpus(gen)
     prompt = torch.randint(0, 20, (2, prompt_len), generator=gen)
-    out = model.generate(prompt, 11, db=db, embedder=emb, k=k)
-    assert out.shape == (2, prompt_len + 11) and torch.equal(out[:, :prompt_len], prompt)
+    out = model.generate(prompt, 9, db=db, embedder=emb, k=k)
+    assert out.shape == (2, prompt_len + 9) and torch.equal(out[:, :prompt_len], prompt)
     for t in range(prompt_len, out.shape[1]):
         x = out[:, :t]
         logits = model(x, retrieve(db, x, k, emb).tokens)[:, -1]
@@ -529,7 +540,7 @@ def test_sampled_generation_draws_each_token_from_softmax_of_logits_over_tempera
     model = make_model(chunk_len=m)
     docs, emb, db = small_corpus(gen)
     prompt = torch.randint(0, 20, (1, 5), generator=gen)
-    out = model.generate(prompt, 9, db=db, embedder=emb, k=k, temperature=temperature,
+    out = model.generate(prompt, 6, db=db, embedder=emb, k=k, temperature=temperature,
                          generator=torch.Generator().manual_seed(3))
     # The same draws, step by step, from the full model on the text so far.
     g = torch.Generator().manual_seed(3)
@@ -537,11 +548,10 @@ def test_sampled_generation_draws_each_token_from_softmax_of_logits_over_tempera
         x = out[:, :t]
         p = torch.softmax(model(x, retrieve(db, x, k, emb).tokens)[:, -1] / temperature, dim=-1)
         assert torch.equal(out[:, t], torch.multinomial(p, 1, generator=g)[:, 0]), f"token {t}"
-    # A different seed gives a different continuation: the draws are random, not the argmax.
-    other = model.generate(prompt, 9, db=db, embedder=emb, k=k, temperature=temperature,
+    # Another seed, another continuation: the draws are random, not the argmax.
+    other = model.generate(prompt, 6, db=db, embedder=emb, k=k, temperature=temperature,
                            generator=torch.Generator().manual_seed(4))
-    greedy = model.generate(prompt, 9, db=db, embedder=emb, k=k)
-    assert not (torch.equal(other, out) and torch.equal(out, greedy))
+    assert not torch.equal(other, out)
 
 
 def test_generation_errors_are_named(gen):
@@ -716,6 +726,24 @@ def test_cca_flops_counts_projections_and_attention():
     kv = 2 * 2 * 4 * 32 * 256 * 1024 * 1024
     attn = 2 * 2 * 4 * 32 * 16 * 64 * 256 * 64
     assert f == q + kv + attn + q
+
+
+@settings(max_examples=15, **HYPOTHESIS)
+@given(batch=st.integers(1, 2), seq_len=st.integers(1, 13), chunk_len=st.integers(2, 4), neighbors=st.integers(1, 3),
+       neighbor_len=st.integers(2, 5), n_heads=st.integers(1, 3), d_k=st.integers(2, 4))
+def test_property_cca_flops_equals_the_matrix_products_of_the_reference(batch, seq_len, chunk_len, neighbors,
+                                                                         neighbor_len, n_heads, d_k):
+    """`cca_flops` counts exactly the products `forward_reference` runs (PyTorch's FLOP counter agrees).
+    Sizes of 1 are left out: einsum then multiplies elementwise, which the counter does not count."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    layer = ChunkedCrossAttention(6, n_heads, d_k, chunk_len)
+    h = torch.randn(batch, seq_len, 6)
+    e = torch.randn(batch, seq_len // chunk_len, neighbors, neighbor_len, 6)
+    with FlopCounterMode(display=False) as counter:
+        layer(h, e, implementation="einsum")
+    assert counter.get_total_flops() == retro.cca_flops(batch, seq_len, 6, n_heads, d_k, chunk_len, neighbors,
+                                                        neighbor_len)
 
 
 def test_benchmark_size_is_180_gflop_of_which_key_value_projections_are_76_percent():
