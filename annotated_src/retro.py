@@ -60,8 +60,9 @@ and its fast path.
   implementation, which `tests/test_retro.py` compares with ours when it is installed, does the
   same).
 * **Which layers read the neighbours.** The paper interleaves chunked cross-attention into a set
-  $P$ of its decoder layers, every third layer rather than all of them, and encodes the neighbours
-  once, with the decoder's activations at the first layer of $P$. Here `ca_layers` is the caller's
+  $P$ of its decoder layers, one every three blocks starting from layer 6 (layers 6, 9 and 12 in
+  its smallest model, section 4 of the paper), and encodes the neighbours once, with the decoder's
+  activations at the first layer of $P$. Here `ca_layers` is the caller's
   choice (the notebook's two-layer model reads in its second layer); the encoder runs at the first
   of them, as in the paper.
 * **The retriever.** The paper embeds chunks with a frozen BERT averaged over tokens and searches a
