@@ -61,7 +61,7 @@ and its fast path.
   same).
 * **Which layers read the neighbours.** The paper interleaves chunked cross-attention into a set
   $P$ of its decoder layers, one every three blocks starting from layer 6 (layers 6, 9 and 12 in
-  its smallest model, section 4 of the paper), and encodes the neighbours once, with the decoder's
+  its smallest model), and encodes the neighbours once, with the decoder's
   activations at the first layer of $P$. Here `ca_layers` is the caller's
   choice (the notebook's two-layer model reads in its second layer); the encoder runs at the first
   of them, as in the paper.
