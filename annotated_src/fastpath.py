@@ -15,7 +15,9 @@ if fastpath.applies("rope", x) and rope_fast.supports(x, ...):
 # ... the readable code
 ```
 
-The fast-path page (`annotated_src/<chapter>_fast.py`) holds the Triton kernels, the private aten
+`applies` is for fast paths of Triton kernels (it asks where they run); a fast path built only
+from public PyTorch operations, such as RETRO's, forks on `is_enabled("retro")` and its own
+`supports`. The fast-path page (`annotated_src/<chapter>_fast.py`) holds the Triton kernels, the private aten
 calls and the CUDA graphs, and says what each replaces and what it saves. It imports nothing from
 its lesson: the lesson hands it tensors, numbers and weights.
 
@@ -148,7 +150,7 @@ def kernels_run_on(device: torch.device | str) -> bool:
 
 
 def applies(chapter: str, *tensors: torch.Tensor) -> bool:
-    """The common half of every fork: `chapter`'s fast path is switched on, autograd is not being
+    """The common half of every fork to Triton kernels: `chapter`'s fast path is switched on, autograd is not being
     traced by `torch.compile` (which compiles the readable code itself), and every tensor lies on
     one device where our kernels run. Each chapter's `supports(...)` adds what its kernels need."""
     if not is_enabled(chapter) or torch.compiler.is_compiling():
