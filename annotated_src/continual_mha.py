@@ -356,13 +356,12 @@ class _ContinualMultiheadAttention(nn.MultiheadAttention):
         return torch.promote_types(like.dtype, torch.float32)
 
     # The fast path covers the common case: the state updated, self-attention with the stacked
-    # `in_proj_weight`, the window already full (`fastpath.applies` and `continual_mha_fast.supports`
-    # add what the kernels need: a device they run on, float32, a head dimension they are built
-    # for). Every other step takes the readable path, on the same state.
-    def _fast_case(self, query, key, value, update_state) -> bool:
+    # `in_proj_weight`, the window already full. At the fork, `fastpath.applies` and
+    # `continual_mha_fast.supports` add what the kernels need: a device they run on, float32, a
+    # head dimension they are built for. Every other step takes the readable path, on the same state.
+    def _fast_case(self, key, value, update_state) -> bool:
         return (update_state and key is None and value is None and self._qkv_same_embed_dim
-                and self._t >= self.sequence_len and fastpath.applies("continual_mha", query, self.in_proj_weight)
-                and continual_mha_fast.supports(query, self.head_dim, self.in_proj_weight, self._weights()))
+                and self._t >= self.sequence_len)
 
     def _weights(self) -> tuple:
         return self.in_proj_weight, self.in_proj_bias, self.out_proj.weight, self.out_proj.bias
@@ -685,7 +684,9 @@ class SingleOutputMultiheadAttention(_ContinualMultiheadAttention):
         query, key, value = self._step_input(query), self._step_input(key), self._step_input(value)
         self._check_step(query, key, value, update_state)
         b, n, t = query.shape[0], self.sequence_len, self._t
-        if self.query_index == n - 1 and self._fast_case(query, key, value, update_state):
+        if (self.query_index == n - 1 and self._fast_case(key, value, update_state)
+                and fastpath.applies("continual_mha", query, self.in_proj_weight)
+                and continual_mha_fast.supports(query, self.head_dim, self.in_proj_weight, self._weights())):
             return fastpath.run("continual_mha", self._fast_step, query)
         if self._kv is None:
             self._allocate(b, query)
@@ -817,7 +818,8 @@ class RetroactiveMultiheadAttention(_ContinualMultiheadAttention):
         """
         query, key, value = self._step_input(query), self._step_input(key), self._step_input(value)
         self._check_step(query, key, value, update_state)
-        if self._fast_case(query, key, value, update_state):
+        if (self._fast_case(key, value, update_state) and fastpath.applies("continual_mha", query, self.in_proj_weight)
+                and continual_mha_fast.supports(query, self.head_dim, self.in_proj_weight, self._weights())):
             return fastpath.run("continual_mha", self._fast_step, query)
         b, n, t, h, d = query.shape[0], self.sequence_len, self._t, self.num_heads, self.head_dim
         if self._kv is None:

@@ -605,6 +605,7 @@ if triton is not None:
     def _retro_refresh_kernel(q_ptr, stride_q_b, stride_q_h, stride_q_s, kv_ptr, stride_kv_part, stride_kv_b,
                               stride_kv_h, stride_kv_s, n_keys, num_ptr, den_ptr, max_ptr, peak_ptr, stale_ptr, n, H,
                               scale, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+        tl.static_assert(D >= 16)  # the inner dimension of `tl.dot`
         pair, bi, hi, rows, rmask = _pair_rows(H, n, BLOCK_R)
         r = pair * n + rows
         stale = tl.load(stale_ptr + r, mask=rmask, other=0) != 0
