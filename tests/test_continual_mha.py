@@ -1044,3 +1044,17 @@ def test_layers_work_inside_continual_inference_containers_like_its_own(cls):
             torch.testing.assert_close(a.forward(x[:, :, :L]), want, atol=2e-5, rtol=1e-5)
     with pytest.raises(TypeError, match="state: got 'list'"):
         ours.set_state([])
+
+
+def test_bench_suite_checks_every_variant_against_regular_attention(monkeypatch):
+    # The suite at its CPU size with the clock stubbed out: every variant it would time runs its
+    # check against regular attention over the same window (a wrong one raises), none is left out.
+    from annotated_src.bench import continual as bench
+
+    monkeypatch.setattr(bench, "time_ms", lambda fn, device=None: (fn(), 1.0)[1])
+    rows = bench.run("cpu")
+    names = {r.name for r in rows}
+    assert {"recompute (nn.MultiheadAttention, newest query)", "ours single-output step", "ours retroactive step",
+            "ours single-output step, readable path", "ours retroactive step, readable path"} <= names
+    assert not any("error" in r.extra for r in rows)
+    assert all(r.flops is None for r in rows)  # float32 work is not judged against a bf16 ceiling
