@@ -102,7 +102,7 @@ writes each row straight to its place in the output, so the reordering costs no 
 
 Internally the buffers are `[batch, n_heads, window, head_dim]` because that is the layout
 `scaled_dot_product_attention` and batched matrix products read without a copy; everything
-that enters or leaves the module is batch first.
+that enters or leaves the module is in the stream's layout (batch first by default).
 
 ## Compared with continual-inference
 
@@ -380,6 +380,8 @@ class _ContinualMultiheadAttention(nn.MultiheadAttention):
         kv = torch.zeros(2, batch, h, n + self.n_extra_keys, d, device=like.device, dtype=like.dtype)
         # The extra keys sit after the ring and never move: `bias_k`/`bias_v` (already projected, as
         # `nn.MultiheadAttention` appends them after the projection), then the zero key and value.
+        # They are copied when a stream starts: new values of `bias_k`/`bias_v` take effect at the
+        # next `clean_state`.
         if self.bias_k is not None:
             kv[0, :, :, n] = self.bias_k.detach().reshape(h, d).to(like.dtype)
             kv[1, :, :, n] = self.bias_v.detach().reshape(h, d).to(like.dtype)

@@ -8,7 +8,8 @@
 # reorder the computation so that each step only does the new work, with outputs *identical* to
 # the regular encoder's. This notebook shows what is redundant, derives the two updates
 # (single-output and retroactive), checks that every step equals regular attention (also after
-# $10^4$ steps and with huge logits), counts the operations saved and times them on a GPU.
+# $10^4$ steps; with huge logits, as accurately as regular float32 attention), counts the
+# operations saved and times them on a GPU.
 #
 # Everything comes from `annotated_src.continual_mha`; this notebook defines no model.
 
