@@ -114,10 +114,20 @@ HEAD_DIMS = (16, 32, 64, 128)
 
 def supports(query: torch.Tensor, head_dim: int, in_proj_weight: torch.Tensor | None,
              weights: tuple[torch.Tensor | None, ...]) -> bool:
-    """Whether the kernels take this step: a float32 token `[batch, d_model]`, a head dimension the
-    kernels' blocks are built for, the stacked in-projection, and float32 contiguous weights on the
-    token's device (`weights`: in-projection weight and bias, output weight and bias; a bias may be
-    `None`)."""
+    """Whether the kernels take this step (the lesson checks the rest of the fork: the device, the
+    switch, the window full, self-attention, the state updated).
+
+    Args:
+        query (torch.Tensor): the step's token, `[batch, d_model]`.
+        head_dim (int): `d_model // num_heads`.
+        in_proj_weight (torch.Tensor | None): the stacked `[3 d_model, d_model]` in-projection, or
+            `None` when the layer has separate query, key and value weights.
+        weights (tuple): in-projection weight and bias, output weight and bias (a bias may be `None`).
+
+    Returns:
+        bool: Triton is installed, the token is float32, `head_dim` is one of `HEAD_DIMS`, the
+        in-projection is stacked, and every weight is float32, contiguous and on the token's device.
+    """
     return (triton is not None and query.dtype == torch.float32 and head_dim in HEAD_DIMS
             and in_proj_weight is not None
             and all(p is None or (p.dtype == torch.float32 and p.is_contiguous() and p.device == query.device)
@@ -880,7 +890,12 @@ def new_row(q: torch.Tensor, kv: torch.Tensor, scale: float, scratch: tuple, sta
 
 
 def retro_refresh(q_ring: torch.Tensor, kv: torch.Tensor, state: tuple, stale: torch.Tensor, scale: float) -> None:
-    """Recompute exactly the rows flagged in `stale` (arguments as in `retro_update`)."""
+    """Recompute exactly the rows flagged in `stale`; the others are left as they are.
+
+    Args:
+        q_ring, kv, state, scale: as in `retro_update`.
+        stale (torch.Tensor): `[batch, n_heads, n]` int8, the flags `retro_update` wrote.
+    """
     num, den, mx, peak = state
     b, h, n, d = q_ring.shape
     sq, skv = q_ring.stride(), kv.stride()
