@@ -25,7 +25,7 @@ the CPU under Triton's interpreter.
 | `_small_linear_kernel` (`small_linear`) | single-output: the output projection `F.linear(o, out_proj.weight, out_proj.bias)` | as the in-projection; writes straight into the tensor the step returns | S |
 | `_qkv_into_ring_kernel` (`qkv_into_ring`) | retroactive: `ring[0].to(sd, copy=True)`, `ring.copy_(kv)`, `self._q[:, :, slot] = q` | three copies in one launch | R |
 | `_retro_update_kernel` (`retro_update`) | retroactive: the two scores of every row and `retroactive_update` | scores, weights, numerators, denominators, peaks and rule 2's flags in one pass over the state | R |
-| `_new_row_partial_kernel`, `_new_row_combine_kernel` (`new_row`) | retroactive: `exact_row_state` of the new query | the new row by flash decoding | R |
+| `_new_row_partial_kernel` (`new_row_partial`), `_new_row_combine_kernel` (`new_row_combine`) | retroactive: `exact_row_state` of the new query | the new row by flash decoding | R |
 | `_retro_refresh_kernel` (`retro_refresh`) | retroactive: `_refresh` (rule 2's recomputation) | the host never waits to learn whether a row went stale: the flags are read on the device | R |
 | `_retro_output_kernel` (`retro_output`) | retroactive: the division $\tilde N_i / \tilde D_i$, the reordering oldest first and `F.linear(heads, out_proj.weight, out_proj.bias)` | the division's and the reordering's passes over the state | R |
 
@@ -866,16 +866,14 @@ def retro_update(q_ring, kv, old, state, stale, count, slot: int, scale: float, 
                                D=d, BLOCK_R=RETRO_BLOCK_R)
 
 
-def new_row(q: torch.Tensor, kv: torch.Tensor, scale: float, scratch: tuple, state: tuple, slot: int) -> None:
-    """The exact retroactive state of one query per `(batch, head)`, into slot `slot` of `state`.
+def new_row_partial(q: torch.Tensor, kv: torch.Tensor, scale: float, scratch: tuple) -> None:
+    """Each chunk's softmax statistics of one query per `(batch, head)` over all keys, into `scratch`.
 
     Args:
         q (torch.Tensor): `[batch, n_heads, head_dim]` (any strides but the last).
         kv (torch.Tensor): `[2, batch, n_heads, n_keys, head_dim]`.
         scale (float): the score scale.
         scratch (tuple): from `decode_scratch(batch * n_heads, n_keys, head_dim, device, tickets=False)`.
-        state (tuple): `(num, den, max, peak)` as in `retro_update`.
-        slot (int): the row to write.
     """
     _, b, h, nk, d = kv.shape
     s, chunk = decode_splits(b * h, nk)
@@ -884,7 +882,21 @@ def new_row(q: torch.Tensor, kv: torch.Tensor, scale: float, scratch: tuple, sta
     _new_row_partial_kernel[(b * h, s)](q, q.stride(0), q.stride(1), k, v, k.stride(0), k.stride(1), k.stride(2), nk,
                                         scale, h, s, m_s, l_s, a_s, D=d, CHUNK=chunk, BLOCK_N=DECODE_BLOCK_N,
                                         num_warps=DECODE_WARPS)
+
+
+def new_row_combine(scratch: tuple, n_keys: int, state: tuple, slot: int) -> None:
+    """Merge the chunks that `new_row_partial` left into row `slot` of the retroactive state.
+
+    Args:
+        scratch (tuple): the statistics `new_row_partial` wrote.
+        n_keys (int): the number of keys it attended (it sets the number of chunks).
+        state (tuple): `(num, den, max, peak)` as in `retro_update`.
+        slot (int): the row to write.
+    """
     num, den, mx, peak = state
+    b, h, _, d = num.shape
+    s, _ = decode_splits(b * h, n_keys)
+    m_s, l_s, a_s = scratch
     _new_row_combine_kernel[(b * h,)](m_s, l_s, a_s, h, s, num, num.stride(0), num.stride(1), den, mx, peak,
                                       den.stride(0), den.stride(1), slot, D=d, S_P2=triton.next_power_of_2(s))
 
@@ -1063,7 +1075,8 @@ def retroactive_step(buffers: RetroactiveBuffers | None, token: torch.Tensor, t:
     qkv_into_ring(qkv, buffers.t, q_ring, kv, buffers.old)
     # Rules 1 and 2 on every row, then the new query's row exactly, then the flagged rows exactly.
     retro_update(q_ring, kv, buffers.old, state, buffers.stale, buffers.count, slot, scale, tau, max_growth)
-    new_row(q_ring[:, :, slot], kv, scale, buffers.scratch, state, slot)
+    new_row_partial(q_ring[:, :, slot], kv, scale, buffers.scratch)
+    new_row_combine(buffers.scratch, kv.shape[3], state, slot)
     retro_refresh(q_ring, kv, state, buffers.stale, scale)
     # $\tilde N_i / \tilde D_i$ oldest first times $W_o^\top$ plus $b_o$: `[batch, n, d_model]`.
     return buffers, retro_output(state[0], state[1], out_w, out_b, (t + 1) % n)

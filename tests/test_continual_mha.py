@@ -820,8 +820,9 @@ def test_new_row_and_refresh_kernels_equal_exact_row_state(kernel_device, gen):
     state = (torch.zeros(b, h, n, d), torch.ones(b, h, n), torch.zeros(b, h, n), torch.ones(b, h, n))
     state = tuple(x.to(kernel_device) for x in state)
     slot = 123
-    fast_mod.new_row(q_ring[:, :, slot], kv, scale, fast_mod.decode_scratch(b * h, n, d, kernel_device, tickets=False),
-                     state, slot)
+    scratch = fast_mod.decode_scratch(b * h, n, d, kernel_device, tickets=False)
+    fast_mod.new_row_partial(q_ring[:, :, slot], kv, scale, scratch)
+    fast_mod.new_row_combine(scratch, n, state, slot)
     for got, w in zip(state, (want[0], want[1], want[2], want[1])):
         torch.testing.assert_close(got[:, :, slot].cpu(), w[:, :, slot], atol=1e-5, rtol=1e-5)
     # Rows flagged stale are recomputed; the others are left as they are.
