@@ -1,4 +1,6 @@
-"""Tests of annotated_src/continual_mha.py: every window of a stream equals regular attention."""
+"""Tests of annotated_src/continual_mha.py and continual_mha_fast.py: every window of a stream equals regular
+attention over it, each kernel equals the readable lines it stands for, bad inputs fail by name, and the
+prose's claims hold."""
 
 import math
 
