@@ -1029,7 +1029,7 @@ class ContinualTransformerEncoderLayer(nn.Module):
         retroactive (bool): all rows of the window each step (`True`) or the newest only.
 
     Raises:
-        TypeError: `layer` is not an `nn.TransformerEncoderLayer`.
+        TypeError: `layer` is not an `nn.TransformerEncoderLayer`, or `retroactive` not a bool.
         ValueError: `layer` is not batch first, or `sequence_len` is not an int >= 1.
     """
 
@@ -1039,6 +1039,8 @@ class ContinualTransformerEncoderLayer(nn.Module):
             fail("layer", type(layer).__name__, "an nn.TransformerEncoderLayer", TypeError)
         if not layer.self_attn.batch_first:
             fail("layer", "batch_first=False", "an nn.TransformerEncoderLayer with batch_first=True")
+        if not isinstance(retroactive, bool):
+            fail("retroactive", retroactive, "a bool", TypeError)
         self.layer = layer
         cls = RetroactiveMultiheadAttention if retroactive else SingleOutputMultiheadAttention
         self.attn = cls.build_from(layer.self_attn, sequence_len, forward_returns_attn_mask=False)
@@ -1111,8 +1113,10 @@ class ContinualTransformerEncoder(nn.Module):
         pos_encoding (RecyclingPositionalEncoding | None): added to each token first. Default: `None`.
 
     Raises:
-        TypeError: `encoder` is not an `nn.TransformerEncoder`.
-        ValueError: it has neither 1 nor 2 layers, or `sequence_len` is not an int >= 1.
+        TypeError: `encoder` is not an `nn.TransformerEncoder`, or `pos_encoding` is neither a
+            `RecyclingPositionalEncoding` nor `None`.
+        ValueError: it has neither 1 nor 2 layers, `sequence_len` is not an int >= 1, or
+            `pos_encoding`'s width is not the encoder's.
     """
 
     def __init__(self, encoder: nn.TransformerEncoder, sequence_len: int,
@@ -1123,6 +1127,11 @@ class ContinualTransformerEncoder(nn.Module):
         if len(encoder.layers) not in (1, 2):
             fail("encoder", f"{len(encoder.layers)} layers", "1 or 2 layers (the paper's continual encoders)")
         check_int("sequence_len", sequence_len, min_value=1)
+        d_model = encoder.layers[0].self_attn.embed_dim
+        if pos_encoding is not None and not isinstance(pos_encoding, RecyclingPositionalEncoding):
+            fail("pos_encoding", type(pos_encoding).__name__, "a RecyclingPositionalEncoding or None", TypeError)
+        if pos_encoding is not None and pos_encoding.pe.embedding_dim != d_model:
+            fail("pos_encoding", f"embed_dim {pos_encoding.pe.embedding_dim}", f"the encoder's d_model, {d_model}")
         self.encoder = encoder
         self.pos_encoding = pos_encoding
         self.first = ContinualTransformerEncoderLayer(encoder.layers[0], sequence_len,

@@ -945,6 +945,25 @@ def test_bad_shapes_batches_lengths_and_arguments_fail_naming_the_argument():
         co_enc.forward_step(x[:2, 1])
 
 
+def test_encoder_constructors_reject_bad_arguments_by_name():
+    from annotated_src.continual_mha import ContinualTransformerEncoderLayer
+
+    layer = nn.TransformerEncoderLayer(E, H, 32, 0.0, batch_first=True)
+    with pytest.raises(TypeError, match="retroactive: got 'yes', expected a bool"):
+        ContinualTransformerEncoderLayer(layer, L, retroactive="yes")
+    with pytest.raises(ValueError, match="layer: got 'batch_first=False'"):
+        ContinualTransformerEncoderLayer(nn.TransformerEncoderLayer(E, H, 32, 0.0), L, retroactive=False)
+    enc = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+    with pytest.raises(TypeError, match="pos_encoding: got 'Embedding'"):
+        ContinualTransformerEncoder(enc, L, pos_encoding=nn.Embedding(4, E))
+    with pytest.raises(ValueError, match="pos_encoding: got 'embed_dim 8', expected the encoder's d_model, 16"):
+        ContinualTransformerEncoder(enc, L, pos_encoding=RecyclingPositionalEncoding(8, 4))
+    with pytest.raises(ValueError, match="encoder: got '3 layers'"):
+        ContinualTransformerEncoder(nn.TransformerEncoder(layer, 3, enable_nested_tensor=False), L)
+    with pytest.raises(ValueError, match="sequence_len"):
+        ContinualTransformerEncoder(enc, 0)
+
+
 def test_encoder_layer_shares_the_weights_of_its_layer():
     # "Built from an nn.TransformerEncoderLayer whose parameters it shares": changing the regular
     # layer's attention weights in place changes the continual layer's output alike.
