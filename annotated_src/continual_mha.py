@@ -579,8 +579,9 @@ class _ContinualMultiheadAttention(nn.MultiheadAttention):
 
     @property
     def delay(self) -> int:
-        # The newest row lags nothing; row `query_index` (and a retroactive window, whose oldest row is
-        # complete only now) lags the newest token by its distance from it.
+        # The newest row lags nothing; row `query_index` lags the newest token by its distance from
+        # it. A retroactive step returns the whole window, which continual-inference counts as
+        # lagging by its oldest row's distance, `sequence_len - 1`.
         return self.sequence_len - 1 - (0 if self._retroactive else self.query_index)
 
     def __call__(self, *args, **kwargs):
@@ -612,6 +613,7 @@ class _ContinualMultiheadAttention(nn.MultiheadAttention):
         if self._retroactive:  # the fast path's count of recomputed rows, read off the device before it goes
             self._refreshed_rows = self.refreshed_rows
         self._fast = None
+
 
 class SingleOutputMultiheadAttention(_ContinualMultiheadAttention):
     r"""
