@@ -186,7 +186,9 @@ print("after 10^4 steps, equal to regular attention:",
 # The paper's one-block encoder is a single-output layer; its two-block encoder is a retroactive
 # layer (all rows updated each step) followed by a block that computes only the newest row over
 # them. Positions come from a learned table indexed by the stream step modulo its size (recycling
-# positional encoding), so each token keeps its encoding while it is in the window. Both equal
+# positional encoding), so each token keeps its encoding while it is in the window. (The layers
+# also work inside continual-inference's containers, such as `co.Sequential`; the module lists where
+# they differ from that library, each difference a test.) Both encoders equal
 # `nn.TransformerEncoder` applied to every window (with the same encodings):
 
 # %%
