@@ -102,7 +102,7 @@ writes each row straight to its place in the output, so the reordering costs no 
 
 Internally the buffers are `[batch, n_heads, window, head_dim]` because that is the layout
 `scaled_dot_product_attention` and batched matrix products read without a copy; everything
-that enters or leaves the module is batch first.
+that enters or leaves the module is in the stream's layout (batch first by default).
 
 ## Compared with continual-inference
 
@@ -356,13 +356,12 @@ class _ContinualMultiheadAttention(nn.MultiheadAttention):
         return torch.promote_types(like.dtype, torch.float32)
 
     # The fast path covers the common case: the state updated, self-attention with the stacked
-    # `in_proj_weight`, the window already full (`fastpath.applies` and `continual_mha_fast.supports`
-    # add what the kernels need: a device they run on, float32, a head dimension they are built
-    # for). Every other step takes the readable path, on the same state.
-    def _fast_case(self, query, key, value, update_state) -> bool:
+    # `in_proj_weight`, the window already full. At the fork, `fastpath.applies` and
+    # `continual_mha_fast.supports` add what the kernels need: a device they run on, float32, a
+    # head dimension they are built for. Every other step takes the readable path, on the same state.
+    def _fast_case(self, key, value, update_state) -> bool:
         return (update_state and key is None and value is None and self._qkv_same_embed_dim
-                and self._t >= self.sequence_len and fastpath.applies("continual_mha", query, self.in_proj_weight)
-                and continual_mha_fast.supports(query, self.head_dim, self.in_proj_weight, self._weights()))
+                and self._t >= self.sequence_len)
 
     def _weights(self) -> tuple:
         return self.in_proj_weight, self.in_proj_bias, self.out_proj.weight, self.out_proj.bias
@@ -381,6 +380,8 @@ class _ContinualMultiheadAttention(nn.MultiheadAttention):
         kv = torch.zeros(2, batch, h, n + self.n_extra_keys, d, device=like.device, dtype=like.dtype)
         # The extra keys sit after the ring and never move: `bias_k`/`bias_v` (already projected, as
         # `nn.MultiheadAttention` appends them after the projection), then the zero key and value.
+        # They are copied when a stream starts: new values of `bias_k`/`bias_v` take effect at the
+        # next `clean_state`.
         if self.bias_k is not None:
             kv[0, :, :, n] = self.bias_k.detach().reshape(h, d).to(like.dtype)
             kv[1, :, :, n] = self.bias_v.detach().reshape(h, d).to(like.dtype)
@@ -578,8 +579,9 @@ class _ContinualMultiheadAttention(nn.MultiheadAttention):
 
     @property
     def delay(self) -> int:
-        # The newest row lags nothing; row `query_index` (and a retroactive window, whose oldest row is
-        # complete only now) lags the newest token by its distance from it.
+        # The newest row lags nothing; row `query_index` lags the newest token by its distance from
+        # it. A retroactive step returns the whole window, which continual-inference counts as
+        # lagging by its oldest row's distance, `sequence_len - 1`.
         return self.sequence_len - 1 - (0 if self._retroactive else self.query_index)
 
     def __call__(self, *args, **kwargs):
@@ -611,6 +613,7 @@ class _ContinualMultiheadAttention(nn.MultiheadAttention):
         if self._retroactive:  # the fast path's count of recomputed rows, read off the device before it goes
             self._refreshed_rows = self.refreshed_rows
         self._fast = None
+
 
 class SingleOutputMultiheadAttention(_ContinualMultiheadAttention):
     r"""
@@ -685,7 +688,9 @@ class SingleOutputMultiheadAttention(_ContinualMultiheadAttention):
         query, key, value = self._step_input(query), self._step_input(key), self._step_input(value)
         self._check_step(query, key, value, update_state)
         b, n, t = query.shape[0], self.sequence_len, self._t
-        if self.query_index == n - 1 and self._fast_case(query, key, value, update_state):
+        if (self.query_index == n - 1 and self._fast_case(key, value, update_state)
+                and fastpath.applies("continual_mha", query, self.in_proj_weight)
+                and continual_mha_fast.supports(query, self.head_dim, self.in_proj_weight, self._weights())):
             return fastpath.run("continual_mha", self._fast_step, query)
         if self._kv is None:
             self._allocate(b, query)
@@ -817,7 +822,8 @@ class RetroactiveMultiheadAttention(_ContinualMultiheadAttention):
         """
         query, key, value = self._step_input(query), self._step_input(key), self._step_input(value)
         self._check_step(query, key, value, update_state)
-        if self._fast_case(query, key, value, update_state):
+        if (self._fast_case(key, value, update_state) and fastpath.applies("continual_mha", query, self.in_proj_weight)
+                and continual_mha_fast.supports(query, self.head_dim, self.in_proj_weight, self._weights())):
             return fastpath.run("continual_mha", self._fast_step, query)
         b, n, t, h, d = query.shape[0], self.sequence_len, self._t, self.num_heads, self.head_dim
         if self._kv is None:
@@ -1025,7 +1031,7 @@ class ContinualTransformerEncoderLayer(nn.Module):
         retroactive (bool): all rows of the window each step (`True`) or the newest only.
 
     Raises:
-        TypeError: `layer` is not an `nn.TransformerEncoderLayer`.
+        TypeError: `layer` is not an `nn.TransformerEncoderLayer`, or `retroactive` not a bool.
         ValueError: `layer` is not batch first, or `sequence_len` is not an int >= 1.
     """
 
@@ -1035,6 +1041,8 @@ class ContinualTransformerEncoderLayer(nn.Module):
             fail("layer", type(layer).__name__, "an nn.TransformerEncoderLayer", TypeError)
         if not layer.self_attn.batch_first:
             fail("layer", "batch_first=False", "an nn.TransformerEncoderLayer with batch_first=True")
+        if not isinstance(retroactive, bool):
+            fail("retroactive", retroactive, "a bool", TypeError)
         self.layer = layer
         cls = RetroactiveMultiheadAttention if retroactive else SingleOutputMultiheadAttention
         self.attn = cls.build_from(layer.self_attn, sequence_len, forward_returns_attn_mask=False)
@@ -1107,8 +1115,10 @@ class ContinualTransformerEncoder(nn.Module):
         pos_encoding (RecyclingPositionalEncoding | None): added to each token first. Default: `None`.
 
     Raises:
-        TypeError: `encoder` is not an `nn.TransformerEncoder`.
-        ValueError: it has neither 1 nor 2 layers, or `sequence_len` is not an int >= 1.
+        TypeError: `encoder` is not an `nn.TransformerEncoder`, or `pos_encoding` is neither a
+            `RecyclingPositionalEncoding` nor `None`.
+        ValueError: it has neither 1 nor 2 layers, `sequence_len` is not an int >= 1, or
+            `pos_encoding`'s width is not the encoder's.
     """
 
     def __init__(self, encoder: nn.TransformerEncoder, sequence_len: int,
@@ -1119,6 +1129,11 @@ class ContinualTransformerEncoder(nn.Module):
         if len(encoder.layers) not in (1, 2):
             fail("encoder", f"{len(encoder.layers)} layers", "1 or 2 layers (the paper's continual encoders)")
         check_int("sequence_len", sequence_len, min_value=1)
+        d_model = encoder.layers[0].self_attn.embed_dim
+        if pos_encoding is not None and not isinstance(pos_encoding, RecyclingPositionalEncoding):
+            fail("pos_encoding", type(pos_encoding).__name__, "a RecyclingPositionalEncoding or None", TypeError)
+        if pos_encoding is not None and pos_encoding.pe.embedding_dim != d_model:
+            fail("pos_encoding", f"embed_dim {pos_encoding.pe.embedding_dim}", f"the encoder's d_model, {d_model}")
         self.encoder = encoder
         self.pos_encoding = pos_encoding
         self.first = ContinualTransformerEncoderLayer(encoder.layers[0], sequence_len,

@@ -25,7 +25,7 @@ the CPU under Triton's interpreter.
 | `_small_linear_kernel` (`small_linear`) | single-output: the output projection `F.linear(o, out_proj.weight, out_proj.bias)` | as the in-projection; writes straight into the tensor the step returns | S |
 | `_qkv_into_ring_kernel` (`qkv_into_ring`) | retroactive: `ring[0].to(sd, copy=True)`, `ring.copy_(kv)`, `self._q[:, :, slot] = q` | three copies in one launch | R |
 | `_retro_update_kernel` (`retro_update`) | retroactive: the two scores of every row and `retroactive_update` | scores, weights, numerators, denominators, peaks and rule 2's flags in one pass over the state | R |
-| `_new_row_partial_kernel`, `_new_row_combine_kernel` (`new_row`) | retroactive: `exact_row_state` of the new query | the new row by flash decoding | R |
+| `_new_row_partial_kernel` (`new_row_partial`), `_new_row_combine_kernel` (`new_row_combine`) | retroactive: `exact_row_state` of the new query | the new row by flash decoding | R |
 | `_retro_refresh_kernel` (`retro_refresh`) | retroactive: `_refresh` (rule 2's recomputation) | the host never waits to learn whether a row went stale: the flags are read on the device | R |
 | `_retro_output_kernel` (`retro_output`) | retroactive: the division $\tilde N_i / \tilde D_i$, the reordering oldest first and `F.linear(heads, out_proj.weight, out_proj.bias)` | the division's and the reordering's passes over the state | R |
 
@@ -114,10 +114,20 @@ HEAD_DIMS = (16, 32, 64, 128)
 
 def supports(query: torch.Tensor, head_dim: int, in_proj_weight: torch.Tensor | None,
              weights: tuple[torch.Tensor | None, ...]) -> bool:
-    """Whether the kernels take this step: a float32 token `[batch, d_model]`, a head dimension the
-    kernels' blocks are built for, the stacked in-projection, and float32 contiguous weights on the
-    token's device (`weights`: in-projection weight and bias, output weight and bias; a bias may be
-    `None`)."""
+    """Whether the kernels take this step (the lesson checks the rest of the fork: the device, the
+    switch, the window full, self-attention, the state updated).
+
+    Args:
+        query (torch.Tensor): the step's token, `[batch, d_model]`.
+        head_dim (int): `d_model // num_heads`.
+        in_proj_weight (torch.Tensor | None): the stacked `[3 d_model, d_model]` in-projection, or
+            `None` when the layer has separate query, key and value weights.
+        weights (tuple): in-projection weight and bias, output weight and bias (a bias may be `None`).
+
+    Returns:
+        bool: Triton is installed, the token is float32, `head_dim` is one of `HEAD_DIMS`, the
+        in-projection is stacked, and every weight is float32, contiguous and on the token's device.
+    """
     return (triton is not None and query.dtype == torch.float32 and head_dim in HEAD_DIMS
             and in_proj_weight is not None
             and all(p is None or (p.dtype == torch.float32 and p.is_contiguous() and p.device == query.device)
@@ -605,6 +615,7 @@ if triton is not None:
     def _retro_refresh_kernel(q_ptr, stride_q_b, stride_q_h, stride_q_s, kv_ptr, stride_kv_part, stride_kv_b,
                               stride_kv_h, stride_kv_s, n_keys, num_ptr, den_ptr, max_ptr, peak_ptr, stale_ptr, n, H,
                               scale, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+        tl.static_assert(D >= 16)  # the inner dimension of `tl.dot`
         pair, bi, hi, rows, rmask = _pair_rows(H, n, BLOCK_R)
         r = pair * n + rows
         stale = tl.load(stale_ptr + r, mask=rmask, other=0) != 0
@@ -855,16 +866,14 @@ def retro_update(q_ring, kv, old, state, stale, count, slot: int, scale: float, 
                                D=d, BLOCK_R=RETRO_BLOCK_R)
 
 
-def new_row(q: torch.Tensor, kv: torch.Tensor, scale: float, scratch: tuple, state: tuple, slot: int) -> None:
-    """The exact retroactive state of one query per `(batch, head)`, into slot `slot` of `state`.
+def new_row_partial(q: torch.Tensor, kv: torch.Tensor, scale: float, scratch: tuple) -> None:
+    """Each chunk's softmax statistics of one query per `(batch, head)` over all keys, into `scratch`.
 
     Args:
         q (torch.Tensor): `[batch, n_heads, head_dim]` (any strides but the last).
         kv (torch.Tensor): `[2, batch, n_heads, n_keys, head_dim]`.
         scale (float): the score scale.
         scratch (tuple): from `decode_scratch(batch * n_heads, n_keys, head_dim, device, tickets=False)`.
-        state (tuple): `(num, den, max, peak)` as in `retro_update`.
-        slot (int): the row to write.
     """
     _, b, h, nk, d = kv.shape
     s, chunk = decode_splits(b * h, nk)
@@ -873,13 +882,32 @@ def new_row(q: torch.Tensor, kv: torch.Tensor, scale: float, scratch: tuple, sta
     _new_row_partial_kernel[(b * h, s)](q, q.stride(0), q.stride(1), k, v, k.stride(0), k.stride(1), k.stride(2), nk,
                                         scale, h, s, m_s, l_s, a_s, D=d, CHUNK=chunk, BLOCK_N=DECODE_BLOCK_N,
                                         num_warps=DECODE_WARPS)
+
+
+def new_row_combine(scratch: tuple, n_keys: int, state: tuple, slot: int) -> None:
+    """Merge the chunks that `new_row_partial` left into row `slot` of the retroactive state.
+
+    Args:
+        scratch (tuple): the statistics `new_row_partial` wrote.
+        n_keys (int): the number of keys it attended (it sets the number of chunks).
+        state (tuple): `(num, den, max, peak)` as in `retro_update`.
+        slot (int): the row to write.
+    """
     num, den, mx, peak = state
+    b, h, _, d = num.shape
+    s, _ = decode_splits(b * h, n_keys)
+    m_s, l_s, a_s = scratch
     _new_row_combine_kernel[(b * h,)](m_s, l_s, a_s, h, s, num, num.stride(0), num.stride(1), den, mx, peak,
                                       den.stride(0), den.stride(1), slot, D=d, S_P2=triton.next_power_of_2(s))
 
 
 def retro_refresh(q_ring: torch.Tensor, kv: torch.Tensor, state: tuple, stale: torch.Tensor, scale: float) -> None:
-    """Recompute exactly the rows flagged in `stale` (arguments as in `retro_update`)."""
+    """Recompute exactly the rows flagged in `stale`; the others are left as they are.
+
+    Args:
+        q_ring, kv, state, scale: as in `retro_update`.
+        stale (torch.Tensor): `[batch, n_heads, n]` int8, the flags `retro_update` wrote.
+    """
     num, den, mx, peak = state
     b, h, n, d = q_ring.shape
     sq, skv = q_ring.stride(), kv.stride()
@@ -1047,7 +1075,8 @@ def retroactive_step(buffers: RetroactiveBuffers | None, token: torch.Tensor, t:
     qkv_into_ring(qkv, buffers.t, q_ring, kv, buffers.old)
     # Rules 1 and 2 on every row, then the new query's row exactly, then the flagged rows exactly.
     retro_update(q_ring, kv, buffers.old, state, buffers.stale, buffers.count, slot, scale, tau, max_growth)
-    new_row(q_ring[:, :, slot], kv, scale, buffers.scratch, state, slot)
+    new_row_partial(q_ring[:, :, slot], kv, scale, buffers.scratch)
+    new_row_combine(buffers.scratch, kv.shape[3], state, slot)
     retro_refresh(q_ring, kv, state, buffers.stale, scale)
     # $\tilde N_i / \tilde D_i$ oldest first times $W_o^\top$ plus $b_o$: `[batch, n, d_model]`.
     return buffers, retro_output(state[0], state[1], out_w, out_b, (t + 1) % n)
