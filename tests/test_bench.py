@@ -54,10 +54,15 @@ def test_cpu_rows_show_no_fraction_of_the_ceiling():
     assert "no fractions of the ceiling on a CPU" in format_table([row], cpu)
 
 
-def test_float32_work_is_judged_by_the_tf32_ceiling():
-    gpu = Ceilings(device="GPU", copy_gbps=1000.0, matmul_tflops=800.0, tf32_matmul_tflops=400.0)
-    row = Result(suite="s", name="fp32", ms=1.0, flops=200e9, flops_dtype="tf32")
+def test_float32_work_is_judged_by_a_float32_ceiling():
+    gpu = Ceilings(device="GPU", copy_gbps=1000.0, matmul_tflops=800.0, tf32_matmul_tflops=400.0,
+                   fp32_matmul_tflops=50.0)
+    row = Result(suite="s", name="tf32", ms=1.0, flops=200e9, flops_dtype="tf32")
     assert fraction_of_ceiling(row, gpu).endswith("50% of TF32 matmul")
+    row = Result(suite="s", name="fp32", ms=1.0, flops=20e9, flops_dtype="fp32")
+    assert fraction_of_ceiling(row, gpu).endswith("40% of FP32 matmul")
+    old_record = Ceilings(device="GPU", copy_gbps=1000.0, matmul_tflops=800.0)  # no float32 ceilings measured
+    assert fraction_of_ceiling(row, old_record) == ""
     assert fraction_of_ceiling(Result(suite="s", name="bf16", ms=1.0, flops=200e9), gpu).endswith("25% of bf16 matmul")
     with pytest.raises(ValueError, match="flops_dtype"):
         Result(suite="s", name="x", ms=1.0, flops_dtype="fp8")

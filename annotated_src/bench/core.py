@@ -15,8 +15,9 @@ Three rules keep the numbers honest.
   the same process on the same device, one after the other.
 * **Compare against the device, not a datasheet.** `ceilings()` measures the copy bandwidth
   (bytes read plus bytes written, over time) and the matrix throughput of this device now, in
-  bf16 and in float32 with TF32 tensor cores allowed; a memory-bound kernel is judged by the
-  fraction of the copy, a compute-bound one by the matrix ceiling of its own dtype (`flops_dtype`).
+  bf16, in float32 with TF32 tensor cores allowed, and in float32 without them (PyTorch's default
+  for float32 matrix products); a memory-bound kernel is judged by the fraction of the copy, a
+  compute-bound one by the matrix ceiling of the arithmetic it does (`flops_dtype`).
 
 On a CPU the table shows no fractions: the suites' CPU sizes are small enough to stay in the
 caches, so they would read as more than 100 % of a copy that leaves them.
@@ -65,12 +66,14 @@ def relative_rms_error(got: torch.Tensor, want: torch.Tensor) -> float:
 @dataclasses.dataclass(frozen=True)
 class Ceilings:
     """What this device measured in this run: copy bandwidth, bf16 matmul throughput, and float32
-    matmul throughput with TF32 allowed (`None` in records made before it was measured)."""
+    matmul throughput with TF32 allowed and without (`None` in records made before they were
+    measured)."""
 
     device: str
     copy_gbps: float
     matmul_tflops: float
     tf32_matmul_tflops: float | None = None
+    fp32_matmul_tflops: float | None = None
 
 
 @functools.cache
@@ -90,17 +93,20 @@ def _ceilings(device_str: str) -> Ceilings:
     b = torch.randn(m, m, device=device, dtype=torch.bfloat16)
     t = time_ms(lambda: a @ b, device=device)
     matmul_tflops = 2 * m**3 / (t * 1e-3) / 1e12
-    # The same product in float32, TF32 tensor cores allowed: the ceiling of float32 work.
+    # The same product in float32, with TF32 tensor cores allowed and without: the ceilings of
+    # float32 work done each way.
     a, b = a.float(), b.float()
     allowed = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
+    fp32 = {}
     try:
-        t = time_ms(lambda: a @ b, device=device)
+        for tf32 in (True, False):
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+            fp32[tf32] = 2 * m**3 / (time_ms(lambda: a @ b, device=device) * 1e-3) / 1e12
     finally:
         torch.backends.cuda.matmul.allow_tf32 = allowed
-    tf32_tflops = 2 * m**3 / (t * 1e-3) / 1e12
     name = torch.cuda.get_device_name(device) if cuda else "CPU"
-    return Ceilings(device=name, copy_gbps=copy_gbps, matmul_tflops=matmul_tflops, tf32_matmul_tflops=tf32_tflops)
+    return Ceilings(device=name, copy_gbps=copy_gbps, matmul_tflops=matmul_tflops, tf32_matmul_tflops=fp32[True],
+                    fp32_matmul_tflops=fp32[False])
 
 
 def ceilings(device: torch.device | str) -> Ceilings:
@@ -120,8 +126,8 @@ class Result:
     * `baseline`: the `name` of the row this one is compared to (same suite and `case`).
     * `bytes_moved` / `flops`: the least bytes the operation must move through device memory, or the
       floating-point operations it must do; the table divides by the ceiling to give a fraction.
-    * `flops_dtype`: which matrix ceiling `flops` are judged by: `"bf16"` (bf16 or fp16 work) or
-      `"tf32"` (float32 work).
+    * `flops_dtype`: which matrix ceiling `flops` are judged by: `"bf16"` (bf16 or fp16 work),
+      `"tf32"` (float32 work on TF32 tensor cores) or `"fp32"` (float32 work without them).
     * `case`: the problem size, shown in the table and used to pair a row with its baseline.
     """
 
@@ -136,8 +142,8 @@ class Result:
     flops_dtype: str = "bf16"
 
     def __post_init__(self):
-        if self.flops_dtype not in ("bf16", "tf32"):
-            raise ValueError(f"flops_dtype: got {self.flops_dtype!r}, expected 'bf16' or 'tf32'")
+        if self.flops_dtype not in ("bf16", "tf32", "fp32"):
+            raise ValueError(f"flops_dtype: got {self.flops_dtype!r}, expected 'bf16', 'tf32' or 'fp32'")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -154,10 +160,11 @@ def fraction_of_ceiling(r: Result, c: Ceilings) -> str:
         return f"{gbps:,.0f} GB/s = {gbps / c.copy_gbps:.0%} of copy"
     if r.flops:
         tflops = r.flops / (r.ms * 1e-3) / 1e12
-        if r.flops_dtype == "tf32":
-            if not c.tf32_matmul_tflops:
+        if r.flops_dtype in ("tf32", "fp32"):
+            peak = c.tf32_matmul_tflops if r.flops_dtype == "tf32" else c.fp32_matmul_tflops
+            if not peak:
                 return ""
-            return f"{tflops:,.1f} TFLOP/s = {tflops / c.tf32_matmul_tflops:.0%} of TF32 matmul"
+            return f"{tflops:,.1f} TFLOP/s = {tflops / peak:.0%} of {r.flops_dtype.upper()} matmul"
         return f"{tflops:,.1f} TFLOP/s = {tflops / c.matmul_tflops:.0%} of bf16 matmul"
     return ""
 
@@ -185,6 +192,7 @@ def format_table(results: list[Result], c: Ceilings | None = None) -> str:
     lines.insert(1, "  ".join("-" * w for w in widths))
     if c is not None:
         tf32 = f", TF32 matmul {c.tf32_matmul_tflops:,.1f} TFLOP/s" if c.tf32_matmul_tflops else ""
+        tf32 += f", FP32 matmul {c.fp32_matmul_tflops:,.1f} TFLOP/s" if c.fp32_matmul_tflops else ""
         lines.insert(0, f"{c.device}: copy {c.copy_gbps:,.0f} GB/s, bf16 matmul {c.matmul_tflops:,.1f} TFLOP/s{tf32} "
                         "(measured in this run)")
         if c.device == "CPU":
