@@ -1433,7 +1433,7 @@ def _cached_generation(model: TransformerDecoder, prompt: torch.Tensor, real: to
     if compile and fastpath.is_enabled("kv_cache"):
         prefill = lambda *inputs: _prefill(model, *inputs)  # noqa: E731
         logits = fastpath.run("kv_cache", kv_cache_fast.prefill, model, prefill, prompt, positions, mask,
-                              tensors=_model_tensors(model))
+                              device=prompt.device, tensors=_model_tensors(model))
     else:
         logits = model._forward(prompt, input_pos=positions, mask=mask)[:, -1]
     # `[batch, cache_len]`: every slot but the left padding; the step masks the slots past the new token.
