@@ -1,7 +1,7 @@
 r"""
 ---
 title: How the KV-cache chapter is made fast
-summary: The fast decode step of the KV-cache chapter: five Triton kernels per Llama-shaped layer (or the step compiled by torch.compile), recorded once as a CUDA graph and replayed for every token, with the prompt's prefill recorded too.
+summary: The fast decode step of the KV-cache chapter, five Triton kernels per Llama-shaped layer (or the step compiled by torch.compile), recorded once as a CUDA graph and replayed for every token, with the prompt's prefill recorded too.
 ---
 
 # How the KV-cache chapter is made fast
