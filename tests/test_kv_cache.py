@@ -904,7 +904,7 @@ def _triton_model(dtype=torch.float32, *, interleaved=False, layers=2, seed=0, e
     return m.to(dtype).eval()
 
 
-KERNEL_TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
+KERNEL_TOL = {torch.float32: 1e-4, torch.bfloat16: 5e-2}  # relative to the largest value
 
 
 def _kernel_close(out, ref, dtype):
