@@ -55,10 +55,10 @@ out as small reductions (`one_query_attention`) rather than a flash-attention ke
 sequences.
 
 `generate(..., compile=True)` then hands that step to the fast-path page,
-[`annotated_src/kv_cache_fast.py`](annotated_src/kv_cache_fast.py): for Llama-shaped layers five
-hand-written Triton kernels per layer, each one block of weights streamed with the norm, rotation,
-cache write, activation or residual around it folded in; for any other decoder the step compiled
-by `torch.compile`. On a CUDA GPU the step is recorded once as a CUDA graph and replayed for every
+[`annotated_src/kv_cache_fast.py`](annotated_src/kv_cache_fast.py): for Llama-shaped layers (where
+its `supports` says so: dtype, head size, batch) five hand-written Triton kernels per layer, each
+one block of weights streamed with the norm, rotation, cache write, activation or residual around
+it folded in; for any other decoder the step compiled by `torch.compile`. On a CUDA GPU the step is recorded once as a CUDA graph and replayed for every
 token, and the prompt's own pass, the *prefill*, is recorded too once its shape comes back. The
 switch `annotated_src.fastpath.set_enabled("kv_cache", False)` turns all of it off: `compile=True`
 then runs the same step eagerly.
