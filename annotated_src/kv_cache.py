@@ -55,10 +55,10 @@ out as small reductions (`one_query_attention`) rather than a flash-attention ke
 sequences.
 
 `generate(..., compile=True)` then hands that step to the fast-path page,
-[`annotated_src/kv_cache_fast.py`](annotated_src/kv_cache_fast.py): for Llama-shaped layers five
-hand-written Triton kernels per layer, each one block of weights streamed with the norm, rotation,
-cache write, activation or residual around it folded in; for any other decoder the step compiled
-by `torch.compile`. On a CUDA GPU the step is recorded once as a CUDA graph and replayed for every
+[`annotated_src/kv_cache_fast.py`](annotated_src/kv_cache_fast.py): for Llama-shaped layers (where
+its `supports` says so: dtype, head size, batch) five hand-written Triton kernels per layer, each
+one block of weights streamed with the norm, rotation, cache write, activation or residual around
+it folded in; for any other decoder the step compiled by `torch.compile`. On a CUDA GPU the step is recorded once as a CUDA graph and replayed for every
 token, and the prompt's own pass, the *prefill*, is recorded too once its shape comes back. The
 switch `annotated_src.fastpath.set_enabled("kv_cache", False)` turns all of it off: `compile=True`
 then runs the same step eagerly.
@@ -131,7 +131,7 @@ from annotated_src import fastpath, kv_cache_fast
 from annotated_src._checks import check_int, check_tensor, fail
 # The fast path's graphs and counters, for callers that check that every step was a replay.
 from annotated_src.kv_cache_fast import DecodeGraph, PrefillGraph, _decode_graphs, decode_graph_counters  # noqa: F401
-from annotated_src.rope import RotaryPositionalEmbeddings, apply_rotary, convert_interleaved_to_half, rotary_tables
+from annotated_src.rope import RotaryPositionalEmbeddings, apply_rotary, convert_interleaved_to_half
 
 # ## The cache
 #
@@ -484,20 +484,19 @@ class MultiHeadAttention(nn.Module):
     # keys and values go to `cache_slots` (no counter read or advanced, see `KVCache.update`); the
     # rotation skips the rotary module's range check of the positions, which reads them back to
     # the host; and a single query takes `one_query_attention`. The rotation is then the readable
-    # one, `apply_rotary`, with the tables' rows for these positions (float64 tables for float64
-    # inputs, as the rotary module does). Any other rotary module is called as is.
+    # one, `apply_rotary`, with the rows of the module's tables for these positions. Any other
+    # rotary module, and float64 inputs (which the module rotates with float64 tables computed
+    # from the positions; they serve the checks, where a synchronisation costs nothing), go
+    # through the module as is.
     def _rotate(self, x: torch.Tensor, input_pos: torch.Tensor | None, *, checked: bool) -> torch.Tensor:
         rope = self.pos_embeddings
-        if checked or input_pos is None or type(rope) is not RotaryPositionalEmbeddings:
+        if (checked or input_pos is None or type(rope) is not RotaryPositionalEmbeddings
+                or x.dtype == torch.float64):
             return rope(x, input_pos=input_pos)
-        # `[batch or 1, seq_len]`
-        pos = input_pos if input_pos.ndim == 2 else input_pos[None]
-        if x.dtype == torch.float64:
-            cos, sin = rotary_tables(pos, rope.dim, rope.base, dtype=torch.float64)
-        else:
-            cos, sin = rope.cos_cached[pos], rope.sin_cached[pos]
         # `[batch or 1, seq_len, 1, dim / 2]` against `[batch, seq_len, heads, head_dim]`
-        return apply_rotary(x, cos[:, :, None], sin[:, :, None], interleaved=rope.interleaved)
+        pos = input_pos if input_pos.ndim == 2 else input_pos[None]
+        cos, sin = rope.cos_cached[pos][:, :, None], rope.sin_cached[pos][:, :, None]
+        return apply_rotary(x, cos, sin, interleaved=rope.interleaved)
 
 
 # ## Layers
@@ -1433,7 +1432,7 @@ def _cached_generation(model: TransformerDecoder, prompt: torch.Tensor, real: to
     if compile and fastpath.is_enabled("kv_cache"):
         prefill = lambda *inputs: _prefill(model, *inputs)  # noqa: E731
         logits = fastpath.run("kv_cache", kv_cache_fast.prefill, model, prefill, prompt, positions, mask,
-                              tensors=_model_tensors(model))
+                              device=prompt.device, tensors=_model_tensors(model))
     else:
         logits = model._forward(prompt, input_pos=positions, mask=mask)[:, -1]
     # `[batch, cache_len]`: every slot but the left padding; the step masks the slots past the new token.

@@ -1,7 +1,7 @@
 r"""
 ---
 title: How the KV-cache chapter is made fast
-summary: The fast decode step of the KV-cache chapter: five Triton kernels per Llama-shaped layer (or the step compiled by torch.compile), recorded once as a CUDA graph and replayed for every token, with the prompt's prefill recorded too.
+summary: The fast decode step of the KV-cache chapter, five Triton kernels per Llama-shaped layer (or the step compiled by torch.compile), recorded once as a CUDA graph and replayed for every token, with the prompt's prefill recorded too.
 ---
 
 # How the KV-cache chapter is made fast
@@ -908,7 +908,7 @@ class PrefillGraph(_Replay):
 
 
 def prefill(owner: object, prefill: Callable, prompt: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
-            *, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+            *, device: torch.device | str, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """The cached prefill of the fast path: on a CUDA GPU eager for a prompt shape seen for the first
     time, recorded at the second, replayed after; elsewhere eager.
 
@@ -918,6 +918,7 @@ def prefill(owner: object, prefill: Callable, prompt: torch.Tensor, positions: t
         prompt (torch.Tensor): `[batch, prompt_len]` token ids.
         positions (torch.Tensor): `[batch, prompt_len]` positions.
         mask (torch.Tensor): `[batch, prompt_len, cache_len]`, boolean.
+        device (torch.device | str): where the model lies.
         tensors (Sequence[torch.Tensor]): every parameter and buffer of the model.
 
     Returns:
@@ -925,7 +926,7 @@ def prefill(owner: object, prefill: Callable, prompt: torch.Tensor, positions: t
     """
     slots = torch.arange(prompt.shape[1], device=prompt.device)
     inputs = (prompt, positions, mask, slots)
-    if prompt.device.type != "cuda":
+    if torch.device(device).type != "cuda":
         return prefill(*inputs)
     key = graph_key(tensors, inputs)
     entry = _prefill_graphs.get(owner)

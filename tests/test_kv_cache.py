@@ -904,7 +904,7 @@ def _triton_model(dtype=torch.float32, *, interleaved=False, layers=2, seed=0, e
     return m.to(dtype).eval()
 
 
-KERNEL_TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
+KERNEL_TOL = {torch.float32: 1e-4, torch.bfloat16: 5e-2}  # relative to the largest value
 
 
 def _kernel_close(out, ref, dtype):
@@ -1060,7 +1060,10 @@ def test_decode_kernels_say_why_they_do_not_apply():
     why = kv.decode_kernels_for(m, 1)
     # On a plain CPU the reason is a sentence, not an exception (under the interpreter they apply).
     assert isinstance(why, str) != fastpath.kernels_run_on("cpu")
-    assert "head_dim 8" in kv.decode_kernels_for(_model().to(torch.float32), 1) or not fastpath.kernels_run_on("cpu")
+    small = _model()
+    small.setup_caches(1, torch.float32, decoder_max_seq_len=8)
+    why = kv.decode_kernels_for(small, 1)
+    assert isinstance(why, str) and ("head_dim 8" in why or not fastpath.kernels_run_on("cpu"))
     with disable_kv_cache(m):
         assert "enabled cache" in kv.decode_kernels_for(m, 1)
     with pytest.raises(TypeError, match="model"):
@@ -1129,3 +1132,88 @@ def test_a_torchtune_state_dict_loads_into_our_layout():
     del sd["output.weight"]
     assert torch.equal(convert_torchtune_state_dict(sd, num_heads=4, num_kv_heads=2)["output.weight"],
                        sd["tok_embeddings.weight"])
+
+
+# ## The recording and replay logic, with a stand-in for CUDA graphs
+#
+# CUDA graphs need a GPU. What `kv_cache_fast` does around them (when to record, when to replay,
+# what makes a graph stale, the counters, refreshing the kernels' stacked weights) is plain
+# Python, checked here on the CPU: `record_cuda_graph` is replaced by a stand-in that runs the
+# warm-up calls and whose `replay()` runs the recorded call again into the same output.
+
+
+class _StandInGraph:
+    def __init__(self, step, out):
+        self.step, self.out = step, out
+
+    def replay(self):
+        self.out.copy_(self.step())
+
+
+def _stand_in_record(step, device, *, warmup=1, context=None):
+    import contextlib
+
+    with context() if context is not None else contextlib.nullcontext():
+        for _ in range(warmup):
+            step()
+        out = step().clone()
+    return _StandInGraph(step, out), out
+
+
+def _pretend_cuda(monkeypatch):
+    import annotated_src.kv_cache_fast as fast
+
+    decode_step, prefill = fast.decode_step, fast.prefill
+    monkeypatch.setattr(fast.fastpath, "record_cuda_graph", _stand_in_record)
+    monkeypatch.setattr(fast, "decode_step", lambda *a, device, **k: decode_step(*a, device="cuda", **k))
+    monkeypatch.setattr(fast, "prefill", lambda *a, device, **k: prefill(*a, device="cuda", **k))
+
+
+@torch.no_grad()
+def test_graphs_are_recorded_once_replayed_after_and_recorded_again_when_the_caches_move(monkeypatch):
+    import annotated_src.kv_cache_fast as fast
+
+    _pretend_cuda(monkeypatch)
+    monkeypatch.setattr(fast, "compiled", lambda step, mode=None: step)  # the eager step stands in for the compiled one
+    m = _model()
+    prompt = _tokens(2, 6)
+    prompt[1, :3] = 0
+    eager = generate(m, prompt, max_new_tokens=5, temperature=0)
+    m.setup_caches(2, torch.float32, decoder_max_seq_len=16)
+    before = dict(fast.decode_graph_counters)
+    runs = [generate(m, prompt, max_new_tokens=5, temperature=0, compile=True) for _ in range(3)]
+    delta = {k: v - before.get(k, 0) for k, v in fast.decode_graph_counters.items() if v != before.get(k, 0)}
+    assert delta == {"recordings": 1, "recordings_compiled": 1, "replays": 3 * 4, "prefill_recordings": 1,
+                     "prefill_replays": 2}
+    assert all(torch.equal(r, eager) for r in runs)
+    assert fast._decode_graphs[m].kernels == "compiled" and fast._decode_graphs[m].why_not_triton
+    # New caches move the buffers: both graphs are dropped with the old caches, then recorded anew.
+    m.delete_caches()
+    assert m not in fast._decode_graphs and m not in fast._prefill_graphs
+    m.setup_caches(2, torch.float32, decoder_max_seq_len=16)
+    assert torch.equal(generate(m, prompt, max_new_tokens=5, temperature=0, compile=True), eager)
+    assert fast.decode_graph_counters["recordings"] - before.get("recordings", 0) == 2
+    # A prompt of another shape is run eagerly the first time, not recorded.
+    recorded = fast.decode_graph_counters["prefill_recordings"]
+    generate(m, prompt[:, 1:], max_new_tokens=5, temperature=0, compile=True)
+    assert fast.decode_graph_counters["prefill_recordings"] == recorded
+
+
+@pytest.mark.kernel
+@torch.no_grad()
+def test_kernel_replayed_graph_sees_weights_changed_in_place(kernel_device, monkeypatch):
+    import annotated_src.kv_cache_fast as fast
+
+    _pretend_cuda(monkeypatch)
+    m = _triton_model(layers=1).to(kernel_device)
+    prompt = _tokens(2, 5).to(kernel_device)
+    m.setup_caches(2, torch.float32, decoder_max_seq_len=12)
+    first = generate(m, prompt, max_new_tokens=3, temperature=0, compile=True)
+    assert fast._decode_graphs[m].kernels == "triton"
+    m.layers[0].attn.q_proj.weight.mul_(-1)  # in place: the same addresses, so the graph is kept
+    m.layers[0].attn.v_proj.weight.mul_(3)
+    recordings = fast.decode_graph_counters["recordings"]
+    eager = generate(m, prompt, max_new_tokens=3, temperature=0)
+    again = generate(m, prompt, max_new_tokens=3, temperature=0, compile=True)
+    assert fast.decode_graph_counters["recordings"] == recordings
+    assert torch.equal(again, eager) and not torch.equal(again, first)
