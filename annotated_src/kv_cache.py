@@ -984,7 +984,7 @@ def llama_intermediate_dim(embed_dim: int, multiple_of: int = 256) -> int:
 
 def llama_decoder(*, vocab_size: int, num_layers: int, num_heads: int, num_kv_heads: int, embed_dim: int,
                   max_seq_len: int, intermediate_dim: int | None = None, norm_eps: float = 1e-5,
-                  rope_base: int = 10_000) -> TransformerDecoder:
+                  rope_base: int = 10_000, rope_scaling: dict | None = None) -> TransformerDecoder:
     r"""A Llama-shaped `TransformerDecoder` (RMSNorm, SwiGLU, rotary GQA self-attention).
 
     Args:
@@ -997,6 +997,8 @@ def llama_decoder(*, vocab_size: int, num_layers: int, num_heads: int, num_kv_he
         intermediate_dim (int | None): the feed-forward width. Default `llama_intermediate_dim(embed_dim)`.
         norm_eps (float): the RMSNorms' epsilon. Default 1e-5.
         rope_base (int): the rotary embedding's base $\theta$. Default 10 000.
+        rope_scaling (dict | None): a context extension of the rotary frequencies, in Hugging Face's
+            keys (`annotated_src.rope.rope_frequencies`). Default None, the paper's frequencies.
 
     Returns:
         The decoder, its rotary embedding in the half-split layout (pairs $(i, i + d/2)$) and an
@@ -1014,7 +1016,8 @@ def llama_decoder(*, vocab_size: int, num_layers: int, num_heads: int, num_kv_he
     # One rotary table shared by every layer. Its rotation stays the readable one (`fast=False`):
     # the compiled decode step fuses it with its neighbours anyway, and eagerly, an uncached
     # generation meets a new sequence length at every step, each of which would compile anew.
-    rope = RotaryPositionalEmbeddings(head_dim, max_seq_len=max_seq_len, base=rope_base, fast=False)
+    rope = RotaryPositionalEmbeddings(head_dim, max_seq_len=max_seq_len, base=rope_base, fast=False,
+                                      scaling=rope_scaling)
     layers = []
     for _ in range(num_layers):
         attn = MultiHeadAttention(
@@ -1561,7 +1564,9 @@ def llama_decoder_from_hf(model: nn.Module) -> TransformerDecoder:
 
     Args:
         model (nn.Module): a `transformers.LlamaForCausalLM` (its `config` and `state_dict()`):
-            default RoPE (no scaling), SiLU, no biases, `head_dim = hidden_size / num_attention_heads`.
+            RoPE without scaling or with `"linear"`, `"yarn"` or `"llama3"` scaling (Hugging Face's
+            `"dynamic"` changes its frequencies with each call's length, which a table cannot), SiLU,
+            no biases, `head_dim = hidden_size / num_attention_heads`.
 
     Returns:
         The decoder, on the model's device and in its dtype, in eval mode: the same logits.
@@ -1573,20 +1578,26 @@ def llama_decoder_from_hf(model: nn.Module) -> TransformerDecoder:
     rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
     theta = rope.get("rope_theta", getattr(cfg, "rope_theta", None) or 10_000.0)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    for what, ok in (("rope_type", rope.get("rope_type", "default") == "default"), ("hidden_act", cfg.hidden_act == "silu"),
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    for what, ok in (("rope_type", rope_type in ("default", "linear", "yarn", "llama3")),
+                     ("hidden_act", cfg.hidden_act == "silu"),
                      ("attention_bias", not getattr(cfg, "attention_bias", False)),
                      ("mlp_bias", not getattr(cfg, "mlp_bias", False)),
                      ("head_dim", head_dim * cfg.num_attention_heads == cfg.hidden_size)):
         if not ok:
             fail("model", f"a config with {what}={getattr(cfg, what, rope.get(what))!r}",
-                 "default RoPE, SiLU, no biases and head_dim = hidden_size / num_attention_heads")
+                 "default, linear, yarn or llama3 RoPE, SiLU, no biases and head_dim = hidden_size / num_attention_heads")
+    scaling = None
+    if rope_type != "default":
+        scaling = {k: v for k, v in rope.items() if k not in ("rope_theta", "type") and v is not None}
+        scaling["rope_type"] = rope_type
     weight = model.get_input_embeddings().weight
     with torch.device(weight.device):
         ours = llama_decoder(vocab_size=cfg.vocab_size, num_layers=cfg.num_hidden_layers,
                              num_heads=cfg.num_attention_heads,
                              num_kv_heads=cfg.num_key_value_heads or cfg.num_attention_heads, embed_dim=cfg.hidden_size,
                              max_seq_len=cfg.max_position_embeddings, intermediate_dim=cfg.intermediate_size,
-                             norm_eps=cfg.rms_norm_eps, rope_base=theta)
+                             norm_eps=cfg.rms_norm_eps, rope_base=theta, rope_scaling=scaling)
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
     if tied:
         ours.output.weight = ours.tok_embeddings.weight

@@ -1102,6 +1102,27 @@ def test_llama_decoder_from_hf_gives_transformers_logits_and_greedy_tokens(tied)
     assert torch.equal(generate(ours, tok, max_new_tokens=6, temperature=0), expected)
 
 
+@pytest.mark.parametrize("rope_scaling", [
+    {"rope_type": "linear", "factor": 4.0},
+    {"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 16, "low_freq_factor": 1.0,
+     "high_freq_factor": 4.0},
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},
+], ids=lambda s: s["rope_type"])
+@torch.no_grad()
+def test_llama_decoder_from_hf_keeps_scaled_rope(rope_scaling):
+    transformers = pytest.importorskip("transformers")
+    from annotated_src.kv_cache import llama_decoder_from_hf
+
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   rope_theta=500.0, rope_scaling=dict(rope_scaling), pad_token_id=0)
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    ours = llama_decoder_from_hf(hf)
+    tok = _tokens(2, 40)  # past the original 16 positions, where the scalings differ
+    torch.testing.assert_close(ours(tok), hf(tok).logits, atol=1e-5, rtol=1e-5)
+
+
 def test_llama_decoder_from_hf_refuses_what_it_does_not_build():
     transformers = pytest.importorskip("transformers")
     from annotated_src.kv_cache import llama_decoder_from_hf
