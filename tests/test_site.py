@@ -27,7 +27,7 @@ sys.path.append(str(REPO / "site"))  # appended: `site/build.py` must not shadow
 from sitegen.build import build, read_chapters, read_results, resolve_definition, results_rows  # noqa: E402
 from sitegen.errors import BuildError  # noqa: E402
 from sitegen.highlight import highlight_lines  # noqa: E402
-from sitegen.markdown import Renderer, latex_to_mathml, split_front_matter  # noqa: E402
+from sitegen.markdown import Renderer, latex_to_mathml, split_clauses, split_front_matter  # noqa: E402
 from sitegen.notebook import notebook_imports, read_notebook  # noqa: E402
 from sitegen.sanitize import clean  # noqa: E402
 from sitegen.source import parse_module  # noqa: E402
@@ -190,6 +190,15 @@ def test_operator_names_and_functions_are_set_as_names():
 def test_math_spacing_follows_tex(latex, wanted, unwanted):
     out = latex_to_mathml(latex, display=False, path="p", line=1)
     assert wanted in out and unwanted not in out.split("<annotation")[0], out
+
+
+def test_a_display_of_several_clauses_is_cut_at_qquad_only_at_the_top_level():
+    assert split_clauses(r"a = b, \qquad c = \left( x \qquad y \right), \qquad "
+                         r"\begin{pmatrix} a \qquad b \\ c \end{pmatrix} \qquad {x \qquad y}") == [
+        "a = b,", r"c = \left( x \qquad y \right),", r"\begin{pmatrix} a \qquad b \\ c \end{pmatrix}", r"{x \qquad y}"]
+    html = Renderer().render("$$k = W_K x, \\qquad v = W_V x$$", path="x")
+    assert html.count('<span class="math-clause"><math') == 2 and 'class="math-display math-clauses"' in html
+    assert html.count('display="block"') == 2
 
 
 def test_prose_links_to_sources_and_notebooks_go_to_their_pages():

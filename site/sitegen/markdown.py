@@ -29,6 +29,41 @@ def _scrollable(mathml: str) -> str:
     return f'<span class="math-display">{mathml}</span>'
 
 
+def split_clauses(latex: str) -> list[str]:
+    """A display equation's clauses: its source cut at each `\\qquad` outside braces, environments and
+    `\\left...\\right`, the spacing TeX writers put between the parts of one display."""
+    parts, start, depth, i = [], 0, 0, 0
+    while i < len(latex):
+        c = latex[i]
+        if c == "\\":
+            m = re.match(r"\\([A-Za-z]+|.)", latex[i:])
+            word = m.group(1)
+            if word in ("begin", "left"):
+                depth += 1
+            elif word in ("end", "right"):
+                depth -= 1
+            elif word == "qquad" and depth == 0:
+                parts.append(latex[start:i])
+                start = i + m.end()
+            i += m.end()
+            continue
+        depth += c == "{"
+        depth -= c == "}"
+        i += 1
+    parts.append(latex[start:])
+    return [p for p in (p.strip() for p in parts) if p]
+
+
+def display_math(latex: str, *, path: str, line: int | None) -> str:
+    """A display equation; one of several clauses is set as clauses that wrap on a narrow column."""
+    clauses = split_clauses(latex)
+    if len(clauses) < 2:
+        return _scrollable(latex_to_mathml(latex, display=True, path=path, line=line))
+    inner = "".join(f'<span class="math-clause">{latex_to_mathml(c, display=True, path=path, line=line)}</span>'
+                    for c in clauses)
+    return f'<span class="math-display math-clauses">{inner}</span>'
+
+
 # TeX's spacing, where latex2mathml's MathML would get the browser's operator dictionary instead.
 _PRIMES = {"\u2032", "\u2033", "\u2034", "\u2057"}
 _BINARY_WORDS = {"mod"}  # `\\bmod`: a binary operator, with TeX's medium space on each side
@@ -178,15 +213,16 @@ class Renderer:
             if tok.map:
                 line = first_line + tok.map[0]
             if tok.type in ("math_block", "math_block_label"):
-                tok.type, tok.content = "html_block", _scrollable(latex_to_mathml(
-                    tok.content, display=True, path=path, line=line)) + "\n"
+                tok.type, tok.content = "html_block", display_math(tok.content, path=path, line=line) + "\n"
             for child in tok.children or ():
                 if child.type == "link_open" and self.link_map:
                     child.attrSet("href", self._rewrite(str(child.attrGet("href") or "")))
                 if child.type in ("math_inline", "math_inline_double"):
-                    display = child.type == "math_inline_double"
-                    mathml = latex_to_mathml(child.content, display=display, path=path, line=line)
-                    child.type, child.content = "html_inline", _scrollable(mathml) if display else mathml
+                    if child.type == "math_inline_double":
+                        child.type, child.content = "html_inline", display_math(child.content, path=path, line=line)
+                    else:
+                        mathml = latex_to_mathml(child.content, display=False, path=path, line=line)
+                        child.type, child.content = "html_inline", mathml
         for i, tok in enumerate(tokens[:-1]):
             if tok.type == "heading_open":
                 inline = self.md.renderer.renderInline(tokens[i + 1].children or [], self.md.options, env)

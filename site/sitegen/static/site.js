@@ -52,7 +52,7 @@
     });
   });
 
-  // Display equations: one wider than its column is set smaller, down to 70%; past that it scrolls.
+  // Display equations: one wider than its column is set smaller, down to 70% (80% on a phone); past that it scrolls.
   function fitEquations() {
     Array.prototype.forEach.call(document.querySelectorAll(".math-display"), function (box) {
       box.style.fontSize = "";
@@ -60,7 +60,7 @@
       if (!box.clientWidth) return;
       var need = box.scrollWidth, have = box.clientWidth;
       if (need > have + 1) {
-        var scale = Math.max(0.7, (have - 2) / need);
+        var scale = Math.max(window.innerWidth < 600 ? 0.8 : 0.7, (have - 2) / need);
         box.style.fontSize = (Math.floor(scale * 100) / 100) + "em";
         if (box.scrollWidth > box.clientWidth + 1) box.classList.add("scrolls");
       }
