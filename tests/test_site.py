@@ -342,6 +342,7 @@ def test_pages_have_contents_breadcrumbs_and_chapter_links_top_and_bottom(built)
     toc = page[page.index('<nav class="toc"'):page.index("</nav>", page.index('<nav class="toc"'))]
     assert re.findall(r'href="#([^"]+)"', toc) == ["the-scale", "attention-2", "the-fast-path"]
     assert "header-anchor" not in toc and "<math" in toc  # headings with their math, without the "#"
+    assert 'data-label="The scale 1 / √ d"' in toc  # the top bar names the section in plain text
     assert '<li><a href="index.html">All chapters</a></li>' in page
     assert page.count('class="chapter-nav chapter-nav-top"') == 1 and page.count("chapter-nav-bottom") == 1
     # A page without two headings lists its definitions.

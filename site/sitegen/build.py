@@ -226,10 +226,12 @@ def _toc(r: Renderer, fallback: list[tuple[str, str]] = ()) -> list[dict]:
         heads = heads[1:]  # the page's own title
     top = min((lvl for lvl, _, _ in heads), default=2)
     items = [{"level": lvl - top, "id": hid,
-              "html": clean_fragment(re.sub(r"</?a\b[^>]*>", "", re.sub(_HEADER_ANCHOR, "", inline)))}
+              "html": clean_fragment(re.sub(r"</?a\b[^>]*>", "", re.sub(_HEADER_ANCHOR, "", inline))),
+              "label": _plain(inline)}
              for lvl, hid, inline in heads if lvl - top <= 1]
     if len(items) < 2 and fallback:
-        items = [{"level": 0, "id": i, "html": f"<code>{html.escape(label)}</code>"} for i, label in fallback]
+        items = [{"level": 0, "id": i, "html": f"<code>{html.escape(label)}</code>", "label": label}
+                 for i, label in fallback]
     return items
 
 

@@ -83,7 +83,7 @@
         if (targets[i] && targets[i].getBoundingClientRect().top < 90) k = i;
       }
       links.forEach(function (a, i) { a.classList.toggle("current", i === k); });
-      if (current && links[k]) current.textContent = (links[k].innerText || links[k].textContent).trim();
+      if (current && links[k]) current.textContent = links[k].getAttribute("data-label") || links[k].textContent.trim();
     };
     var ticking = false;
     window.addEventListener("scroll", function () {
@@ -113,7 +113,8 @@
     var img = box.querySelector("img");
     img.src = src; img.alt = alt || "";
     // Larger than on the page: its own size, or at least half as large again, as the screen allows.
-    var w = Math.max(shown.naturalWidth || 0, shown.getBoundingClientRect().width * 1.6);
+    var w = Math.max(shown.naturalWidth || 0, shown.getBoundingClientRect().width * 1.6,
+                     window.innerWidth < 600 ? window.innerWidth : 0);  // a phone: the screen's width
     var aspect = (shown.naturalHeight || 1) / (shown.naturalWidth || 1);
     w = Math.min(w, window.innerWidth * 0.96, window.innerHeight * 0.92 / aspect);
     img.style.width = Math.round(w) + "px";
