@@ -80,6 +80,8 @@ PAGE_REPORT_JS = r"""
     const box = tb.parentElement.getBoundingClientRect(), r = tb.getBoundingClientRect();
     return tb.checkVisibility() && (r.right > box.right + 1 || tb.parentElement.scrollWidth > tb.parentElement.clientWidth + 1);
   }).length;
+  const proseTables = Array.from(document.querySelectorAll(".prose table")).filter(
+      tb => tb.checkVisibility() && tb.scrollWidth > tb.clientWidth + 1).length;
   const toc = document.getElementById("toc");
   const tocTargets = toc ? Array.from(toc.querySelectorAll("a")).map(a => decodeURIComponent(a.hash.slice(1))) : [];
   const resources = performance.getEntriesByType("resource").concat(performance.getEntriesByType("navigation"));
@@ -104,6 +106,7 @@ PAGE_REPORT_JS = r"""
     markersClipped: clipped.length,
     listItems: document.querySelectorAll(".prose li").length,
     tablesOver: overTables,
+    proseTables: proseTables,
     toc: toc ? tocTargets.length : null,
     tocMissing: tocTargets.filter(id => !document.getElementById(id)),
     crumbHome: document.querySelector(".crumbs a[href='index.html']") !== null,
@@ -253,6 +256,8 @@ def check_page(page, name: str, url: str, width: int, problems: list[str], seen:
         problems.append(f"{where}: display equations wider than their column: {report['displaysCut']}")
     if report["markersClipped"]:
         problems.append(f"{where}: {report['markersClipped']} of {report['listItems']} list markers are cut off")
+    if width >= 1000 and report["proseTables"]:
+        problems.append(f"{where}: {report['proseTables']} tables in prose need a sideways scroll")
     if report["tablesOver"]:
         problems.append(f"{where}: {report['tablesOver']} tables are wider than their box")
     if report["tocMissing"]:
