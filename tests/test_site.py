@@ -207,6 +207,11 @@ def test_prose_links_to_sources_and_notebooks_go_to_their_pages():
                     path="x")
     assert 'href="tiny.html#L3"' in html and 'href="01_tiny.html"' in html
     assert 'href="https://example.org/x.py"' in html and 'href="#here"' in html
+    # A path written as code is a link too (not inside another link, and only a known file).
+    html = r.render("See `annotated_src/tiny.py`, [`annotated_src/tiny.py`](x.html), `tiny.py` and `annotated_src/no.py`.",
+                    path="x")
+    assert html.count('href="tiny.html"') == 1 and 'href="x.html"' in html
+    assert "<code>tiny.py</code>" in html and "<code>annotated_src/no.py</code>" in html
 
 
 def test_heading_ids_are_unique_across_one_page():

@@ -153,6 +153,11 @@ def slugify(text: str) -> str:
     return re.sub(r"-+", "-", s) or "section"
 
 
+def _is_path(text: str) -> bool:
+    """Whether inline code names a file of the site's sources: `annotated_src/x.py`, `notebooks/x.ipynb`."""
+    return bool(re.fullmatch(r"[\w./-]+/[\w.-]+\.(py|ipynb)", text))
+
+
 class Renderer:
     """A markdown renderer for one page: heading ids are unique across all the page's sections."""
 
@@ -214,9 +219,17 @@ class Renderer:
                 line = first_line + tok.map[0]
             if tok.type in ("math_block", "math_block_label"):
                 tok.type, tok.content = "html_block", display_math(tok.content, path=path, line=line) + "\n"
+            in_link = False
             for child in tok.children or ():
                 if child.type == "link_open" and self.link_map:
                     child.attrSet("href", self._rewrite(str(child.attrGet("href") or "")))
+                in_link = (in_link or child.type == "link_open") and child.type != "link_close"
+                if child.type == "code_inline" and not in_link and _is_path(child.content) \
+                        and child.content in self.link_map:
+                    # `annotated_src/x_fast.py` written as code is a link to its page too.
+                    child.type, child.content = "html_inline", (
+                        f'<a href="{html.escape(self.link_map[child.content])}"><code>'
+                        f"{html.escape(child.content)}</code></a>")
                 if child.type in ("math_inline", "math_inline_double"):
                     if child.type == "math_inline_double":
                         child.type, child.content = "html_inline", display_math(child.content, path=path, line=line)
