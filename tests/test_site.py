@@ -331,12 +331,17 @@ def test_every_page_links_to_its_source(tmp_path, built):
         assert (built / href).read_bytes() == (FIXTURE / href.removeprefix("source/")).read_bytes()
         assert 'data-rel="repository"' not in page  # no address configured
     assert 'href="notebooks/01_tiny.ipynb" download data-rel="source"' in (built / "01_tiny.html").read_text()
+    assert 'data-rel="pair"' not in (built / "01_tiny.html").read_text()  # no jupytext pair in the fixture
     # The repository's address, from pyproject.toml or given.
     root = copy_fixture(tmp_path)
     (root / "pyproject.toml").write_text('[project]\nname = "x"\n[project.urls]\nRepository = "https://git.example/x"\n')
+    (root / "notebooks" / "01_tiny.py").write_text("# %% [markdown]\n# # Tiny attention, checked\n")
     build(root, tmp_path / "a")
     assert 'href="https://git.example/x/blob/HEAD/annotated_src/tiny.py" data-rel="repository"' in \
         (tmp_path / "a" / "tiny.html").read_text()
+    # A notebook's jupytext pair is shipped and linked too.
+    assert 'href="source/notebooks/01_tiny.py" data-rel="pair"' in (tmp_path / "a" / "01_tiny.html").read_text()
+    assert (tmp_path / "a" / "source" / "notebooks" / "01_tiny.py").read_text().startswith("# %% [markdown]")
     build(root, tmp_path / "b", repo_url="https://code.example/y/{path}?plain=1")
     assert 'href="https://code.example/y/notebooks/01_tiny.ipynb?plain=1" data-rel="repository"' in \
         (tmp_path / "b" / "01_tiny.html").read_text()

@@ -536,6 +536,10 @@ def test_math_spacing_in_the_browser(served, browser):
     # The prime sits beside the top of its letter, not above it.
     assert prime["b"] > k["top"] + 0.1 * m["em"] and prime["top"] > k["top"] - 0.3 * m["em"], m
     assert prime["l"] - k["r"] < 0.15 * m["em"], m
+    # The math font is the WOFF2 subset shipped with the site, and it is in use.
+    assert page.evaluate("document.fonts.check(\"16px 'DejaVu Math TeX Gyre'\")")
+    fonts = page.evaluate("performance.getEntriesByType('resource').map(e => e.name).filter(n => /\\.(woff2?|ttf|otf)$/.test(n))")
+    assert len(fonts) == 1 and fonts[0].endswith("-subset.woff2"), fonts
     page.locator("math", has_text="mod").first.scroll_into_view_if_needed()
     page.screenshot(path=str(ARTIFACTS / "math-spacing.png"))
     ctx.close()

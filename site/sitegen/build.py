@@ -512,7 +512,12 @@ def collect(root: Path, repo_url: str | None = None) -> tuple[list[Page], list, 
         pages.append(render_module_page(mod, chapter, mod.path, link_map, modules, extra))
         files.append((f"source/{mod.path}", (root / mod.path).read_bytes()))
     for name, nb in notebooks.items():
-        extra = {"source": {"href": f"notebooks/{name}.ipynb", "repo": source_link(repo, nb.path), "path": nb.path}}
+        extra = {"source": {"href": f"notebooks/{name}.ipynb", "repo": source_link(repo, nb.path), "path": nb.path,
+                            "pair": None}}
+        pair = root / "notebooks" / f"{name}.py"  # the jupytext pair, when there is one
+        if pair.exists():
+            extra["source"]["pair"] = f"source/notebooks/{name}.py"
+            files.append((f"source/notebooks/{name}.py", pair.read_bytes()))
         page, imgs = render_notebook_page(nb, modules, chapter_of_nb.get(name), nb.path, nb.title, root_names,
                                           link_map, extra)
         pages.append(page)
