@@ -525,13 +525,31 @@ def test_sanitising_keeps_what_pages_need(built):
     tags = [tag for tag, _, _ in Elements(nb).found]
     for kept in ("table", "td", "svg", "clippath", "use", "text", "math", "msup", "strong", "img"):
         assert kept in tags, kept
-    assert 'xlink:href="#bar"' in nb and 'clip-path="url(#clip-a)"' in nb and 'style="fill: #1f77b4"' in nb
+    assert 'xlink:href="#bar"' in nb and 'clip-path="url(#clip-a)"' in nb and 'style="fill:#1f77b4"' in nb
     module = (built / "hostile.html").read_text()
     assert 'src="data:image/gif;base64,' in module and 'href="https://arxiv.org/abs/2104.09864"' in module
     assert '<span class="removed-image">a remote image</span>' in module
     assert "<details" in module and "<summary>A docstring</summary>" in module
     # An id written in the prose never takes one of the page's own.
     assert module.count('id="search-box"') == 1
+
+
+def test_a_matplotlib_svg_keeps_every_mark():
+    figure = pytest.importorskip("matplotlib.figure")
+    import io
+
+    fig = figure.Figure(figsize=(3, 2))  # no pyplot: the backend of the session is left alone
+    ax = fig.subplots()
+    ax.plot([0, 1, 2, 3], [0, 1, 4, 9], label="squares")
+    ax.fill_between([0, 1, 2], [0, 1, 2], alpha=0.3)
+    ax.legend()
+    buf = io.StringIO()
+    fig.savefig(buf, format="svg")
+    raw = buf.getvalue()[buf.getvalue().index("<svg"):]
+    out = clean(raw)
+    assert raw.count("<path") > 5 and raw.count("<use") > 5
+    for mark in ("<path", "<use", "<g ", "<clipPath", "clip-path=", 'style="', "<text"):
+        assert out.count(mark) == raw.count(mark), mark
 
 
 @pytest.mark.parametrize("dirty, expected", [
@@ -542,7 +560,9 @@ def test_sanitising_keeps_what_pages_need(built):
     ('<img src="//cdn.invalid/x.png" alt="far">', '<span class="removed-image">far</span>'),
     ('<img src="data:image/svg+xml,<svg onload=alert(1)>">', '<span class="removed-image"></span>'),
     ('<p style="color: red; background: url(https://x.invalid/)">p</p>', "<p>p</p>"),
-    ('<p style="color: red">p</p>', '<p style="color: red">p</p>'),
+    ('<p style="color: red">p</p>', '<p style="color:red">p</p>'),
+    ('<div style="position: fixed; inset: 0; z-index: 99; color: red">over the page</div>',
+     '<div style="color:red">over the page</div>'),
     ('<p style="background: u\\72l(https://x.invalid/)">p</p>', "<p>p</p>"),
     ("<svg><use href='https://x.invalid/a.svg#b'></use></svg>", "<svg><use></use></svg>"),
     ("<svg><a xlink:href='javascript:alert(1)'><text>t</text></a></svg>", "<svg><a><text>t</text></a></svg>"),
