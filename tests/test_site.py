@@ -365,6 +365,10 @@ def test_search_index_has_one_entry_per_heading_and_the_definitions(built):
     entries = json.loads(search[len("window.SEARCH_INDEX = "):].rstrip().rstrip(";"))
     urls = [e["u"] for e in entries]
     assert len(urls) == len(set(urls))
+    # No two entries read the same (where and heading), a notebook named like its module included.
+    shown = [(e["t"], e["h"]) for e in entries if e.get("k") != "d"]
+    assert len(shown) == len(set(shown)), sorted(shown)
+    assert any(e["t"] == "Tiny attention, checked (notebook)" for e in entries)
     tiny = [e for e in entries if e["u"].startswith("tiny.html#")]
     assert [e["h"] for e in tiny if e.get("k") != "d"] == ["Tiny attention", "The scale 1 / √ d", "Attention",
                                                            "The fast path"]

@@ -140,8 +140,9 @@ CONTRAST_JS = r"""
 
 DESKTOP, PHONE = (1440, 900), (390, 844)
 # The pages also checked in the dark theme (a sample: the layout is the light theme's).
-DARK_SAMPLE = ("repo-index", "repo-rope", "repo-kv_cache", "repo-01_rotary_embeddings", "repo-results",
-               "fixture-tiny", "fixture-01_tiny", "fixture-99_hostile")
+DARK_SAMPLE = ("repo-index", "repo-rope", "repo-kv_cache", "repo-_decode_kernels", "repo-01_rotary_embeddings",
+               "repo-results", "fixture-tiny", "fixture-tiny_fast", "fixture-01_tiny", "fixture-hostile",
+               "fixture-99_hostile")
 # A first visit of any page (its HTML, styles, scripts, font, images) stays under this many bytes.
 FIRST_VISIT_BUDGET = 700_000
 

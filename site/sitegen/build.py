@@ -249,17 +249,18 @@ def _line_anchors(lines: list[int]) -> str:
 
 
 def _search_entries(title: str, page: str, sections: list[dict], headings: list[tuple[int, str, str]]) -> list[dict]:
-    """One search entry per heading of the page: the sections under one heading are one hit."""
+    """One search entry per heading of the page (the sections under one heading are one hit, and so
+    are the sections above the first heading)."""
     out: list[dict] = []
     for s in sections:
-        key = s["heading_id"] or s["id"]
+        key = s["heading_id"] or ""
         text = s["search_text"]
         if out and out[-1]["_key"] == key:
-            out[-1]["x"] = (out[-1]["x"] + " " + text)[:1200]
+            out[-1]["x"] = (out[-1]["x"] + " " + text)[:2000]
             continue
-        if not text.strip() and not s["heading_id"]:
+        if not text.strip() and not key:
             continue
-        out.append({"_key": key, "t": title, "h": s["heading"], "u": f"{page}#{key}", "x": text[:1200]})
+        out.append({"_key": key, "t": title, "h": s["heading"], "u": f"{page}#{key or s['id']}", "x": text[:2000]})
     for e in out:
         del e["_key"]
     return out
@@ -368,7 +369,7 @@ def render_notebook_page(nb: Notebook, modules: dict[str, Module], chapter: dict
         rows.append({"id": rid, "prose": prose, "code": code, "text": (row.code or "").rstrip("\n"),
                      "outputs": outputs, "cell": row.cell_index, "count": row.execution_count,
                      "heading_id": heading[0], "heading": heading[1], "search_text": text.strip()})
-    search = _search_entries(title, notebook_page_name(nb.name), rows, r.headings)
+    search = _search_entries(f"{title} (notebook)", notebook_page_name(nb.name), rows, r.headings)
     ctx = {"nb": nb, "rows": rows, "chapter": chapter, "rel_path": rel_path,
            "download": f"notebooks/{nb.name}.ipynb", "provenance": nb.provenance, "toc": _toc(r), **(extra or {})}
     return Page(notebook_page_name(nb.name), title, "", "notebook", ctx, search), images
