@@ -220,9 +220,16 @@ def test_heading_ids_are_unique_across_one_page():
     assert 'id="attention-2"' in html and 'id="attention-3"' in html
 
 
+def test_front_matter_lines_with_a_colon_in_the_value():
+    fields, rest, line = split_front_matter("---\ntitle: Fast\nsummary: The step: five kernels, one graph.\n---\n# x\n",
+                                            path="f.py", first_line=2)
+    assert fields == {"title": "Fast", "summary": "The step: five kernels, one graph."} and rest == "# x\n"
+    assert line == 6
+
+
 def test_invalid_front_matter_names_the_line():
     with pytest.raises(BuildError, match=r"^f\.py:\d+: invalid front matter"):
-        split_front_matter("---\ntitle: [unclosed\n---\n# x\n", path="f.py", first_line=2)
+        split_front_matter("---\ntitle: x\n  nested: [unclosed\n---\n# x\n", path="f.py", first_line=2)
 
 
 # ---------------------------------------------------------------- notebooks

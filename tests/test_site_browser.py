@@ -80,7 +80,7 @@ PAGE_REPORT_JS = r"""
     const box = tb.parentElement.getBoundingClientRect(), r = tb.getBoundingClientRect();
     return tb.checkVisibility() && (r.right > box.right + 1 || tb.parentElement.scrollWidth > tb.parentElement.clientWidth + 1);
   }).length;
-  const proseTables = Array.from(document.querySelectorAll(".prose table")).filter(
+  const proseTables = Array.from(document.querySelectorAll(".prose .table-scroll")).filter(
       tb => tb.checkVisibility() && tb.scrollWidth > tb.clientWidth + 1).length;
   const toc = document.getElementById("toc");
   const tocTargets = toc ? Array.from(toc.querySelectorAll("a")).map(a => decodeURIComponent(a.hash.slice(1))) : [];

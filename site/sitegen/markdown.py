@@ -153,6 +153,11 @@ def slugify(text: str) -> str:
     return re.sub(r"-+", "-", s) or "section"
 
 
+def _breakable_code(table: re.Match) -> str:
+    return re.sub(r"<code>([^<]+)</code>",
+                  lambda m: "<code>" + re.sub(r"([./_])(?=[^./_])", r"\1<wbr>", m.group(1)) + "</code>", table.group(0))
+
+
 def _is_path(text: str) -> bool:
     """Whether inline code names a file of the site's sources: `annotated_src/x.py`, `notebooks/x.ipynb`."""
     return bool(re.fullmatch(r"[\w./-]+/[\w.-]+\.(py|ipynb)", text))
@@ -240,7 +245,12 @@ class Renderer:
             if tok.type == "heading_open":
                 inline = self.md.renderer.renderInline(tokens[i + 1].children or [], self.md.options, env)
                 self.headings.append((int(tok.tag[1]), str(tok.attrGet("id") or ""), inline))
-        return self.sanitiser.clean(self.md.renderer.render(tokens, self.md.options, env))
+        out = self.sanitiser.clean(self.md.renderer.render(tokens, self.md.options, env))
+        # A table fits its column, its text wrapping; one that cannot (on a phone) scrolls in its box.
+        out = re.sub(r"<table\b[^>]*>", lambda m: f'<div class="table-scroll">{m.group(0)}', out)
+        out = out.replace("</table>", "</table></div>")
+        # In a table, a long name in code may break after a `.`, `/` or `_` rather than widen its column.
+        return re.sub(r'<div class="table-scroll">.*?</table></div>', _breakable_code, out, flags=re.S)
 
 
 def split_front_matter(text: str, *, path: str, first_line: int = 1) -> tuple[dict, str, int]:
@@ -250,9 +260,15 @@ def split_front_matter(text: str, *, path: str, first_line: int = 1) -> tuple[di
     m = re.match(r"\s*^---[ \t]*\n(.*?)^---[ \t]*\n", text, re.S | re.M)
     if not m:
         return {}, text, first_line
+    lines = [line for line in m.group(1).splitlines() if line.strip()]
     try:
         fields = yaml.safe_load(m.group(1)) or {}
     except yaml.YAMLError as e:
+        # Plain `key: value` lines, a colon in the value ("summary: a step: five kernels"): the value
+        # is the rest of its line, as the writer meant it.
+        if lines and all(re.match(r"^[A-Za-z_]\w*:\s", line) for line in lines):
+            return ({line.split(":", 1)[0]: line.split(":", 1)[1].strip() for line in lines}, text[m.end():],
+                    first_line + text[: m.end()].count("\n"))
         mark = getattr(e, "problem_mark", None)
         line = first_line + text[: m.start(1)].count("\n") + (mark.line if mark else 0)
         raise BuildError(path, line, f"invalid front matter: {e}") from None
