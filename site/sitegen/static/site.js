@@ -78,12 +78,12 @@
     var targets = links.map(function (a) { return document.getElementById(decodeURIComponent(a.hash.slice(1))); });
     var current = tocButton && tocButton.querySelector(".toc-current");
     var update = function () {
-      var k = 0;
+      var k = -1;  // above the first heading: the page's opening
       for (var i = 0; i < targets.length; i++) {
         if (targets[i] && targets[i].getBoundingClientRect().top < 90) k = i;
       }
       links.forEach(function (a, i) { a.classList.toggle("current", i === k); });
-      if (current && links[k]) current.textContent = links[k].getAttribute("data-label") || links[k].textContent.trim();
+      if (current) current.textContent = k < 0 ? "On this page" : links[k].getAttribute("data-label") || links[k].textContent.trim();
     };
     var ticking = false;
     window.addEventListener("scroll", function () {
