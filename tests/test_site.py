@@ -12,9 +12,11 @@ import functools
 import html.parser
 import importlib.util
 import json
+import os
 import re
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -651,11 +653,13 @@ def test_invalid_utf8_names_file_line_and_cell(tmp_path, rel, needle, message):
 def test_stale_build_directories_are_removed_and_ignored(tmp_path):
     out = tmp_path / "_build"
     # What a build killed hard leaves: its fresh directory, or the old one it was swapping out.
-    for stale in ("._build-new-999999999-abcd", "._build-old-999999998-efgh"):
+    for stale in ("._build-new-999999999-abcd", "._build-old-999999998-efgh", "._build-new-k2j4l1"):
         (tmp_path / stale / "assets").mkdir(parents=True)
+    os.utime(tmp_path / "._build-new-k2j4l1", (time.time() - 3600, time.time() - 3600))  # an older generator's
+    (tmp_path / "._build-new-fresh").mkdir()  # an older generator's, maybe still running: kept for now
     (tmp_path / ".other").mkdir()
     build(FIXTURE, out)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".other", "_build"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["._build-new-fresh", ".other", "_build"]
     ignore = (REPO / "site" / ".gitignore").read_text().split()
     assert ".*-new-*" in ignore and ".*-old-*" in ignore
 

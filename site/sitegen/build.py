@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import jinja2
@@ -609,8 +610,12 @@ def _remove_stale(out: Path) -> None:
     """Remove what a build killed hard left beside `out`: `.<out>-new-<pid>-*` and `.<out>-old-<pid>-*`
     directories whose process is gone (a build running beside this one keeps its own)."""
     for p in out.parent.glob(f".{out.name}-[no][el][wd]-*"):
+        if not p.is_dir() or not re.fullmatch(rf"\.{re.escape(out.name)}-(?:new|old)-.+", p.name):
+            continue
         m = re.fullmatch(rf"\.{re.escape(out.name)}-(?:new|old)-(\d+)-.*", p.name)
-        if m and p.is_dir() and not _alive(int(m.group(1))):
+        # A name without a process id comes from an older generator: stale once it is ten minutes old.
+        stale = not _alive(int(m.group(1))) if m else time.time() - p.stat().st_mtime > 600
+        if stale:
             shutil.rmtree(p, ignore_errors=True)
 
 
