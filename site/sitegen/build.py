@@ -249,7 +249,7 @@ def _line_anchors(lines: list[int]) -> str:
     return "".join(f'<span class="line-anchor" id="L{n}"></span>' for n in lines)
 
 
-def _search_entries(title: str, page: str, sections: list[dict], headings: list[tuple[int, str, str]]) -> list[dict]:
+def _search_entries(title: str, page: str, sections: list[dict]) -> list[dict]:
     """One search entry per heading of the page (the sections under one heading are one hit, and so
     are the sections above the first heading)."""
     out: list[dict] = []
@@ -307,7 +307,7 @@ def render_module_page(mod: Module, chapter: dict | None, rel_path: str, link_ma
                          "search_text": _plain(prose)})
     fallback = [(name, name) for name, _ in sorted(mod.definitions.items(), key=lambda kv: kv[1])
                 if mod.kinds.get(name) in ("def", "class") and "." not in name]
-    search = _search_entries(mod.title, module_page_name(mod.name), sections, r.headings)
+    search = _search_entries(mod.title, module_page_name(mod.name), sections)
     page = module_page_name(mod.name)
     for name, _line in sorted(mod.definitions.items(), key=lambda kv: kv[1]):
         if mod.kinds.get(name) in ("def", "class"):
@@ -370,7 +370,7 @@ def render_notebook_page(nb: Notebook, modules: dict[str, Module], chapter: dict
         rows.append({"id": rid, "prose": prose, "code": code, "text": (row.code or "").rstrip("\n"),
                      "outputs": outputs, "cell": row.cell_index, "count": row.execution_count,
                      "heading_id": heading[0], "heading": heading[1], "search_text": text.strip()})
-    search = _search_entries(f"{title} (notebook)", notebook_page_name(nb.name), rows, r.headings)
+    search = _search_entries(f"{title} (notebook)", notebook_page_name(nb.name), rows)
     ctx = {"nb": nb, "rows": rows, "chapter": chapter, "rel_path": rel_path,
            "download": f"notebooks/{nb.name}.ipynb", "provenance": nb.provenance, "toc": _toc(r), **(extra or {})}
     return Page(notebook_page_name(nb.name), title, "", "notebook", ctx, search), images
