@@ -12,9 +12,11 @@ import functools
 import html.parser
 import importlib.util
 import json
+import os
 import re
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -27,7 +29,7 @@ sys.path.append(str(REPO / "site"))  # appended: `site/build.py` must not shadow
 from sitegen.build import build, read_chapters, read_results, resolve_definition, results_rows  # noqa: E402
 from sitegen.errors import BuildError  # noqa: E402
 from sitegen.highlight import highlight_lines  # noqa: E402
-from sitegen.markdown import Renderer, latex_to_mathml, split_front_matter  # noqa: E402
+from sitegen.markdown import Renderer, latex_to_mathml, split_clauses, split_front_matter  # noqa: E402
 from sitegen.notebook import notebook_imports, read_notebook  # noqa: E402
 from sitegen.sanitize import clean  # noqa: E402
 from sitegen.source import parse_module  # noqa: E402
@@ -192,12 +194,26 @@ def test_math_spacing_follows_tex(latex, wanted, unwanted):
     assert wanted in out and unwanted not in out.split("<annotation")[0], out
 
 
+def test_a_display_of_several_clauses_is_cut_at_qquad_only_at_the_top_level():
+    assert split_clauses(r"a = b, \qquad c = \left( x \qquad y \right), \qquad "
+                         r"\begin{pmatrix} a \qquad b \\ c \end{pmatrix} \qquad {x \qquad y}") == [
+        "a = b,", r"c = \left( x \qquad y \right),", r"\begin{pmatrix} a \qquad b \\ c \end{pmatrix}", r"{x \qquad y}"]
+    html = Renderer().render("$$k = W_K x, \\qquad v = W_V x$$", path="x")
+    assert html.count('<span class="math-clause"><math') == 2 and 'class="math-display math-clauses"' in html
+    assert html.count('display="block"') == 2
+
+
 def test_prose_links_to_sources_and_notebooks_go_to_their_pages():
     r = Renderer(link_map={"annotated_src/tiny.py": "tiny.html", "01_tiny.ipynb": "01_tiny.html"})
     html = r.render("[a](../annotated_src/tiny.py#L3) [b](01_tiny.ipynb) [c](https://example.org/x.py) [d](#here)",
                     path="x")
     assert 'href="tiny.html#L3"' in html and 'href="01_tiny.html"' in html
     assert 'href="https://example.org/x.py"' in html and 'href="#here"' in html
+    # A path written as code is a link too (not inside another link, and only a known file).
+    html = r.render("See `annotated_src/tiny.py`, [`annotated_src/tiny.py`](x.html), `tiny.py` and `annotated_src/no.py`.",
+                    path="x")
+    assert html.count('href="tiny.html"') == 1 and 'href="x.html"' in html
+    assert "<code>tiny.py</code>" in html and "<code>annotated_src/no.py</code>" in html
 
 
 def test_heading_ids_are_unique_across_one_page():
@@ -206,9 +222,16 @@ def test_heading_ids_are_unique_across_one_page():
     assert 'id="attention-2"' in html and 'id="attention-3"' in html
 
 
+def test_front_matter_lines_with_a_colon_in_the_value():
+    fields, rest, line = split_front_matter("---\ntitle: Fast\nsummary: The step: five kernels, one graph.\n---\n# x\n",
+                                            path="f.py", first_line=2)
+    assert fields == {"title": "Fast", "summary": "The step: five kernels, one graph."} and rest == "# x\n"
+    assert line == 6
+
+
 def test_invalid_front_matter_names_the_line():
     with pytest.raises(BuildError, match=r"^f\.py:\d+: invalid front matter"):
-        split_front_matter("---\ntitle: [unclosed\n---\n# x\n", path="f.py", first_line=2)
+        split_front_matter("---\ntitle: x\n  nested: [unclosed\n---\n# x\n", path="f.py", first_line=2)
 
 
 # ---------------------------------------------------------------- notebooks
@@ -317,12 +340,17 @@ def test_every_page_links_to_its_source(tmp_path, built):
         assert (built / href).read_bytes() == (FIXTURE / href.removeprefix("source/")).read_bytes()
         assert 'data-rel="repository"' not in page  # no address configured
     assert 'href="notebooks/01_tiny.ipynb" download data-rel="source"' in (built / "01_tiny.html").read_text()
+    assert 'data-rel="pair"' not in (built / "01_tiny.html").read_text()  # no jupytext pair in the fixture
     # The repository's address, from pyproject.toml or given.
     root = copy_fixture(tmp_path)
     (root / "pyproject.toml").write_text('[project]\nname = "x"\n[project.urls]\nRepository = "https://git.example/x"\n')
+    (root / "notebooks" / "01_tiny.py").write_text("# %% [markdown]\n# # Tiny attention, checked\n")
     build(root, tmp_path / "a")
     assert 'href="https://git.example/x/blob/HEAD/annotated_src/tiny.py" data-rel="repository"' in \
         (tmp_path / "a" / "tiny.html").read_text()
+    # A notebook's jupytext pair is shipped and linked too.
+    assert 'href="source/notebooks/01_tiny.py" data-rel="pair"' in (tmp_path / "a" / "01_tiny.html").read_text()
+    assert (tmp_path / "a" / "source" / "notebooks" / "01_tiny.py").read_text().startswith("# %% [markdown]")
     build(root, tmp_path / "b", repo_url="https://code.example/y/{path}?plain=1")
     assert 'href="https://code.example/y/notebooks/01_tiny.ipynb?plain=1" data-rel="repository"' in \
         (tmp_path / "b" / "01_tiny.html").read_text()
@@ -333,6 +361,7 @@ def test_pages_have_contents_breadcrumbs_and_chapter_links_top_and_bottom(built)
     toc = page[page.index('<nav class="toc"'):page.index("</nav>", page.index('<nav class="toc"'))]
     assert re.findall(r'href="#([^"]+)"', toc) == ["the-scale", "attention-2", "the-fast-path"]
     assert "header-anchor" not in toc and "<math" in toc  # headings with their math, without the "#"
+    assert 'data-label="The scale 1 / √ d"' in toc  # the top bar names the section in plain text
     assert '<li><a href="index.html">All chapters</a></li>' in page
     assert page.count('class="chapter-nav chapter-nav-top"') == 1 and page.count("chapter-nav-bottom") == 1
     # A page without two headings lists its definitions.
@@ -345,6 +374,10 @@ def test_search_index_has_one_entry_per_heading_and_the_definitions(built):
     entries = json.loads(search[len("window.SEARCH_INDEX = "):].rstrip().rstrip(";"))
     urls = [e["u"] for e in entries]
     assert len(urls) == len(set(urls))
+    # No two entries read the same (where and heading), a notebook named like its module included.
+    shown = [(e["t"], e["h"]) for e in entries if e.get("k") != "d"]
+    assert len(shown) == len(set(shown)), sorted(shown)
+    assert any(e["t"] == "Tiny attention, checked (notebook)" for e in entries)
     tiny = [e for e in entries if e["u"].startswith("tiny.html#")]
     assert [e["h"] for e in tiny if e.get("k") != "d"] == ["Tiny attention", "The scale 1 / √ d", "Attention",
                                                            "The fast path"]
@@ -505,13 +538,31 @@ def test_sanitising_keeps_what_pages_need(built):
     tags = [tag for tag, _, _ in Elements(nb).found]
     for kept in ("table", "td", "svg", "clippath", "use", "text", "math", "msup", "strong", "img"):
         assert kept in tags, kept
-    assert 'xlink:href="#bar"' in nb and 'clip-path="url(#clip-a)"' in nb and 'style="fill: #1f77b4"' in nb
+    assert 'xlink:href="#bar"' in nb and 'clip-path="url(#clip-a)"' in nb and 'style="fill:#1f77b4"' in nb
     module = (built / "hostile.html").read_text()
     assert 'src="data:image/gif;base64,' in module and 'href="https://arxiv.org/abs/2104.09864"' in module
     assert '<span class="removed-image">a remote image</span>' in module
     assert "<details" in module and "<summary>A docstring</summary>" in module
     # An id written in the prose never takes one of the page's own.
     assert module.count('id="search-box"') == 1
+
+
+def test_a_matplotlib_svg_keeps_every_mark():
+    figure = pytest.importorskip("matplotlib.figure")
+    import io
+
+    fig = figure.Figure(figsize=(3, 2))  # no pyplot: the backend of the session is left alone
+    ax = fig.subplots()
+    ax.plot([0, 1, 2, 3], [0, 1, 4, 9], label="squares")
+    ax.fill_between([0, 1, 2], [0, 1, 2], alpha=0.3)
+    ax.legend()
+    buf = io.StringIO()
+    fig.savefig(buf, format="svg")
+    raw = buf.getvalue()[buf.getvalue().index("<svg"):]
+    out = clean(raw)
+    assert raw.count("<path") > 5 and raw.count("<use") > 5
+    for mark in ("<path", "<use", "<g ", "<clipPath", "clip-path=", 'style="', "<text"):
+        assert out.count(mark) == raw.count(mark), mark
 
 
 @pytest.mark.parametrize("dirty, expected", [
@@ -522,7 +573,9 @@ def test_sanitising_keeps_what_pages_need(built):
     ('<img src="//cdn.invalid/x.png" alt="far">', '<span class="removed-image">far</span>'),
     ('<img src="data:image/svg+xml,<svg onload=alert(1)>">', '<span class="removed-image"></span>'),
     ('<p style="color: red; background: url(https://x.invalid/)">p</p>', "<p>p</p>"),
-    ('<p style="color: red">p</p>', '<p style="color: red">p</p>'),
+    ('<p style="color: red">p</p>', '<p style="color:red">p</p>'),
+    ('<div style="position: fixed; inset: 0; z-index: 99; color: red">over the page</div>',
+     '<div style="color:red">over the page</div>'),
     ('<p style="background: u\\72l(https://x.invalid/)">p</p>', "<p>p</p>"),
     ("<svg><use href='https://x.invalid/a.svg#b'></use></svg>", "<svg><use></use></svg>"),
     ("<svg><a xlink:href='javascript:alert(1)'><text>t</text></a></svg>", "<svg><a><text>t</text></a></svg>"),
@@ -600,11 +653,13 @@ def test_invalid_utf8_names_file_line_and_cell(tmp_path, rel, needle, message):
 def test_stale_build_directories_are_removed_and_ignored(tmp_path):
     out = tmp_path / "_build"
     # What a build killed hard leaves: its fresh directory, or the old one it was swapping out.
-    for stale in ("._build-new-999999999-abcd", "._build-old-999999998-efgh"):
+    for stale in ("._build-new-999999999-abcd", "._build-old-999999998-efgh", "._build-new-k2j4l1"):
         (tmp_path / stale / "assets").mkdir(parents=True)
+    os.utime(tmp_path / "._build-new-k2j4l1", (time.time() - 3600, time.time() - 3600))  # an older generator's
+    (tmp_path / "._build-new-fresh").mkdir()  # an older generator's, maybe still running: kept for now
     (tmp_path / ".other").mkdir()
     build(FIXTURE, out)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".other", "_build"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["._build-new-fresh", ".other", "_build"]
     ignore = (REPO / "site" / ".gitignore").read_text().split()
     assert ".*-new-*" in ignore and ".*-old-*" in ignore
 

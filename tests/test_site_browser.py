@@ -80,6 +80,8 @@ PAGE_REPORT_JS = r"""
     const box = tb.parentElement.getBoundingClientRect(), r = tb.getBoundingClientRect();
     return tb.checkVisibility() && (r.right > box.right + 1 || tb.parentElement.scrollWidth > tb.parentElement.clientWidth + 1);
   }).length;
+  const proseTables = Array.from(document.querySelectorAll(".prose .table-scroll")).filter(
+      tb => tb.checkVisibility() && tb.scrollWidth > tb.clientWidth + 1).length;
   const toc = document.getElementById("toc");
   const tocTargets = toc ? Array.from(toc.querySelectorAll("a")).map(a => decodeURIComponent(a.hash.slice(1))) : [];
   const resources = performance.getEntriesByType("resource").concat(performance.getEntriesByType("navigation"));
@@ -104,6 +106,7 @@ PAGE_REPORT_JS = r"""
     markersClipped: clipped.length,
     listItems: document.querySelectorAll(".prose li").length,
     tablesOver: overTables,
+    proseTables: proseTables,
     toc: toc ? tocTargets.length : null,
     tocMissing: tocTargets.filter(id => !document.getElementById(id)),
     crumbHome: document.querySelector(".crumbs a[href='index.html']") !== null,
@@ -137,8 +140,9 @@ CONTRAST_JS = r"""
 
 DESKTOP, PHONE = (1440, 900), (390, 844)
 # The pages also checked in the dark theme (a sample: the layout is the light theme's).
-DARK_SAMPLE = ("repo-index", "repo-rope", "repo-kv_cache", "repo-01_rotary_embeddings", "repo-results",
-               "fixture-tiny", "fixture-01_tiny", "fixture-99_hostile")
+DARK_SAMPLE = ("repo-index", "repo-rope", "repo-kv_cache", "repo-_decode_kernels", "repo-01_rotary_embeddings",
+               "repo-results", "fixture-tiny", "fixture-tiny_fast", "fixture-01_tiny", "fixture-hostile",
+               "fixture-99_hostile")
 # A first visit of any page (its HTML, styles, scripts, font, images) stays under this many bytes.
 FIRST_VISIT_BUDGET = 700_000
 
@@ -253,6 +257,8 @@ def check_page(page, name: str, url: str, width: int, problems: list[str], seen:
         problems.append(f"{where}: display equations wider than their column: {report['displaysCut']}")
     if report["markersClipped"]:
         problems.append(f"{where}: {report['markersClipped']} of {report['listItems']} list markers are cut off")
+    if width >= 1000 and report["proseTables"]:
+        problems.append(f"{where}: {report['proseTables']} tables in prose need a sideways scroll")
     if report["tablesOver"]:
         problems.append(f"{where}: {report['tablesOver']} tables are wider than their box")
     if report["tocMissing"]:
@@ -457,7 +463,9 @@ def test_contents_follow_the_reading(served, browser):
         assert 0 <= box["y"] < 60, box  # in the sticky top bar, while reading the middle of the page
         if size == DESKTOP:
             current = button.inner_text().strip()
-            assert current in [e.strip() for e in entries] and current != entries[0].strip(), current
+            labels = page.locator("#toc a").evaluate_all("els => els.map(a => a.dataset.label)")
+            assert current in labels and current != labels[0], (current, labels)
+            assert not RAW_LATEX.search(current), current
         assert page.locator("#toc a.current").count() == 1
         button.click()
         assert page.locator("#toc").is_visible()
@@ -529,6 +537,10 @@ def test_math_spacing_in_the_browser(served, browser):
     # The prime sits beside the top of its letter, not above it.
     assert prime["b"] > k["top"] + 0.1 * m["em"] and prime["top"] > k["top"] - 0.3 * m["em"], m
     assert prime["l"] - k["r"] < 0.15 * m["em"], m
+    # The math font is the WOFF2 subset shipped with the site, and it is in use.
+    assert page.evaluate("document.fonts.check(\"16px 'DejaVu Math TeX Gyre'\")")
+    fonts = page.evaluate("performance.getEntriesByType('resource').map(e => e.name).filter(n => /\\.(woff2?|ttf|otf)$/.test(n))")
+    assert len(fonts) == 1 and fonts[0].endswith("-subset.woff2"), fonts
     page.locator("math", has_text="mod").first.scroll_into_view_if_needed()
     page.screenshot(path=str(ARTIFACTS / "math-spacing.png"))
     ctx.close()

@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import jinja2
@@ -226,10 +227,12 @@ def _toc(r: Renderer, fallback: list[tuple[str, str]] = ()) -> list[dict]:
         heads = heads[1:]  # the page's own title
     top = min((lvl for lvl, _, _ in heads), default=2)
     items = [{"level": lvl - top, "id": hid,
-              "html": clean_fragment(re.sub(r"</?a\b[^>]*>", "", re.sub(_HEADER_ANCHOR, "", inline)))}
+              "html": clean_fragment(re.sub(r"</?a\b[^>]*>", "", re.sub(_HEADER_ANCHOR, "", inline))),
+              "label": _plain(inline)}
              for lvl, hid, inline in heads if lvl - top <= 1]
     if len(items) < 2 and fallback:
-        items = [{"level": 0, "id": i, "html": f"<code>{html.escape(label)}</code>"} for i, label in fallback]
+        items = [{"level": 0, "id": i, "html": f"<code>{html.escape(label)}</code>", "label": label}
+                 for i, label in fallback]
     return items
 
 
@@ -246,18 +249,19 @@ def _line_anchors(lines: list[int]) -> str:
     return "".join(f'<span class="line-anchor" id="L{n}"></span>' for n in lines)
 
 
-def _search_entries(title: str, page: str, sections: list[dict], headings: list[tuple[int, str, str]]) -> list[dict]:
-    """One search entry per heading of the page: the sections under one heading are one hit."""
+def _search_entries(title: str, page: str, sections: list[dict]) -> list[dict]:
+    """One search entry per heading of the page (the sections under one heading are one hit, and so
+    are the sections above the first heading)."""
     out: list[dict] = []
     for s in sections:
-        key = s["heading_id"] or s["id"]
+        key = s["heading_id"] or ""
         text = s["search_text"]
         if out and out[-1]["_key"] == key:
-            out[-1]["x"] = (out[-1]["x"] + " " + text)[:1200]
+            out[-1]["x"] = (out[-1]["x"] + " " + text)[:2000]
             continue
-        if not text.strip() and not s["heading_id"]:
+        if not text.strip() and not key:
             continue
-        out.append({"_key": key, "t": title, "h": s["heading"], "u": f"{page}#{key}", "x": text[:1200]})
+        out.append({"_key": key, "t": title, "h": s["heading"], "u": f"{page}#{key or s['id']}", "x": text[:2000]})
     for e in out:
         del e["_key"]
     return out
@@ -303,7 +307,7 @@ def render_module_page(mod: Module, chapter: dict | None, rel_path: str, link_ma
                          "search_text": _plain(prose)})
     fallback = [(name, name) for name, _ in sorted(mod.definitions.items(), key=lambda kv: kv[1])
                 if mod.kinds.get(name) in ("def", "class") and "." not in name]
-    search = _search_entries(mod.title, module_page_name(mod.name), sections, r.headings)
+    search = _search_entries(mod.title, module_page_name(mod.name), sections)
     page = module_page_name(mod.name)
     for name, _line in sorted(mod.definitions.items(), key=lambda kv: kv[1]):
         if mod.kinds.get(name) in ("def", "class"):
@@ -366,7 +370,7 @@ def render_notebook_page(nb: Notebook, modules: dict[str, Module], chapter: dict
         rows.append({"id": rid, "prose": prose, "code": code, "text": (row.code or "").rstrip("\n"),
                      "outputs": outputs, "cell": row.cell_index, "count": row.execution_count,
                      "heading_id": heading[0], "heading": heading[1], "search_text": text.strip()})
-    search = _search_entries(title, notebook_page_name(nb.name), rows, r.headings)
+    search = _search_entries(f"{title} (notebook)", notebook_page_name(nb.name), rows)
     ctx = {"nb": nb, "rows": rows, "chapter": chapter, "rel_path": rel_path,
            "download": f"notebooks/{nb.name}.ipynb", "provenance": nb.provenance, "toc": _toc(r), **(extra or {})}
     return Page(notebook_page_name(nb.name), title, "", "notebook", ctx, search), images
@@ -510,7 +514,12 @@ def collect(root: Path, repo_url: str | None = None) -> tuple[list[Page], list, 
         pages.append(render_module_page(mod, chapter, mod.path, link_map, modules, extra))
         files.append((f"source/{mod.path}", (root / mod.path).read_bytes()))
     for name, nb in notebooks.items():
-        extra = {"source": {"href": f"notebooks/{name}.ipynb", "repo": source_link(repo, nb.path), "path": nb.path}}
+        extra = {"source": {"href": f"notebooks/{name}.ipynb", "repo": source_link(repo, nb.path), "path": nb.path,
+                            "pair": None}}
+        pair = root / "notebooks" / f"{name}.py"  # the jupytext pair, when there is one
+        if pair.exists():
+            extra["source"]["pair"] = f"source/notebooks/{name}.py"
+            files.append((f"source/notebooks/{name}.py", pair.read_bytes()))
         page, imgs = render_notebook_page(nb, modules, chapter_of_nb.get(name), nb.path, nb.title, root_names,
                                           link_map, extra)
         pages.append(page)
@@ -601,8 +610,12 @@ def _remove_stale(out: Path) -> None:
     """Remove what a build killed hard left beside `out`: `.<out>-new-<pid>-*` and `.<out>-old-<pid>-*`
     directories whose process is gone (a build running beside this one keeps its own)."""
     for p in out.parent.glob(f".{out.name}-[no][el][wd]-*"):
+        if not p.is_dir() or not re.fullmatch(rf"\.{re.escape(out.name)}-(?:new|old)-.+", p.name):
+            continue
         m = re.fullmatch(rf"\.{re.escape(out.name)}-(?:new|old)-(\d+)-.*", p.name)
-        if m and p.is_dir() and not _alive(int(m.group(1))):
+        # A name without a process id comes from an older generator: stale once it is ten minutes old.
+        stale = not _alive(int(m.group(1))) if m else time.time() - p.stat().st_mtime > 600
+        if stale:
             shutil.rmtree(p, ignore_errors=True)
 
 

@@ -29,6 +29,41 @@ def _scrollable(mathml: str) -> str:
     return f'<span class="math-display">{mathml}</span>'
 
 
+def split_clauses(latex: str) -> list[str]:
+    """A display equation's clauses: its source cut at each `\\qquad` outside braces, environments and
+    `\\left...\\right`, the spacing TeX writers put between the parts of one display."""
+    parts, start, depth, i = [], 0, 0, 0
+    while i < len(latex):
+        c = latex[i]
+        if c == "\\":
+            m = re.match(r"\\([A-Za-z]+|.)", latex[i:])
+            word = m.group(1)
+            if word in ("begin", "left"):
+                depth += 1
+            elif word in ("end", "right"):
+                depth -= 1
+            elif word == "qquad" and depth == 0:
+                parts.append(latex[start:i])
+                start = i + m.end()
+            i += m.end()
+            continue
+        depth += c == "{"
+        depth -= c == "}"
+        i += 1
+    parts.append(latex[start:])
+    return [p for p in (p.strip() for p in parts) if p]
+
+
+def display_math(latex: str, *, path: str, line: int | None) -> str:
+    """A display equation; one of several clauses is set as clauses that wrap on a narrow column."""
+    clauses = split_clauses(latex)
+    if len(clauses) < 2:
+        return _scrollable(latex_to_mathml(latex, display=True, path=path, line=line))
+    inner = "".join(f'<span class="math-clause">{latex_to_mathml(c, display=True, path=path, line=line)}</span>'
+                    for c in clauses)
+    return f'<span class="math-display math-clauses">{inner}</span>'
+
+
 # TeX's spacing, where latex2mathml's MathML would get the browser's operator dictionary instead.
 _PRIMES = {"\u2032", "\u2033", "\u2034", "\u2057"}
 _BINARY_WORDS = {"mod"}  # `\\bmod`: a binary operator, with TeX's medium space on each side
@@ -118,6 +153,16 @@ def slugify(text: str) -> str:
     return re.sub(r"-+", "-", s) or "section"
 
 
+def _breakable_code(table: re.Match) -> str:
+    return re.sub(r"<code>([^<]+)</code>",
+                  lambda m: "<code>" + re.sub(r"([./_])(?=[^./_])", r"\1<wbr>", m.group(1)) + "</code>", table.group(0))
+
+
+def _is_path(text: str) -> bool:
+    """Whether inline code names a file of the site's sources: `annotated_src/x.py`, `notebooks/x.ipynb`."""
+    return bool(re.fullmatch(r"[\w./-]+/[\w.-]+\.(py|ipynb)", text))
+
+
 class Renderer:
     """A markdown renderer for one page: heading ids are unique across all the page's sections."""
 
@@ -178,20 +223,34 @@ class Renderer:
             if tok.map:
                 line = first_line + tok.map[0]
             if tok.type in ("math_block", "math_block_label"):
-                tok.type, tok.content = "html_block", _scrollable(latex_to_mathml(
-                    tok.content, display=True, path=path, line=line)) + "\n"
+                tok.type, tok.content = "html_block", display_math(tok.content, path=path, line=line) + "\n"
+            in_link = False
             for child in tok.children or ():
                 if child.type == "link_open" and self.link_map:
                     child.attrSet("href", self._rewrite(str(child.attrGet("href") or "")))
+                in_link = (in_link or child.type == "link_open") and child.type != "link_close"
+                if child.type == "code_inline" and not in_link and _is_path(child.content) \
+                        and child.content in self.link_map:
+                    # `annotated_src/x_fast.py` written as code is a link to its page too.
+                    child.type, child.content = "html_inline", (
+                        f'<a href="{html.escape(self.link_map[child.content])}"><code>'
+                        f"{html.escape(child.content)}</code></a>")
                 if child.type in ("math_inline", "math_inline_double"):
-                    display = child.type == "math_inline_double"
-                    mathml = latex_to_mathml(child.content, display=display, path=path, line=line)
-                    child.type, child.content = "html_inline", _scrollable(mathml) if display else mathml
+                    if child.type == "math_inline_double":
+                        child.type, child.content = "html_inline", display_math(child.content, path=path, line=line)
+                    else:
+                        mathml = latex_to_mathml(child.content, display=False, path=path, line=line)
+                        child.type, child.content = "html_inline", mathml
         for i, tok in enumerate(tokens[:-1]):
             if tok.type == "heading_open":
                 inline = self.md.renderer.renderInline(tokens[i + 1].children or [], self.md.options, env)
                 self.headings.append((int(tok.tag[1]), str(tok.attrGet("id") or ""), inline))
-        return self.sanitiser.clean(self.md.renderer.render(tokens, self.md.options, env))
+        out = self.sanitiser.clean(self.md.renderer.render(tokens, self.md.options, env))
+        # A table fits its column, its text wrapping; one that cannot (on a phone) scrolls in its box.
+        out = re.sub(r"<table\b[^>]*>", lambda m: f'<div class="table-scroll">{m.group(0)}', out)
+        out = out.replace("</table>", "</table></div>")
+        # In a table, a long name in code may break after a `.`, `/` or `_` rather than widen its column.
+        return re.sub(r'<div class="table-scroll">.*?</table></div>', _breakable_code, out, flags=re.S)
 
 
 def split_front_matter(text: str, *, path: str, first_line: int = 1) -> tuple[dict, str, int]:
@@ -201,9 +260,15 @@ def split_front_matter(text: str, *, path: str, first_line: int = 1) -> tuple[di
     m = re.match(r"\s*^---[ \t]*\n(.*?)^---[ \t]*\n", text, re.S | re.M)
     if not m:
         return {}, text, first_line
+    lines = [line for line in m.group(1).splitlines() if line.strip()]
     try:
         fields = yaml.safe_load(m.group(1)) or {}
     except yaml.YAMLError as e:
+        # Plain `key: value` lines, a colon in the value ("summary: a step: five kernels"): the value
+        # is the rest of its line, as the writer meant it.
+        if lines and all(re.match(r"^[A-Za-z_]\w*:\s", line) for line in lines):
+            return ({line.split(":", 1)[0]: line.split(":", 1)[1].strip() for line in lines}, text[m.end():],
+                    first_line + text[: m.end()].count("\n"))
         mark = getattr(e, "problem_mark", None)
         line = first_line + text[: m.start(1)].count("\n") + (mark.line if mark else 0)
         raise BuildError(path, line, f"invalid front matter: {e}") from None

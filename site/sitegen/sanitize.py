@@ -42,6 +42,16 @@ SVG_ATTRIBUTES = {
     "markerHeight", "refX", "refY", "orient", "markerUnits", "marker-start", "marker-mid", "marker-end",
     "style", "visibility", "display",
 }
+# The CSS a style attribute may keep: colours, type and the drawing of a plot; nothing that places a
+# box over the page (`position`, `z-index`, ...) or fetches.
+STYLE_PROPERTIES = {
+    "color", "background-color", "font-weight", "font-style", "font-size", "font-family", "text-align",
+    "text-decoration", "vertical-align", "white-space", "width", "height", "max-width", "min-width", "padding",
+    "margin", "border", "border-collapse", "border-bottom", "border-top", "border-left", "border-right",
+    "fill", "fill-opacity", "fill-rule", "stroke", "stroke-width", "stroke-linecap", "stroke-linejoin",
+    "stroke-miterlimit", "stroke-dasharray", "stroke-dashoffset", "stroke-opacity", "opacity", "clip-path",
+    "clip-rule", "stop-color", "stop-opacity", "text-anchor", "dominant-baseline", "letter-spacing",
+}
 HTML_TAGS = (set(nh3.ALLOWED_TAGS) - {"map", "area"}) | {"figure", "figcaption"}
 HTML_ATTRIBUTES = {
     "a": {"href", "title"},
@@ -100,6 +110,7 @@ class Sanitiser:
             generic_attribute_prefixes={"aria-"},
             attribute_filter=self._filter,
             url_schemes={"http", "https", "mailto", "data"},
+            filter_style_properties=STYLE_PROPERTIES,
             link_rel=None,
             strip_comments=True,
         )

@@ -52,7 +52,7 @@
     });
   });
 
-  // Display equations: one wider than its column is set smaller, down to 70%; past that it scrolls.
+  // Display equations: one wider than its column is set smaller, down to 70% (80% on a phone); past that it scrolls.
   function fitEquations() {
     Array.prototype.forEach.call(document.querySelectorAll(".math-display"), function (box) {
       box.style.fontSize = "";
@@ -60,7 +60,7 @@
       if (!box.clientWidth) return;
       var need = box.scrollWidth, have = box.clientWidth;
       if (need > have + 1) {
-        var scale = Math.max(0.7, (have - 2) / need);
+        var scale = Math.max(window.innerWidth < 600 ? 0.8 : 0.7, (have - 2) / need);
         box.style.fontSize = (Math.floor(scale * 100) / 100) + "em";
         if (box.scrollWidth > box.clientWidth + 1) box.classList.add("scrolls");
       }
@@ -78,12 +78,12 @@
     var targets = links.map(function (a) { return document.getElementById(decodeURIComponent(a.hash.slice(1))); });
     var current = tocButton && tocButton.querySelector(".toc-current");
     var update = function () {
-      var k = 0;
+      var k = -1;  // above the first heading: the page's opening
       for (var i = 0; i < targets.length; i++) {
         if (targets[i] && targets[i].getBoundingClientRect().top < 90) k = i;
       }
       links.forEach(function (a, i) { a.classList.toggle("current", i === k); });
-      if (current && links[k]) current.textContent = (links[k].innerText || links[k].textContent).trim();
+      if (current) current.textContent = k < 0 ? "On this page" : links[k].getAttribute("data-label") || links[k].textContent.trim();
     };
     var ticking = false;
     window.addEventListener("scroll", function () {
@@ -113,7 +113,8 @@
     var img = box.querySelector("img");
     img.src = src; img.alt = alt || "";
     // Larger than on the page: its own size, or at least half as large again, as the screen allows.
-    var w = Math.max(shown.naturalWidth || 0, shown.getBoundingClientRect().width * 1.6);
+    var w = Math.max(shown.naturalWidth || 0, shown.getBoundingClientRect().width * 1.6,
+                     window.innerWidth < 600 ? window.innerWidth : 0);  // a phone: the screen's width
     var aspect = (shown.naturalHeight || 1) / (shown.naturalWidth || 1);
     w = Math.min(w, window.innerWidth * 0.96, window.innerHeight * 0.92 / aspect);
     img.style.width = Math.round(w) + "px";
