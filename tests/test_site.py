@@ -698,3 +698,16 @@ def test_the_repository_builds(tmp_path):
     for name, _ in read_chapters(REPO / "annotated_src" / "__init__.py"):
         if (REPO / "annotated_src" / f"{name}.py").exists():
             assert (tmp_path / "site" / f"{name}.html").exists()
+
+
+def test_a_bare_file_name_links_to_the_top_level_module_before_a_bench_suite_of_that_name(tmp_path):
+    root = copy_fixture(tmp_path)
+    (root / "annotated_src" / "bench" / "tiny.py").write_text('"""The tiny suite."""\n')
+    fast = root / "annotated_src" / "tiny_fast.py"
+    head, sep, rest = fast.read_text().partition("\n---\n\n")  # after the front matter
+    assert sep
+    fast.write_text(head + sep + "See [the lesson](tiny.py).\n\n" + rest)
+    out = tmp_path / "_build"
+    build(root, out)
+    page = (out / "tiny_fast.html").read_text()
+    assert 'href="tiny.html">the lesson' in page and 'href="bench.tiny.html">the lesson' not in page

@@ -490,7 +490,8 @@ def collect(root: Path, repo_url: str | None = None) -> tuple[list[Page], list, 
     for name, nb in notebooks.items():
         for key in (nb.path, f"{name}.ipynb", f"notebooks/{name}.py", f"{name}.py"):
             link_map.setdefault(key, notebook_page_name(name))
-    for name, mod in modules.items():
+    # A bare `x.py` goes to the top-level module before a `bench/x.py` of the same name.
+    for name, mod in sorted(modules.items(), key=lambda item: item[0].count(".")):
         link_map[mod.path] = module_page_name(name)
         link_map.setdefault(mod.path.split("/", 1)[1], module_page_name(name))
         link_map.setdefault(Path(mod.path).name, module_page_name(name))
