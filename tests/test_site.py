@@ -415,7 +415,12 @@ def test_results_table_rows_and_missing_date(tmp_path):
     rows = results_rows(data)
     assert rows[1]["vs"] == "1.60× vs naive"
     assert rows[0]["frac"] == "1,500 GB/s = 50% of copy"
-    assert rows[2]["frac"] == "350.0 TFLOP/s = 50% of matmul"
+    assert rows[2]["frac"] == "350.0 TFLOP/s = 50% of bf16 matmul"
+    # Float32 work is judged by a float32 ceiling, and by none where the run measured none.
+    fp32 = dict(data["results"][2], flops_dtype="fp32")
+    assert results_rows(dict(data, results=[fp32]))[0]["frac"] == ""
+    ceilings = dict(data["ceilings"], fp32_matmul_tflops=700.0)
+    assert results_rows(dict(data, ceilings=ceilings, results=[fp32]))[0]["frac"] == "350.0 TFLOP/s = 50% of FP32 matmul"
     # A row from another device: its own ceilings, and its case names the device.
     other = dict(data["results"][0], extra={"ceilings": {"device": "Other GPU", "copy_gbps": 1500.0}})
     row = results_rows(dict(data, results=[other]))[0]

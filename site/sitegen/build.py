@@ -127,9 +127,14 @@ def results_rows(data: dict) -> list[dict]:
         if ms_ok and r.get("bytes_moved") and ceil.get("copy_gbps"):
             gbps = r["bytes_moved"] / (ms * 1e-3) / 1e9
             frac = f"{gbps:,.0f} GB/s = {gbps / ceil['copy_gbps']:.0%} of copy"
-        elif ms_ok and r.get("flops") and ceil.get("matmul_tflops"):
-            tf = r["flops"] / (ms * 1e-3) / 1e12
-            frac = f"{tf:,.1f} TFLOP/s = {tf / ceil['matmul_tflops']:.0%} of matmul"
+        elif ms_ok and r.get("flops"):
+            # Judged by the matrix ceiling of the arithmetic done (`flops_dtype`): bf16, or float32
+            # with or without TF32; none where the run did not measure that ceiling.
+            kind = r.get("flops_dtype", "bf16")
+            peak = ceil.get({"bf16": "matmul_tflops", "tf32": "tf32_matmul_tflops", "fp32": "fp32_matmul_tflops"}.get(kind, ""))
+            if peak:
+                tf = r["flops"] / (ms * 1e-3) / 1e12
+                frac = f"{tf:,.1f} TFLOP/s = {tf / peak:.0%} of {kind.upper() if kind != 'bf16' else 'bf16'} matmul"
         rows.append({"suite": r.get("suite", ""), "case": case, "name": r.get("name", ""),
                      "ms": f"{ms:.4g}" if ms_ok else "—", "vs": vs, "frac": frac})
     return rows
