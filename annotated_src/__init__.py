@@ -6,9 +6,11 @@ summary: Five attention techniques in PyTorch, each a readable chapter with a fa
 
 # Attention, Annotated
 
-Each module of this package is one chapter: the idea and its equations, a readable reference
-implementation, a fast implementation that a test proves equal to it, and the helpers around
-them. Import the chapter you need:
+Each chapter is two pages. The lesson (`annotated_src/<chapter>.py`) gives the idea and its
+equations, a readable reference implementation and the module's API, and forks at each call site to
+the chapter's fast path (`annotated_src/<chapter>_fast.py`): the kernels and launch machinery, each
+said to stand for a part of the lesson, and tested equal to it. One switch turns any fast path off
+(`annotated_src/fastpath.py`). Import the chapter you need:
 
 ```python
 from annotated_src.rope import RotaryPositionalEmbeddings
