@@ -482,7 +482,8 @@ def dilated_attention(q, k, v, segment_lengths, dilation_rates, *, is_causal: bo
 # formula and the `stats` the function reports.) The paper's geometric patterns keep $w_i / r_i$
 # fixed, so every spanning pattern sends at most $2 b n_h d \cdot w_1$ elements, at any length.
 # The LongNet authors' torchscale code instead all-gathers the sparse keys and values over the
-# whole process group and keeps its segment's slice, which sends $(P - 1)$ blocks per rank.
+# whole process group and keeps its segment's slice: every rank receives the blocks of all
+# $P - 1$ others, a volume that grows with $P$.
 #
 # Conditions: every rank holds the same number of tokens $n$; a segment length either divides
 # $n$ (with its rate dividing it) or is a multiple of $n$ (with its rate dividing $n$); lengths
@@ -499,7 +500,15 @@ def segment_peers(rank: int, n: int, w: int, *, is_causal: bool) -> tuple[list[i
     Returns:
         tuple: `(send_to, recv_from)`, the ranks this rank sends its block to and receives blocks from,
         in increasing order.
+
+    Raises:
+        TypeError, ValueError: an argument is not an int in range, or `w` is not a multiple of `n` above it.
     """
+    check_int("rank", rank, min_value=0)
+    check_int("n", n, min_value=1)
+    check_int("w", w, min_value=2 * n)
+    if w % n:
+        fail("w", w, f"a multiple of n={n}")
     span = w // n
     first = rank - rank % span
     others = [p for p in range(first, first + span) if p != rank]

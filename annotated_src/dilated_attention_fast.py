@@ -16,8 +16,8 @@ gigabytes. This page never writes a score matrix.
 | kernel | stands for (in `annotated_src/dilated_attention.py`) | what it saves | how it was measured |
 | --- | --- | --- | --- |
 | `attn_fwd` / `attn_bwd`: cuDNN's fused attention (`_scaled_dot_product_cudnn_attention` and its backward), or flash attention (`_scaled_dot_product_flash_attention` and its backward) where cuDNN does not apply | `_attend`: the scores, the mask, the log-sum-exp, the softmax and $PV$ of one pattern, and autograd through them | the score matrix is neither written nor kept: the forward returns $O_i$ and $\ell_i$, the backward recomputes $P$ from them | row "per-pattern SDPA only" (the fused calls alone) of the benchmark suite `annotated_src.bench.dilated`, against "dense SDPA" (notebook 03, "Dense attention against dilated attention") |
-| `_gather_kernel`, launched by `gather_kernel(...)` | `_sparsify`: pad, view, index the residues of each head | one pass that reads each slot once and writes the contiguous rows the fused kernels take | the difference between rows "dilated (ours)" and "per-pattern SDPA only" of `annotated_src.bench.dilated` is what gathering and merging cost together; no row times this kernel alone |
-| `_merge_kernel` (`merge_kernel(...)`) and `_merge_final_kernel` (`merge_final_kernel(...)`) | `_mix`: the stack of every pattern's full-length $O_i$ and $\ell_i$, their log-sum-exp and the weighted sum | no `[n_patterns, ...]` stack: each pattern's output is merged into a float32 accumulator right after its attention call, and the last pattern (rate 1) writes the output in the input's dtype | as the row above |
+| `_gather_kernel`, launched by `gather_kernel(...)` | `_sparsify`: pad, view, index the residues of each head | one pass that reads each slot once and writes the contiguous rows the fused kernels take | row "dilated (ours)" against "dilated, gathers and mix in PyTorch" (`forward_pytorch`: the same attention calls, with `gather` and `scatter_add_`) of `annotated_src.bench.dilated`, which times the two kernels together; "per-pattern SDPA only" is the attention calls alone |
+| `_merge_kernel` (`merge_kernel(...)`) and `_merge_final_kernel` (`merge_final_kernel(...)`) | `_mix`: the stack of every pattern's full-length $O_i$ and $\ell_i$, their log-sum-exp and the weighted sum | no `[n_patterns, ...]` stack and no separate pass: each pattern's output is merged into a float32 accumulator right after its attention call, and the last pattern (rate 1) writes the output in the input's dtype | as the row above |
 | the backward of `_DilatedAttentionFn` | autograd through `_attend` and `_mix` | keeps only the inputs, $O$ and $L$; one fused backward per pattern, given the combined $O$ and $L$ | row "dilated fwd+bwd (ours)" of `annotated_src.bench.dilated` (notebook 03, "Forward and backward at 256K and 1M tokens") |
 | `_DistributedDilatedFn` | `_SegmentBlocks` and `_attend` in `distributed_dilated_attention` | the same fused calls, one per (pattern, sending rank), and the received blocks kept for the backward instead of exchanged again | `annotated_src.bench.dilated_distributed` (notebook 03, "Sequence parallel") |
 
@@ -430,8 +430,8 @@ def attn_bwd(q, k, v, o, lse, do, aux, *, causal: bool, scale: float, key_valid=
 # close to the data itself:
 #
 # * `_gather_kernel` copies a pattern's slots of one tensor into the contiguous
-#   `[batch * n_seg, m, n_heads, head_dim]` layout of `gather`, one `head_dim` row at a time (a
-#   strided copy through PyTorch's generic indexing is slower);
+#   `[batch * n_seg, m, n_heads, head_dim]` layout of `gather`, one `head_dim` row at a time,
+#   where `gather` makes PyTorch copy a strided view;
 # * `_merge_kernel` merges one pattern's $(O_i, \ell_i)$ into a running result right after its
 #   attention call, the way flash attention merges blocks of keys: with $(A, L)$ the normalised
 #   output and log-sum-exp so far,
@@ -613,8 +613,10 @@ def _key_valid(seq_len, w, r, n_heads, batch, device, is_causal):
     return None if (valid is None or is_causal) else valid.repeat(batch, 1, 1)
 
 
-def _forward_pytorch(q, k, v, ws, rs, is_causal, scale):
-    """`(out, L, auxes)`: one attention call per pattern, gathered and combined in PyTorch."""
+def forward_pytorch(q, k, v, ws, rs, is_causal, scale):
+    """The forward of `dilated_attention` with gathers and mixing in PyTorch: one attention call per
+    pattern (`attn_fwd`), `gather`, `scatter_full` and `scatter_add_`. Arguments as `dilated_attention`;
+    returns `(out, L, auxes)`: the output, $L$ `[b, s, n_h]` and each pattern's `aux` for `attn_bwd`."""
     batch, seq_len, n_heads, head_dim = q.shape
     parts, auxes = [], []
     total = torch.full((batch, seq_len, n_heads), -math.inf, dtype=_work_dtype(q), device=q.device)
@@ -631,8 +633,8 @@ def _forward_pytorch(q, k, v, ws, rs, is_causal, scale):
     return acc.to(q.dtype), total, auxes
 
 
-def _forward_kernels(q, k, v, ws, rs, is_causal, scale):
-    """The same with `gather_kernel` and the merge kernels (whole slots, `kernels_apply`)."""
+def forward_kernels(q, k, v, ws, rs, is_causal, scale):
+    """`forward_pytorch` with `gather_kernel` and the merge kernels (whole slots, `kernels_apply`)."""
     batch, seq_len, n_heads, head_dim = q.shape
     total = torch.full((batch, seq_len, n_heads), -math.inf, dtype=torch.float32, device=q.device)
     acc = torch.empty(batch, seq_len, n_heads, head_dim, dtype=torch.float32, device=q.device)
@@ -661,7 +663,7 @@ def _forward_kernels(q, k, v, ws, rs, is_causal, scale):
 class _DilatedAttentionFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, ws, rs, is_causal, scale):
-        forward = _forward_kernels if kernels_apply(q, ws, rs) else _forward_pytorch
+        forward = forward_kernels if kernels_apply(q, ws, rs) else forward_pytorch
         out, total, auxes = forward(q, k, v, ws, rs, is_causal, scale)
         ctx.save_for_backward(q, k, v, out, total)
         ctx.cfg = (ws, rs, is_causal, scale)
