@@ -484,7 +484,9 @@ def dilated_attention(q, k, v, segment_lengths, dilation_rates, *, is_causal: bo
 # is the whole sequence spans all $P$ ranks, and its bytes grow with $P$ unless its rate grows
 # with it. Geometric patterns with one ratio do that: they keep $w_i / r_i = w_1$, so every
 # spanning pattern sends at most $2 b n_h d \cdot w_1$ elements per rank and direction, at any
-# length.
+# length; up to the whole sequence, $\log_2 P$ of them span ranks, so a rank's total grows with the
+# logarithm of $P$ (`annotated_src.bench.dilated_distributed.bytes_per_rank` measures both kinds
+# of pattern sets on CPU processes).
 # The LongNet authors' torchscale code instead all-gathers the sparse keys and values over the
 # whole process group and keeps its segment's slice: every rank receives the blocks of all
 # $P - 1$ others, a volume that grows with $P$.
@@ -702,8 +704,10 @@ def geometric_patterns(seq_len: int, *, first_segment: int = 2048, ratio: int = 
 # T5's bucketed bias: a distance $\delta = k - q$ maps to one of `num_buckets` buckets (exact for
 # small $|\delta|$, logarithmic beyond, both signs unless causal), and each head learns a scalar per
 # bucket. The distances are those of the real tokens. A bias is an additive term on the logits,
-# which the fused kernels of the fast path cannot take; with `use_rel_pos_bias=True` the module
-# runs the readable path with the bias added to each pattern's logits.
+# which the fast path's fused calls are not given (flash attention takes none, and cuDNN's would
+# need it written out per segment and head, as large as the scores themselves); with
+# `use_rel_pos_bias=True` the module runs the readable path with the bias added to each pattern's
+# logits.
 def relative_position_bucket(relative_position: torch.Tensor, *, bidirectional: bool = True,
                              num_buckets: int = 32, max_distance: int = 128) -> torch.Tensor:
     r"""T5's bucket of each relative position $k - q$.
