@@ -397,14 +397,15 @@ def _dilated_attention_readable(q, k, v, ws, rs, *, is_causal: bool, scale: floa
 # ## The function, and its fork to the fast path
 #
 # Where Triton kernels run (a CUDA GPU, or the CPU under `TRITON_INTERPRET=1`) and the dtype is
-# float16, bfloat16 or float32, `dilated_attention` takes the fast path of
-# [`annotated_src/dilated_attention_fast.py`](dilated_attention_fast.py): one fused attention call
-# per pattern that returns $\ell_i$ and writes no score matrix, gathers and merges in Triton, and a
-# backward that hands each pattern's fused backward the combined $O$ and $L$. It differentiates
-# once: a backward with `create_graph=True` (the first step of a second derivative, such as a
-# Hessian-vector product) raises there. `annotated_src.fastpath`
-# turns it off (`fastpath.set_enabled("dilated_attention", False)`): the code below then runs,
-# plain autograd, which differentiates twice.
+# float16, bfloat16 or float32, `dilated_attention` (and `distributed_dilated_attention` below)
+# takes the fast path of [`annotated_src/dilated_attention_fast.py`](dilated_attention_fast.py):
+# one fused attention call per pattern that returns $\ell_i$ and writes no score matrix (float16
+# and bfloat16 on CUDA; plain attention per pattern otherwise), gathers and merges in Triton, and
+# a backward that hands each pattern's attention backward the combined $O$ and $L$ and keeps no
+# score matrix. It differentiates once: a backward with `create_graph=True` (the first step of a
+# second derivative, such as a Hessian-vector product) raises there. The switch
+# `fastpath.set_enabled("dilated_attention", False)` turns it off: the code below then runs, plain
+# autograd, which differentiates twice.
 def dilated_attention(q, k, v, segment_lengths, dilation_rates, *, is_causal: bool = False,
                       softmax_scale: float | None = None) -> torch.Tensor:
     r"""Dilated attention (LongNet) of `q`, `k`, `v`: `softmax(QK^T * scale + log C) V`, values and gradients.
@@ -612,6 +613,8 @@ def distributed_dilated_attention(q, k, v, segment_lengths, dilation_rates, *, i
         TypeError, ValueError: bad tensors, patterns, scale, `is_causal` or `stats`, or patterns that
             do not fit the split (see the conditions above).
         annotated_src.fastpath.FastPathError: the fast path applied and failed.
+        RuntimeError: in a backward with `create_graph=True` through the exchange of keys and values
+            (which differentiates once), or through the fast path.
     """
     _check_qkv(q, k, v)
     ws, rs = check_patterns(segment_lengths, dilation_rates)

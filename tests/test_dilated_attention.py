@@ -65,7 +65,8 @@ CASES = [
 @pytest.mark.parametrize("seq_len,ws,rs,causal", CASES)
 def test_readable_loop_and_fast_equal_dense_formula_float64(seq_len, ws, rs, causal, no_fast_path):
     no_fast_path("dilated_attention")
-    q, k, v = qkv(2, seq_len, 5, 8, seed=seq_len)
+    # 3 heads: the rate-5 pattern leaves residues 3 and 4 without a head.
+    q, k, v = qkv(2, seq_len, 3, 8, seed=seq_len)
     ref = dilated_attention_reference(q, k, v, ws, rs, is_causal=causal)
     outs = {"loop": dilated_attention_loop(q, k, v, ws, rs, is_causal=causal),
             "readable": dilated_attention(q, k, v, ws, rs, is_causal=causal),
@@ -200,12 +201,12 @@ def test_geometric_patterns():
 def test_module_any_length_and_gradients():
     torch.manual_seed(0)
     m = DilatedAttention(64, 8, dilation_rate=[1, 2], segment_size=[64, 128]).double()
-    x = rand(2, 300, 64)
+    x = rand(2, 200, 64)
     y = m(x)
     assert y.shape == x.shape
     # The module is the function between two projections.
-    q, k, v = m.qkv(x).view(2, 300, 3, 8, 8).unbind(2)
-    ref = m.out(dilated_attention_reference(q, k, v, [64, 128], [1, 2]).reshape(2, 300, 64))
+    q, k, v = m.qkv(x).view(2, 200, 3, 8, 8).unbind(2)
+    ref = m.out(dilated_attention_reference(q, k, v, [64, 128], [1, 2]).reshape(2, 200, 64))
     torch.testing.assert_close(y, ref)
     y.sum().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())

@@ -85,6 +85,11 @@ def _check_world(rank: int, world: int, group, sent: list) -> dict:
             assert (stats.get("bytes_sent", 0), stats.get("bytes_sent_backward", 0)) == (fwd, bwd), (name, stats)
             assert (fwd, bwd) == expected_bytes(rank, world, ws, rs, causal), (world, name, c, fwd, bwd)
             report[f"{c}/{name}"] = [fwd, bwd]
+            if c == 0:
+                # Both paths differentiate once: a backward that would build a graph is refused,
+                # on every rank, before anything is sent.
+                with pytest.raises(RuntimeError, match="distributed_dilated_attention differentiates once"):
+                    torch.autograd.grad(fn(ql, kl, vl).sum(), (ql, kl, vl), create_graph=True)
     return report
 
 
