@@ -796,6 +796,10 @@ class DilatedAttention(nn.Module):
             from annotated_src.rope import XPos
 
             self.xpos = XPos(self.head_dim, max_seq_len=max_seq_len)
+        check_int("max_seq_len", max_seq_len, min_value=1)
+        # T5's buckets: half per direction unless causal, half of those exact, the rest up to `max_distance`.
+        check_int("num_buckets", num_buckets, min_value=2 if self.causal else 4)
+        check_int("max_distance", max_distance, min_value=num_buckets // (2 if self.causal else 4) + 1)
         self.rel_pos_bias = nn.Embedding(num_buckets, num_heads) if use_rel_pos_bias else None
         self.num_buckets, self.max_distance = num_buckets, max_distance
 

@@ -73,6 +73,7 @@ import functools
 import math
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
@@ -735,10 +736,20 @@ def dilated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment
 
 def send_and_receive(sends: dict[int, torch.Tensor], recv_from, like: torch.Tensor, *, group, tag: int,
                      stats: dict | None, key: str) -> list[torch.Tensor]:
-    """Send `sends[peer]` to each peer and receive a tensor like `like` from each of `recv_from`
-    (ranks of `group`), point to point; adds the bytes sent to `stats[key]` when `stats` is a dict."""
-    import torch.distributed as dist
+    """Point-to-point exchange: send `sends[peer]` to each peer, receive one tensor from each of `recv_from`.
 
+    Args:
+        sends (dict[int, torch.Tensor]): what to send, by the rank (in `group`) it goes to.
+        recv_from (Sequence[int]): the ranks (in `group`) to receive from.
+        like (torch.Tensor): what a received tensor looks like (shape, dtype, device).
+        group: the process group (None: the default one).
+        tag (int): the messages' tag; one per pattern and direction, so that none is mistaken for another.
+        stats (dict | None): if a dict, `stats[key]` accumulates the bytes sent.
+        key (str): the key of `stats`.
+
+    Returns:
+        list[torch.Tensor]: the received tensors, in the order of `recv_from`.
+    """
     received = [torch.empty_like(like) for _ in recv_from]
     works = [dist.isend(t.contiguous(), group=group, group_dst=peer, tag=tag) for peer, t in sends.items()]
     works += [dist.irecv(buf, group=group, group_src=peer, tag=tag) for peer, buf in zip(recv_from, received)]

@@ -510,6 +510,23 @@ def test_bad_sizes_of_the_helpers_raise():
 
 
 
+@pytest.mark.parametrize("kwargs, exc, match", [
+    (dict(d_model=0), ValueError, "d_model"),
+    (dict(num_heads=3), ValueError, "num_heads"),
+    (dict(dilation_rate=[1, 2]), ValueError, "dilation_rates"),
+    (dict(segment_size=[8], dilation_rate=[16]), ValueError, "dilation_rates"),
+    (dict(dropout=1.0), ValueError, "dropout"),
+    (dict(max_seq_len=0), ValueError, "max_seq_len"),
+    (dict(num_buckets=3), ValueError, "num_buckets"),
+    (dict(max_distance=8, num_buckets=32), ValueError, "max_distance"),
+    (dict(max_seq_len=8.0), TypeError, "max_seq_len"),
+])
+def test_module_rejects_bad_arguments(kwargs, exc, match):
+    args = dict(d_model=16, num_heads=2, dilation_rate=1, segment_size=8) | kwargs
+    with pytest.raises(exc, match=f"^{match}"):
+        DilatedAttention(**args)
+
+
 def test_module_input_of_another_dtype_or_device_raises():
     m = DilatedAttention(16, 2, dilation_rate=[1, 2], segment_size=[8, 16])
     with pytest.raises(TypeError, match="^x: got 'dtype torch.float64', expected the dtype of the module's weights"):
