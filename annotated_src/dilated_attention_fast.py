@@ -751,9 +751,12 @@ def send_and_receive(sends: dict[int, torch.Tensor], recv_from, like: torch.Tens
         list[torch.Tensor]: the received tensors, in the order of `recv_from`.
     """
     received = [torch.empty_like(like) for _ in recv_from]
-    works = [dist.isend(t.contiguous(), group=group, group_dst=peer, tag=tag) for peer, t in sends.items()]
-    works += [dist.irecv(buf, group=group, group_src=peer, tag=tag) for peer, buf in zip(recv_from, received)]
-    for work in works:
+    # All sends and receives posted as one batch: with NCCL, a send and a receive between the same
+    # two ranks issued one after the other would each wait for the other's partner and hang; the
+    # batch is one NCCL group. With gloo the batch is the same calls, one by one.
+    ops = [dist.P2POp(dist.isend, t.contiguous(), group=group, tag=tag, group_peer=peer) for peer, t in sends.items()]
+    ops += [dist.P2POp(dist.irecv, buf, group=group, tag=tag, group_peer=peer) for peer, buf in zip(recv_from, received)]
+    for work in dist.batch_isend_irecv(ops) if ops else ():
         work.wait()
     if stats is not None:
         stats[key] = stats.get(key, 0) + sum(t.numel() * t.element_size() for t in sends.values())
