@@ -11,9 +11,10 @@ summary: Dilated attention computed exactly, as dense attention with a log-count
 A pattern $i$ is a segment length $w_i$ and a dilation rate $r_i$: the sequence is cut into
 segments of $w_i$ tokens, and inside each segment only every $r_i$-th token takes part. Short
 segments with no dilation see the neighbourhood densely; long segments with large dilation see far
-but sparsely. Each segment keeps $w_i / r_i$ tokens; the paper's geometric patterns keep that
-number fixed and double $w$ and $r$ from one pattern to the next, so that each pattern costs
-half the one before (see *Cost*) and the total cost is linear in $N$.
+but sparsely. Each segment keeps $w_i / r_i$ tokens. The paper sets the $w_i$ and the $r_i$ to
+geometric sequences; with one ratio for both (`geometric_patterns` doubles them) that number is
+the same for every pattern, each pattern costs half the one before (see *Cost*), and the total
+cost is linear in $N$.
 
 ## What it computes, exactly
 
@@ -24,7 +25,7 @@ interact only when they lie in the same segment, $\lfloor p / w_i \rfloor = \lfl
 \rfloor$; with causal masking a query never sees a later key. Inside its sparsified segment, each
 pattern is ordinary softmax attention, giving an output $O_i$ and a softmax denominator
 $s_i = \sum_k e^{S_{qk}}$ with $S = QK^\top \cdot \text{scale}$. The patterns are mixed by their
-denominators (the paper's equation 10):
+denominators, with weights $s_i / \sum_j s_j$:
 
 $$O = \frac{\sum_i s_i O_i}{\sum_i s_i}.$$
 
@@ -50,8 +51,8 @@ turn, $j \bmod r_i$. With at least $r_i$ heads every residue has a head, so the 
 see every token of every segment. With fewer heads than $r_i$, residues $n_h, \dots, r_i - 1$
 have none: those tokens take part in pattern $i$ in no head, as queries or as keys (they are
 still reached by the patterns whose rate is at most $n_h$, such as $r_1 = 1$). For the
-paper's geometric rates, 16 heads cover every token of the patterns up to $r = 16$, and from
-$r = 32$ on each pattern reaches 16 of every $r$ tokens. torchscale's code assigns residues to
+doubling rates $1, 2, 4, \dots$, 16 heads cover every token of the patterns up to $r = 16$, and
+from $r = 32$ on each pattern reaches 16 of every $r$ tokens. torchscale's code assigns residues to
 heads in blocks, head $j$ taking residue $\lfloor j / \lceil n_h / r \rceil \rfloor$ after
 padding the heads to a multiple of $r$, so it leaves residues without a head as soon as
 $r > n_h$ too, and also for some head counts that $r$ does not divide (5 heads and $r = 4$ give
@@ -71,14 +72,14 @@ $$4 N d \sum_i \frac{w_i}{r_i^2} = 4 N d \sum_i \frac{w_i}{r_i} \cdot \frac{1}{r
 
 FLOPs per head: linear in $N$ for fixed patterns. With $w_i / r_i$ fixed the patterns do *not*
 cost the same: a pattern costs $1/r_i$ of a dense pattern of its sparse length, so with the
-paper's doubling rates each costs half the one before, and all of them together less than twice
+doubling rates of `geometric_patterns` each costs half the one before, and all of them together less than twice
 the first ($w_1 = 2048$, $r_1 = 1$). `dilated_flops` computes it.
 
 ## This file
 
 1. `count_matrix` and `dilated_attention_reference`: the dense formula above, built as an explicit
    matrix $C$ (for tests, in float64);
-2. `dilated_attention_loop`: the paper's equation 10 literally, a loop over patterns, heads and
+2. `dilated_attention_loop`: the paper's mixture literally, a loop over patterns, heads and
    segments;
 3. `dilated_attention`: the same, one batched softmax per pattern on its sparse segments, mixed
    through log-sum-exps; where the kernels run it forks to the fast path, whose page is
@@ -271,7 +272,7 @@ def _mix(outs, lses) -> torch.Tensor:
     return sum(torch.exp(l_i - total)[..., None] * o_i for o_i, l_i in zip(outs, lses))
 
 
-# ## The readable loop: the paper's equation 10
+# ## The readable loop: the paper's mixture, literally
 #
 # For each pattern and each head: pick the positions that head holds in each segment, run plain
 # softmax attention on them, and keep the output $O_i$ and the log-denominator $\ell_i$, both
@@ -396,14 +397,15 @@ def _dilated_attention_readable(q, k, v, ws, rs, *, is_causal: bool, scale: floa
 # ## The function, and its fork to the fast path
 #
 # Where Triton kernels run (a CUDA GPU, or the CPU under `TRITON_INTERPRET=1`) and the dtype is
-# float16, bfloat16 or float32, `dilated_attention` takes the fast path of
-# [`annotated_src/dilated_attention_fast.py`](dilated_attention_fast.py): one fused attention call
-# per pattern that returns $\ell_i$ and writes no score matrix, gathers and merges in Triton, and a
-# backward that hands each pattern's fused backward the combined $O$ and $L$. It differentiates
-# once: a backward with `create_graph=True` (the first step of a second derivative, such as a
-# Hessian-vector product) raises there. `annotated_src.fastpath`
-# turns it off (`fastpath.set_enabled("dilated_attention", False)`): the code below then runs,
-# plain autograd, which differentiates twice.
+# float16, bfloat16 or float32, `dilated_attention` (and `distributed_dilated_attention` below)
+# takes the fast path of [`annotated_src/dilated_attention_fast.py`](dilated_attention_fast.py):
+# one fused attention call per pattern that returns $\ell_i$ and writes no score matrix (float16
+# and bfloat16 on CUDA; plain attention per pattern otherwise), gathers and merges in Triton, and
+# a backward that hands each pattern's attention backward the combined $O$ and $L$ and keeps no
+# score matrix. It differentiates once: a backward with `create_graph=True` (the first step of a
+# second derivative, such as a Hessian-vector product) raises there. The switch
+# `fastpath.set_enabled("dilated_attention", False)` turns it off: the code below then runs, plain
+# autograd, which differentiates twice.
 def dilated_attention(q, k, v, segment_lengths, dilation_rates, *, is_causal: bool = False,
                       softmax_scale: float | None = None) -> torch.Tensor:
     r"""Dilated attention (LongNet) of `q`, `k`, `v`: `softmax(QK^T * scale + log C) V`, values and gradients.
@@ -477,12 +479,18 @@ def dilated_attention(q, k, v, segment_lengths, dilation_rates, *, is_causal: bo
 # $$\text{bytes} = (g - 1) \cdot 2\, b\, \frac{n}{r_i}\, n_h\, d \cdot \text{element size}
 #   = 2\, b\, n_h\, d \cdot \text{element size} \cdot \frac{w_i - n}{r_i},$$
 #
-# which depends on the pattern and on $n$, never on $P$: adding ranks adds segments, not partners.
-# (`tests/test_dilated_distributed.py` measures the bytes sent at 2, 4 and 8 ranks and checks this
-# formula and the `stats` the function reports.) The paper's geometric patterns keep $w_i / r_i$
-# fixed, so every spanning pattern sends at most $2 b n_h d \cdot w_1$ elements, at any length.
+# which depends on the pattern and on $n$, never on $P$: for a given $w_i$, adding ranks adds
+# segments, not partners. (`tests/test_dilated_distributed.py` measures the bytes sent at 2, 4 and
+# 8 ranks and checks this formula and the `stats` the function reports.) A pattern whose segment
+# is the whole sequence spans all $P$ ranks, and its bytes grow with $P$ unless its rate grows
+# with it. Geometric patterns with one ratio do that: they keep $w_i / r_i = w_1$, so every
+# spanning pattern sends at most $2 b n_h d \cdot w_1$ elements per rank and direction, at any
+# length; up to the whole sequence, $\log_2 P$ of them span ranks, so a rank's total grows with the
+# logarithm of $P$ (`annotated_src.bench.dilated_distributed.bytes_per_rank` measures both kinds
+# of pattern sets on CPU processes).
 # The LongNet authors' torchscale code instead all-gathers the sparse keys and values over the
-# whole process group and keeps its segment's slice, which sends $(P - 1)$ blocks per rank.
+# whole process group and keeps its segment's slice: every rank receives the blocks of all
+# $P - 1$ others, a volume that grows with $P$.
 #
 # Conditions: every rank holds the same number of tokens $n$; a segment length either divides
 # $n$ (with its rate dividing it) or is a multiple of $n$ (with its rate dividing $n$); lengths
@@ -499,7 +507,15 @@ def segment_peers(rank: int, n: int, w: int, *, is_causal: bool) -> tuple[list[i
     Returns:
         tuple: `(send_to, recv_from)`, the ranks this rank sends its block to and receives blocks from,
         in increasing order.
+
+    Raises:
+        TypeError, ValueError: an argument is not an int in range, or `w` is not a multiple of `n` above it.
     """
+    check_int("rank", rank, min_value=0)
+    check_int("n", n, min_value=1)
+    check_int("w", w, min_value=2 * n)
+    if w % n:
+        fail("w", w, f"a multiple of n={n}")
     span = w // n
     first = rank - rank % span
     others = [p for p in range(first, first + span) if p != rank]
@@ -597,6 +613,8 @@ def distributed_dilated_attention(q, k, v, segment_lengths, dilation_rates, *, i
         TypeError, ValueError: bad tensors, patterns, scale, `is_causal` or `stats`, or patterns that
             do not fit the split (see the conditions above).
         annotated_src.fastpath.FastPathError: the fast path applied and failed.
+        RuntimeError: in a backward with `create_graph=True` through the exchange of keys and values
+            (which differentiates once), or through the fast path.
     """
     _check_qkv(q, k, v)
     ws, rs = check_patterns(segment_lengths, dilation_rates)
@@ -624,7 +642,7 @@ def distributed_dilated_attention(q, k, v, segment_lengths, dilation_rates, *, i
                                  stats=stats).to(q.dtype)
 
 
-# # Helpers: FLOPs and the paper's patterns
+# # Helpers: FLOPs and geometric patterns
 #
 # The forward FLOPs: per head, pattern $i$ has `seq_len / w` segments of $(w/r)^2$ query-key
 # pairs, $4d$ FLOPs each. With causal masking a segment of $m$ slots has $m (m + 1) / 2$ pairs,
@@ -658,7 +676,7 @@ def dilated_flops(seq_len: int, n_heads: int, head_dim: int, segment_lengths, di
 
 
 def geometric_patterns(seq_len: int, *, first_segment: int = 2048, ratio: int = 2) -> tuple[list[int], list[int]]:
-    r"""The paper's geometric patterns: $w = w_0, w_0 \alpha, \dots$ up to `seq_len`, $r = 1, \alpha, \dots$.
+    r"""Geometric patterns, as the paper sets them: $w = w_0, w_0 \alpha, \dots$ up to `seq_len`, $r = 1, \alpha, \dots$.
 
     Args:
         seq_len (int): the longest sequence; the last segment length is the first $\ge$ it.
@@ -689,8 +707,10 @@ def geometric_patterns(seq_len: int, *, first_segment: int = 2048, ratio: int = 
 # T5's bucketed bias: a distance $\delta = k - q$ maps to one of `num_buckets` buckets (exact for
 # small $|\delta|$, logarithmic beyond, both signs unless causal), and each head learns a scalar per
 # bucket. The distances are those of the real tokens. A bias is an additive term on the logits,
-# which the fused kernels of the fast path cannot take; with `use_rel_pos_bias=True` the module
-# runs the readable path with the bias added to each pattern's logits.
+# which the fast path's fused calls are not given (flash attention takes none, and cuDNN's would
+# need it written out per segment and head, as large as the scores themselves); with
+# `use_rel_pos_bias=True` the module runs the readable path with the bias added to each pattern's
+# logits.
 def relative_position_bucket(relative_position: torch.Tensor, *, bidirectional: bool = True,
                              num_buckets: int = 32, max_distance: int = 128) -> torch.Tensor:
     r"""T5's bucket of each relative position $k - q$.
@@ -776,6 +796,10 @@ class DilatedAttention(nn.Module):
             from annotated_src.rope import XPos
 
             self.xpos = XPos(self.head_dim, max_seq_len=max_seq_len)
+        check_int("max_seq_len", max_seq_len, min_value=1)
+        # T5's buckets: half per direction unless causal, half of those exact, the rest up to `max_distance`.
+        check_int("num_buckets", num_buckets, min_value=2 if self.causal else 4)
+        check_int("max_distance", max_distance, min_value=num_buckets // (2 if self.causal else 4) + 1)
         self.rel_pos_bias = nn.Embedding(num_buckets, num_heads) if use_rel_pos_bias else None
         self.num_buckets, self.max_distance = num_buckets, max_distance
 
@@ -823,7 +847,7 @@ class DilatedAttention(nn.Module):
 
 
 class MultiheadDilatedAttention(DilatedAttention):
-    r"""The LongNet layer with the paper's geometric patterns.
+    r"""The LongNet layer with geometric patterns of ratio 2.
 
     Segment lengths $w = w_0, 2 w_0, 4 w_0, \dots$ up to `max_seq_len` and rates
     $r = 1, 2, 4, \dots$ (`geometric_patterns`): every pattern keeps $w_0$ slots per segment, and

@@ -10,21 +10,22 @@ The lesson is [`annotated_src/dilated_attention.py`](dilated_attention.py): the 
 dense formula $\operatorname{softmax}(QK^\top\cdot\text{scale} + \log C)V$, the readable
 per-pattern loop, the log-sum-exp mix, the sequence-parallel algorithm and the modules. Where the
 input suits the kernels here, its functions fork to this page. The readable path materialises
-every segment's `[m, m]` score matrix and keeps it for autograd; at 256K tokens that is tens of
-gigabytes. This page never writes a score matrix.
+every segment's `[m, m]` score matrix and keeps it for autograd; at 256K tokens of 16 heads, one
+pattern of segments of 2048 tokens has 34 GB of float32 scores. This page never writes a score matrix.
 
 | kernel | stands for (in `annotated_src/dilated_attention.py`) | what it saves | how it was measured |
 | --- | --- | --- | --- |
 | `attn_fwd` / `attn_bwd`: cuDNN's fused attention (`_scaled_dot_product_cudnn_attention` and its backward), or flash attention (`_scaled_dot_product_flash_attention` and its backward) where cuDNN does not apply | `_attend`: the scores, the mask, the log-sum-exp, the softmax and $PV$ of one pattern, and autograd through them | the score matrix is neither written nor kept: the forward returns $O_i$ and $\ell_i$, the backward recomputes $P$ from them | row "per-pattern SDPA only" (the fused calls alone) of the benchmark suite `annotated_src.bench.dilated`, against "dense SDPA" (notebook 03, "Dense attention against dilated attention") |
-| `_gather_kernel`, launched by `gather_kernel(...)` | `_sparsify`: pad, view, index the residues of each head | one pass that reads each slot once and writes the contiguous rows the fused kernels take | the difference between rows "dilated (ours)" and "per-pattern SDPA only" of `annotated_src.bench.dilated` is what gathering and merging cost together; no row times this kernel alone |
-| `_merge_kernel` (`merge_kernel(...)`) and `_merge_final_kernel` (`merge_final_kernel(...)`) | `_mix`: the stack of every pattern's full-length $O_i$ and $\ell_i$, their log-sum-exp and the weighted sum | no `[n_patterns, ...]` stack: each pattern's output is merged into a float32 accumulator right after its attention call, and the last pattern (rate 1) writes the output in the input's dtype | as the row above |
+| `_gather_kernel`, launched by `gather_kernel(...)` | `_sparsify`: pad, view, index the residues of each head | one pass that reads each slot once and writes the contiguous rows the fused kernels take | row "dilated (ours)" against "dilated, gathers and mix in PyTorch" (`forward_pytorch`: the same attention calls, with `gather` and `scatter_add_`) of `annotated_src.bench.dilated`, which times the two kernels together; "per-pattern SDPA only" is the attention calls alone |
+| `_merge_kernel` (`merge_kernel(...)`) and `_merge_final_kernel` (`merge_final_kernel(...)`) | `_mix`: the stack of every pattern's full-length $O_i$ and $\ell_i$, their log-sum-exp and the weighted sum | no `[n_patterns, ...]` stack and no separate pass: each pattern's output is merged into a float32 accumulator right after its attention call, and the last pattern (rate 1) writes the output in the input's dtype | as the row above |
 | the backward of `_DilatedAttentionFn` | autograd through `_attend` and `_mix` | keeps only the inputs, $O$ and $L$; one fused backward per pattern, given the combined $O$ and $L$ | row "dilated fwd+bwd (ours)" of `annotated_src.bench.dilated` (notebook 03, "Forward and backward at 256K and 1M tokens") |
 | `_DistributedDilatedFn` | `_SegmentBlocks` and `_attend` in `distributed_dilated_attention` | the same fused calls, one per (pattern, sending rank), and the received blocks kept for the backward instead of exchanged again | `annotated_src.bench.dilated_distributed` (notebook 03, "Sequence parallel") |
 
 The two autograd Functions here differentiate once: their backward is not itself differentiable,
 and says so (`differentiable_once`): a backward with `create_graph=True`, the first step of a
-second derivative (a Hessian-vector product, say), raises instead of returning a wrong number. With the fast path off (`annotated_src.fastpath`) the
-readable path is plain autograd and differentiates twice.
+second derivative (a Hessian-vector product, say), raises instead of returning a wrong number.
+With the fast path off (`annotated_src.fastpath`) the readable path of `dilated_attention` is
+plain autograd and differentiates twice.
 
 A fast path that applies and then fails raises (`annotated_src.fastpath.run`); it never falls
 back quietly to slower code.
@@ -72,6 +73,7 @@ import functools
 import math
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
@@ -430,8 +432,8 @@ def attn_bwd(q, k, v, o, lse, do, aux, *, causal: bool, scale: float, key_valid=
 # close to the data itself:
 #
 # * `_gather_kernel` copies a pattern's slots of one tensor into the contiguous
-#   `[batch * n_seg, m, n_heads, head_dim]` layout of `gather`, one `head_dim` row at a time (a
-#   strided copy through PyTorch's generic indexing is slower);
+#   `[batch * n_seg, m, n_heads, head_dim]` layout of `gather`, one `head_dim` row at a time,
+#   where `gather` makes PyTorch copy a strided view;
 # * `_merge_kernel` merges one pattern's $(O_i, \ell_i)$ into a running result right after its
 #   attention call, the way flash attention merges blocks of keys: with $(A, L)$ the normalised
 #   output and log-sum-exp so far,
@@ -613,8 +615,10 @@ def _key_valid(seq_len, w, r, n_heads, batch, device, is_causal):
     return None if (valid is None or is_causal) else valid.repeat(batch, 1, 1)
 
 
-def _forward_pytorch(q, k, v, ws, rs, is_causal, scale):
-    """`(out, L, auxes)`: one attention call per pattern, gathered and combined in PyTorch."""
+def forward_pytorch(q, k, v, ws, rs, is_causal, scale):
+    """The forward of `dilated_attention` with gathers and mixing in PyTorch: one attention call per
+    pattern (`attn_fwd`), `gather`, `scatter_full` and `scatter_add_`. Arguments as `dilated_attention`;
+    returns `(out, L, auxes)`: the output, $L$ `[b, s, n_h]` and each pattern's `aux` for `attn_bwd`."""
     batch, seq_len, n_heads, head_dim = q.shape
     parts, auxes = [], []
     total = torch.full((batch, seq_len, n_heads), -math.inf, dtype=_work_dtype(q), device=q.device)
@@ -631,18 +635,18 @@ def _forward_pytorch(q, k, v, ws, rs, is_causal, scale):
     return acc.to(q.dtype), total, auxes
 
 
-def _forward_kernels(q, k, v, ws, rs, is_causal, scale):
-    """The same with `gather_kernel` and the merge kernels (whole slots, `kernels_apply`)."""
+def forward_kernels(q, k, v, ws, rs, is_causal, scale):
+    """`forward_pytorch` with `gather_kernel` and the merge kernels (whole slots, `kernels_apply`)."""
     batch, seq_len, n_heads, head_dim = q.shape
     total = torch.full((batch, seq_len, n_heads), -math.inf, dtype=torch.float32, device=q.device)
     acc = torch.empty(batch, seq_len, n_heads, head_dim, dtype=torch.float32, device=q.device)
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
     # A pattern with $r = 1$ goes last and writes `out`; otherwise `out` is cast from `acc` at the end.
     order = list(range(len(ws)))
     last = next((i for i in order if rs[i] == 1), None)
     if last is not None:
         order.remove(last)
         order.append(last)
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
     auxes = [None] * len(ws)
     for i in order:
         w, r = ws[i], rs[i]
@@ -661,7 +665,7 @@ def _forward_kernels(q, k, v, ws, rs, is_causal, scale):
 class _DilatedAttentionFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, ws, rs, is_causal, scale):
-        forward = _forward_kernels if kernels_apply(q, ws, rs) else _forward_pytorch
+        forward = forward_kernels if kernels_apply(q, ws, rs) else forward_pytorch
         out, total, auxes = forward(q, k, v, ws, rs, is_causal, scale)
         ctx.save_for_backward(q, k, v, out, total)
         ctx.cfg = (ws, rs, is_causal, scale)
@@ -732,14 +736,27 @@ def dilated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment
 
 def send_and_receive(sends: dict[int, torch.Tensor], recv_from, like: torch.Tensor, *, group, tag: int,
                      stats: dict | None, key: str) -> list[torch.Tensor]:
-    """Send `sends[peer]` to each peer and receive a tensor like `like` from each of `recv_from`
-    (ranks of `group`), point to point; adds the bytes sent to `stats[key]` when `stats` is a dict."""
-    import torch.distributed as dist
+    """Point-to-point exchange: send `sends[peer]` to each peer, receive one tensor from each of `recv_from`.
 
+    Args:
+        sends (dict[int, torch.Tensor]): what to send, by the rank (in `group`) it goes to.
+        recv_from (Sequence[int]): the ranks (in `group`) to receive from.
+        like (torch.Tensor): what a received tensor looks like (shape, dtype, device).
+        group: the process group (None: the default one).
+        tag (int): the messages' tag; one per pattern and direction, so that none is mistaken for another.
+        stats (dict | None): if a dict, `stats[key]` accumulates the bytes sent.
+        key (str): the key of `stats`.
+
+    Returns:
+        list[torch.Tensor]: the received tensors, in the order of `recv_from`.
+    """
     received = [torch.empty_like(like) for _ in recv_from]
-    works = [dist.isend(t.contiguous(), group=group, group_dst=peer, tag=tag) for peer, t in sends.items()]
-    works += [dist.irecv(buf, group=group, group_src=peer, tag=tag) for peer, buf in zip(recv_from, received)]
-    for work in works:
+    # All sends and receives posted as one batch: with NCCL, a send and a receive between the same
+    # two ranks issued one after the other would each wait for the other's partner and hang; the
+    # batch is one NCCL group. With gloo the batch is the same calls, one by one.
+    ops = [dist.P2POp(dist.isend, t.contiguous(), group=group, tag=tag, group_peer=peer) for peer, t in sends.items()]
+    ops += [dist.P2POp(dist.irecv, buf, group=group, tag=tag, group_peer=peer) for peer, buf in zip(recv_from, received)]
+    for work in dist.batch_isend_irecv(ops) if ops else ():
         work.wait()
     if stats is not None:
         stats[key] = stats.get(key, 0) + sum(t.numel() * t.element_size() for t in sends.values())

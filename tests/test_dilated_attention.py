@@ -65,7 +65,8 @@ CASES = [
 @pytest.mark.parametrize("seq_len,ws,rs,causal", CASES)
 def test_readable_loop_and_fast_equal_dense_formula_float64(seq_len, ws, rs, causal, no_fast_path):
     no_fast_path("dilated_attention")
-    q, k, v = qkv(2, seq_len, 5, 8, seed=seq_len)
+    # 3 heads: the rate-5 pattern leaves residues 3 and 4 without a head.
+    q, k, v = qkv(2, seq_len, 3, 8, seed=seq_len)
     ref = dilated_attention_reference(q, k, v, ws, rs, is_causal=causal)
     outs = {"loop": dilated_attention_loop(q, k, v, ws, rs, is_causal=causal),
             "readable": dilated_attention(q, k, v, ws, rs, is_causal=causal),
@@ -200,12 +201,12 @@ def test_geometric_patterns():
 def test_module_any_length_and_gradients():
     torch.manual_seed(0)
     m = DilatedAttention(64, 8, dilation_rate=[1, 2], segment_size=[64, 128]).double()
-    x = rand(2, 300, 64)
+    x = rand(2, 200, 64)
     y = m(x)
     assert y.shape == x.shape
     # The module is the function between two projections.
-    q, k, v = m.qkv(x).view(2, 300, 3, 8, 8).unbind(2)
-    ref = m.out(dilated_attention_reference(q, k, v, [64, 128], [1, 2]).reshape(2, 300, 64))
+    q, k, v = m.qkv(x).view(2, 200, 3, 8, 8).unbind(2)
+    ref = m.out(dilated_attention_reference(q, k, v, [64, 128], [1, 2]).reshape(2, 200, 64))
     torch.testing.assert_close(y, ref)
     y.sum().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
@@ -509,6 +510,23 @@ def test_bad_sizes_of_the_helpers_raise():
 
 
 
+@pytest.mark.parametrize("kwargs, exc, match", [
+    (dict(d_model=0), ValueError, "d_model"),
+    (dict(num_heads=3), ValueError, "num_heads"),
+    (dict(dilation_rate=[1, 2]), ValueError, "dilation_rates"),
+    (dict(segment_size=[8], dilation_rate=[16]), ValueError, "dilation_rates"),
+    (dict(dropout=1.0), ValueError, "dropout"),
+    (dict(max_seq_len=0), ValueError, "max_seq_len"),
+    (dict(num_buckets=3), ValueError, "num_buckets"),
+    (dict(max_distance=8, num_buckets=32), ValueError, "max_distance"),
+    (dict(max_seq_len=8.0), TypeError, "max_seq_len"),
+])
+def test_module_rejects_bad_arguments(kwargs, exc, match):
+    args = dict(d_model=16, num_heads=2, dilation_rate=1, segment_size=8) | kwargs
+    with pytest.raises(exc, match=f"^{match}"):
+        DilatedAttention(**args)
+
+
 def test_module_input_of_another_dtype_or_device_raises():
     m = DilatedAttention(16, 2, dilation_rate=[1, 2], segment_size=[8, 16])
     with pytest.raises(TypeError, match="^x: got 'dtype torch.float64', expected the dtype of the module's weights"):
@@ -561,3 +579,41 @@ def test_cuda_bfloat16_fast_path_equals_readable_path(no_fast_path):
     torch.testing.assert_close(out, readable, rtol=1e-2, atol=1e-2)
     for b, c in zip(g_out, grads(readable, (qc, kc, vc))):
         torch.testing.assert_close(b, c, rtol=5e-2, atol=5e-2)
+
+
+# ## Claims of the prose, one test each
+def test_with_fixed_slots_per_segment_each_pattern_costs_half_the_one_before():
+    # "With w_i / r_i fixed the patterns do not cost the same: ... each costs half the one before,
+    # and all of them together less than twice the first."
+    ws, rs = geometric_patterns(1 << 16, first_segment=1024)
+    costs = [dilated_flops(1 << 16, 1, 64, w, r) for w, r in zip(ws, rs)]
+    assert all(b == a / 2 for a, b in zip(costs, costs[1:]))
+    assert sum(costs) < 2 * costs[0] == 2 * dilated_flops(1 << 16, 1, 64, ws[0], rs[0])
+
+
+@pytest.mark.parametrize("n_heads, r", [(4, 4), (8, 4), (5, 4), (3, 4), (2, 8)])
+def test_heads_reach_every_token_of_a_pattern_only_with_at_least_as_many_heads_as_its_rate(n_heads, r):
+    # Head j takes residue j mod r: the residues held by some head are min(n_heads, r) of r.
+    held = count_matrix(64, n_heads, [16], [r]).diagonal(dim1=1, dim2=2).any(0)  # `[seq_len]`
+    assert bool(held.all()) == (n_heads >= r)
+    assert int(held.sum()) == 64 * min(n_heads, r) // r
+
+
+def test_real_slots_form_a_prefix_so_causal_queries_never_see_padding():
+    # "Real slots of a head form a prefix of each segment": causal masking alone keeps padding
+    # keys away from real queries, which is why the fast path masks padding only without it.
+    for seq_len, w, r in [(37, 20, 3), (50, 12, 5), (45, 9, 2)]:
+        valid = daf.slot_valid(seq_len, w, r, 4, "cpu")  # `[n_seg, m, n_heads]`
+        assert bool((valid.cummin(dim=1).values == valid).all())
+
+
+def test_mixing_is_one_softmax_with_log_count_not_an_average(no_fast_path):
+    # "The mixture is not an average of the patterns' outputs but one softmax over the union with
+    # multiplicity": a pair held by two patterns gets log 2 on its logit.
+    no_fast_path("dilated_attention")
+    q, k, v = qkv(1, 16, 2, 4, seed=13)
+    out = dilated_attention(q, k, v, [8, 16], [1, 2])
+    parts = [dilated_attention(q, k, v, w, r) for w, r in [(8, 1), (16, 2)]]
+    assert count_matrix(16, 2, [8, 16], [1, 2]).max() == 2
+    assert not torch.allclose(out, (parts[0] + parts[1]) / 2)
+    torch.testing.assert_close(out, dilated_attention_reference(q, k, v, [8, 16], [1, 2]))

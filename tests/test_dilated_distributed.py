@@ -85,6 +85,11 @@ def _check_world(rank: int, world: int, group, sent: list) -> dict:
             assert (stats.get("bytes_sent", 0), stats.get("bytes_sent_backward", 0)) == (fwd, bwd), (name, stats)
             assert (fwd, bwd) == expected_bytes(rank, world, ws, rs, causal), (world, name, c, fwd, bwd)
             report[f"{c}/{name}"] = [fwd, bwd]
+            if c == 0:
+                # Both paths differentiate once: a backward that would build a graph is refused,
+                # on every rank, before anything is sent.
+                with pytest.raises(RuntimeError, match="distributed_dilated_attention differentiates once"):
+                    torch.autograd.grad(fn(ql, kl, vl).sum(), (ql, kl, vl), create_graph=True)
     return report
 
 
@@ -106,7 +111,8 @@ def _worker(rank: int, port: int, out_dir: str):
     def forbidden(*args, **kwargs):
         raise AssertionError("only point-to-point sends between the ranks of a segment are expected")
 
-    dist.isend = counting_isend
+    # `P2POp` accepts only the module's own `isend`: the wrapper takes its place in both names.
+    dist.isend = dist.distributed_c10d.isend = counting_isend
     for name in ("all_gather", "all_gather_into_tensor", "all_reduce", "reduce_scatter", "broadcast", "send"):
         setattr(dist, name, forbidden)
     try:
@@ -200,3 +206,25 @@ def test_distributed_rejects_patterns_that_do_not_fit_the_split(tmp_path):
                                    da.dilated_attention(q, k, v, [8, 16], [1, 2]))
     finally:
         dist.destroy_process_group()
+
+
+def test_segment_peers_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="^w"):
+        da.segment_peers(0, 8, 12, is_causal=False)
+    with pytest.raises(ValueError, match="^w"):
+        da.segment_peers(0, 8, 8, is_causal=False)
+    with pytest.raises(ValueError, match="^rank"):
+        da.segment_peers(-1, 8, 16, is_causal=False)
+    with pytest.raises(TypeError, match="^n"):
+        da.segment_peers(0, 8.0, 16, is_causal=False)
+
+
+def test_geometric_patterns_send_at_most_first_segment_slots_per_pattern():
+    # The lesson: with $w_i / r_i = w_1$ fixed, a spanning pattern sends at most $2 b n_h d w_1$
+    # elements per rank and direction, at any number of ranks.
+    for world in (2, 4, 8, 16):
+        ws, rs = da.geometric_patterns(N * world, first_segment=4)
+        for rank in range(world):
+            for w, r in zip(ws, rs):
+                fwd, bwd = expected_bytes(rank, world, [w], [r], False)
+                assert fwd == bwd <= 2 * BATCH * HEADS * HEAD_DIM * 4 * BYTES

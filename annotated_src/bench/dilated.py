@@ -18,6 +18,9 @@ $w = 2048, 4096, 8192, 16384, 32768$ and $r = 1, 2, 4, 8, 16$ (non-causal):
 * **dilated (ours)**: `dilated_attention`: gathers, five fused attention calls (the same kernel
   as the dense baseline) returning log-sum-exps, the exact combination; FLOPs
   $4 N d \sum_i w_i / r_i^2$ per head;
+* **dilated, gathers and mix in PyTorch**: the same forward with PyTorch's copies and indexed
+  adds where the fast path has its Triton gather and merge kernels (rows with the per-pattern
+  floor, where those kernels apply): the difference is what the kernels save;
 * **dilated fwd+bwd (ours)**: forward and the exact backward (FLOPs counted as 3.5 times the
   forward, the usual flash-attention accounting: 2.5 for the backward).
 
@@ -34,7 +37,7 @@ import torch.nn.functional as F
 
 from annotated_src.bench.core import Result, free_memory, time_ms
 from annotated_src.dilated_attention import dilated_attention, dilated_attention_loop, dilated_flops
-from annotated_src.dilated_attention_fast import attn_fwd, gather
+from annotated_src.dilated_attention_fast import attn_fwd, forward_pytorch, gather, kernels_apply
 
 SUITE = "dilated"
 SEGMENTS = [2048, 4096, 8192, 16384, 32768]
@@ -109,6 +112,13 @@ def time_case(seq_len: int, device, *, dense: bool, backward: bool, per_pattern:
     ms = time_ms(lambda: dilated_attention(q, k, v, segments, rates), device=device)
     rows.append(Result(SUITE, "dilated (ours)", ms, case=case, baseline=baseline, flops=flops,
                        extra={"peak_gib": _peak_gib(device)}))
+    ws = tuple(min(w, seq_len) for w in segments)
+    if per_pattern and kernels_apply(q, ws, rates):
+        # The same forward without the Triton gather and merge kernels: what they save.
+        _free(device)
+        ms = time_ms(lambda: forward_pytorch(q, k, v, ws, tuple(rates), False, HEAD_DIM ** -0.5), device=device)
+        rows.append(Result(SUITE, "dilated, gathers and mix in PyTorch", ms, case=case, baseline=baseline,
+                           flops=flops, extra={"peak_gib": _peak_gib(device)}))
     if backward:
         for x in (q, k, v):
             x.requires_grad_(True)

@@ -140,6 +140,76 @@ def time_case(label: str, per_rank: int, device, dtype, rank: int, world: int, *
     return rows
 
 
+# ## Bytes per rank at 2, 4 and 8 CPU processes
+#
+# What each rank sends does not need a GPU to be measured: `bytes_per_rank` starts `max(worlds)`
+# processes on the CPU (gloo), lets the first 2, 4, ... of them form a group of their own, runs one
+# forward and backward per world and pattern set, and returns the `stats` of every rank. The
+# patterns: `fixed span`, whose segments span at most `span` ranks whatever the world, and
+# `geometric`, the ratio-2 patterns up to the whole sequence.
+def _bytes_worker(rank: int, port: int, worlds, per_rank: int, span: int, first_segment: int,
+                  n_heads: int, head_dim: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=max(worlds))
+    groups = {world: dist.new_group(list(range(world))) for world in worlds}
+    rows = []
+    try:
+        for world in worlds:
+            if rank >= world:
+                continue
+            ws_fixed = [first_segment, span * per_rank]
+            rs_fixed = [1, span * per_rank // first_segment]
+            for label, (ws, rs) in (("fixed span", (ws_fixed, rs_fixed)),
+                                    ("geometric", geometric_patterns(per_rank * world, first_segment=first_segment))):
+                for causal in (False, True):
+                    q, k, v = (x.requires_grad_() for x in _inputs(per_rank, n_heads, head_dim, "cpu",
+                                                                    torch.float32, seed=7 + rank))
+                    stats: dict = {}
+                    out = distributed_dilated_attention(q, k, v, ws, rs, is_causal=causal, group=groups[world], stats=stats)
+                    torch.autograd.grad(out.sum(), (q, k, v))
+                    rows.append(dict(world=world, rank=rank, patterns=label, causal=causal, segments=ws, rates=rs,
+                                     bytes_sent=stats.get("bytes_sent", 0),
+                                     bytes_sent_backward=stats.get("bytes_sent_backward", 0)))
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(rows, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def bytes_per_rank(worlds=(2, 4, 8), *, per_rank: int = 256, span: int = 2, first_segment: int = 64,
+                   n_heads: int = 4, head_dim: int = 16) -> list[dict]:
+    """The bytes every rank sends, forward and backward, at each world size, on CPU processes.
+
+    Args:
+        worlds (tuple[int, ...]): the world sizes. Default (2, 4, 8).
+        per_rank (int): tokens per rank. Default 256.
+        span (int): how many ranks the longest "fixed span" segment covers. Default 2.
+        first_segment (int): the first segment length $w_1$ of both pattern sets. Default 64.
+        n_heads (int): heads. Default 4.
+        head_dim (int): head dimension. Default 16.
+
+    Returns:
+        list[dict]: one row per world, rank, pattern set and causal flag, with `bytes_sent` and
+        `bytes_sent_backward` as the function's `stats` reports them (float32 inputs).
+    """
+    import socket
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.start_processes(_bytes_worker, args=(port, tuple(worlds), per_rank, span, first_segment, n_heads, head_dim,
+                                                out_dir), nprocs=max(worlds), start_method="spawn")
+        rows = []
+        for rank in range(max(worlds)):
+            with open(os.path.join(out_dir, f"rank{rank}.json")) as f:
+                rows += json.load(f)
+    return sorted(rows, key=lambda r: (r["patterns"], r["causal"], r["world"], r["rank"]))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m annotated_src.bench.dilated_distributed", description=__doc__.split("\n")[0])
     parser.add_argument("--json", metavar="PATH", help="write (merge) the results as JSON (rank 0)")
