@@ -338,6 +338,25 @@ def test_cached_decode_loop_reads_no_device_value(monkeypatch):
     assert counts[0] == counts[1] and counts[0] > 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@torch.no_grad()
+def test_the_calls_the_fast_path_records_read_no_device_value(dtype):
+    # On a GPU the fast path records the static step and the prefill into CUDA graphs, where a read
+    # of a device value on the host cannot happen. On the meta device any such read raises, so
+    # running both calls there checks it without a GPU.
+    from annotated_src.kv_cache import _prefill, decode_one_token
+
+    meta = torch.device("meta")
+    m = _model(dtype=dtype).to(meta)
+    m.setup_caches(2, dtype, decoder_max_seq_len=16)
+    tokens, positions = (torch.zeros(2, 6, dtype=torch.long, device=meta) for _ in range(2))
+    step = decode_one_token(m, tokens[:, :1], positions[:, :1], torch.zeros(1, dtype=torch.long, device=meta),
+                            torch.ones(2, 16, dtype=torch.bool, device=meta))
+    prefill = _prefill(m, tokens, positions, torch.ones(2, 6, 16, dtype=torch.bool, device=meta),
+                       torch.arange(6, device=meta))
+    assert step.shape == prefill.shape == (2, VOCAB)
+
+
 @torch.no_grad()
 def test_generate_leaves_the_cache_state_as_found():
     m = _model()
