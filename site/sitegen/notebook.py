@@ -71,14 +71,21 @@ def cell_at_line(raw: str, line: int) -> int | None:
     return k if starts[k] <= line - 1 or k == 0 else k - 1
 
 
+def _cell_bounds(starts: list[int], cell_index: int, n_lines: int) -> tuple[int, int] | None:
+    """The first line of cell `cell_index` and the first line after it (0-based), or None."""
+    if cell_index >= len(starts):
+        return None
+    return starts[cell_index], starts[cell_index + 1] if cell_index + 1 < len(starts) else n_lines
+
+
 def locate_output_line(raw: str, cell_index: int, needle: str, occurrence: int) -> int | None:
     """The line of the `occurrence`-th (0-based) `needle` inside cell `cell_index` of the `.ipynb` text."""
     lines = raw.splitlines()
     starts = _cell_starts(lines)
-    if cell_index >= len(starts):
+    bounds = _cell_bounds(starts, cell_index, len(lines))
+    if bounds is None:
         return None
-    lo = starts[cell_index]
-    hi = starts[cell_index + 1] if cell_index + 1 < len(starts) else len(lines)
+    lo, hi = bounds
     found = [i + 1 for i in range(lo, hi) if needle in lines[i]]
     return found[occurrence] if occurrence < len(found) else locate_cell_line(raw, cell_index, 1)
 
@@ -87,10 +94,10 @@ def locate_cell_line(raw: str, cell_index: int, line_in_cell: int) -> int | None
     lines = raw.splitlines()
     # Cells start with `"cell_type":` (any key order): find the one numbered `cell_index`.
     starts = _cell_starts(lines)
-    if cell_index >= len(starts):
+    bounds = _cell_bounds(starts, cell_index, len(lines))
+    if bounds is None:
         return None
-    lo = starts[cell_index]
-    hi = starts[cell_index + 1] if cell_index + 1 < len(starts) else len(lines)
+    lo, hi = bounds
     # The cell may begin before its "cell_type" key: look from the previous "{".
     while lo > 0 and lines[lo].strip() != "{" and lo > (starts[cell_index - 1] if cell_index else 0):
         lo -= 1
