@@ -10,9 +10,9 @@ Each chapter is two pages. The lesson (`annotated_src/<chapter>.py`) shows the m
 PyTorch and ends each call path in a short, visible fork:
 
 ```python
-if fastpath.applies("rope", x) and rope_fast.supports(x, ...):
-    return rope_fast.apply_rotary(x, ...)
-# ... the readable code
+if fastpath.applies("rope", x, cos, sin) and rope_fast.supports(x, cos, sin):
+    return fastpath.run("rope", rope_fast.apply_rotary_fast, x, cos, sin, interleaved=interleaved)
+return apply_rotary(x, cos, sin, interleaved=interleaved)  # the readable code
 ```
 
 `applies` is for fast paths of Triton kernels (it asks where they run); a fast path built only
