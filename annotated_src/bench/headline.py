@@ -26,6 +26,8 @@ import json
 import sys
 from pathlib import Path
 
+from annotated_src.bench.core import Ceilings, Result, fraction_of_ceiling
+
 ROOT = Path(__file__).resolve().parents[2]
 RECORD = ROOT / "annotated_src" / "bench" / "results.json"
 DISTRIBUTED = ROOT / "notebooks" / "results" / "dilated_distributed.json"
@@ -69,19 +71,13 @@ def _ms(ms: float) -> str:
 
 
 def _ceiling_fraction(row: dict, ceilings: dict) -> str:
-    """The row's fraction of its kind of ceiling, or of its own bound where the suite records one."""
+    """The row's fraction of its kind of ceiling (`core.fraction_of_ceiling`), or of its own bound
+    where the suite records one."""
     extra = row.get("extra") or {}
     if "fraction_of_bound" in extra:
         return f"{extra['fraction_of_bound']:.0%} of the bandwidth bound"
-    ms = row["ms"]
-    if row.get("bytes_moved") and ceilings.get("copy_gbps"):
-        return f"{row['bytes_moved'] / (ms * 1e-3) / 1e9 / ceilings['copy_gbps']:.0%} of copy"
-    if row.get("flops"):
-        kind = row.get("flops_dtype", "bf16")
-        peak = ceilings.get("tf32_matmul_tflops" if kind == "tf32" else "matmul_tflops")
-        if peak:
-            return f"{row['flops'] / (ms * 1e-3) / 1e12 / peak:.0%} of {kind} matmul"
-    return ""
+    fields = {f.name for f in dataclasses.fields(Result)}
+    return fraction_of_ceiling(Result(**{k: v for k, v in row.items() if k in fields}), Ceilings(**ceilings))
 
 
 def _device_of(row: dict, record: dict) -> dict:
